@@ -1,0 +1,83 @@
+"""Every error market-bridge raises on purpose derives from :class:`MarketBridgeError`.
+
+Tree::
+
+    MarketBridgeError
+    ├── ConfigError          bad configuration: names the field and the file (operator's fault)
+    ├── ListenerError        a listener cannot start, e.g. its port is taken (environment)
+    ├── TickError            a tick payload is invalid (the publisher's fault)
+    └── FeedError            a feed cannot produce ticks
+        ├── ExchangeError    the exchange answered with an error body or status (remote)
+        └── AdapterError     the exchange's body is not in the documented shape (remote)
+
+Errors carry structured fields so callers (logs, metrics, tests) need not parse messages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "ConfigError",
+    "ExchangeError",
+    "FeedError",
+    "ListenerError",
+    "MarketBridgeError",
+    "TickError",
+]
+
+
+class MarketBridgeError(Exception):
+    """Root of all market-bridge errors."""
+
+
+class ConfigError(MarketBridgeError):
+    """The configuration is invalid; ``field`` is a dotted path, ``source`` the file or 'env'."""
+
+    def __init__(self, field: str, message: str, source: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"config error{where}: {field}: {message}")
+
+
+class ListenerError(MarketBridgeError):
+    """A listener could not be started."""
+
+    def __init__(self, listener: str, host: str, port: int, reason: str) -> None:
+        self.listener = listener
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"listener '{listener}' cannot bind {host}:{port}: {reason}")
+
+
+class TickError(MarketBridgeError):
+    """A published tick was rejected; ``reason`` is a short stable code used in metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"invalid tick ({reason}): {detail}")
+
+
+class FeedError(MarketBridgeError):
+    """A feed could not produce ticks."""
+
+    def __init__(self, exchange: str, message: str) -> None:
+        self.exchange = exchange
+        self.message = message
+        super().__init__(f"{exchange}: {message}")
+
+
+class ExchangeError(FeedError):
+    """The exchange answered with an error (HTTP status or a documented error body)."""
+
+    def __init__(self, exchange: str, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(exchange, message)
+
+
+class AdapterError(FeedError):
+    """The exchange's answer is not in the shape its documentation gives."""
