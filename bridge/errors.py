@@ -73,7 +73,9 @@ class FeedError(MarketBridgeError):
 class ExchangeError(FeedError):
     """The exchange answered with an error (HTTP status or a documented error body)."""
 
-    def __init__(self, exchange: str, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, exchange: str, message: str, *, status: int | None = None, code: str | None = None
+    ) -> None:
         self.status = status
         self.code = code
         super().__init__(exchange, message)

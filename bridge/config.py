@@ -1,0 +1,224 @@
+"""The one typed configuration, loaded from YAML with ``MARKET_BRIDGE_...`` overrides.
+
+Precedence: environment > file > defaults. Nested fields use ``__`` in variable names,
+e.g. ``MARKET_BRIDGE_LISTENERS__TCP__PORT=1884``; lists and objects take JSON values,
+e.g. ``MARKET_BRIDGE_FEEDS='[{"kind": "simulator"}]'``. Unknown keys are errors. Every
+error is a :class:`~bridge.errors.ConfigError` naming the field and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bridge.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "BridgeConfig",
+    "BrokerSettings",
+    "ListenerConfig",
+    "LoggingConfig",
+    "PollerFeedConfig",
+    "ReplayFeedConfig",
+    "SimulatorFeedConfig",
+    "TlsConfig",
+    "WsListenerConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "MARKET_BRIDGE_"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "bridge.yaml"
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Strict):
+    certfile: FilePath
+    keyfile: FilePath
+    cafile: FilePath | None = None
+
+
+class ListenerConfig(_Strict):
+    """A TCP listener (MQTT 3.1.1). ``port: 0`` takes a free ephemeral port."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    tls: TlsConfig | None = None
+
+
+class WsListenerConfig(ListenerConfig):
+    """A WebSocket listener: subprotocol ``mqtt``, only ``path`` is served."""
+
+    port: Port = 8083
+    path: str = "/mqtt"
+    # permessage-deflate makes every connection's frames differ (one deflate context each):
+    # market data is small and hot, so it stays off unless asked for.
+    compression: bool = False
+    max_message_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or " " in value:
+            raise ValueError("must start with '/' and contain no query or spaces")
+        return value
+
+
+class ListenersConfig(_Strict):
+    ws: WsListenerConfig = WsListenerConfig()
+    tcp: ListenerConfig = ListenerConfig()
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        if not (self.ws.enabled or self.tcp.enabled):
+            raise ValueError("at least one of ws and tcp must be enabled")
+        if self.ws.enabled and self.tcp.enabled and self.ws.port == self.tcp.port != 0:
+            raise ValueError(f"ws and tcp both use port {self.ws.port}")
+        return self
+
+
+class BrokerSettings(_Strict):
+    # A socket that never sends CONNECT holds memory and a file descriptor: close it.
+    connect_timeout_s: PositiveSeconds = 10.0
+    # amqtt keeps a persistent session's offline QoS>0 messages in memory: cap them.
+    max_offline_messages: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    takeover_timeout_s: PositiveSeconds = 5.0
+
+
+class SimulatorFeedConfig(_Strict):
+    kind: Literal["simulator"]
+    interval_s: PositiveSeconds = 1.0
+    seed: int | None = None
+    # "exchange/PAIR" strings, e.g. "luno/BTC-ZAR"; empty means the simulator's default set.
+    markets: list[str] = []
+
+    @field_validator("markets")
+    @classmethod
+    def _market_form(cls, value: list[str]) -> list[str]:
+        for market in value:
+            exchange, _, pair = market.partition("/")
+            if not exchange or not pair:
+                raise ValueError(f"{market!r} is not 'exchange/PAIR'")
+        return value
+
+
+class ReplayFeedConfig(_Strict):
+    kind: Literal["replay"]
+    path: FilePath
+    speed: Annotated[float, Field(ge=0)] = 1.0
+    loop: bool = True
+
+
+class PollerFeedConfig(_Strict):
+    kind: Literal["luno", "valr", "quidax"]
+    base_url: AnyHttpUrl
+    # Exchange symbols as the exchange spells them; empty polls the all-tickers endpoint.
+    pairs: list[str] = []
+    interval_s: PositiveSeconds = 2.0
+
+
+FeedConfig = Annotated[SimulatorFeedConfig | ReplayFeedConfig | PollerFeedConfig, Field(discriminator="kind")]
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class BridgeConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    listeners: ListenersConfig = ListenersConfig()
+    broker: BrokerSettings = BrokerSettings()
+    feeds: list[FeedConfig] = []
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read: {exc.strerror or exc}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("<yaml>", f"{where}{problem}", str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"must be a mapping, got {type(data).__name__}", str(path))
+    return data
+
+
+def _source_of(loc: tuple[str | int, ...], path: Path | None) -> str:
+    """Name where a bad value came from: an environment variable beats the file."""
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(str(part) for part in loc[:depth]).upper()
+        if any(key.upper() == name for key in os.environ):
+            return f"environment variable {name}"
+    return str(path) if path else "defaults"
+
+
+def load_config(path: Path | str | None = None) -> BridgeConfig:
+    """Load and validate; raise :class:`ConfigError` naming the first bad field."""
+    file_path = Path(path) if path is not None else None
+    data = _read_yaml(file_path) if file_path is not None else {}
+    try:
+        return BridgeConfig(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # Drop discriminator tags (e.g. 'simulator') from the path: they are not field names.
+        loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part in _FEED_KINDS))
+        field = ".".join(str(part) for part in loc) or "<root>"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        raise ConfigError(field, message, _source_of(loc, file_path)) from None
+    except ValueError as exc:  # a JSON env value that does not parse
+        raise ConfigError("<environment>", str(exc), "environment") from None
+
+
+_FEED_KINDS = frozenset({"simulator", "replay", "luno", "valr", "quidax"})

@@ -1,0 +1,265 @@
+"""Shared fixtures: a real broker on 127.0.0.1 (ephemeral ports) and real paho clients.
+
+The broker runs on its own event loop in a thread, so tests drive paho's blocking API
+directly and wait on events with deadlines, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.broker import MarketBroker
+from bridge.config import BridgeConfig
+from feeds.tick import Tick
+
+T = TypeVar("T")
+DEADLINE_S = 10.0
+Transport = Literal["tcp", "websockets"]
+_ids = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    """Unique names per test so clients and topics never collide."""
+    return f"{prefix}-{next(_ids)}"
+
+
+def connect_packet(
+    client_id: str, *, keepalive: int = 60, clean: bool = True, will: tuple[str, bytes] | None = None
+) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT, for tests that need to misbehave below paho."""
+    flags = 0x02 if clean else 0
+    payload = _mqtt_str(client_id.encode())
+    if will is not None:
+        flags |= 0x04
+        payload += _mqtt_str(will[0].encode()) + _mqtt_str(will[1])
+    variable = _mqtt_str(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
+    return _packet(0x10, variable + payload)
+
+
+def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 0) -> bytes:
+    return _packet(0x82, packet_id.to_bytes(2, "big") + _mqtt_str(topic_filter.encode()) + bytes([qos]))
+
+
+def _mqtt_str(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def _packet(first_byte: int, body: bytes) -> bytes:
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([first_byte]) + bytes(encoded) + body
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE_S, what: str = "condition") -> None:
+    """Poll ``predicate`` until true, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        threading.Event().wait(0.01)
+
+
+def make_tick(exchange: str = "luno", pair: str = "BTC-ZAR", last: str = "1250000", **extra: Any) -> Tick:
+    fields: dict[str, Any] = {
+        "exchange": exchange,
+        "pair": pair,
+        "bid": "1249000",
+        "ask": "1251000",
+        "last": last,
+        "volume_24h": "12.5",
+        "ts": datetime(2026, 11, 30, 11, 0, tzinfo=UTC),
+    }
+    fields.update(extra)
+    return Tick(**fields)
+
+
+def bridge_config(**overrides: Any) -> BridgeConfig:
+    data: dict[str, Any] = {
+        "listeners": {"ws": {"port": 0}, "tcp": {"port": 0}},
+        "feeds": [],
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return BridgeConfig(**data)
+
+
+class BrokerThread:
+    """A MarketBroker on its own loop in a daemon thread; ``stop()`` shuts it down."""
+
+    def __init__(self, config: BridgeConfig, **broker_kwargs: Any) -> None:
+        self.config = config
+        self._kwargs = broker_kwargs
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="broker-loop", daemon=True)
+        self.broker: MarketBroker | None = None
+
+    def __enter__(self) -> BrokerThread:
+        self._thread.start()
+        self.broker = self.run(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _start(self) -> MarketBroker:
+        broker = MarketBroker(self.config, **self._kwargs)
+        await broker.start()
+        return broker
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = DEADLINE_S) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    @property
+    def tcp_port(self) -> int:
+        assert self.broker is not None
+        return self.broker.bound_port("tcp")
+
+    @property
+    def ws_port(self) -> int:
+        assert self.broker is not None
+        return self.broker.bound_port("ws")
+
+    def port(self, transport: Transport) -> int:
+        return self.tcp_port if transport == "tcp" else self.ws_port
+
+    def stop(self) -> None:
+        if self.broker is not None:
+            broker, self.broker = self.broker, None
+            self.run(broker.shutdown(), timeout=30)
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(DEADLINE_S)
+            self.loop.close()
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Client:
+    """A paho-mqtt 3.1.1 client over TCP or WebSocket with blocking, deadline-bound helpers."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        transport: Transport = "tcp",
+        client_id: str | None = None,
+        clean_session: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        ws_path: str = "/mqtt",
+    ) -> None:
+        self.client_id = client_id or unique("client")
+        self.port = port
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.connack: queue.Queue[int] = queue.Queue()
+        self.subacks: queue.Queue[list[int]] = queue.Queue()
+        self.disconnected = threading.Event()
+        self._mqtt = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+            transport=transport,
+            reconnect_on_failure=False,
+        )
+        if transport == "websockets":
+            self._mqtt.ws_set_options(path=ws_path)
+        if username is not None:
+            self._mqtt.username_pw_set(username, password)
+        self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_message = self._on_message
+        self._mqtt.on_subscribe = self._on_subscribe
+        self._mqtt.on_disconnect = self._on_disconnect
+
+    @property
+    def paho(self) -> mqtt.Client:
+        return self._mqtt
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
+        self.connack.put(rc.value)
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Properties | None) -> None:
+        self.subacks.put([rc.value for rc in rcs])
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: ReasonCode, _p: Properties | None) -> None:
+        self.disconnected.set()
+
+    def connect(self, *, keepalive: int = 30, expect: int = 0) -> int:
+        self._mqtt.connect("127.0.0.1", self.port, keepalive=keepalive)
+        self._mqtt.loop_start()
+        code = self.connack.get(timeout=DEADLINE_S)
+        assert code == expect, f"CONNACK {code}, expected {expect}"
+        return code
+
+    def subscribe(self, topic_filter: str | list[tuple[str, int]], qos: int = 0) -> list[int]:
+        if isinstance(topic_filter, str):
+            self._mqtt.subscribe(topic_filter, qos)
+        else:
+            self._mqtt.subscribe(topic_filter)
+        return self.subacks.get(timeout=DEADLINE_S)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        info = self._mqtt.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(DEADLINE_S)
+
+    def expect(self, count: int, timeout: float = DEADLINE_S) -> list[Received]:
+        """Exactly the next ``count`` messages, failing after ``timeout``."""
+        return [self.messages.get(timeout=timeout) for _ in range(count)]
+
+    def close(self) -> None:
+        self._mqtt.disconnect()
+        self._mqtt.loop_stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerThread]:
+    with BrokerThread(bridge_config()) as running:
+        yield running
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def factory(port: int, **kwargs: Any) -> Client:
+        client = Client(port, **kwargs)
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        client.close()
