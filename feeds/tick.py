@@ -48,8 +48,7 @@ DecimalStr = Annotated[str, StringConstraints(strict=True, pattern=_DECIMAL_PATT
 
 def format_ts(moment: datetime) -> str:
     """UTC ISO-8601 with milliseconds and ``Z``: ``2026-11-30T11:00:00.123Z``."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def market_topic(exchange: str, pair: str) -> str:
@@ -58,7 +57,7 @@ def market_topic(exchange: str, pair: str) -> str:
 
 def parse_market_topic(topic: str) -> tuple[str, str] | None:
     """``market/luno/BTC-ZAR`` -> ``("luno", "BTC-ZAR")``; None if not canonical."""
-    match = _TOPIC.match(topic)
+    match = _TOPIC.fullmatch(topic)
     return (match.group(1), match.group(2)) if match else None
 
 
@@ -90,7 +89,10 @@ class Tick(BaseModel):
             raise ValueError("must be an ISO-8601 string")
         if moment.tzinfo is None or moment.utcoffset() is None:
             raise ValueError("needs an explicit UTC offset (e.g. 'Z')")
-        utc = moment.astimezone(UTC)
+        try:
+            utc = moment.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range once converted to UTC") from None
         return utc.replace(microsecond=utc.microsecond // 1000 * 1000)
 
     @property
@@ -125,7 +127,8 @@ class Tick(BaseModel):
         if len(payload) > MAX_TICK_BYTES:
             raise TickError("too_large", f"{len(payload)} bytes > {MAX_TICK_BYTES}")
         try:
-            data = json.loads(payload)
+            # Decode explicitly: json.loads(bytes) would also accept UTF-16/32.
+            data = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise TickError("not_json", str(exc)) from None
         if not isinstance(data, dict):
