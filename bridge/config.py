@@ -9,6 +9,7 @@ error is a :class:`~bridge.errors.ConfigError` naming the field and where it cam
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -23,7 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from bridge.errors import ConfigError
 
@@ -179,6 +180,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read: {exc.strerror or exc}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"not UTF-8 text (byte {exc.start})", str(path)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -193,13 +196,34 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _env_name(loc: tuple[str | int, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+
+
 def _source_of(loc: tuple[str | int, ...], path: Path | None) -> str:
-    """Name where a bad value came from: an environment variable beats the file."""
+    """Name where a bad value came from: an environment variable beats the file.
+
+    A variable at the field, above it (a JSON object) or below it (a model-level check such
+    as "ws and tcp share a port" blames the section) counts.
+    """
+    names = {key.upper() for key in os.environ if key.upper().startswith(ENV_PREFIX)}
     for depth in range(len(loc), 0, -1):
-        name = ENV_PREFIX + "__".join(str(part) for part in loc[:depth]).upper()
-        if any(key.upper() == name for key in os.environ):
+        if (name := _env_name(loc[:depth])) in names:
             return f"environment variable {name}"
+    below = sorted(name for name in names if name.startswith(_env_name(loc) + "__")) if loc else []
+    if below:
+        return f"environment variable {below[0]}"
     return str(path) if path else "defaults"
+
+
+def _field_path(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop the discriminator tag pydantic inserts after ``feeds.<n>`` (it is not a field)."""
+    if len(loc) >= 3 and loc[0] == "feeds" and isinstance(loc[1], int) and loc[2] in _FEED_KINDS:
+        return loc[:2] + loc[3:]
+    return loc
+
+
+_ENV_PARSE_ERROR = re.compile(r'error parsing value for field "([^"]+)"')
 
 
 def load_config(path: Path | str | None = None) -> BridgeConfig:
@@ -210,15 +234,15 @@ def load_config(path: Path | str | None = None) -> BridgeConfig:
         return BridgeConfig(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        # Drop discriminator tags (e.g. 'simulator') from the path: they are not field names.
-        loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and part in _FEED_KINDS))
+        loc = _field_path(tuple(first["loc"]))
         field = ".".join(str(part) for part in loc) or "<root>"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise ConfigError(field, message, _source_of(loc, file_path)) from None
-    except ValueError as exc:  # a JSON env value that does not parse
-        raise ConfigError("<environment>", str(exc), "environment") from None
+    except SettingsError as exc:  # an environment value that is not valid JSON
+        match = _ENV_PARSE_ERROR.search(str(exc))
+        field = match.group(1) if match else "<environment>"
+        source = f"environment variable {_env_name((field,))}" if match else "environment"
+        raise ConfigError(field, "not valid JSON", source) from None
 
 
 _FEED_KINDS = frozenset({"simulator", "replay", "luno", "valr", "quidax"})

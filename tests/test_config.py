@@ -1,0 +1,394 @@
+"""bridge.config.load_config: YAML file + MARKET_BRIDGE_ environment overrides -> BridgeConfig."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bridge.config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    BridgeConfig,
+    PollerFeedConfig,
+    ReplayFeedConfig,
+    SimulatorFeedConfig,
+    load_config,
+)
+from bridge.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MARKET_BRIDGE_ variable from the outer environment or another test leaks in."""
+    for key in list(os.environ):
+        if key.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(key)
+
+
+def write(tmp_path: Path, text: str, name: str = "bridge.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def assert_defaults(config: BridgeConfig) -> None:
+    assert config.listeners.ws.enabled is True
+    assert config.listeners.ws.host == "127.0.0.1"
+    assert config.listeners.ws.port == 8083
+    assert config.listeners.ws.path == "/mqtt"
+    assert config.listeners.ws.compression is False
+    assert config.listeners.ws.tls is None
+    assert config.listeners.tcp.enabled is True
+    assert config.listeners.tcp.port == 1883
+    assert config.broker.connect_timeout_s == 10.0
+    assert config.broker.max_offline_messages == 1000
+    assert config.feeds == []
+    assert config.logging.level == "INFO"
+    assert config.logging.json_format is False
+
+
+# --- good files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n", "null\n"])
+def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
+    assert_defaults(load_config(write(tmp_path, text)))
+
+
+def test_no_path_gives_defaults() -> None:
+    assert_defaults(load_config())
+
+
+def test_shipped_config_loads() -> None:
+    assert DEFAULT_CONFIG_PATH.is_file()
+    config = load_config(DEFAULT_CONFIG_PATH)
+    assert config.listeners.ws.port == 8083
+    assert config.listeners.ws.path == "/mqtt"
+    assert config.listeners.tcp.port == 1883
+    assert len(config.feeds) == 1
+    assert isinstance(config.feeds[0], SimulatorFeedConfig)
+    assert config.feeds[0].interval_s == 1.0
+
+
+def test_path_as_str(tmp_path: Path) -> None:
+    path = write(tmp_path, "listeners:\n  tcp:\n    port: 1999\n")
+    assert load_config(str(path)).listeners.tcp.port == 1999
+
+
+def test_full_file(tmp_path: Path) -> None:
+    replay = write(tmp_path, '{"exchange": "luno"}\n', name="ticks.jsonl")
+    path = write(
+        tmp_path,
+        f"""\
+listeners:
+  ws: {{host: 0.0.0.0, port: 9001, path: /ws/mqtt, compression: true, max_message_bytes: 2048}}
+  tcp: {{enabled: false}}
+broker:
+  connect_timeout_s: 2.5
+  max_offline_messages: 0
+feeds:
+  - kind: simulator
+    seed: 42
+    markets: [luno/BTC-ZAR, valr/ETH-ZAR]
+  - kind: replay
+    path: {replay}
+    speed: 0
+    loop: false
+  - kind: valr
+    base_url: https://api.valr.com
+    pairs: [BTCZAR]
+logging: {{level: DEBUG, json_format: true}}
+""",
+    )
+    config = load_config(path)
+    assert config.listeners.ws.host == "0.0.0.0"
+    assert config.listeners.ws.port == 9001
+    assert config.listeners.ws.path == "/ws/mqtt"
+    assert config.listeners.ws.compression is True
+    assert config.listeners.ws.max_message_bytes == 2048
+    assert config.listeners.tcp.enabled is False
+    assert config.broker.connect_timeout_s == 2.5
+    assert config.broker.max_offline_messages == 0
+    simulator, replay_feed, poller = config.feeds
+    assert isinstance(simulator, SimulatorFeedConfig)
+    assert simulator.seed == 42
+    assert simulator.markets == ["luno/BTC-ZAR", "valr/ETH-ZAR"]
+    assert isinstance(replay_feed, ReplayFeedConfig)
+    assert replay_feed.path == replay
+    assert replay_feed.loop is False
+    assert isinstance(poller, PollerFeedConfig)
+    assert poller.kind == "valr"
+    assert str(poller.base_url).startswith("https://api.valr.com")
+    assert poller.pairs == ["BTCZAR"]
+    assert config.logging.level == "DEBUG"
+    assert config.logging.json_format is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "listeners: {ws: {port: 0}, tcp: {port: 0}}",  # two ephemeral ports do not clash
+        "listeners: {ws: {port: 1883, enabled: false}}",  # a disabled listener's port is free
+        "listeners: {ws: {enabled: false}}",
+        "listeners: {tcp: {enabled: false}}",
+    ],
+)
+def test_listener_edge_cases_accepted(tmp_path: Path, text: str) -> None:
+    config = load_config(write(tmp_path, text))
+    assert config.listeners.ws.enabled or config.listeners.tcp.enabled
+
+
+# --- bad files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "mentions"),
+    [
+        ("bogus: 1", "bogus", "unknown key"),
+        ("listeners: {bogus: 1}", "listeners.bogus", "unknown key"),
+        ("listeners: {tcp: {bogus: 1}}", "listeners.tcp.bogus", "unknown key"),
+        ("broker: {connect_timeout: 3}", "broker.connect_timeout", "unknown key"),
+        ("feeds: [{kind: simulator, speed: 2}]", "feeds.0.speed", "unknown key"),
+        ("listeners: {tcp: {port: abc}}", "listeners.tcp.port", "integer"),
+        ("listeners: {ws: {compression: maybe}}", "listeners.ws.compression", "boolean"),
+        ("listeners: []", "listeners", ""),
+        ("broker: {connect_timeout_s: soon}", "broker.connect_timeout_s", "number"),
+        ("feeds: {kind: simulator}", "feeds", "list"),
+        ("logging: {level: TRACE}", "logging.level", ""),
+        ("listeners: {tcp: {port: 70000}}", "listeners.tcp.port", "65535"),
+        ("listeners: {ws: {port: 65536}}", "listeners.ws.port", "65535"),
+        ("listeners: {tcp: {port: -1}}", "listeners.tcp.port", "0"),
+        ("broker: {connect_timeout_s: 0}", "broker.connect_timeout_s", "greater than 0"),
+        ("listeners: {ws: {max_message_bytes: 10}}", "listeners.ws.max_message_bytes", "1024"),
+        ("listeners: {ws: {port: 9000}, tcp: {port: 9000}}", "listeners", "port 9000"),
+        ("listeners: {ws: {port: 1883}}", "listeners", "port 1883"),  # default tcp port
+        ("listeners: {ws: {enabled: false}, tcp: {enabled: false}}", "listeners", "at least one"),
+        ("listeners: {ws: {path: mqtt}}", "listeners.ws.path", "'/'"),
+        ("listeners: {ws: {path: ''}}", "listeners.ws.path", "'/'"),
+        ("listeners: {ws: {path: '/mqtt?x=1'}}", "listeners.ws.path", "query"),
+        ("feeds: [{kind: replay, path: /nonexistent/ticks.jsonl}]", "feeds.0.path", "file"),
+        ("feeds: [{kind: replay}]", "feeds.0.path", "required"),
+        ("feeds: [{kind: binance}]", "feeds.0", "binance"),
+        ("feeds: [{interval_s: 1}]", "feeds.0", "kind"),
+        ("feeds: [{kind: simulator}, {kind: nope}]", "feeds.1", "nope"),
+        ("feeds: [{kind: simulator, markets: [BTCZAR]}]", "feeds.0.markets", "exchange/PAIR"),
+        ("feeds: [{kind: simulator, markets: [luno/]}]", "feeds.0.markets", "exchange/PAIR"),
+        ("feeds: [{kind: simulator, markets: [/BTC-ZAR]}]", "feeds.0.markets", "exchange/PAIR"),
+        ("feeds: [{kind: luno, base_url: 'not a url'}]", "feeds.0.base_url", "URL"),
+        ("feeds: [{kind: quidax}]", "feeds.0.base_url", "required"),
+    ],
+)
+def test_bad_file(tmp_path: Path, text: str, field: str, mentions: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert mentions in caught.value.message
+    assert str(path) in str(caught.value)
+    assert field in str(caught.value)
+
+
+def test_bad_replay_path_in_directory(tmp_path: Path) -> None:
+    # A directory is not a file: FilePath rejects it even though it exists.
+    path = write(tmp_path, f"feeds: [{{kind: replay, path: {tmp_path}}}]")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "feeds.0.path"
+    assert caught.value.source == str(path)
+
+
+def test_bad_tls_missing_certfile(tmp_path: Path) -> None:
+    key = write(tmp_path, "key", name="key.pem")
+    path = write(tmp_path, f"listeners: {{tcp: {{tls: {{certfile: {tmp_path}/nope.pem, keyfile: {key}}}}}}}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "listeners.tcp.tls.certfile"
+    assert caught.value.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("listeners: [1, 2\nbroker: 3\n", 2),
+        ("listeners:\n  ws:\n    port: 1\n   tcp: 2\n", 4),
+        ("a: b: c\n", 1),
+        ("key: 'unterminated\n", 2),
+    ],
+)
+def test_yaml_syntax_error(tmp_path: Path, text: str, line: int) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "<yaml>"
+    assert caught.value.source == str(path)
+    assert caught.value.message.startswith(f"line {line}, column ")
+
+
+@pytest.mark.parametrize(
+    ("text", "type_name"),
+    [("- 1\n- 2\n", "list"), ("just a string\n", "str"), ("42\n", "int")],
+)
+def test_top_level_not_a_mapping(tmp_path: Path, text: str, type_name: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "<root>"
+    assert caught.value.source == str(path)
+    assert caught.value.message == f"must be a mapping, got {type_name}"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "<file>"
+    assert caught.value.source == str(path)
+    assert caught.value.message.startswith("cannot read")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # A directory cannot be read as a file, even by root (unlike a chmod 000 file).
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.field == "<file>"
+    assert caught.value.source == str(tmp_path)
+    assert caught.value.message.startswith("cannot read")
+
+
+# --- environment overrides --------------------------------------------------------------------
+
+
+def test_env_overrides_file_and_keeps_other_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(
+        tmp_path,
+        "listeners:\n  ws: {port: 9001, path: /live}\n  tcp: {host: 0.0.0.0, port: 1883}\n"
+        "logging: {level: WARNING}\n",
+    )
+    monkeypatch.setenv("MARKET_BRIDGE_LISTENERS__TCP__PORT", "1999")
+    config = load_config(path)
+    assert config.listeners.tcp.port == 1999
+    assert config.listeners.tcp.host == "0.0.0.0"  # sibling field from the file stays
+    assert config.listeners.ws.port == 9001
+    assert config.listeners.ws.path == "/live"
+    assert config.logging.level == "WARNING"
+
+
+def test_env_override_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKET_BRIDGE_LISTENERS__WS__PORT", "9002")
+    monkeypatch.setenv("MARKET_BRIDGE_LOGGING__LEVEL", "ERROR")
+    config = load_config()
+    assert config.listeners.ws.port == 9002
+    assert config.listeners.tcp.port == 1883
+    assert config.logging.level == "ERROR"
+
+
+def test_env_name_is_case_insensitive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("market_bridge_listeners__tcp__port", "1234")
+    assert load_config(write(tmp_path, "listeners: {tcp: {port: 1}}")).listeners.tcp.port == 1234
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("MARKET_BRIDGE_LISTENERS__TCP__PORT", "abc", "listeners.tcp.port"),
+        ("MARKET_BRIDGE_LISTENERS__TCP__PORT", "70000", "listeners.tcp.port"),
+        ("MARKET_BRIDGE_LISTENERS__WS__PATH", "mqtt", "listeners.ws.path"),
+        ("MARKET_BRIDGE_BROKER__CONNECT_TIMEOUT_S", "-1", "broker.connect_timeout_s"),
+        ("MARKET_BRIDGE_LOGGING__LEVEL", "LOUD", "logging.level"),
+        ("MARKET_BRIDGE_LISTENERS__TCP__BOGUS", "1", "listeners.tcp.bogus"),
+        ("MARKET_BRIDGE_FEEDS", '[{"kind": "nope"}]', "feeds.0"),
+        ("MARKET_BRIDGE_FEEDS", '[{"kind": "simulator", "markets": ["BTCZAR"]}]', "feeds.0.markets"),
+    ],
+)
+def test_bad_env_value_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str
+) -> None:
+    path = write(tmp_path, "listeners: {tcp: {port: 1883}}\n")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == f"environment variable {variable}"
+
+
+def test_bad_file_value_not_blamed_on_unrelated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "listeners: {tcp: {port: abc}}\n")
+    monkeypatch.setenv("MARKET_BRIDGE_LISTENERS__WS__PORT", "9001")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "listeners.tcp.port"
+    assert caught.value.source == str(path)
+
+
+def test_feeds_env_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "feeds:\n  - kind: simulator\n    seed: 1\n")
+    monkeypatch.setenv(
+        "MARKET_BRIDGE_FEEDS",
+        '[{"kind": "simulator", "seed": 7, "markets": ["luno/BTC-ZAR"]},'
+        ' {"kind": "luno", "base_url": "https://api.luno.com", "interval_s": 5}]',
+    )
+    config = load_config(path)
+    assert len(config.feeds) == 2  # the environment's list replaces the file's
+    simulator, poller = config.feeds
+    assert isinstance(simulator, SimulatorFeedConfig)
+    assert simulator.seed == 7
+    assert simulator.markets == ["luno/BTC-ZAR"]
+    assert isinstance(poller, PollerFeedConfig)
+    assert poller.kind == "luno"
+    assert poller.interval_s == 5.0
+
+
+def test_feeds_env_empty_list_clears_file_feeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "feeds: [{kind: simulator}]\n")
+    monkeypatch.setenv("MARKET_BRIDGE_FEEDS", "[]")
+    assert load_config(path).feeds == []
+
+
+def test_feeds_env_bad_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKET_BRIDGE_FEEDS", '[{"kind": "simulator"')
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert caught.value.field == "feeds"
+    assert caught.value.source == "environment variable MARKET_BRIDGE_FEEDS"
+    assert "JSON" in caught.value.message
+
+
+def test_env_is_clean_at_start() -> None:
+    assert not [key for key in os.environ if key.upper().startswith(ENV_PREFIX)]
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bridge.yaml"
+    bad.write_bytes(b"logging: {level: \xe9}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert (caught.value.field, caught.value.source) == ("<file>", str(bad))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [("simulator: 1\n", "simulator"), ("listeners:\n  tcp:\n    replay: 1\n", "listeners.tcp.replay")],
+)
+def test_unknown_keys_named_like_feed_kinds_keep_their_name(
+    tmp_path: Path, yaml_text: str, field: str
+) -> None:
+    bad = tmp_path / "bridge.yaml"
+    bad.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert caught.value.field == field
+
+
+def test_section_check_caused_by_env_blames_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MARKET_BRIDGE_LISTENERS__WS__PORT", "1883")
+    good = tmp_path / "bridge.yaml"
+    good.write_text("logging: {level: INFO}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(good)
+    assert caught.value.field == "listeners"
+    assert caught.value.source == "environment variable MARKET_BRIDGE_LISTENERS__WS__PORT"
