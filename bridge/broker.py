@@ -204,13 +204,6 @@ class MarketBroker(Broker):
 
     # ------------------------------------------------------------------ connections
 
-    async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
-        if websocket.subprotocol != "mqtt":
-            # websockets accepts a handshake without a subprotocol; MQTT over WS requires it.
-            await websocket.close(1002, "subprotocol 'mqtt' required")
-            return
-        await super().ws_connected(websocket, listener_name)
-
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
@@ -373,6 +366,10 @@ class MarketBroker(Broker):
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, data, message.qos)
         return True
+
+    async def publish(self, tick: Tick) -> None:
+        """TickSink: in-process feeds publish straight into the broker, skipping the network."""
+        await self.publish_tick(tick)
 
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent."""

@@ -109,12 +109,17 @@ class BrokerThread:
         self._kwargs = broker_kwargs
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="broker-loop", daemon=True)
-        self.broker: MarketBroker | None = None
+        self._broker: MarketBroker | None = None
 
     def __enter__(self) -> BrokerThread:
         self._thread.start()
-        self.broker = self.run(self._start())
+        self._broker = self.run(self._start())
         return self
+
+    @property
+    def broker(self) -> MarketBroker:
+        assert self._broker is not None, "broker not running"
+        return self._broker
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -136,20 +141,18 @@ class BrokerThread:
 
     @property
     def tcp_port(self) -> int:
-        assert self.broker is not None
         return self.broker.bound_port("tcp")
 
     @property
     def ws_port(self) -> int:
-        assert self.broker is not None
         return self.broker.bound_port("ws")
 
     def port(self, transport: Transport) -> int:
         return self.tcp_port if transport == "tcp" else self.ws_port
 
     def stop(self) -> None:
-        if self.broker is not None:
-            broker, self.broker = self.broker, None
+        if self._broker is not None:
+            broker, self._broker = self._broker, None
             self.run(broker.shutdown(), timeout=30)
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -185,6 +188,7 @@ class Client:
         self.connack: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.disconnected = threading.Event()
+        self.messages_arrived = threading.Event()
         self._mqtt = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -211,8 +215,11 @@ class Client:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+        self.messages_arrived.set()
 
-    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Properties | None) -> None:
+    def _on_subscribe(
+        self, _c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Properties | None
+    ) -> None:
         self.subacks.put([rc.value for rc in rcs])
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _rc: ReasonCode, _p: Properties | None) -> None:

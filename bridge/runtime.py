@@ -1,0 +1,79 @@
+"""Run the bridge: the broker plus its configured feeds, until asked to stop.
+
+Lifetimes nest: the broker is started and always shut down by ``async with``; the feeds run
+in a TaskGroup inside it, one named task each. Stopping cancels the feeds first, then the
+broker closes its listeners and clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from bridge.broker import MarketBroker
+from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
+from bridge.errors import ConfigError, FeedError
+from feeds.base import Feed, TickSink
+from feeds.poller import SPECS, HttpPoller
+from feeds.replay import ReplayFeed
+from feeds.simulator import SimulatorFeed
+
+__all__ = ["build_feed", "pump", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def build_feed(config: FeedConfig, index: int = 0) -> Feed:
+    """One feed from its config entry; errors name ``feeds.<index>``."""
+    try:
+        if isinstance(config, SimulatorFeedConfig):
+            markets = [tuple(m.split("/", 1)) for m in config.markets] or None
+            return SimulatorFeed(
+                markets=[(e, p) for e, p in markets] if markets else None,
+                interval_s=config.interval_s,
+                seed=config.seed,
+            )
+        if isinstance(config, ReplayFeedConfig):
+            return ReplayFeed(config.path, speed=config.speed, loop=config.loop)
+        assert isinstance(config, PollerFeedConfig)
+        return HttpPoller(
+            spec=SPECS[config.kind],
+            base_url=str(config.base_url),
+            pairs=config.pairs or None,
+            interval_s=config.interval_s,
+        )
+    except FeedError as exc:
+        raise ConfigError(f"feeds.{index}", exc.message) from None
+
+
+async def pump(feed: Feed, sink: TickSink) -> None:
+    """Move ticks from a feed into a sink; a broken feed ends alone, never the broker."""
+    count = 0
+    try:
+        async for tick in feed.ticks():
+            await sink.publish(tick)
+            count += 1
+    except FeedError as exc:
+        log.error("feed %s stopped: %s", feed.name, exc)
+    log.info("feed %s ended after %d ticks", feed.name, count)
+
+
+async def serve(
+    config: BridgeConfig,
+    *,
+    stop: asyncio.Event,
+    on_ready: Callable[[MarketBroker], None] | None = None,
+) -> None:
+    """Run broker and feeds until ``stop`` is set."""
+    feeds = [build_feed(entry, index) for index, entry in enumerate(config.feeds)]
+    broker = MarketBroker(config)
+    async with broker.running():
+        if on_ready is not None:
+            on_ready(broker)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(pump(feed, broker), name=f"feed:{feed.name}") for feed in feeds]
+            await stop.wait()
+            log.info("stopping: %d feed(s), then the broker", len(tasks))
+            for task in tasks:
+                task.cancel()

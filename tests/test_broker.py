@@ -1,0 +1,373 @@
+"""MarketBroker end to end: real broker on loopback, real paho clients over TCP and WebSocket."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+import websockets.sync.client
+from websockets.exceptions import InvalidStatus
+
+from bridge.broker import MarketBroker
+from bridge.errors import ListenerError
+from tests.conftest import (
+    DEADLINE_S,
+    BrokerThread,
+    Client,
+    Transport,
+    bridge_config,
+    connect_packet,
+    make_tick,
+    subscribe_packet,
+    unique,
+    wait_until,
+)
+
+TRANSPORTS: list[Transport] = ["tcp", "websockets"]
+ClientFactory = Callable[..., Client]
+
+
+def _seqs(messages: list[Any]) -> list[int]:
+    return [json.loads(m.payload)["seq"] for m in messages]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_subscriber_receives_ticks_with_increasing_seq(
+    broker: BrokerThread, clients: ClientFactory, transport: Transport
+) -> None:
+    sub = clients(broker.port(transport), transport=transport)
+    sub.connect()
+    assert sub.subscribe("market/#") == [0]
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    for last in ("100", "101", "102"):
+        pub.publish("market/valr/BTC-ZAR", make_tick("valr", last=last).encode())
+    got = sub.expect(3)
+    assert [json.loads(m.payload)["last"] for m in got] == ["100", "101", "102"]
+    assert _seqs(got) == [1, 2, 3]
+    assert all(m.topic == "market/valr/BTC-ZAR" and not m.retain for m in got)
+
+
+def test_seq_is_per_topic_and_stamped_by_the_broker(broker: BrokerThread, clients: ClientFactory) -> None:
+    sub = clients(broker.tcp_port)
+    sub.connect()
+    sub.subscribe("market/#")
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    # Publishers' own seq values are ignored: the broker is the sequencer.
+    pub.publish("market/luno/BTC-ZAR", make_tick(seq=77).encode())
+    pub.publish("market/luno/ETH-ZAR", make_tick(pair="ETH-ZAR", seq=5).encode())
+    pub.publish("market/luno/BTC-ZAR", make_tick(seq=3).encode())
+    got = sub.expect(3)
+    assert [(m.topic, json.loads(m.payload)["seq"]) for m in got] == [
+        ("market/luno/BTC-ZAR", 1),
+        ("market/luno/ETH-ZAR", 1),
+        ("market/luno/BTC-ZAR", 2),
+    ]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_late_subscriber_gets_one_snapshot_per_topic_then_live(
+    broker: BrokerThread, clients: ClientFactory, transport: Transport
+) -> None:
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="1").encode())
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="2").encode())
+    pub.publish("market/quidax/BTC-NGN", make_tick("quidax", "BTC-NGN", last="9").encode())
+    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 2, what="snapshots")
+
+    sub = clients(broker.port(transport), transport=transport)
+    sub.connect()
+    sub.subscribe("market/#")
+    snapshots = sorted(sub.expect(2), key=lambda m: m.topic)
+    assert [(m.topic, m.retain, json.loads(m.payload)["last"]) for m in snapshots] == [
+        ("market/luno/BTC-ZAR", True, "2"),
+        ("market/quidax/BTC-NGN", True, "9"),
+    ]
+    # The next message is the live one: no duplicate snapshots were queued before it.
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="3").encode())
+    (live,) = sub.expect(1)
+    assert (live.retain, json.loads(live.payload)["last"], json.loads(live.payload)["seq"]) == (False, "3", 3)
+
+
+def test_overlapping_filters_in_one_subscribe_get_each_snapshot_once(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
+    sub = clients(broker.tcp_port)
+    sub.connect()
+    assert sub.subscribe([("market/#", 0), ("market/luno/+", 0)]) == [0, 0]
+    (snapshot,) = sub.expect(1)
+    assert snapshot.retain
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr").encode())
+    (live,) = sub.expect(1)
+    assert live.topic == "market/valr/BTC-ZAR"
+
+
+def test_other_clients_subscriptions_do_not_leak_snapshots(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr").encode())
+    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 2, what="snapshots")
+    wide = clients(broker.tcp_port)
+    wide.connect()
+    wide.subscribe("market/#")
+    assert len(wide.expect(2)) == 2
+
+    # amqtt pushes retained messages for *every* client's filters on CONNECT; we must not.
+    narrow = clients(broker.ws_port, transport="websockets")
+    narrow.connect()
+    narrow.subscribe("market/valr/BTC-ZAR")
+    (snapshot,) = narrow.expect(1)
+    assert snapshot.topic == "market/valr/BTC-ZAR"
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr", last="5").encode())
+    (live,) = narrow.expect(1)
+    assert (live.topic, live.retain) == ("market/valr/BTC-ZAR", False)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("market/luno/BTC-ZAR", b"not json", "not_json"),
+        ("market/luno/BTC-ZAR", b"[1, 2]", "not_object"),
+        (
+            "market/luno/BTC-ZAR",
+            make_tick().encode().replace(b'"bid":"1249000"', b'"bid":1249000.5'),
+            "float_price",
+        ),
+        (
+            "market/luno/BTC-ZAR",
+            make_tick().encode().replace(b'"bid":"1249000"', b'"bid":"12e5"'),
+            "bad_decimal",
+        ),
+        ("market/luno/BTC-ZAR", make_tick().encode().replace(b'"bid":"1249000",', b""), "missing_field"),
+        ("market/valr/BTC-ZAR", make_tick().encode(), "wrong_topic"),
+        ("market/luno/btczar", make_tick().encode(), "wrong_topic"),
+        ("market/luno/BTC-ZAR", b"\xff\xfe", "not_json"),
+    ],
+)
+def test_invalid_tick_is_dropped_counted_and_publisher_stays_connected(
+    broker: BrokerThread, clients: ClientFactory, topic: str, payload: bytes, reason: str
+) -> None:
+    sub = clients(broker.tcp_port)
+    sub.connect()
+    sub.subscribe("market/#")
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish(topic, payload)
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="42").encode())
+    (only,) = sub.expect(1)
+    assert json.loads(only.payload)["last"] == "42"
+    assert not pub.disconnected.is_set()
+    assert broker.call(lambda: broker.broker.stats.ticks_rejected[reason]) == 1
+
+
+def test_qos_is_downgraded_to_the_lower_of_publish_and_subscription(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    sub = clients(broker.tcp_port)
+    sub.connect()
+    assert sub.subscribe("market/#", qos=1) == [1]
+    other = unique("plain")
+    assert sub.subscribe(f"{other}/#", qos=0) == [0]
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode(), qos=0)
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode(), qos=1)
+    pub.publish(f"{other}/x", b"hello", qos=1)
+    got = sub.expect(3)
+    assert [m.qos for m in got] == [0, 1, 0]
+
+
+def test_unsubscribe_stops_delivery(broker: BrokerThread, clients: ClientFactory) -> None:
+    sub = clients(broker.tcp_port)
+    sub.connect()
+    sub.subscribe("market/luno/#")
+    sub.subscribe("market/valr/#")
+    sub.paho.unsubscribe("market/luno/#")
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    wait_until(
+        lambda: broker.call(lambda: "market/luno/#" not in broker.broker.subscriptions), what="unsubscribe"
+    )
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr").encode())
+    (only,) = sub.expect(1)
+    assert only.topic == "market/valr/BTC-ZAR"
+
+
+def _raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+
+
+def _session_state(broker: BrokerThread, client_id: str) -> str | None:
+    def read() -> str | None:
+        entry = broker.broker.sessions.get(client_id)
+        return None if entry is None else str(entry[0].transitions.state)
+
+    return broker.call(read)
+
+
+def test_client_closing_before_suback_leaves_no_connected_session(broker: BrokerThread) -> None:
+    client_id = unique("abrupt")
+    sock = _raw(broker.tcp_port)
+    sock.sendall(connect_packet(client_id, clean=False))
+    assert sock.recv(4)[:1] == b"\x20"  # CONNACK
+    sock.sendall(subscribe_packet(1, "market/#"))
+    sock.close()
+    wait_until(lambda: _session_state(broker, client_id) == "disconnected", what="session disconnected")
+    pub_ok = Client(broker.tcp_port)
+    pub_ok.connect()
+    pub_ok.publish("market/luno/BTC-ZAR", make_tick().encode())
+    pub_ok.close()
+    wait_until(lambda: broker.call(lambda: len(broker.broker._connections)) == 0, what="no live connections")
+    assert _session_state(broker, client_id) == "disconnected"
+
+
+def test_clean_session_is_removed_when_its_connection_drops(broker: BrokerThread) -> None:
+    client_id = unique("clean")
+    sock = _raw(broker.tcp_port)
+    sock.sendall(connect_packet(client_id, clean=True))
+    assert sock.recv(4)[:1] == b"\x20"
+    sock.close()
+    wait_until(lambda: _session_state(broker, client_id) is None, what="clean session removed")
+
+
+def test_keepalive_is_enforced_and_the_will_is_published(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    watcher = clients(broker.tcp_port)
+    watcher.connect()
+    will_topic = unique("status")
+    watcher.subscribe(will_topic)
+    sock = _raw(broker.tcp_port)
+    sock.sendall(connect_packet(unique("silent"), keepalive=1, will=(will_topic, b"gone")))
+    assert sock.recv(4)[:1] == b"\x20"
+    # Say nothing: the broker must drop us after 1.5 x keep-alive and publish the will.
+    (will,) = watcher.expect(1, timeout=5)
+    assert (will.topic, will.payload) == (will_topic, b"gone")
+    sock.settimeout(DEADLINE_S)
+    assert sock.recv(16) == b""  # closed by the broker
+    sock.close()
+    assert broker.call(lambda: broker.broker.stats.keepalive_timeouts) == 1
+
+
+def test_socket_without_connect_is_closed_after_timeout() -> None:
+    config = bridge_config(broker={"connect_timeout_s": 0.3})
+    with BrokerThread(config) as running:
+        sock = _raw(running.tcp_port)
+        assert sock.recv(16) == b""
+        sock.close()
+        assert running.call(lambda: running.broker.stats.connect_timeouts) == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x10\x00",  # CONNECT with no body
+        b"\x10\x05\x00\x04MQ",  # truncated protocol name
+        b"\x30\x05\x00\x01a",  # PUBLISH before CONNECT
+        b"\x10\xff\xff\xff\xff\x7f",  # malformed remaining length
+        connect_packet("x").replace(b"MQTT", b"MQXX"),
+        b"GET / HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_malformed_first_packet_is_closed_and_broker_keeps_serving(
+    broker: BrokerThread, clients: ClientFactory, garbage: bytes
+) -> None:
+    sock = _raw(broker.tcp_port)
+    sock.sendall(garbage)
+    sock.shutdown(socket.SHUT_WR)
+    data = sock.recv(64)
+    assert data in (b"", b"\x20\x02\x00\x01")  # closed, or refused with a protocol-version CONNACK
+    sock.close()
+    ok = clients(broker.tcp_port)
+    ok.connect()
+    assert ok.subscribe("market/#") == [0]
+
+
+def test_same_client_id_takes_over_the_old_connection(broker: BrokerThread, clients: ClientFactory) -> None:
+    client_id = unique("phone")
+    first = clients(broker.tcp_port, client_id=client_id)
+    first.connect()
+    second = clients(broker.ws_port, transport="websockets", client_id=client_id)
+    second.connect()
+    assert first.disconnected.wait(DEADLINE_S)
+    second.subscribe("market/#")
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+    assert len(second.expect(1)) == 1
+    assert _session_state(broker, client_id) == "connected"
+
+
+def test_persistent_session_keeps_subscriptions_across_reconnect(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    client_id = unique("persist")
+    first = clients(broker.tcp_port, client_id=client_id, clean_session=False)
+    first.connect()
+    first.subscribe("market/luno/#")
+    first.close()
+    wait_until(lambda: _session_state(broker, client_id) == "disconnected", what="disconnect")
+    again = clients(broker.tcp_port, client_id=client_id, clean_session=False)
+    again.connect()
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+    assert again.expect(1)[0].topic == "market/luno/BTC-ZAR"
+
+
+def test_websocket_other_paths_are_not_served(broker: BrokerThread) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        websockets.sync.client.connect(f"ws://127.0.0.1:{broker.ws_port}/other", subprotocols=["mqtt"])  # type: ignore[list-item]
+    assert info.value.response.status_code == 404
+
+
+def test_websocket_without_mqtt_subprotocol_is_refused(broker: BrokerThread) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        websockets.sync.client.connect(f"ws://127.0.0.1:{broker.ws_port}/mqtt")
+    assert info.value.response.status_code == 400
+
+
+def test_port_in_use_fails_startup_naming_the_listener() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        config = bridge_config(listeners={"ws": {"port": 0}, "tcp": {"port": taken}})
+        thread = BrokerThread(config)
+        with pytest.raises(ListenerError) as info:
+            thread.__enter__()
+        thread.stop()
+        assert (info.value.listener, info.value.port) == ("tcp", taken)
+        assert f"127.0.0.1:{taken}" in str(info.value)
+    finally:
+        holder.close()
+
+
+def test_listeners_are_independent(clients: ClientFactory) -> None:
+    config = bridge_config(listeners={"ws": {"enabled": False}, "tcp": {"port": 0}})
+    with BrokerThread(config) as running:
+        assert running.call(running.broker.listener_names) == ["tcp"]
+        sub = clients(running.tcp_port)
+        sub.connect()
+
+
+def test_broker_class_is_the_pinned_amqtt_subclass() -> None:
+    # We override private methods of amqtt 0.12.1: an upgrade must fail here first.
+    assert version("amqtt") == "0.12.1"
+    for name in ("_client_connected", "_run_broadcast", "_handle_message_delivery", "_start_listeners"):
+        assert name in MarketBroker.__dict__

@@ -1,0 +1,164 @@
+"""The ``market-bridge`` command as users run it: a real subprocess, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ClientFactory = Callable[..., Client]
+
+
+class Proc:
+    """A running ``market-bridge`` with its stdout lines collected by a reader thread."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str) -> re.Match[str]:
+        regex = re.compile(pattern)
+        with self._changed:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(f"process exited before {pattern!r}:\n" + "\n".join(self.lines))
+                if not self._changed.wait(DEADLINE_S):
+                    pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(DEADLINE_S * 2)
+        finally:
+            if self.popen.poll() is None:
+                self.popen.kill()
+                self.popen.wait()
+            self._reader.join(DEADLINE_S)
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., Proc]]:
+    started: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(*args, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+EPHEMERAL = {"MARKET_BRIDGE_LISTENERS__TCP__PORT": "0", "MARKET_BRIDGE_LISTENERS__WS__PORT": "0"}
+
+
+def test_demo_serves_simulated_ticks_over_tcp_and_websocket(
+    procs: Callable[..., Proc], clients: ClientFactory
+) -> None:
+    demo = procs("demo", env=EPHEMERAL)
+    ws_port = int(demo.wait_for_line(r"WebSocket\s+ws://127\.0\.0\.1:(\d+)/mqtt").group(1))
+    tcp_port = int(demo.wait_for_line(r"TCP\s+mqtt://127\.0\.0\.1:(\d+)").group(1))
+    demo.wait_for_line(r"mosquitto_sub -h 127\.0\.0\.1 -p \d+ -t 'market/#' -v")
+
+    for port, transport in ((ws_port, "websockets"), (tcp_port, "tcp")):
+        sub = clients(port, transport=transport)
+        sub.connect()
+        sub.subscribe("market/#")
+        first = sub.expect(1)[0]
+        tick = json.loads(first.payload)
+        assert first.topic == f"market/{tick['exchange']}/{tick['pair']}"
+        assert tick["pair"].split("-")[1] in {"ZAR", "NGN", "KES"}
+    assert demo.stop() == 0
+
+
+def test_run_fails_fast_naming_a_port_in_use(procs: Callable[..., Proc]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        proc = procs("run", env={**EPHEMERAL, "MARKET_BRIDGE_LISTENERS__TCP__PORT": str(taken)})
+        assert proc.popen.wait(DEADLINE_S) == 1
+        proc.wait_for_line(rf"listener 'tcp' cannot bind 127\.0\.0\.1:{taken}")
+
+
+def test_bad_config_fails_naming_the_field_and_file(tmp_path: Path, procs: Callable[..., Proc]) -> None:
+    bad = tmp_path / "bridge.yaml"
+    bad.write_text("listeners:\n  tcp:\n    port: not-a-port\n")
+    proc = procs("run", "--config", str(bad))
+    assert proc.popen.wait(DEADLINE_S) == 2
+    proc.wait_for_line(rf"config error in {re.escape(str(bad))}: listeners\.tcp\.port")
+
+
+def test_config_command_prints_effective_values(procs: Callable[..., Proc]) -> None:
+    proc = procs("config", env={"MARKET_BRIDGE_LISTENERS__TCP__PORT": "1999"})
+    assert proc.popen.wait(DEADLINE_S) == 0
+    proc._reader.join(DEADLINE_S)
+    effective = json.loads("\n".join(proc.lines))
+    assert effective["listeners"]["tcp"]["port"] == 1999
+    assert effective["listeners"]["ws"]["path"] == "/mqtt"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_feed_command_publishes_over_mqtt(
+    procs: Callable[..., Proc], clients: ClientFactory, transport: str
+) -> None:
+    with BrokerThread(bridge_config()) as broker:
+        sub = clients(broker.tcp_port)
+        sub.connect()
+        sub.subscribe("market/#")
+        url = (
+            f"mqtt://127.0.0.1:{broker.tcp_port}"
+            if transport == "tcp"
+            else f"ws://127.0.0.1:{broker.ws_port}/mqtt"
+        )
+        feed = procs("feed", "simulator", "--broker", url, "--interval", "0.05", "--seed", "7")
+        got = sub.expect(20)
+        seqs: dict[str, list[int]] = {}
+        for message in got:
+            seqs.setdefault(message.topic, []).append(json.loads(message.payload)["seq"])
+        assert all(values == sorted(values) and len(set(values)) == len(values) for values in seqs.values())
+        assert feed.stop() == 0
+
+
+def test_feed_command_needs_a_replay_path(procs: Callable[..., Proc]) -> None:
+    proc = procs("feed", "replay")
+    assert proc.popen.wait(DEADLINE_S) == 2
+    proc.wait_for_line(r"--path: replay needs an NDJSON file")
