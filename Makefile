@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# Fan-out baseline: 1 TCP feed, 20 WebSocket subscribers (saturated, then paced).
+bench: $(STAMP)
+	$(BIN)/python bench/fanout.py --subscribers 20 --messages 10000
+	$(BIN)/python bench/fanout.py --subscribers 20 --messages 2000 --rate 100
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

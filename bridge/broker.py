@@ -190,6 +190,7 @@ class MarketBroker(Broker):
                     subprotocols=[websockets.Subprotocol("mqtt")],
                     compression="deflate" if listener.compression else None,
                     max_size=listener.max_message_bytes,
+                    ping_interval=listener.ping_interval_s,
                     process_request=_only_path(listener.path),
                 )
             return await asyncio.start_server(

@@ -78,6 +78,10 @@ class WsListenerConfig(ListenerConfig):
     # market data is small and hot, so it stays off unless asked for.
     compression: bool = False
     max_message_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+    # WebSocket-level pings are off: MQTT keep-alive (enforced by the broker) already finds
+    # dead clients, and paho-mqtt 2.x answers a ping with an *unmasked* pong, which is a
+    # protocol error that makes the server drop the client (websockets' default: every 20 s).
+    ping_interval_s: PositiveSeconds | None = None
 
     @field_validator("path")
     @classmethod

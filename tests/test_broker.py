@@ -341,6 +341,23 @@ def test_websocket_without_mqtt_subprotocol_is_refused(broker: BrokerThread) -> 
     assert info.value.response.status_code == 400
 
 
+@pytest.mark.parametrize(("configured", "expected"), [({}, None), ({"ping_interval_s": 15}, 15)])
+def test_websocket_pings_are_off_unless_configured(
+    clients: ClientFactory, configured: dict[str, Any], expected: float | None
+) -> None:
+    # paho answers WebSocket pings with unmasked pongs and gets dropped: pings must be opt-in.
+    config = bridge_config(listeners={"ws": {"port": 0, **configured}, "tcp": {"port": 0}})
+    with BrokerThread(config) as running:
+        client = clients(running.ws_port, transport="websockets")
+        client.connect()
+
+        def ping_interval() -> Any:
+            (connection,) = running.broker._connections.values()
+            return connection.handler.writer._protocol.ping_interval  # type: ignore[union-attr]
+
+        assert running.call(ping_interval) == expected
+
+
 def test_port_in_use_fails_startup_naming_the_listener() -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
