@@ -6,6 +6,7 @@ Tree::
     ├── ConfigError          bad configuration: names the field and the file (operator's fault)
     ├── ListenerError        a listener cannot start, e.g. its port is taken (environment)
     ├── TickError            a tick payload is invalid (the publisher's fault)
+    ├── AuthError            a client's credentials are refused (the client's fault)
     └── FeedError            a feed cannot produce ticks
         ├── ExchangeError    the exchange answered with an error body or status (remote)
         └── AdapterError     the exchange's body is not in the documented shape (remote)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "AuthError",
     "ConfigError",
     "ExchangeError",
     "FeedError",
@@ -59,6 +61,18 @@ class TickError(MarketBridgeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"invalid tick ({reason}): {detail}")
+
+
+class AuthError(MarketBridgeError):
+    """Credentials refused; ``reason`` is a short stable code (logs, metrics), ``detail`` says why.
+
+    ``detail`` never contains the token itself.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"auth refused ({reason}): {detail}")
 
 
 class FeedError(MarketBridgeError):
