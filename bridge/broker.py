@@ -6,7 +6,11 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
   inherited from a 'default' listener), WebSocket only on its configured path, no semaphore
   that leaves clients hanging, and a taken port fails startup naming the listener.
 - A connection is authenticated *before* any session is touched; a failed CONNECT wipes,
-  takes over or leaves nothing. Takeover waits for the old connection to finish.
+  takes over or leaves nothing. A client id belongs to the user (``sub``) whose session it
+  holds. Connection limits (per user, global) refuse with CONNACK 3 at once. Takeover waits
+  for the old connection to finish. A token's ``exp`` ends its connection.
+- Topic permissions (:mod:`bridge.acl`) are computed once per session from the token's
+  claims and checked at SUBSCRIBE, PUBLISH and offline replay; no per-message plugin calls.
 - Whatever way a connection ends, its session is left disconnected (clean ones deleted).
 - Keep-alive is enforced (1.5 x keep-alive, then the will is published) and a socket that
   sends no CONNECT is closed after ``connect_timeout_s``.
@@ -23,6 +27,7 @@ import asyncio
 import logging
 import math
 import ssl
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -35,11 +40,10 @@ from typing import Any
 import websockets
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
-from amqtt.contexts import Action
 from amqtt.contexts import ListenerConfig as AmqttListenerConfig
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, Session
@@ -47,9 +51,13 @@ from amqtt.utils import gen_client_id
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from bridge.acl import ALLOW_ALL, Acl, acl_for
+from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
-from bridge.errors import ListenerError, MarketBridgeError, TickError
-from bridge.topics import TopicIndex, is_valid_topic, matches
+from bridge.errors import AuthError, ListenerError, MarketBridgeError, TickError
+from bridge.keys import load_keyring
+from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
+from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
@@ -70,50 +78,105 @@ class BrokerStats:
     ticks_accepted: int = 0
     ticks_rejected: Counter[str] = field(default_factory=Counter)
     publishes_dropped: Counter[str] = field(default_factory=Counter)
+    subscribes_denied: int = 0
     deliveries: int = 0
     offline_dropped: int = 0
     keepalive_timeouts: int = 0
     connect_timeouts: int = 0
+    token_expiries: int = 0
 
 
 class MarketProtocolHandler(BrokerProtocolHandler):
-    """amqtt's handler with keep-alive enforced: a read timeout ends the connection."""
+    """amqtt's handler with keep-alive enforced and a way for the broker to end it."""
 
-    keepalive_expired = False
+    end_reason: str | None = None
 
-    def handle_read_timeout(self) -> None:
-        # amqtt ignores this; we treat it as a dead client (the will gets published).
-        self.keepalive_expired = True
+    def end(self, reason: str) -> None:
+        """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
+        if self.end_reason is None:
+            self.end_reason = reason
         waiter = self._disconnect_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def handle_read_timeout(self) -> None:
+        # amqtt ignores this; we treat it as a dead client (the will gets published).
+        self.end("keepalive")
+
 
 @dataclass(eq=False)
 class _Connection:
-    """One live network connection bound to a session."""
+    """One live network connection bound to a session and its owner's connection lease."""
 
     client_id: str
+    user: str
     session: Session
     handler: MarketProtocolHandler
+    lease: Lease
+    expiry: asyncio.TimerHandle | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# Session attributes the broker keeps per session (decided once at CONNECT).
+_OWNER = "market_bridge.owner"
+_ACL = "market_bridge.acl"
+_CLAIMS = "market_bridge.claims"
+
+
+def session_acl(session: Session) -> Acl:
+    """The ACL computed at CONNECT; sessions made inside the broker may do anything."""
+    acl = session.attributes.get(_ACL)
+    return acl if isinstance(acl, Acl) else ALLOW_ALL
+
+
+def session_claims(session: Session) -> Claims | None:
+    claims = session.attributes.get(_CLAIMS)
+    return claims if isinstance(claims, Claims) else None
 
 
 class MarketBroker(Broker):
     """Embedded amqtt broker serving ``market/<exchange>/<pair>`` (see module docstring)."""
 
-    def __init__(self, config: BridgeConfig, *, plugins: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.bridge_config = config
+        self._clock = clock
+        auth = config.auth
+        if auth.enabled:
+            policy = TokenPolicy(
+                audience=auth.audience,
+                issuer=auth.issuer,
+                leeway_s=auth.leeway_s,
+                require_iat=auth.require_iat,
+                max_token_bytes=auth.max_token_bytes,
+            )
+            plugins: dict[str, Any] = {
+                "broker_plugins.jwt_auth.JwtAuthPlugin": {
+                    "keys": load_keyring(auth),
+                    "policy": policy,
+                    "clock": clock,
+                }
+            }
+        else:
+            log.warning("auth is disabled: any client may connect and do anything")
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         amqtt_config: dict[str, Any] = {
             # amqtt insists on a 'default' listener; ours are started by _start_listeners.
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
-            # Always explicit: an absent 'plugins' gives amqtt's anonymous-allowed defaults.
-            "plugins": plugins
-            if plugins is not None
-            else {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            # Always explicit: an absent 'plugins' gives amqtt's anonymous-allowed defaults,
+            # and no topic plugin: ACLs are decided once per session, not per message.
+            "plugins": plugins,
         }
         super().__init__(amqtt_config)
         self.stats = BrokerStats()
+        self.limits: ConnectionLimits = limits or LocalConnectionLimits(
+            config.limits.max_connections_per_user, config.limits.max_connections
+        )
         self._index = TopicIndex()
         self._session_filters: dict[str, set[str]] = {}
         self._connections: dict[str, _Connection] = {}
@@ -234,9 +297,15 @@ class MarketBroker(Broker):
             log.info("no CONNECT from %s within %.1fs: closing", peer, timeout)
             return
         except Exception as exc:
+            # Malformed CONNECT, bad UTF-8, unsupported protocol: close ([MQTT-4.8.0-1]).
             log.info("bad CONNECT from %s on %s: %s", peer, listener_name, exc or type(exc).__name__)
             return
         assert isinstance(handler, MarketProtocolHandler)
+        if _undecodable(incoming.client_id) or _undecodable(incoming.username):
+            # [MQTT-1.5.3-1]: ill-formed UTF-8 closes the connection, no CONNACK.
+            self.stats.refusals["bad_utf8"] += 1
+            log.info("closing connection from %s: client id or username is not UTF-8", peer)
+            return
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
         # [MQTT-3.1.2-24]: no packet within 1.5 x keep-alive means the client is gone.
@@ -244,22 +313,46 @@ class MarketBroker(Broker):
         client_id = incoming.client_id
 
         # Authenticate first: a refused CONNECT must not touch any session.
-        if not await self._authenticate(incoming, AmqttListenerConfig()):
-            self.stats.refusals["not_authorized"] += 1
-            log.info("refused %s from %s: not authorized", client_id, peer)
-            await _refuse(writer, NOT_AUTHORIZED)
+        authenticated = await self._authenticate(incoming, AmqttListenerConfig())
+        decision = incoming.attributes.pop(AUTH_DECISION, None)
+        incoming.password = None  # the token is not kept past this point
+        if not authenticated:
+            reason = decision.reason if isinstance(decision, AuthError) else "not_authorized"
+            detail = decision.detail if isinstance(decision, AuthError) else "refused by auth plugin"
+            code = BAD_USERNAME_PASSWORD if reason == "missing_token" else NOT_AUTHORIZED
+            await self._refuse(writer, code, reason, f"client {client_id!r} from {peer}: {detail}")
             return
+        claims = decision if isinstance(decision, Claims) else None
+        user = claims.sub if claims is not None else (incoming.username or client_id)
 
         lock = self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:
+            owner = self._owner_of(client_id)
+            if owner is not None and owner != user:
+                await self._refuse(
+                    writer, NOT_AUTHORIZED, "client_id_owned", f"{user!r} may not use client id {client_id!r}"
+                )
+                return
+            live = self._connections.get(client_id)
+            lease = self.limits.acquire(user, replacing=live.lease if live is not None else None)
+            if isinstance(lease, LimitRefusal):
+                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{user!r}: {lease.detail}")
+                return
             session = await self._adopt_session(incoming)
+            acl = acl_for(claims) if claims is not None else ALLOW_ALL
+            session.attributes.update({_OWNER: user, _ACL: acl, _CLAIMS: claims})
+            if session.parent:
+                self._drop_subscriptions_outside(session, acl)
             handler.attach(session, reader, writer)
             session.transitions.connect()
             self._sessions[client_id] = (session, handler)
-            connection = _Connection(client_id, session, handler)
+            connection = _Connection(client_id, user, session, handler, lease)
+            if claims is not None:
+                connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
         self.stats.connections += 1
         self.stats.connects += 1
+        log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
         try:
             await handler.mqtt_connack_authorize(True)
             await self.plugins_manager.fire_event(
@@ -270,9 +363,52 @@ class MarketBroker(Broker):
             await self._client_message_loop(session, handler)
         finally:
             self.stats.connections -= 1
-            if handler.keepalive_expired:
+            if handler.end_reason == "keepalive":
                 self.stats.keepalive_timeouts += 1
+            elif handler.end_reason == "token_expired":
+                self.stats.token_expiries += 1
+            log.info("disconnected %s (user %s): %s", client_id, user, handler.end_reason or "closed")
             await self._release(connection)
+
+    async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None:
+        """CONNACK with a refusal code at once (never a hanging client), counted and logged."""
+        self.stats.refusals[reason] += 1
+        log.info("refused (%s): %s", reason, detail)
+        with suppress(Exception):
+            await ConnackPacket.build(0, code).to_stream(writer)
+
+    def _owner_of(self, client_id: str) -> str | None:
+        live = self._connections.get(client_id)
+        if live is not None:
+            return live.user
+        stored = self._sessions.get(client_id)
+        owner = stored[0].attributes.get(_OWNER) if stored is not None else None
+        return owner if isinstance(owner, str) else None
+
+    def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> asyncio.TimerHandle:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, claims.exp - self._clock())
+        # No will on expiry: the client did nothing wrong on the network.
+        return loop.call_later(delay, self._expire, handler)
+
+    def _expire(self, handler: MarketProtocolHandler) -> None:
+        if handler.session is not None:
+            handler.session.will_flag = False
+        handler.end("token_expired")
+
+    def _drop_subscriptions_outside(self, session: Session, acl: Acl) -> None:
+        """A persistent session resumed with a new token keeps only what that token allows."""
+        for topic_filter in list(self._session_filters.get(session.client_id or "", ())):
+            if not acl.may_subscribe(topic_filter):
+                log.info(
+                    "dropping %s's subscription %s: not allowed by the new token",
+                    session.client_id,
+                    topic_filter,
+                )
+                self._del_subscription(topic_filter, session)
+
+    def connections_by_user(self) -> dict[str, int]:
+        return self.limits.per_user()
 
     async def _adopt_session(self, incoming: Session) -> Session:
         """Take over a live connection, then reuse or replace the stored session."""
@@ -316,6 +452,9 @@ class MarketBroker(Broker):
         client_id = connection.client_id
         if self._connections.get(client_id) is connection:
             del self._connections[client_id]
+        if connection.expiry is not None:
+            connection.expiry.cancel()
+        self.limits.release(connection.lease)
         session = connection.session
         if (
             session.transitions.is_connected()
@@ -328,12 +467,6 @@ class MarketBroker(Broker):
         if session.clean_session and stored is not None and stored[1] is connection.handler:
             await self._delete_session(client_id)
         connection.done.set()
-
-    async def _topic_allowed(self, session: Session, topic: str, action: Action) -> bool:
-        if not self.plugins_manager.is_topic_filtering_enabled():
-            return True
-        results = await self.plugins_manager.map_plugin_topic(session=session, topic=topic, action=action)
-        return all(result for result in results.values())
 
     # ------------------------------------------------------------------ inbound publishes
 
@@ -349,7 +482,7 @@ class MarketBroker(Broker):
             log.info("client %s published to invalid topic %r: closing", client_session.client_id, topic)
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
-        if not await self._topic_allowed(client_session, topic, Action.PUBLISH):
+        if not session_acl(client_session).may_publish(topic):
             self.stats.publishes_dropped["acl"] += 1
             log.info("client %s may not publish to %s", client_session.client_id, topic)
             return True
@@ -387,6 +520,12 @@ class MarketBroker(Broker):
     # ------------------------------------------------------------------ subscriptions
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        topic_filter = subscription[0]
+        if is_valid_filter(topic_filter) and not session_acl(session).may_subscribe(topic_filter):
+            # Denied for this filter only; the rest of the SUBSCRIBE goes on.
+            self.stats.subscribes_denied += 1
+            log.info("client %s may not subscribe to %s", session.client_id, topic_filter)
+            return _SUBACK_FAILURE
         granted = await super().add_subscription(subscription, session)
         if granted != _SUBACK_FAILURE and session.client_id is not None:
             topic_filter = subscription[0]
@@ -424,8 +563,6 @@ class MarketBroker(Broker):
         for topic, retained in list(self._retained_messages.items()):
             qos = max((q for f, q in granted if matches(topic, f)), default=None)
             if qos is None:
-                continue
-            if not await self._topic_allowed(session, topic, Action.RECEIVE):
                 continue
             sends.append(
                 handler.mqtt_publish(topic, retained.data, min(qos, retained.qos or QOS_0), retain=True)
@@ -465,8 +602,6 @@ class MarketBroker(Broker):
         for topic_filter in self._index.match(topic):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = sub_qos if publish_qos is None else min(publish_qos, sub_qos)
-                if not await self._topic_allowed(target, topic, Action.RECEIVE):
-                    continue
                 if not target.transitions.is_connected():
                     if qos in (QOS_1, QOS_2) and not target.clean_session:
                         self._queue_offline(target, topic, data, qos)
@@ -488,6 +623,20 @@ class MarketBroker(Broker):
         else:
             log.debug("delivery failed: %s", exc)
 
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Replay the offline queue, each message at its QoS, only what the session may receive."""
+        handler = self._get_handler(session)
+        queue = session.retained_messages
+        acl = session_acl(session)
+        sends = []
+        while handler is not None and not queue.empty():
+            message = queue.get_nowait()
+            if acl.may_receive(message.topic):
+                sends.append(handler.mqtt_publish(message.topic, message.data, message.qos, retain=False))
+        for result in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.info("offline replay to %s failed: %s", session.client_id, result)
+
     def _queue_offline(self, session: Session, topic: str, data: bytes | bytearray, qos: int) -> None:
         queue = session.retained_messages
         limit = self.bridge_config.broker.max_offline_messages
@@ -499,9 +648,9 @@ class MarketBroker(Broker):
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
 
 
-async def _refuse(writer: WriterAdapter, code: int) -> None:
-    with suppress(Exception):
-        await ConnackPacket.build(0, code).to_stream(writer)
+def _undecodable(text: str | None) -> bool:
+    """amqtt decodes ill-formed UTF-8 as ``str(raw_bytes)``, i.e. ``"b'\\xff...'"``: spot that."""
+    return text is not None and text[:2] in ("b'", 'b"') and "\\x" in text
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

@@ -9,23 +9,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
+from bridge.auth import ROLES, Claims, Role, mint_token
 from bridge.broker import MarketBroker
 from bridge.config import (
     DEFAULT_CONFIG_PATH,
+    DEV_SECRET_PATH,
     BridgeConfig,
+    LoggingConfig,
     PollerFeedConfig,
     ReplayFeedConfig,
     SimulatorFeedConfig,
     load_config,
 )
 from bridge.errors import ConfigError, MarketBridgeError
+from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.runtime import build_feed, pump, serve
 from feeds.publisher import MqttTickPublisher
@@ -39,17 +46,64 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` -> seconds."""
+    match = _DURATION.match(text.strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError("--ttl", f"{text!r} is not a duration like 90s, 15m, 1h or 7d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def mint(
+    config: BridgeConfig,
+    *,
+    sub: str,
+    role: Role,
+    ttl_s: float,
+    tz: str | None = None,
+    kid: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A token from the configured signing key (development and tests)."""
+    return mint_token(
+        load_signing_key(config.auth, kid),
+        sub=sub,
+        role=role,
+        now=time.time(),
+        ttl_s=ttl_s,
+        tz=tz,
+        audience=config.auth.audience,
+        issuer=config.auth.issuer,
+        extra=extra,
+    )
+
+
 def connect_banner(broker: MarketBroker, config: BridgeConfig) -> str:
-    """How to connect, with commands that work as printed."""
+    """How to connect, with commands that work as printed (and a token when auth is on)."""
     lines = ["market-bridge is serving market/<exchange>/<pair> (e.g. market/luno/BTC-ZAR)", ""]
     listeners = config.listeners
+    cred_paho, cred_sub = "", ""
+    if config.auth.enabled:
+        token = mint(config, sub="demo", role="subscriber", ttl_s=86400, tz="Africa/Lagos")
+        lines += [
+            "  Auth: JWT in the MQTT password, username = the token's sub. A 24 h subscriber token",
+            "  for user 'demo' (Africa/Lagos); mint others with `market-bridge token --sub NAME`:",
+            f"    TOKEN={token}",
+            "",
+        ]
+        cred_paho = f" c.username_pw_set('demo', '{token}');"
+        cred_sub = f" -u demo -P {token}"
     if "ws" in broker.listener_names():
         scheme = "wss" if listeners.ws.tls else "ws"
         url = f"{scheme}://{listeners.ws.host}:{broker.bound_port('ws')}{listeners.ws.path}"
         lines += [
             f"  WebSocket  {url}   (MQTT 3.1.1, subprotocol 'mqtt')",
             '    paho:  python -c "import paho.mqtt.client as m; c=m.Client(m.CallbackAPIVersion.VERSION2,'
-            f" transport='websockets'); c.ws_set_options(path='{listeners.ws.path}');"
+            f" transport='websockets'); c.ws_set_options(path='{listeners.ws.path}');{cred_paho}"
             " c.on_message=lambda c,u,msg: print(msg.topic, msg.payload.decode());"
             f" c.connect('{listeners.ws.host}', {broker.bound_port('ws')}); c.subscribe('market/#');"
             ' c.loop_forever()"',
@@ -59,9 +113,9 @@ def connect_banner(broker: MarketBroker, config: BridgeConfig) -> str:
         port = broker.bound_port("tcp")
         lines += [
             f"  TCP        {scheme}://{listeners.tcp.host}:{port}",
-            f"    mosquitto_sub -h {listeners.tcp.host} -p {port} -t 'market/#' -v",
+            f"    mosquitto_sub -h {listeners.tcp.host} -p {port} -t 'market/#' -v{cred_sub}",
             '    paho:  python -c "import paho.mqtt.client as m; c=m.Client(m.CallbackAPIVersion.VERSION2);'
-            " c.on_message=lambda c,u,msg: print(msg.topic, msg.payload.decode());"
+            f"{cred_paho} c.on_message=lambda c,u,msg: print(msg.topic, msg.payload.decode());"
             f" c.connect('{listeners.tcp.host}', {port}); c.subscribe('market/#'); c.loop_forever()\"",
         ]
     lines += ["", "Press Ctrl-C to stop."]
@@ -120,6 +174,19 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("config", help="validate a config and print the effective values")
     check.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
 
+    limits = commands.add_parser("limits", help="print the effective connection limits")
+    limits.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+
+    token = commands.add_parser("token", help="mint a JWT from the configured key (development, tests)")
+    token.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    token.add_argument("--sub", required=True, help="the user; clients log in with this username")
+    token.add_argument("--role", choices=ROLES, default="subscriber")
+    token.add_argument("--tz", help="IANA zone for the user's timestamps, e.g. Africa/Nairobi")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
+    token.add_argument("--kid", help="which configured key signs (default: the first that can)")
+    token.add_argument("--sub-acl", nargs="*", help="topic filters the user may subscribe to")
+    token.add_argument("--pub-acl", nargs="*", help="topic filters the user may publish to")
+
     feed = commands.add_parser("feed", help="run one feed on its own, publishing over MQTT")
     feed.add_argument("kind", choices=["simulator", "replay", "luno", "valr", "quidax"])
     feed.add_argument(
@@ -147,12 +214,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--path", "replay needs an NDJSON file")
             if args.kind in ("luno", "valr", "quidax") and not args.base_url:
                 raise ConfigError("--base-url", f"{args.kind} needs the exchange's API base URL")
-            setup_logging(BridgeConfig().logging)
+            setup_logging(LoggingConfig())
             asyncio.run(_feed(args))
             return 0
+        if args.command == "demo" and args.config == DEFAULT_CONFIG_PATH and not DEV_SECRET_PATH.exists():
+            generate_dev_secret(DEV_SECRET_PATH)
+            print(f"created a development JWT key at {DEV_SECRET_PATH}", file=sys.stderr)
         config = load_config(args.config)
         if args.command == "config":
             print(json.dumps(config.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "limits":
+            print(json.dumps(config.limits.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "token":
+            extra: dict[str, Any] = {}
+            if args.sub_acl is not None:
+                extra["sub_acl"] = args.sub_acl
+            if args.pub_acl is not None:
+                extra["pub_acl"] = args.pub_acl
+            ttl_s = parse_duration(args.ttl)
+            # Refuse to mint what the broker would refuse (bad sub, role, tz, ACL filters).
+            Claims.model_validate({"sub": args.sub, "role": args.role, "tz": args.tz, "exp": 0, **extra})
+            print(
+                mint(config, sub=args.sub, role=args.role, ttl_s=ttl_s, tz=args.tz, kid=args.kid, extra=extra)
+            )
             return 0
         setup_logging(config.logging)
         asyncio.run(_run(config, banner=args.command == "demo"))

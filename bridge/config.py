@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,9 +32,14 @@ from bridge.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DEV_SECRET_PATH",
     "ENV_PREFIX",
+    "HMAC_ALGORITHMS",
+    "AuthConfig",
     "BridgeConfig",
     "BrokerSettings",
+    "KeyConfig",
+    "LimitsConfig",
     "ListenerConfig",
     "LoggingConfig",
     "PollerFeedConfig",
@@ -45,6 +52,8 @@ __all__ = [
 
 ENV_PREFIX = "MARKET_BRIDGE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "bridge.yaml"
+# The shipped config's development HMAC key; `market-bridge demo` creates it when missing.
+DEV_SECRET_PATH = Path("var/dev-jwt.secret")
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
@@ -147,6 +156,93 @@ class PollerFeedConfig(_Strict):
 FeedConfig = Annotated[SimulatorFeedConfig | ReplayFeedConfig | PollerFeedConfig, Field(discriminator="kind")]
 
 
+JwtAlgorithm = Literal[
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+]
+HMAC_ALGORITHMS: frozenset[str] = frozenset({"HS256", "HS384", "HS512"})
+
+
+class KeyConfig(_Strict):
+    """One verification key: an HMAC secret (inline or file) or a PEM public key file.
+
+    ``algorithms`` is the explicit allowlist for this key; HMAC algorithms only with a
+    secret and asymmetric ones only with a public key, so HMAC/RSA confusion cannot arise.
+    ``private_key_file`` (PEM) is optional and only used by ``market-bridge token``.
+    """
+
+    kid: str | None = None
+    algorithms: Annotated[list[JwtAlgorithm], Field(min_length=1)]
+    secret: SecretStr | None = None
+    secret_file: FilePath | None = None
+    public_key_file: FilePath | None = None
+    private_key_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _one_source_matching_algorithms(self) -> Self:
+        sources = [s for s in (self.secret, self.secret_file, self.public_key_file) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of secret, secret_file, public_key_file")
+        hmac = {a in HMAC_ALGORITHMS for a in self.algorithms}
+        if len(hmac) != 1:
+            raise ValueError("do not mix HMAC (HS*) and asymmetric algorithms on one key")
+        is_hmac = hmac.pop()
+        if is_hmac and self.public_key_file is not None:
+            raise ValueError("HS* algorithms need a secret, not a public key")
+        if not is_hmac and self.public_key_file is None:
+            raise ValueError(f"{self.algorithms[0]} needs public_key_file")
+        if self.secret is not None and len(self.secret.get_secret_value()) < 32:
+            raise ValueError("an HMAC secret must be at least 32 characters")
+        return self
+
+
+class AuthConfig(_Strict):
+    enabled: bool = True
+    keys: list[KeyConfig] = []
+    jwks_file: FilePath | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0
+    require_iat: bool = False
+    max_token_bytes: Annotated[int, Field(ge=256, le=65536)] = 8192
+    # Zone for users whose token has no tz claim.
+    default_tz: str = "UTC"
+
+    @field_validator("default_tz")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone") from None
+        return value
+
+    @model_validator(mode="after")
+    def _has_keys(self) -> Self:
+        if self.enabled and not self.keys and self.jwks_file is None:
+            raise ValueError("auth is enabled but no keys or jwks_file are configured")
+        kids = [k.kid for k in self.keys]
+        if len(kids) != len(set(kids)):
+            raise ValueError("key ids (kid) must be unique")
+        return self
+
+
+class LimitsConfig(_Strict):
+    max_connections_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -163,6 +259,9 @@ class BridgeConfig(BaseSettings):
 
     listeners: ListenersConfig = ListenersConfig()
     broker: BrokerSettings = BrokerSettings()
+    # Validated even when absent, so a config without keys fails closed instead of open.
+    auth: Annotated[AuthConfig, Field(validate_default=True)] = {}  # type: ignore[assignment]
+    limits: LimitsConfig = LimitsConfig()
     feeds: list[FeedConfig] = []
     logging: LoggingConfig = LoggingConfig()
 

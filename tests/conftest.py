@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.auth import Role, SigningKey, mint_token
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig
 from feeds.tick import Tick
@@ -38,15 +39,45 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{next(_ids)}"
 
 
+TEST_SECRET = "market-bridge-test-secret-0123456789abcdef"
+TEST_KEY = SigningKey(kid="test", key=TEST_SECRET.encode(), algorithm="HS256")
+
+
+def token_for(
+    sub: str, role: Role = "admin", *, ttl_s: float = 3600, now: float | None = None, **extra: Any
+) -> str:
+    """A token signed with the test key that :func:`bridge_config` trusts."""
+    return mint_token(
+        TEST_KEY,
+        sub=sub,
+        role=role,
+        now=time.time() if now is None else now,
+        ttl_s=ttl_s,
+        extra=extra or None,
+    )
+
+
 def connect_packet(
-    client_id: str, *, keepalive: int = 60, clean: bool = True, will: tuple[str, bytes] | None = None
+    client_id: str | bytes,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
+    will: tuple[str, bytes] | None = None,
+    username: bytes | None = None,
+    password: bytes | None = None,
 ) -> bytes:
     """A raw MQTT 3.1.1 CONNECT, for tests that need to misbehave below paho."""
     flags = 0x02 if clean else 0
-    payload = _mqtt_str(client_id.encode())
+    payload = _mqtt_str(client_id if isinstance(client_id, bytes) else client_id.encode())
     if will is not None:
         flags |= 0x04
         payload += _mqtt_str(will[0].encode()) + _mqtt_str(will[1])
+    if username is not None:
+        flags |= 0x80
+        payload += _mqtt_str(username)
+    if password is not None:
+        flags |= 0x40
+        payload += _mqtt_str(password)
     variable = _mqtt_str(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
     return _packet(0x10, variable + payload)
 
@@ -91,10 +122,18 @@ def make_tick(exchange: str = "luno", pair: str = "BTC-ZAR", last: str = "125000
     return Tick(**fields)
 
 
+def authed_connect(client_id: str, *, role: Role = "admin", **kwargs: Any) -> bytes:
+    """A raw CONNECT carrying a valid token for user ``client_id``."""
+    return connect_packet(
+        client_id, username=client_id.encode(), password=token_for(client_id, role).encode(), **kwargs
+    )
+
+
 def bridge_config(**overrides: Any) -> BridgeConfig:
     data: dict[str, Any] = {
         "listeners": {"ws": {"port": 0}, "tcp": {"port": 0}},
         "feeds": [],
+        "auth": {"keys": [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]},
     }
     for key, value in overrides.items():
         data[key] = value
@@ -168,6 +207,10 @@ class Received:
     retain: bool
 
 
+# MQTT 5 reason code (as paho reports it) -> MQTT 3.1.1 CONNACK return code.
+_V311_CONNACK = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
 class Client:
     """A paho-mqtt 3.1.1 client over TCP or WebSocket with blocking, deadline-bound helpers."""
 
@@ -211,7 +254,8 @@ class Client:
         return self._mqtt
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
-        self.connack.put(rc.value)
+        # paho 2.x reports MQTT 5 reason codes even for 3.1.1; map back to the CONNACK byte.
+        self.connack.put(_V311_CONNACK.get(rc.value, rc.value))
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -260,9 +304,13 @@ def broker() -> Iterator[BrokerThread]:
 
 @pytest.fixture
 def clients() -> Iterator[Callable[..., Client]]:
+    """Clients that log in with a fresh token (role ``admin`` unless told) unless given credentials."""
     made: list[Client] = []
 
-    def factory(port: int, **kwargs: Any) -> Client:
+    def factory(port: int, *, role: Role = "admin", anonymous: bool = False, **kwargs: Any) -> Client:
+        if not anonymous and kwargs.get("password") is None:
+            kwargs["username"] = kwargs.get("username") or unique("user")
+            kwargs["password"] = token_for(kwargs["username"], role)
         client = Client(port, **kwargs)
         made.append(client)
         return client

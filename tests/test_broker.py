@@ -19,6 +19,7 @@ from tests.conftest import (
     BrokerThread,
     Client,
     Transport,
+    authed_connect,
     bridge_config,
     connect_packet,
     make_tick,
@@ -219,15 +220,17 @@ def _session_state(broker: BrokerThread, client_id: str) -> str | None:
     return broker.call(read)
 
 
-def test_client_closing_before_suback_leaves_no_connected_session(broker: BrokerThread) -> None:
+def test_client_closing_before_suback_leaves_no_connected_session(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
     client_id = unique("abrupt")
     sock = _raw(broker.tcp_port)
-    sock.sendall(connect_packet(client_id, clean=False))
+    sock.sendall(authed_connect(client_id, clean=False))
     assert sock.recv(4)[:1] == b"\x20"  # CONNACK
     sock.sendall(subscribe_packet(1, "market/#"))
     sock.close()
     wait_until(lambda: _session_state(broker, client_id) == "disconnected", what="session disconnected")
-    pub_ok = Client(broker.tcp_port)
+    pub_ok = clients(broker.tcp_port)
     pub_ok.connect()
     pub_ok.publish("market/luno/BTC-ZAR", make_tick().encode())
     pub_ok.close()
@@ -238,7 +241,7 @@ def test_client_closing_before_suback_leaves_no_connected_session(broker: Broker
 def test_clean_session_is_removed_when_its_connection_drops(broker: BrokerThread) -> None:
     client_id = unique("clean")
     sock = _raw(broker.tcp_port)
-    sock.sendall(connect_packet(client_id, clean=True))
+    sock.sendall(authed_connect(client_id, clean=True))
     assert sock.recv(4)[:1] == b"\x20"
     sock.close()
     wait_until(lambda: _session_state(broker, client_id) is None, what="clean session removed")
@@ -252,7 +255,7 @@ def test_keepalive_is_enforced_and_the_will_is_published(
     will_topic = unique("status")
     watcher.subscribe(will_topic)
     sock = _raw(broker.tcp_port)
-    sock.sendall(connect_packet(unique("silent"), keepalive=1, will=(will_topic, b"gone")))
+    sock.sendall(authed_connect(unique("silent"), keepalive=1, will=(will_topic, b"gone")))
     assert sock.recv(4)[:1] == b"\x20"
     # Say nothing: the broker must drop us after 1.5 x keep-alive and publish the will.
     (will,) = watcher.expect(1, timeout=5)
@@ -299,9 +302,9 @@ def test_malformed_first_packet_is_closed_and_broker_keeps_serving(
 
 def test_same_client_id_takes_over_the_old_connection(broker: BrokerThread, clients: ClientFactory) -> None:
     client_id = unique("phone")
-    first = clients(broker.tcp_port, client_id=client_id)
+    first = clients(broker.tcp_port, client_id=client_id, username=client_id)
     first.connect()
-    second = clients(broker.ws_port, transport="websockets", client_id=client_id)
+    second = clients(broker.ws_port, transport="websockets", client_id=client_id, username=client_id)
     second.connect()
     assert first.disconnected.wait(DEADLINE_S)
     second.subscribe("market/#")
@@ -316,12 +319,12 @@ def test_persistent_session_keeps_subscriptions_across_reconnect(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
     client_id = unique("persist")
-    first = clients(broker.tcp_port, client_id=client_id, clean_session=False)
+    first = clients(broker.tcp_port, client_id=client_id, clean_session=False, username=client_id)
     first.connect()
     first.subscribe("market/luno/#")
     first.close()
     wait_until(lambda: _session_state(broker, client_id) == "disconnected", what="disconnect")
-    again = clients(broker.tcp_port, client_id=client_id, clean_session=False)
+    again = clients(broker.tcp_port, client_id=client_id, clean_session=False, username=client_id)
     again.connect()
     pub = clients(broker.tcp_port)
     pub.connect()

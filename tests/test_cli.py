@@ -10,26 +10,29 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config
+from bridge.auth import Claims, KeyRing, TokenPolicy, VerificationKey, decide_auth
+from bridge.config import DEV_SECRET_PATH
+from bridge.keys import generate_dev_secret
+from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config, token_for
 
-ROOT = Path(__file__).resolve().parent.parent
 ClientFactory = Callable[..., Client]
 
 
 class Proc:
     """A running ``market-bridge`` with its stdout lines collected by a reader thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
         full_env.update(env or {})
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "bridge.cli", *args],
-            cwd=ROOT,
+            cwd=cwd,
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -74,11 +77,12 @@ class Proc:
 
 
 @pytest.fixture
-def procs() -> Iterator[Callable[..., Proc]]:
+def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """``market-bridge`` subprocesses run in a scratch directory (the demo writes var/ there)."""
     started: list[Proc] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(*args, env=env)
+        proc = Proc(*args, cwd=tmp_path, env=env)
         started.append(proc)
         return proc
 
@@ -91,15 +95,18 @@ EPHEMERAL = {"MARKET_BRIDGE_LISTENERS__TCP__PORT": "0", "MARKET_BRIDGE_LISTENERS
 
 
 def test_demo_serves_simulated_ticks_over_tcp_and_websocket(
-    procs: Callable[..., Proc], clients: ClientFactory
+    procs: Callable[..., Proc], clients: ClientFactory, tmp_path: Path
 ) -> None:
     demo = procs("demo", env=EPHEMERAL)
     ws_port = int(demo.wait_for_line(r"WebSocket\s+ws://127\.0\.0\.1:(\d+)/mqtt").group(1))
     tcp_port = int(demo.wait_for_line(r"TCP\s+mqtt://127\.0\.0\.1:(\d+)").group(1))
-    demo.wait_for_line(r"mosquitto_sub -h 127\.0\.0\.1 -p \d+ -t 'market/#' -v")
+    token = demo.wait_for_line(r"TOKEN=(\S+)").group(1)
+    demo.wait_for_line(
+        rf"mosquitto_sub -h 127\.0\.0\.1 -p \d+ -t 'market/#' -v -u demo -P {re.escape(token)}"
+    )
 
     for port, transport in ((ws_port, "websockets"), (tcp_port, "tcp")):
-        sub = clients(port, transport=transport)
+        sub = clients(port, transport=transport, username="demo", password=token)
         sub.connect()
         sub.subscribe("market/#")
         first = sub.expect(1)[0]
@@ -107,9 +114,11 @@ def test_demo_serves_simulated_ticks_over_tcp_and_websocket(
         assert first.topic == f"market/{tick['exchange']}/{tick['pair']}"
         assert tick["pair"].split("-")[1] in {"ZAR", "NGN", "KES"}
     assert demo.stop() == 0
+    assert (tmp_path / DEV_SECRET_PATH).stat().st_mode & 0o777 == 0o600
 
 
-def test_run_fails_fast_naming_a_port_in_use(procs: Callable[..., Proc]) -> None:
+def test_run_fails_fast_naming_a_port_in_use(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -127,7 +136,8 @@ def test_bad_config_fails_naming_the_field_and_file(tmp_path: Path, procs: Calla
     proc.wait_for_line(rf"config error in {re.escape(str(bad))}: listeners\.tcp\.port")
 
 
-def test_config_command_prints_effective_values(procs: Callable[..., Proc]) -> None:
+def test_config_command_prints_effective_values(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
     proc = procs("config", env={"MARKET_BRIDGE_LISTENERS__TCP__PORT": "1999"})
     assert proc.popen.wait(DEADLINE_S) == 0
     proc._reader.join(DEADLINE_S)
@@ -149,7 +159,21 @@ def test_feed_command_publishes_over_mqtt(
             if transport == "tcp"
             else f"ws://127.0.0.1:{broker.ws_port}/mqtt"
         )
-        feed = procs("feed", "simulator", "--broker", url, "--interval", "0.05", "--seed", "7")
+        password = token_for("feeder", "feed")
+        feed = procs(
+            "feed",
+            "simulator",
+            "--broker",
+            url,
+            "--interval",
+            "0.05",
+            "--seed",
+            "7",
+            "--username",
+            "feeder",
+            "--password",
+            password,
+        )
         got = sub.expect(20)
         seqs: dict[str, list[int]] = {}
         for message in got:
@@ -162,3 +186,35 @@ def test_feed_command_needs_a_replay_path(procs: Callable[..., Proc]) -> None:
     proc = procs("feed", "replay")
     assert proc.popen.wait(DEADLINE_S) == 2
     proc.wait_for_line(r"--path: replay needs an NDJSON file")
+
+
+def test_token_command_mints_a_token_the_broker_accepts(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs("token", "--sub", "alice", "--role", "subscriber", "--tz", "Africa/Lagos", "--ttl", "1h")
+    assert proc.popen.wait(DEADLINE_S) == 0
+    proc._reader.join(DEADLINE_S)
+    (token,) = proc.lines
+    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
+    keys = KeyRing((VerificationKey("dev", secret, frozenset({"HS256"})),))
+    claims = decide_auth(token, "alice", time.time(), keys, TokenPolicy())
+    assert isinstance(claims, Claims)
+    assert (claims.sub, claims.role, claims.tz) == ("alice", "subscriber", "Africa/Lagos")
+    assert 3500 < claims.exp - time.time() <= 3600
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--ttl", "soon"], "--ttl"), (["--tz", "Mars/Base"], "tz")])
+def test_token_command_rejects_bad_arguments(
+    procs: Callable[..., Proc], tmp_path: Path, args: list[str], message: str
+) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs("token", "--sub", "alice", *args)
+    assert proc.popen.wait(DEADLINE_S) == 2
+    proc.wait_for_line(re.escape(message))
+
+
+def test_limits_command_prints_the_effective_limits(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs("limits", env={"MARKET_BRIDGE_LIMITS__MAX_CONNECTIONS_PER_USER": "3"})
+    assert proc.popen.wait(DEADLINE_S) == 0
+    proc._reader.join(DEADLINE_S)
+    assert json.loads("\n".join(proc.lines)) == {"max_connections_per_user": 3, "max_connections": 10000}

@@ -9,6 +9,7 @@ import pytest
 
 from bridge.config import (
     DEFAULT_CONFIG_PATH,
+    DEV_SECRET_PATH,
     ENV_PREFIX,
     BridgeConfig,
     PollerFeedConfig,
@@ -17,14 +18,22 @@ from bridge.config import (
     load_config,
 )
 from bridge.errors import ConfigError
+from bridge.keys import generate_dev_secret
+
+AUTH_OFF = "MARKET_BRIDGE_AUTH__ENABLED"
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No MARKET_BRIDGE_ variable from the outer environment or another test leaks in."""
+    """No MARKET_BRIDGE_ variable from the outer environment or another test leaks in.
+
+    Auth fails closed without keys; these tests are about the rest, so it is switched off
+    here, and the auth tests below switch it back on.
+    """
     for key in list(os.environ):
         if key.upper().startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
+    monkeypatch.setenv(AUTH_OFF, "false")
 
 
 def write(tmp_path: Path, text: str, name: str = "bridge.yaml") -> Path:
@@ -61,9 +70,15 @@ def test_no_path_gives_defaults() -> None:
     assert_defaults(load_config())
 
 
-def test_shipped_config_loads() -> None:
+def test_shipped_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert DEFAULT_CONFIG_PATH.is_file()
+    # The shipped config names the development key the demo creates (relative to the CWD).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(AUTH_OFF)
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
     config = load_config(DEFAULT_CONFIG_PATH)
+    assert config.auth.enabled
+    assert config.auth.keys[0].kid == "dev"
     assert config.listeners.ws.port == 8083
     assert config.listeners.ws.path == "/mqtt"
     assert config.listeners.tcp.port == 1883
@@ -357,7 +372,62 @@ def test_feeds_env_bad_json(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_env_is_clean_at_start() -> None:
-    assert not [key for key in os.environ if key.upper().startswith(ENV_PREFIX)]
+    assert [key for key in os.environ if key.upper().startswith(ENV_PREFIX)] == [AUTH_OFF]
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+def test_auth_without_keys_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(AUTH_OFF)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "logging: {level: INFO}\n"))
+    assert caught.value.field == "auth"
+    assert "no keys" in caught.value.message
+
+
+SECRET = "s" * 40
+
+
+@pytest.mark.parametrize(
+    ("auth_yaml", "field", "fragment"),
+    [
+        ("{keys: [{algorithms: [HS256]}]}", "auth.keys.0", "exactly one"),
+        (f"{{keys: [{{algorithms: [HS256, RS256], secret: {SECRET}}}]}}", "auth.keys.0", "do not mix"),
+        ("{keys: [{algorithms: [HS256], secret: short}]}", "auth.keys.0", "at least 32"),
+        (f"{{keys: [{{algorithms: [RS256], secret: {SECRET}}}]}}", "auth.keys.0", "public_key_file"),
+        (f"{{keys: [{{algorithms: [none], secret: {SECRET}}}]}}", "auth.keys.0.algorithms.0", "HS256"),
+        (f"{{keys: [{{algorithms: [], secret: {SECRET}}}]}}", "auth.keys.0.algorithms", "at least 1"),
+        (
+            f"{{keys: [{{kid: a, algorithms: [HS256], secret: {SECRET}}}, {{kid: a, algorithms: [HS256], secret: {SECRET}}}]}}",
+            "auth",
+            "unique",
+        ),
+        (
+            f"{{keys: [{{algorithms: [HS256], secret: {SECRET}}}], default_tz: Mars/Base}}",
+            "auth.default_tz",
+            "IANA",
+        ),
+        (f"{{keys: [{{algorithms: [HS256], secret: {SECRET}}}], leeway_s: 3600}}", "auth.leeway_s", "300"),
+    ],
+)
+def test_bad_auth_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_yaml: str, field: str, fragment: str
+) -> None:
+    monkeypatch.delenv(AUTH_OFF)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"auth: {auth_yaml}\n"))
+    assert caught.value.field == field
+    assert fragment in caught.value.message
+    assert caught.value.source == str(tmp_path / "bridge.yaml")
+
+
+def test_limits_defaults_and_bounds(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert (config.limits.max_connections_per_user, config.limits.max_connections) == (10, 10_000)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "limits: {max_connections_per_user: 0}\n"))
+    assert caught.value.field == "limits.max_connections_per_user"
 
 
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:

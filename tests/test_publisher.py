@@ -10,7 +10,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from feeds.publisher import BrokerUrl, MqttTickPublisher, parse_broker_url
-from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config, make_tick
+from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config, make_tick, token_for
 
 ClientFactory = Callable[..., Client]
 
@@ -53,7 +53,11 @@ def test_publisher_reconnects_after_the_broker_restarts(clients: ClientFactory) 
     async def scenario() -> None:
         nonlocal first
         async with MqttTickPublisher(
-            f"mqtt://127.0.0.1:{port}", reconnect_min_s=1, reconnect_max_s=2
+            f"mqtt://127.0.0.1:{port}",
+            username="feeder",
+            password=token_for("feeder", "feed"),
+            reconnect_min_s=1,
+            reconnect_max_s=2,
         ) as sink:
             sub = clients(port)
             sub.connect()
