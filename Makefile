@@ -31,8 +31,9 @@ test: lint typecheck unit
 
 # Fan-out baseline: 1 TCP feed, 20 WebSocket subscribers (saturated, then paced).
 bench: $(STAMP)
-	$(BIN)/python bench/fanout.py --subscribers 20 --messages 10000
-	$(BIN)/python bench/fanout.py --subscribers 20 --messages 2000 --rate 100
+	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000
+	$(BIN)/python -m bench.fanout --subscribers 20 --messages 2000 --rate 100
+	$(BIN)/python -m bench.connect --connections 2000 --idle 1000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

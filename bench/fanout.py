@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -31,8 +32,19 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.auth import Role, SigningKey, mint_token
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = [f"market/luno/{base}-ZAR" for base in ("BTC", "ETH", "SOL", "XRP", "USDT", "USDC", "ADA", "DOT")]
+
+
+SECRET = secrets.token_urlsafe(48)
+KEY = SigningKey(kid="bench", key=SECRET.encode(), algorithm="HS256")
+AUTH_YAML = f"auth: {{keys: [{{kid: bench, algorithms: [HS256], secret: {SECRET}}}]}}\n"
+
+
+def token(sub: str, role: Role) -> str:
+    return mint_token(KEY, sub=sub, role=role, now=time.time(), ttl_s=3600)
 
 
 def _start_broker(config_text: str) -> tuple[subprocess.Popen[str], int, int]:
@@ -97,6 +109,8 @@ def _subscriber_worker(
     for index in range(clients):
         client = mqtt.Client(CallbackAPIVersion.VERSION2, transport="websockets", protocol=mqtt.MQTTv311)
         client.ws_set_options(path="/mqtt")
+        user = f"bench-{os.getpid()}-{index}"
+        client.username_pw_set(user, token(user, "subscriber"))
         client.on_message = on_message(index)
         client.on_subscribe = lambda *_a: subscribed.release()
         client.connect("127.0.0.1", port, keepalive=60)
@@ -140,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
 
     broker, ws_port, tcp_port = _start_broker(
-        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n"
+        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n" + AUTH_YAML
     )
     broker_ps = psutil.Process(broker.pid)
     try:
@@ -159,6 +173,7 @@ def main() -> None:
 
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         publisher.max_queued_messages_set(0)
+        publisher.username_pw_set("bench-feed", token("bench-feed", "feed"))
         publisher.connect("127.0.0.1", tcp_port)
         publisher.loop_start()
         cpu_before = broker_ps.cpu_times()

@@ -387,7 +387,8 @@ class MarketBroker(Broker):
 
     def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> asyncio.TimerHandle:
         loop = asyncio.get_running_loop()
-        delay = max(0.0, claims.exp - self._clock())
+        # The same leeway that admitted the token bounds its life.
+        delay = max(0.0, claims.exp + self.bridge_config.auth.leeway_s - self._clock())
         # No will on expiry: the client did nothing wrong on the network.
         return loop.call_later(delay, self._expire, handler)
 
