@@ -1,0 +1,110 @@
+"""Every Redis key market-bridge uses, in one place, all under :data:`PREFIX`.
+
+Nothing else in the project builds a Redis key by hand: add new keys here (and to the table).
+
+==============================  ==========  ================================================
+Key                             Type        Holds
+==============================  ==========  ================================================
+``mb:seq``                      string      global message counter (INCR); ids and FIFO
+``mb:q:{<user>}:order``         sorted set  message id -> ``(3 - priority) * 2**40 + seq``:
+                                            ZRANGE gives URGENT first, then FIFO
+``mb:q:{<user>}:msgs``          hash        message id -> encoded message (see
+                                            :mod:`bridge.redis_store`)
+``mb:q:{<user>}:expiry``        sorted set  message id -> ``expires_at`` (epoch seconds)
+``mb:q:{<user>}:sent``          hash        message id -> deliveries without an ack (absent: 0)
+``mb:q:{<user>}:bytes``         string      payload bytes queued (integer; INCRBY/DECRBY)
+``mb:session:{<client_id>}``    hash        ``owner`` -> user, ``subscriptions`` -> JSON
+                                            object ``{filter: qos}``
+``mb:sessions``                 set         client ids of every persistent session
+``mb:user:{<user>}:sessions``   set         client ids of the sessions ``user`` owns
+``mb:snapshots``                hash        market topic -> ``b"<seq>:" + payload``
+``mb:user_tz``                  hash        user -> IANA time zone override
+==============================  ==========  ================================================
+
+The ``{...}`` parts are Redis Cluster hash tags: all keys of one user's queue hash to the
+same slot, so each queue operation (one Lua script) touches a single slot. Inside a tag,
+``%``, ``{`` and ``}`` are percent-escaped (so the tag is the whole name and distinct names
+give distinct keys) and an empty name is written ``%`` (an empty tag ``{}`` would not be a
+hash tag).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PREFIX",
+    "hash_tag",
+    "message_seq",
+    "queue_bytes",
+    "queue_expiry",
+    "queue_keys",
+    "queue_messages",
+    "queue_order",
+    "queue_sent",
+    "session",
+    "sessions_index",
+    "snapshots",
+    "user_sessions",
+    "user_tz",
+]
+
+PREFIX = "mb:"
+
+_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+
+
+def hash_tag(name: str) -> str:
+    """``{name}`` with the characters that would end the tag early escaped; never empty."""
+    return "{" + (name.translate(_ESCAPES) or "%") + "}"
+
+
+def message_seq() -> str:
+    return f"{PREFIX}seq"
+
+
+def _queue(user: str, part: str) -> str:
+    return f"{PREFIX}q:{hash_tag(user)}:{part}"
+
+
+def queue_order(user: str) -> str:
+    return _queue(user, "order")
+
+
+def queue_messages(user: str) -> str:
+    return _queue(user, "msgs")
+
+
+def queue_expiry(user: str) -> str:
+    return _queue(user, "expiry")
+
+
+def queue_sent(user: str) -> str:
+    return _queue(user, "sent")
+
+
+def queue_bytes(user: str) -> str:
+    return _queue(user, "bytes")
+
+
+def queue_keys(user: str) -> list[str]:
+    """The keys of one user's queue, in the order the store's Lua scripts take them."""
+    return [queue_order(user), queue_messages(user), queue_expiry(user), queue_sent(user), queue_bytes(user)]
+
+
+def session(client_id: str) -> str:
+    return f"{PREFIX}session:{hash_tag(client_id)}"
+
+
+def sessions_index() -> str:
+    return f"{PREFIX}sessions"
+
+
+def user_sessions(user: str) -> str:
+    return f"{PREFIX}user:{hash_tag(user)}:sessions"
+
+
+def snapshots() -> str:
+    return f"{PREFIX}snapshots"
+
+
+def user_tz() -> str:
+    return f"{PREFIX}user_tz"

@@ -1,0 +1,478 @@
+"""The Redis :class:`~bridge.store.OfflineStore`: several broker nodes can share one Redis.
+
+Keys are listed (with their types) in :mod:`bridge.redis_keys`.
+
+Offline queue, per user (all its keys share one Redis Cluster hash slot):
+
+- ``order`` sorted set, member = message id, score = ``(3 - priority) * 2**40 + seq``, so
+  ZRANGE yields URGENT first and FIFO within a priority. ``seq`` comes from INCR of the
+  global ``mb:seq`` counter and the id is ``str(seq)``.
+- ``msgs`` hash id -> the encoded message (below), ``expiry`` sorted set id -> expires_at,
+  ``sent`` hash id -> deliveries so far (absent means 0), ``bytes`` payload-byte counter.
+
+Every queue change (enqueue with its evictions, pending with its purge of expired messages,
+ack, mark_sent) is ONE Lua script over the user's keys only, so a crash never leaves half a
+message and the counters always equal what is stored. ``seq`` is taken by a separate INCR
+just before the enqueue script (the counter lives outside the user's slot): a crash between
+the two only skips a number. Because the id is fixed before the script runs, a retried
+enqueue (e.g. after a timeout that hid a success) is recognised and not stored twice.
+
+Encoded message (binary-safe, no base64; the Lua scripts only read the leading size)::
+
+    b"<payload size> <priority> <qos> <created_at!r> <expires_at!r> <topic byte length>\\n"
+    + topic (UTF-8) + payload
+
+Expiry: a message is expired when ``expires_at <= now``. ``pending`` removes and counts the
+user's expired messages; ``enqueue`` ignores expiry (as the SQLite store does): an expired
+message still queued counts towards the limits and may be evicted (and reported) like any.
+
+Eviction: the new message counts. Victims are taken lowest priority first, oldest first,
+among messages whose priority is at most the new one's (and, at the same priority, older
+than it). If that cannot make room (the new message is of strictly lower priority than
+everything that would have to go, or its payload alone exceeds ``max_bytes``) nothing is
+removed and the result is ``EnqueueResult(stored=None, evicted=(<the new message, id "">,))``.
+
+Sessions: hash ``mb:session:{cid}`` (``owner``, ``subscriptions`` as JSON), the set index
+``mb:sessions`` and ``mb:user:{user}:sessions``, changed together in MULTI/EXEC (WATCHing the
+session to find a previous owner). Snapshots: hash topic -> ``b"<seq>:" + payload``. Time
+zones: hash user -> zone.
+
+Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
+:class:`~bridge.store.StoreUnavailable`; any other Redis error -> :class:`~bridge.store.StoreError`.
+The connection pool reconnects by itself, so after Redis comes back the same store works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from bridge import redis_keys as keys
+from bridge.store import (
+    EnqueueResult,
+    NewMessage,
+    OfflineMessage,
+    Pending,
+    Priority,
+    QueueLimits,
+    SessionRecord,
+    Snapshot,
+    StoreError,
+    StoreUnavailable,
+)
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+
+PRIORITY_SPAN = 2**40  # seq must stay below this; scores stay below 2**53 (exact in Lua)
+CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 2.0
+RETRIES = 2
+HEALTH_CHECK_INTERVAL_S = 15
+MAX_CONNECTIONS = 64
+POOL_WAIT_S = 5.0  # waiting for a free pooled connection; then StoreUnavailable
+
+# Shared Lua: KEYS = order, msgs, expiry, sent, bytes (bridge.redis_keys.queue_keys).
+_LUA_COMMON = """
+local order, msgs, expiry, sent, bytes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+
+local function size_of(value)
+  if not value then return 0 end
+  return tonumber(string.match(value, '^(%d+) ')) or 0
+end
+
+-- Remove the given ids (all known to be queued) from every key of the queue.
+local function remove(ids)
+  if #ids == 0 then return end
+  local freed = 0
+  for i = 1, #ids, 500 do
+    local chunk = {}
+    for j = i, math.min(i + 499, #ids) do chunk[#chunk + 1] = ids[j] end
+    local values = redis.call('HMGET', msgs, unpack(chunk))
+    for _, value in ipairs(values) do freed = freed + size_of(value) end
+    redis.call('ZREM', order, unpack(chunk))
+    redis.call('ZREM', expiry, unpack(chunk))
+    redis.call('HDEL', msgs, unpack(chunk))
+    redis.call('HDEL', sent, unpack(chunk))
+  end
+  local left = redis.call('DECRBY', bytes, freed)
+  if left <= 0 and redis.call('ZCARD', order) == 0 then redis.call('DEL', bytes) end
+end
+
+local function purge_expired(now)
+  local ids = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+  remove(ids)
+  return #ids
+end
+"""
+
+# ARGV: id, score, expires_at, size, encoded, max_messages, max_bytes, class (3 - priority)
+# Returns {0} when the new message lost, else {1, id1, value1, sent1, ...} for the evicted.
+_ENQUEUE = (
+    _LUA_COMMON
+    + """
+local id, score, expires_at = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local size, encoded = tonumber(ARGV[4]), ARGV[5]
+local max_messages, max_bytes, class = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local SPAN = 1099511627776
+
+if redis.call('HEXISTS', msgs, id) == 1 then return {1} end  -- a retried call: already stored
+if size > max_bytes then return {0} end
+
+local count = redis.call('ZCARD', order)
+local total = tonumber(redis.call('GET', bytes) or '0')
+
+local need_count = count + 1 - max_messages
+local need_bytes = total + size - max_bytes
+local victims, result = {}, {1}
+local c = 3
+while c >= class and (need_count > 0 or need_bytes > 0) do
+  local lo = string.format('%.0f', c * SPAN)
+  local hi
+  if c == class then hi = '(' .. string.format('%.0f', score) else hi = '(' .. string.format('%.0f', (c + 1) * SPAN) end
+  local offset = 0
+  while need_count > 0 or need_bytes > 0 do
+    local ids = redis.call('ZRANGE', order, lo, hi, 'BYSCORE', 'LIMIT', offset, 64)
+    if #ids == 0 then break end
+    for _, vid in ipairs(ids) do
+      local value = redis.call('HGET', msgs, vid)
+      victims[#victims + 1] = vid
+      result[#result + 1] = vid
+      result[#result + 1] = value or ''
+      result[#result + 1] = redis.call('HGET', sent, vid) or '0'
+      need_count = need_count - 1
+      need_bytes = need_bytes - size_of(value)
+      if need_count <= 0 and need_bytes <= 0 then break end
+    end
+    offset = offset + #ids
+  end
+  c = c - 1
+end
+if need_count > 0 or need_bytes > 0 then return {0} end
+
+remove(victims)
+redis.call('ZADD', order, string.format('%.0f', score), id)
+redis.call('ZADD', expiry, expires_at, id)
+redis.call('HSET', msgs, id, encoded)
+redis.call('INCRBY', bytes, size)
+return result
+"""
+)
+
+# ARGV: now, limit, excluded ids... Returns {expired, id1, value1, sent1, ...}.
+_PENDING = (
+    _LUA_COMMON
+    + """
+local limit = tonumber(ARGV[2])
+local result = {purge_expired(ARGV[1])}
+if limit <= 0 then return result end
+local excluded, n_excluded = {}, 0
+for i = 3, #ARGV do
+  excluded[ARGV[i]] = true
+  n_excluded = n_excluded + 1
+end
+local ids = redis.call('ZRANGE', order, 0, limit + n_excluded - 1)
+local taken = 0
+for _, id in ipairs(ids) do
+  if taken >= limit then break end
+  if not excluded[id] then
+    local value = redis.call('HGET', msgs, id)
+    if value then
+      result[#result + 1] = id
+      result[#result + 1] = value
+      result[#result + 1] = redis.call('HGET', sent, id) or '0'
+      taken = taken + 1
+    end
+  end
+end
+return result
+"""
+)
+
+# ARGV: id. Returns 1 if it was queued (and is now removed), else 0.
+_ACK = (
+    _LUA_COMMON
+    + """
+if redis.call('HEXISTS', msgs, ARGV[1]) == 0 then return 0 end
+remove({ARGV[1]})
+return 1
+"""
+)
+
+# ARGV: ids. Counts one more delivery for each id still queued.
+_MARK_SENT = (
+    _LUA_COMMON
+    + """
+for _, id in ipairs(ARGV) do
+  if redis.call('HEXISTS', msgs, id) == 1 then redis.call('HINCRBY', sent, id, 1) end
+end
+return 0
+"""
+)
+
+
+def _encode(message: NewMessage, *, created_at: float, expires_at: float) -> bytes:
+    topic = message.topic.encode()
+    header = (
+        f"{len(message.payload)} {int(message.priority)} {message.qos} "
+        f"{created_at!r} {expires_at!r} {len(topic)}\n"
+    )
+    return header.encode() + topic + message.payload
+
+
+def _decode(message_id: str, user: str, value: bytes, sent: int) -> OfflineMessage:
+    header, _, rest = value.partition(b"\n")
+    _size, priority, qos, created_at, expires_at, topic_len = header.split(b" ")
+    n = int(topic_len)
+    return OfflineMessage(
+        id=message_id,
+        user=user,
+        topic=rest[:n].decode(),
+        payload=rest[n:],
+        priority=Priority(int(priority)),
+        qos=int(qos),
+        created_at=float(created_at),
+        expires_at=float(expires_at),
+        sent=sent,
+    )
+
+
+def _triples(user: str, flat: Sequence[Any]) -> tuple[OfflineMessage, ...]:
+    """``(id, value, sent)`` triples from a script's flat reply, decoded."""
+    return tuple(
+        _decode(bytes(flat[i]).decode(), user, bytes(flat[i + 1]), int(flat[i + 2]))
+        for i in range(0, len(flat), 3)
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """Offline queues, sessions, snapshots and time zones in Redis; see the module docstring."""
+
+    def __init__(self, client: aioredis.Redis, limits: QueueLimits) -> None:
+        """Use :meth:`open`, which checks that Redis answers."""
+        self.limits = limits
+        self._redis = client
+        self._closed = False
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._pending = client.register_script(_PENDING)
+        self._ack = client.register_script(_ACK)
+        self._mark_sent = client.register_script(_MARK_SENT)
+
+    @classmethod
+    async def open(cls, url: str, limits: QueueLimits | None = None) -> RedisStore:
+        """Connect to ``url`` (``redis://``, ``rediss://`` or ``unix://``) and ping it.
+
+        Raises :class:`StoreUnavailable` if Redis does not answer, :class:`StoreError` if the
+        URL is invalid.
+        """
+        try:
+            # A bounded pool that makes a burst wait for a connection: the default pool
+            # fails outright ("Too many connections") past 100 concurrent commands.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=POOL_WAIT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES),
+                health_check_interval=HEALTH_CHECK_INTERVAL_S,
+                client_name="market-bridge",
+            )
+            client = aioredis.Redis.from_pool(pool)
+        except ValueError as exc:
+            raise StoreError(f"invalid redis url: {exc}") from exc
+        store = cls(client, limits or QueueLimits())
+        try:
+            await store.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        if self._closed:
+            error = StoreUnavailable if operation == "ping" else StoreError
+            raise error(f"redis store: {operation}: the store is closed")
+        try:
+            yield
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            # BusyLoadingError (Redis replaying its AOF) is a ConnectionError too.
+            raise StoreUnavailable(f"redis store is unreachable ({operation}): {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise StoreError(f"redis store failed ({operation}): {exc}") from exc
+
+    async def ping(self) -> None:
+        with self._errors("ping"):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._redis.aclose()
+
+    # -- offline queue ----------------------------------------------------------------------
+
+    async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult:
+        expires_at = now + message.ttl_s
+        encoded = _encode(message, created_at=now, expires_at=expires_at)
+        size = len(message.payload)
+        if size > self.limits.max_bytes:  # refused whatever is queued (the script checks too)
+            return EnqueueResult(stored=None, evicted=(_decode("", user, encoded, 0),))
+        with self._errors("enqueue"):
+            seq = int(await self._redis.incr(keys.message_seq()))
+            if seq >= PRIORITY_SPAN:
+                raise StoreError(f"message counter {keys.message_seq()} overflowed ({seq})")
+            message_id = str(seq)
+            klass = 3 - int(message.priority)
+            reply = await self._enqueue(
+                keys=keys.queue_keys(user),
+                args=[
+                    message_id,
+                    klass * PRIORITY_SPAN + seq,
+                    repr(expires_at),
+                    size,
+                    encoded,
+                    self.limits.max_messages,
+                    self.limits.max_bytes,
+                    klass,
+                ],
+            )
+        if int(reply[0]) == 0:
+            return EnqueueResult(stored=None, evicted=(_decode("", user, encoded, 0),))
+        return EnqueueResult(stored=_decode(message_id, user, encoded, 0), evicted=_triples(user, reply[1:]))
+
+    async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
+        with self._errors("pending"):
+            reply = await self._pending(keys=keys.queue_keys(user), args=[repr(now), limit, *exclude])
+        return Pending(messages=_triples(user, reply[1:]), expired=int(reply[0]))
+
+    async def mark_sent(self, user: str, message_ids: Collection[str]) -> None:
+        if not message_ids:
+            return
+        with self._errors("mark_sent"):
+            await self._mark_sent(keys=keys.queue_keys(user), args=list(message_ids))
+
+    async def ack(self, user: str, message_id: str) -> bool:
+        with self._errors("ack"):
+            return int(await self._ack(keys=keys.queue_keys(user), args=[message_id])) == 1
+
+    async def queue_size(self, user: str) -> tuple[int, int]:
+        with self._errors("queue_size"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zcard(keys.queue_order(user))
+                pipe.get(keys.queue_bytes(user))
+                count, total = await pipe.execute()
+        return int(count), int(total or 0)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def save_session(self, record: SessionRecord) -> None:
+        key = keys.session(record.client_id)
+
+        async def write(pipe: Pipeline) -> None:
+            previous = await pipe.hget(key, "owner")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            if previous is not None and _text(previous) != record.owner:
+                pipe.srem(keys.user_sessions(_text(previous)), record.client_id)
+            pipe.hset(
+                key,
+                mapping={
+                    "owner": record.owner,
+                    "subscriptions": json.dumps(record.subscriptions, sort_keys=True),
+                },
+            )
+            pipe.sadd(keys.sessions_index(), record.client_id)
+            pipe.sadd(keys.user_sessions(record.owner), record.client_id)
+
+        with self._errors("save_session"):
+            await self._redis.transaction(write, key)
+
+    async def delete_session(self, client_id: str) -> None:
+        key = keys.session(client_id)
+
+        async def delete(pipe: Pipeline) -> None:
+            owner = await pipe.hget(key, "owner")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            if owner is not None:
+                pipe.srem(keys.user_sessions(_text(owner)), client_id)
+            pipe.delete(key)
+            pipe.srem(keys.sessions_index(), client_id)
+
+        with self._errors("delete_session"):
+            await self._redis.transaction(delete, key)
+
+    async def _sessions(self, index_key: str, owner: str | None) -> list[SessionRecord]:
+        client_ids = sorted(_text(member) for member in await self._redis.smembers(index_key))
+        if not client_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for client_id in client_ids:
+                pipe.hgetall(keys.session(client_id))
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+        records = []
+        for client_id, row in zip(client_ids, rows, strict=True):
+            if b"owner" not in row:
+                continue  # deleted meanwhile
+            record = SessionRecord(
+                client_id=client_id,
+                owner=row[b"owner"].decode(),
+                subscriptions={
+                    str(k): int(v) for k, v in json.loads(row.get(b"subscriptions", b"{}")).items()
+                },
+            )
+            if owner is None or record.owner == owner:
+                records.append(record)
+        return records
+
+    async def load_sessions(self) -> list[SessionRecord]:
+        with self._errors("load_sessions"):
+            return await self._sessions(keys.sessions_index(), None)
+
+    async def user_sessions(self, user: str) -> list[SessionRecord]:
+        with self._errors("user_sessions"):
+            return await self._sessions(keys.user_sessions(user), user)
+
+    # -- snapshots and time zones -----------------------------------------------------------
+
+    async def save_snapshots(self, snapshots: Collection[Snapshot]) -> None:
+        if not snapshots:
+            return
+        mapping = {s.topic: b"%d:" % s.seq + s.payload for s in snapshots}
+        with self._errors("save_snapshots"):
+            await self._redis.hset(keys.snapshots(), mapping=mapping)  # type: ignore[arg-type]
+
+    async def load_snapshots(self) -> list[Snapshot]:
+        with self._errors("load_snapshots"):
+            rows = cast("dict[bytes, bytes]", await self._redis.hgetall(keys.snapshots()))
+        snapshots = []
+        for topic, value in sorted(rows.items()):
+            seq, _, payload = value.partition(b":")
+            snapshots.append(Snapshot(topic=topic.decode(), payload=payload, seq=int(seq)))
+        return snapshots
+
+    async def set_user_tz(self, user: str, tz: str | None) -> None:
+        with self._errors("set_user_tz"):
+            if tz is None:
+                await self._redis.hdel(keys.user_tz(), user)
+            else:
+                await self._redis.hset(keys.user_tz(), user, tz)
+
+    async def get_user_tz(self, user: str) -> str | None:
+        with self._errors("get_user_tz"):
+            value = await self._redis.hget(keys.user_tz(), user)
+        return None if value is None else _text(value)
