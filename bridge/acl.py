@@ -81,7 +81,8 @@ ALLOW_ALL = Acl(subscribe=("#",), publish=("#",))
 ROLE_DEFAULTS: Mapping[Role, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "subscriber": (("market/#", "user/{sub}/#"), ()),
     "feed": (("market/#",), ("market/#",)),
-    "service": ((), ("user/+/#",)),
+    # Services hear back on service/<sub>/... (e.g. evictions from a full user queue).
+    "service": (("service/{sub}/#",), ("user/+/#",)),
     "admin": (("#",), ("#",)),
 }
 

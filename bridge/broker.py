@@ -24,13 +24,14 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import ssl
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,7 +47,14 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import ApplicationMessage, Session
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import (
+    INCOMING,
+    ApplicationMessage,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 from amqtt.utils import gen_client_id
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
@@ -54,18 +62,32 @@ from websockets.http11 import Request, Response
 from bridge.acl import ALLOW_ALL, Acl, acl_for
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
-from bridge.errors import AuthError, ListenerError, MarketBridgeError, TickError
+from bridge.envelope import open_envelope
+from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
+from bridge.offline import SnapshotWriter, open_store, replay
+from bridge.store import (
+    NewMessage,
+    OfflineMessage,
+    OfflineStore,
+    Priority,
+    SessionRecord,
+    Snapshot,
+    StoreError,
+)
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
-__all__ = ["BrokerStats", "MarketBroker"]
+__all__ = ["BrokerStats", "MarketBroker", "SendResult"]
 
 log = logging.getLogger(__name__)
 
 _SUBACK_FAILURE = 0x80
+USER_PREFIX = "user/"
+# Longest a user-addressed message may wait (an envelope may ask for less).
+MAX_TTL_S = 30 * 86400.0
 
 
 @dataclass
@@ -84,6 +106,11 @@ class BrokerStats:
     keepalive_timeouts: int = 0
     connect_timeouts: int = 0
     token_expiries: int = 0
+    offline_stored: int = 0
+    offline_replayed: int = 0
+    offline_expired: int = 0
+    offline_evicted: int = 0
+    store_errors: int = 0
 
 
 class MarketProtocolHandler(BrokerProtocolHandler):
@@ -103,6 +130,58 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         # amqtt ignores this; we treat it as a dead client (the will gets published).
         self.end("keepalive")
 
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        """Inbound QoS 1: PUBACK only once the broker has handed the message on.
+
+        amqtt acknowledges as soon as the message is queued, so a publisher that disconnects
+        can lose acknowledged messages. Here the broker resolves the hand-off after storing or
+        delivering; a failed hand-off (store down) gets no PUBACK and ends the connection, so
+        the publisher's library sends it again after reconnecting.
+        """
+        if app_message.direction != INCOMING or app_message.packet_id is None or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        handed_off: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handoffs[id(app_message)] = handed_off
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            accepted = await handed_off
+        finally:
+            self._handoffs.pop(id(app_message), None)
+        if accepted:
+            puback = PubackPacket.build(app_message.packet_id)
+            await self._send_packet(puback)
+            app_message.puback_packet = puback
+        else:
+            self.end("handoff_failed")
+
+    def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
+        future = self._handoffs.get(id(message))
+        if future is not None and not future.done():
+            future.set_result(accepted)
+
+    async def stop(self) -> None:
+        for future in self._handoffs.values():
+            if not future.done():
+                future.set_result(False)
+        reader = self._reader_task
+        if reader is not None and reader is not asyncio.current_task():
+            # Python 3.11's wait_for can swallow a cancel that races a finished read; amqtt's
+            # stop() then waits for the reader forever (seen at shutdown). Cancel until it ends.
+            while not reader.done() and not self._reader_stopped.is_set():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=0.5)
+        await super().stop()
+
+    @property
+    def _handoffs(self) -> dict[int, asyncio.Future[bool]]:
+        handoffs: dict[int, asyncio.Future[bool]] | None = self.__dict__.get("_handoff_map")
+        if handoffs is None:
+            handoffs = self.__dict__["_handoff_map"] = {}
+        return handoffs
+
 
 @dataclass(eq=False)
 class _Connection:
@@ -114,6 +193,7 @@ class _Connection:
     handler: MarketProtocolHandler
     lease: Lease
     expiry: asyncio.TimerHandle | None = None
+    replay: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -134,6 +214,15 @@ def session_claims(session: Session) -> Claims | None:
     return claims if isinstance(claims, Claims) else None
 
 
+@dataclass(frozen=True)
+class SendResult:
+    """What became of a user-addressed message."""
+
+    delivered: int  # connected sessions it was sent to at once
+    stored: OfflineMessage | None  # queued for the user's offline persistent session
+    evicted: tuple[OfflineMessage, ...] = ()  # what the queue dropped to make room (maybe this one)
+
+
 class MarketBroker(Broker):
     """Embedded amqtt broker serving ``market/<exchange>/<pair>`` (see module docstring)."""
 
@@ -143,8 +232,12 @@ class MarketBroker(Broker):
         *,
         clock: Callable[[], float] = time.time,
         limits: ConnectionLimits | None = None,
+        store: OfflineStore | None = None,
     ) -> None:
         self.bridge_config = config
+        # Opened at start from config.store unless given (then the caller owns it).
+        self.store: OfflineStore | None = store
+        self._owns_store = store is None
         self._clock = clock
         auth = config.auth
         if auth.enabled:
@@ -183,6 +276,8 @@ class MarketBroker(Broker):
         self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._sequencer = Sequencer()
+        self._snapshots: SnapshotWriter | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +295,7 @@ class MarketBroker(Broker):
             await super().start()
         except BrokerError as exc:
             await self._close_servers()
+            await self._close_store()
             cause = exc.__cause__
             if isinstance(cause, MarketBridgeError):
                 raise cause from None
@@ -213,6 +309,20 @@ class MarketBroker(Broker):
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await self._close_store()
+
+    async def _close_store(self) -> None:
+        """Stop the snapshot writer (after a last flush) and close a store we opened."""
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+            self._snapshot_task = None
+        if self._snapshots is not None:
+            await self._snapshots.flush()
+            self._snapshots = None
+        if self.store is not None and self._owns_store:
+            await self.store.close()
+            self.store = None
 
     async def _close_servers(self) -> None:
         for server in self._servers.values():
@@ -232,6 +342,12 @@ class MarketBroker(Broker):
         return list(self._servers)
 
     async def _start_listeners(self) -> None:
+        # amqtt's start() has just cleared its state: restore ours before anyone can connect.
+        if self.store is None:
+            self.store = await open_store(self.bridge_config.store)
+        await self._restore()
+        self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
+        self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
         listeners = self.bridge_config.listeners
         for name, listener in (("ws", listeners.ws), ("tcp", listeners.tcp)):
             if not listener.enabled:
@@ -240,6 +356,24 @@ class MarketBroker(Broker):
             # max_connections=0: no semaphore (amqtt's makes extra clients hang without CONNACK).
             self._servers[name] = Server(name, instance, 0)
             log.info("listener %s bound to %s:%s", name, listener.host, self.bound_port(name))
+
+    async def _restore(self) -> None:
+        """Persistent sessions (with subscriptions) and market snapshots from the store."""
+        assert self.store is not None
+        for record in await self.store.load_sessions():
+            handler, session = self.create_offline_session(record.client_id)
+            session.clean_session = False
+            session.attributes[_OWNER] = record.owner
+            self._sessions[record.client_id] = (session, handler)
+            for topic_filter, qos in record.subscriptions.items():
+                # Re-checked against the owner's token when they reconnect.
+                await self.add_subscription((topic_filter, qos), session)
+        for snapshot in await self.store.load_snapshots():
+            self._retained_messages[snapshot.topic] = RetainedApplicationMessage(
+                None, snapshot.topic, snapshot.payload, QOS_0
+            )
+            self._sequencer.resume(snapshot.topic, snapshot.seq)
+        log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
 
     async def _bind(self, name: str, listener: ListenerConfig) -> Any:
         ssl_context = _ssl_context(listener.tls) if listener.tls else None
@@ -360,6 +494,13 @@ class MarketBroker(Broker):
             )
             await handler.start()
             await self._publish_session_retained_messages(session)
+            if session.parent:
+                # A resumed session missed ticks: give it the snapshots of what it follows.
+                await self._send_retained(session, handler, self._granted_filters(session))
+            if not session.clean_session and claims is not None:
+                connection.replay = asyncio.create_task(
+                    self._replay_offline(connection), name=f"replay:{client_id}"
+                )
             await self._client_message_loop(session, handler)
         finally:
             self.stats.connections -= 1
@@ -425,7 +566,10 @@ class MarketBroker(Broker):
                 log.warning("old connection of %s did not finish in time", client_id)
                 await self._release(live)
         if incoming.clean_session:
+            previous = self._sessions.get(client_id)
             await self._delete_session(client_id)
+            if previous is not None and not previous[0].clean_session and self.store is not None:
+                await self._store_call("delete session", self.store.delete_session(client_id))
             incoming.parent = 0
             return incoming
         stored = self._sessions.get(client_id)
@@ -455,6 +599,8 @@ class MarketBroker(Broker):
             del self._connections[client_id]
         if connection.expiry is not None:
             connection.expiry.cancel()
+        if connection.replay is not None:
+            connection.replay.cancel()
         self.limits.release(connection.lease)
         session = connection.session
         if (
@@ -477,6 +623,19 @@ class MarketBroker(Broker):
         message: ApplicationMessage | None = wait_deliver.result()
         if message is None:
             return True
+        accepted = True
+        try:
+            return await self._route_inbound(client_session, message)
+        except StoreError as exc:
+            accepted = False
+            self.stats.publishes_dropped["store_unavailable"] += 1
+            log.error("could not take %s's message on %s: %s", client_session.client_id, message.topic, exc)
+            return True
+        finally:
+            if isinstance(handler, MarketProtocolHandler):
+                handler.hand_off(message, accepted)
+
+    async def _route_inbound(self, client_session: Session, message: ApplicationMessage) -> bool:
         topic = message.topic
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
@@ -497,10 +656,243 @@ class MarketBroker(Broker):
                 return True
             await self.publish_tick(tick, qos=message.qos or QOS_0)
             return True
+        if topic.startswith(USER_PREFIX):
+            await self._route_user_publish(client_session, topic, data, message.qos or QOS_0)
+            return True
         await self._broadcast_message(client_session, topic, data, message.qos or QOS_0)
         if message.publish_packet is not None and message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, data, message.qos)
         return True
+
+    async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
+        cfg = self.bridge_config.store
+        try:
+            envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
+        except MessageError as exc:
+            self.stats.publishes_dropped[exc.reason] += 1
+            log.warning("dropped message from %s on %s: %s", sender.client_id, topic, exc)
+            return
+        user = topic.split("/", 2)[1]
+        result = await self.send_to_user(
+            user,
+            topic,
+            envelope.payload,
+            priority=envelope.priority,
+            ttl_s=envelope.ttl_s,
+            qos=max(qos, QOS_1),
+        )
+        owner = sender.attributes.get(_OWNER)
+        if result.evicted and isinstance(owner, str):
+            await self._notify_evictions(owner, user, result.evicted)
+
+    async def _notify_evictions(self, service: str, user: str, evicted: tuple[OfflineMessage, ...]) -> None:
+        """Tell the sending service what a full queue dropped, on service/<sub>/evictions."""
+        notice = {
+            "user": user,
+            "reason": "queue_full",
+            "evicted": [
+                {"topic": m.topic, "priority": m.priority.name, "created_at": m.created_at, "new": m.id == ""}
+                for m in evicted
+            ],
+        }
+        payload = json.dumps(notice, separators=(",", ":")).encode()
+        await self._broadcast_message(None, f"service/{service}/evictions", payload, QOS_1)
+
+    async def send_to_user(
+        self,
+        user: str,
+        topic: str,
+        payload: bytes,
+        *,
+        priority: Priority = Priority.NORMAL,
+        ttl_s: float | None = None,
+        qos: int = QOS_1,
+    ) -> SendResult:
+        """Deliver to ``user``'s connected sessions now, or queue it for their persistent session.
+
+        ``topic`` is ``user/<user>/...`` (or just the part after ``user/<user>/``). Raises
+        :class:`MessageError` for a bad address and :class:`StoreUnavailable` when the message
+        had to be stored and could not be: nothing is reported as stored that was not.
+        """
+        own = f"{USER_PREFIX}{user}/"
+        full = topic if topic.startswith(USER_PREFIX) else own + topic
+        if (
+            not user
+            or "/" in user
+            or not full.startswith(own)
+            or not is_valid_topic(full)
+            or full.endswith("/")
+        ):
+            raise MessageError("bad_address", f"cannot address {full!r} to user {user!r}")
+        ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
+        live, persistent_offline = self._user_targets(user, full)
+        owners_live = [target for target in live if target[0].attributes.get(_OWNER) == user]
+        if not owners_live and persistent_offline:
+            assert self.store is not None
+            result = await self.store.enqueue(
+                user, NewMessage(full, payload, priority, ttl, QOS_1), now=self._clock()
+            )
+            self.stats.offline_stored += result.stored is not None
+            self.stats.offline_evicted += len(result.evicted)
+            if result.evicted:
+                log.warning("queue of %s full: evicted %d message(s)", user, len(result.evicted))
+            self._deliver_live(live, full, payload, min(qos, QOS_1), None)
+            return SendResult(len(live), result.stored, result.evicted)
+        if not live:
+            self.stats.publishes_dropped["no_subscriber"] += 1
+            return SendResult(0, None)
+        requeue = NewMessage(full, payload, priority, ttl, QOS_1)
+        self._deliver_live(live, full, payload, min(qos, QOS_1), (user, requeue))
+        return SendResult(len(live), None)
+
+    def _user_targets(self, user: str, topic: str) -> tuple[list[tuple[Session, int]], bool]:
+        """Connected sessions subscribed to ``topic`` (best QoS each), and whether the user
+        has a disconnected persistent session subscribed to it."""
+        best: dict[str, tuple[Session, int]] = {}
+        for topic_filter in self._index.match(topic):
+            for session, sub_qos in self._subscriptions.get(topic_filter, ()):
+                key = session.client_id or ""
+                if key not in best or best[key][1] < sub_qos:
+                    best[key] = (session, sub_qos)
+        live, persistent_offline = [], False
+        for session, sub_qos in best.values():
+            if session.transitions.is_connected():
+                live.append((session, sub_qos))
+            elif not session.clean_session and session.attributes.get(_OWNER) == user:
+                persistent_offline = True
+        return live, persistent_offline
+
+    def _deliver_live(
+        self,
+        targets: list[tuple[Session, int]],
+        topic: str,
+        payload: bytes,
+        qos: int,
+        requeue: tuple[str, NewMessage] | None,
+    ) -> None:
+        for session, sub_qos in targets:
+            handler = self._get_handler(session)
+            if handler is None:
+                continue
+            keep = (
+                requeue
+                if requeue and not session.clean_session and session.attributes.get(_OWNER) == requeue[0]
+                else None
+            )
+            task = asyncio.create_task(self._deliver_one(handler, topic, payload, min(qos, sub_qos), keep))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver_one(
+        self,
+        handler: BrokerProtocolHandler,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        requeue: tuple[str, NewMessage] | None,
+    ) -> None:
+        try:
+            await handler.mqtt_publish(topic, payload, qos, retain=False)
+            self.stats.deliveries += 1
+        except Exception as exc:
+            if requeue is None or self.store is None:
+                log.info("delivery on %s failed: %s", topic, exc)
+                return
+            # Not acknowledged by a persistent session: keep it for the next connection.
+            user, message = requeue
+            with suppress(StoreError):
+                await self.store.enqueue(user, message, now=self._clock())
+                self.stats.offline_stored += 1
+
+    async def _replay_offline(self, connection: _Connection) -> None:
+        assert self.store is not None
+        session, handler = connection.session, connection.handler
+        acl = session_acl(session)
+        started = self._clock()
+
+        def accepts(topic: str) -> bool:
+            return acl.may_receive(topic) and any(
+                matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
+            )
+
+        try:
+            result = await replay(
+                self.store,
+                connection.user,
+                send=partial(self._send_stored, handler),
+                accepts=accepts,
+                window=self.bridge_config.store.replay_window,
+                clock=self._clock,
+            )
+        except StoreError as exc:
+            log.warning("offline replay for %s stopped: %s", connection.user, exc)
+            return
+        self.stats.offline_replayed += result.replayed
+        self.stats.offline_expired += result.expired
+        if result.replayed or result.expired:
+            log.info(
+                "replayed %d offline message(s) to %s in %.3fs (%d expired)",
+                result.replayed,
+                connection.client_id,
+                self._clock() - started,
+                result.expired,
+            )
+
+    async def _send_stored(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> bool:
+        """Send one stored message; True once acknowledged (QoS 1) or written (QoS 0)."""
+        session = handler.session
+        if session is None:
+            return False
+        qos = min(message.qos, self._best_qos(session, message.topic))
+        packet_id = session.next_packet_id if qos > QOS_0 else None
+        outgoing = OutgoingApplicationMessage(packet_id, message.topic, qos, message.payload, False)
+        if message.sent > 0 and qos > QOS_0:
+            # Marks it as a retry: amqtt's flow then sends it with DUP set.
+            outgoing.publish_packet = outgoing.build_publish_packet()
+        try:
+            await handler._handle_message_flow(outgoing)
+        except Exception as exc:
+            log.info("offline message to %s not acknowledged: %s", session.client_id, exc)
+            return False
+        return True
+
+    def _best_qos(self, session: Session, topic: str) -> int:
+        qos = QOS_0
+        for topic_filter in self._session_filters.get(session.client_id or "", ()):
+            if matches(topic, topic_filter):
+                for subscriber, sub_qos in self._subscriptions.get(topic_filter, ()):
+                    if subscriber is session:
+                        qos = max(qos, sub_qos)
+        return qos
+
+    def _granted_filters(self, session: Session) -> list[tuple[str, int]]:
+        granted = []
+        for topic_filter in self._session_filters.get(session.client_id or "", ()):
+            for subscriber, sub_qos in self._subscriptions.get(topic_filter, ()):
+                if subscriber is session:
+                    granted.append((topic_filter, sub_qos))
+        return granted
+
+    async def _persist_session(self, session: Session) -> None:
+        """Save a persistent session's subscriptions so a restarted broker has them."""
+        owner = session.attributes.get(_OWNER)
+        if self.store is None or session.clean_session or not isinstance(owner, str) or not session.client_id:
+            return
+        record = SessionRecord(session.client_id, owner, dict(self._granted_filters(session)))
+        await self._store_call("save session", self.store.save_session(record))
+
+    async def _store_call(self, what: str, call: Awaitable[None]) -> None:
+        """Session bookkeeping must not end a connection when the store is down."""
+        try:
+            await call
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store: could not %s: %s", what, exc)
+
+    async def user_subscriptions(self, user: str) -> dict[str, dict[str, int]]:
+        """client id -> {filter: QoS} for ``user``'s persistent sessions (from the store)."""
+        assert self.store is not None
+        return {record.client_id: record.subscriptions for record in await self.store.user_sessions(user)}
 
     async def publish(self, tick: Tick) -> None:
         """TickSink: in-process feeds publish straight into the broker, skipping the network."""
@@ -515,6 +907,8 @@ class MarketBroker(Broker):
         # The snapshot is kept whatever the publisher's retain flag: a new subscriber
         # always gets the last valid tick per topic.
         self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
+        if self._snapshots is not None:
+            self._snapshots.mark(Snapshot(topic, data, stamped.seq))
         await self._broadcast_message(None, topic, data, qos)
         return stamped
 
@@ -553,6 +947,14 @@ class MarketBroker(Broker):
                 qos=qos,
             )
         await self._send_retained(client_session, handler, granted)
+        if granted:
+            await self._persist_session(client_session)
+
+    async def _handle_unsubscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        await self._persist_session(client_session)
 
     async def _send_retained(
         self, session: Session, handler: BrokerProtocolHandler, granted: list[tuple[str, int]]
@@ -600,11 +1002,13 @@ class MarketBroker(Broker):
         if topic is None or data is None:
             return
         publish_qos: int | None = broadcast.get("qos")
+        market = topic.startswith(MARKET_PREFIX)
         for topic_filter in self._index.match(topic):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = sub_qos if publish_qos is None else min(publish_qos, sub_qos)
                 if not target.transitions.is_connected():
-                    if qos in (QOS_1, QOS_2) and not target.clean_session:
+                    # Market ticks are not queued: a reconnecting client gets the snapshot.
+                    if qos in (QOS_1, QOS_2) and not target.clean_session and not market:
                         self._queue_offline(target, topic, data, qos)
                     continue
                 handler = self._get_handler(target)

@@ -45,6 +45,7 @@ __all__ = [
     "PollerFeedConfig",
     "ReplayFeedConfig",
     "SimulatorFeedConfig",
+    "StoreConfig",
     "TlsConfig",
     "WsListenerConfig",
     "load_config",
@@ -243,6 +244,24 @@ class LimitsConfig(_Strict):
     max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
 
 
+class StoreConfig(_Strict):
+    """Where offline messages, persistent sessions, snapshots and time zones live.
+
+    With ``redis_url`` set, Redis (several nodes may share it); otherwise an embedded SQLite
+    file at ``path`` (created with its directory).
+    """
+
+    redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
+    path: Path = Path("var/market-bridge.sqlite3")
+    queue_max_messages: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    queue_max_bytes: Annotated[int, Field(ge=1024, le=1024**3)] = 1024 * 1024
+    default_ttl_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
+    # Market snapshots are written behind, coalesced: at most one write per topic per interval.
+    snapshot_flush_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # Offline replay: messages in flight (awaiting PUBACK) per connection.
+    replay_window: Annotated[int, Field(ge=1, le=1000)] = 20
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -262,6 +281,7 @@ class BridgeConfig(BaseSettings):
     # Validated even when absent, so a config without keys fails closed instead of open.
     auth: Annotated[AuthConfig, Field(validate_default=True)] = {}  # type: ignore[assignment]
     limits: LimitsConfig = LimitsConfig()
+    store: StoreConfig = StoreConfig()
     feeds: list[FeedConfig] = []
     logging: LoggingConfig = LoggingConfig()
 

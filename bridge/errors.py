@@ -7,6 +7,9 @@ Tree::
     ├── ListenerError        a listener cannot start, e.g. its port is taken (environment)
     ├── TickError            a tick payload is invalid (the publisher's fault)
     ├── AuthError            a client's credentials are refused (the client's fault)
+    ├── MessageError         a message cannot be accepted: bad address or envelope (sender)
+    ├── StoreError           the offline store failed (bridge.store)
+    │   └── StoreUnavailable the store cannot be reached right now (retry later)
     └── FeedError            a feed cannot produce ticks
         ├── ExchangeError    the exchange answered with an error body or status (remote)
         └── AdapterError     the exchange's body is not in the documented shape (remote)
@@ -24,6 +27,7 @@ __all__ = [
     "FeedError",
     "ListenerError",
     "MarketBridgeError",
+    "MessageError",
     "TickError",
 ]
 
@@ -73,6 +77,15 @@ class AuthError(MarketBridgeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"auth refused ({reason}): {detail}")
+
+
+class MessageError(MarketBridgeError):
+    """A message cannot be accepted; ``reason`` is a stable code for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"message refused ({reason}): {detail}")
 
 
 class FeedError(MarketBridgeError):

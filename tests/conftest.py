@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
+import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -27,6 +35,7 @@ from bridge.auth import Role, SigningKey, mint_token
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig
 from feeds.tick import Tick
+from tests.redis_server import RedisProcess
 
 T = TypeVar("T")
 DEADLINE_S = 10.0
@@ -129,8 +138,13 @@ def authed_connect(client_id: str, *, role: Role = "admin", **kwargs: Any) -> by
     )
 
 
+# Each broker gets its own embedded store file, removed when the test session ends.
+_STORE_DIR = tempfile.TemporaryDirectory(prefix="market-bridge-tests-")
+
+
 def bridge_config(**overrides: Any) -> BridgeConfig:
     data: dict[str, Any] = {
+        "store": {"path": str(Path(_STORE_DIR.name) / f"{unique('store')}.sqlite3")},
         "listeners": {"ws": {"port": 0}, "tcp": {"port": 0}},
         "feeds": [],
         "auth": {"keys": [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]},
@@ -189,10 +203,29 @@ class BrokerThread:
     def port(self, transport: Transport) -> int:
         return self.tcp_port if transport == "tcp" else self.ws_port
 
+    def _task_dump(self) -> str:
+        def dump() -> str:
+            lines: list[str] = []
+            for task in asyncio.all_tasks(self.loop):
+                chain: list[str] = []
+                coro: Any = task.get_coro()
+                while coro is not None:  # follow the await chain down to where it waits
+                    frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                    if frame is not None:
+                        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+                    coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+                lines.append(f"{task.get_name()}: " + " -> ".join(chain))
+            return "\n".join(lines)
+
+        return self.call(dump)
+
     def stop(self) -> None:
         if self._broker is not None:
             broker, self._broker = self._broker, None
-            self.run(broker.shutdown(), timeout=30)
+            try:
+                self.run(broker.shutdown(), timeout=30)
+            except TimeoutError:
+                pytest.fail("broker shutdown hung; tasks:\n" + self._task_dump())
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(DEADLINE_S)
@@ -205,6 +238,7 @@ class Received:
     payload: bytes
     qos: int
     retain: bool
+    dup: bool = False
 
 
 # MQTT 5 reason code (as paho reports it) -> MQTT 3.1.1 CONNACK return code.
@@ -258,7 +292,7 @@ class Client:
         self.connack.put(_V311_CONNACK.get(rc.value, rc.value))
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup)))
         self.messages_arrived.set()
 
     def _on_subscribe(
@@ -296,6 +330,26 @@ class Client:
         self._mqtt.loop_stop()
 
 
+@pytest.fixture(scope="session")
+def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One real redis-server for the whole test session."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_process: RedisProcess) -> str:
+    """The session's Redis, emptied before each test."""
+    client = redis.Redis.from_url(redis_process.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_process.url
+
+
 @pytest.fixture
 def broker() -> Iterator[BrokerThread]:
     with BrokerThread(bridge_config()) as running:
@@ -318,3 +372,70 @@ def clients() -> Iterator[Callable[..., Client]]:
     yield factory
     for client in made:
         client.close()
+
+
+class Proc:
+    """A running ``market-bridge`` with its stdout lines collected by a reader thread."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for_line(self, pattern: str) -> re.Match[str]:
+        regex = re.compile(pattern)
+        with self._changed:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(f"process exited before {pattern!r}:\n" + "\n".join(self.lines))
+                if not self._changed.wait(DEADLINE_S):
+                    pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(DEADLINE_S * 2)
+        finally:
+            if self.popen.poll() is None:
+                self.popen.kill()
+                self.popen.wait()
+            self._reader.join(DEADLINE_S)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """``market-bridge`` subprocesses run in a scratch directory (the demo writes var/ there)."""
+    started: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(*args, cwd=tmp_path, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

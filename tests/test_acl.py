@@ -239,7 +239,7 @@ def _raw_claims(
     [
         ("subscriber", ("market/#", "user/alice/#"), ()),
         ("feed", ("market/#",), ("market/#",)),
-        ("service", (), ("user/+/#",)),
+        ("service", ("service/alice/#",), ("user/+/#",)),
         ("admin", ("#",), ("#",)),
     ],
 )

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,76 +14,9 @@ import pytest
 from bridge.auth import Claims, KeyRing, TokenPolicy, VerificationKey, decide_auth
 from bridge.config import DEV_SECRET_PATH
 from bridge.keys import generate_dev_secret
-from tests.conftest import DEADLINE_S, BrokerThread, Client, bridge_config, token_for
+from tests.conftest import DEADLINE_S, BrokerThread, Client, Proc, bridge_config, token_for
 
 ClientFactory = Callable[..., Client]
-
-
-class Proc:
-    """A running ``market-bridge`` with its stdout lines collected by a reader thread."""
-
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
-        full_env.update(env or {})
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", *args],
-            cwd=cwd,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_line(self, pattern: str) -> re.Match[str]:
-        regex = re.compile(pattern)
-        with self._changed:
-            seen = 0
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                if self.popen.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"process exited before {pattern!r}:\n" + "\n".join(self.lines))
-                if not self._changed.wait(DEADLINE_S):
-                    pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(DEADLINE_S * 2)
-        finally:
-            if self.popen.poll() is None:
-                self.popen.kill()
-                self.popen.wait()
-            self._reader.join(DEADLINE_S)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """``market-bridge`` subprocesses run in a scratch directory (the demo writes var/ there)."""
-    started: list[Proc] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(*args, cwd=tmp_path, env=env)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 EPHEMERAL = {"MARKET_BRIDGE_LISTENERS__TCP__PORT": "0", "MARKET_BRIDGE_LISTENERS__WS__PORT": "0"}

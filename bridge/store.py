@@ -1,0 +1,158 @@
+"""The store contract: offline messages per user, persistent sessions, snapshots, time zones.
+
+Two implementations pass one contract test suite (tests/test_store_contract.py):
+:mod:`bridge.redis_store` (Redis; several broker nodes can share it) and
+:mod:`bridge.sqlite_store` (embedded, on disk; used when no Redis URL is configured).
+
+Offline queue semantics (both stores):
+
+- Order: URGENT, HIGH, NORMAL, LOW; FIFO within a priority (by arrival).
+- A message expires at ``expires_at``; expired messages are never returned and are
+  removed (and counted) when met.
+- Bounded per user by message count and payload bytes. On overflow the lowest-priority,
+  oldest message goes (the new one counts: a new LOW message into a queue full of higher
+  priorities is itself refused). What was evicted is returned, never silent.
+- A message leaves only on :meth:`OfflineStore.ack` (after the client's PUBACK);
+  :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
+- Every multi-key change is atomic: a crash never leaves half a message.
+
+All times are epoch seconds passed in by the caller (no clock inside the store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+from bridge.errors import MarketBridgeError
+
+__all__ = [
+    "EnqueueResult",
+    "NewMessage",
+    "OfflineMessage",
+    "OfflineStore",
+    "Pending",
+    "Priority",
+    "QueueLimits",
+    "SessionRecord",
+    "Snapshot",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class StoreError(MarketBridgeError):
+    """A store operation failed; nothing was reported as done that was not."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (e.g. Redis is down); the caller may retry later."""
+
+
+class Priority(IntEnum):
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    URGENT = 3
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_messages: int = 1000
+    max_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    topic: str
+    payload: bytes
+    priority: Priority = Priority.NORMAL
+    ttl_s: float = 86400.0
+    qos: int = 1
+
+
+@dataclass(frozen=True)
+class OfflineMessage:
+    id: str  # assigned by the store, opaque, unique per store
+    user: str
+    topic: str
+    payload: bytes
+    priority: Priority
+    qos: int
+    created_at: float
+    expires_at: float
+    sent: int = 0  # deliveries without an ack so far: a resend sets DUP
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    stored: OfflineMessage | None  # None when the new message itself lost the eviction
+    evicted: tuple[OfflineMessage, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pending:
+    messages: tuple[OfflineMessage, ...]
+    expired: int  # expired messages removed while looking
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A persistent session: who owns the client id and what it subscribed to (filter -> QoS)."""
+
+    client_id: str
+    owner: str
+    subscriptions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The retained last tick of a market topic and its seq (so sequencing resumes)."""
+
+    topic: str
+    payload: bytes
+    seq: int
+
+
+class OfflineStore(Protocol):
+    """See the module docstring for the semantics every implementation keeps."""
+
+    limits: QueueLimits
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` if the store cannot be reached."""
+
+    async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult: ...
+
+    async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
+        """Up to ``limit`` unexpired messages in delivery order, skipping ids in ``exclude``."""
+
+    async def mark_sent(self, user: str, message_ids: Collection[str]) -> None: ...
+
+    async def ack(self, user: str, message_id: str) -> bool:
+        """Remove a delivered message; False if it was not there (already acked, expired)."""
+
+    async def queue_size(self, user: str) -> tuple[int, int]:
+        """(messages, payload bytes) queued for ``user``, expired ones included until met."""
+
+    async def save_session(self, record: SessionRecord) -> None: ...
+
+    async def delete_session(self, client_id: str) -> None: ...
+
+    async def load_sessions(self) -> list[SessionRecord]: ...
+
+    async def user_sessions(self, user: str) -> list[SessionRecord]:
+        """The persistent sessions (and their subscriptions) owned by ``user``."""
+
+    async def save_snapshots(self, snapshots: Collection[Snapshot]) -> None: ...
+
+    async def load_snapshots(self) -> list[Snapshot]: ...
+
+    async def set_user_tz(self, user: str, tz: str | None) -> None:
+        """Override (or with None, clear) the user's time zone."""
+
+    async def get_user_tz(self, user: str) -> str | None: ...
+
+    async def close(self) -> None: ...

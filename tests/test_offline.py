@@ -1,0 +1,430 @@
+"""Offline delivery end to end: real broker, real paho clients, on the embedded store and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.auth import Role, SigningKey, mint_token
+from bridge.config import DEV_SECRET_PATH, BridgeConfig
+from bridge.errors import MessageError
+from bridge.keys import generate_dev_secret
+from bridge.offline import open_store
+from bridge.store import Priority, StoreUnavailable
+from tests.conftest import (
+    DEADLINE_S,
+    BrokerThread,
+    Client,
+    Proc,
+    bridge_config,
+    connect_packet,
+    make_tick,
+    token_for,
+    unique,
+    wait_until,
+)
+from tests.redis_server import RedisProcess
+
+ClientFactory = Callable[..., Client]
+
+
+class Clock:
+    """Wall time plus an offset the test moves forward (tokens stay valid for an hour)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def store_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "redis":
+        return {"redis_url": request.getfixturevalue("redis_url")}
+    return {}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def broker(store_overrides: dict[str, Any], clock: Clock) -> Iterator[BrokerThread]:
+    store = {**bridge_config().store.model_dump(), **store_overrides, "queue_max_messages": 5}
+    with BrokerThread(bridge_config(store=store), clock=clock) as running:
+        yield running
+
+
+def envelope(payload: str, priority: str = "NORMAL", ttl_s: float = 600) -> bytes:
+    return json.dumps({"mb_envelope": 1, "payload": payload, "priority": priority, "ttl_s": ttl_s}).encode()
+
+
+def _go_offline(broker: BrokerThread, clients: ClientFactory, user: str, client_id: str) -> None:
+    """A persistent session for ``user`` subscribed to its own topics, then disconnected."""
+    phone = clients(
+        broker.tcp_port,
+        client_id=client_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+    phone.close()
+    wait_until(lambda: client_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
+
+
+def _come_back(broker: BrokerThread, clients: ClientFactory, user: str, client_id: str) -> Client:
+    phone = clients(
+        broker.ws_port,
+        transport="websockets",
+        client_id=client_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    return phone
+
+
+def _queue(broker: BrokerThread, user: str) -> tuple[int, int]:
+    store = broker.broker.store
+    assert store is not None
+    return broker.run(store.queue_size(user))
+
+
+def test_queued_messages_arrive_by_priority_then_fifo(broker: BrokerThread, clients: ClientFactory) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    sent = [("n1", "NORMAL"), ("l1", "LOW"), ("u1", "URGENT"), ("h1", "HIGH"), ("u2", "URGENT")]
+    for text, priority in sent:
+        service.publish(f"user/{user}/alerts", envelope(text, priority), qos=1)
+    assert _queue(broker, user)[0] == 5
+
+    phone = _come_back(broker, clients, user, phone_id)
+    got = phone.expect(5)
+    assert [m.payload.decode() for m in got] == ["u1", "u2", "h1", "n1", "l1"]
+    assert all(m.qos == 1 and m.topic == f"user/{user}/alerts" for m in got)
+    wait_until(lambda: _queue(broker, user) == (0, 0), what="acked messages removed")
+    assert broker.call(lambda: broker.broker.stats.offline_replayed) == 5
+
+
+def test_expired_messages_are_dropped_and_counted(
+    broker: BrokerThread, clients: ClientFactory, clock: Clock
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    service.publish(f"user/{user}/a", envelope("stale", ttl_s=60), qos=1)
+    service.publish(f"user/{user}/a", envelope("fresh", ttl_s=3000), qos=1)
+    clock.offset = 120  # two minutes later: the first has expired
+    phone = _come_back(broker, clients, user, phone_id)
+    (only,) = phone.expect(1)
+    assert only.payload == b"fresh"
+    wait_until(lambda: broker.call(lambda: broker.broker.stats.offline_expired) == 1, what="expiry counted")
+
+
+def test_full_queue_evicts_lowest_priority_oldest_and_tells_the_service(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    service_user = unique("svc")
+    service = clients(broker.tcp_port, username=service_user, password=token_for(service_user, "service"))
+    service.connect()
+    assert service.subscribe(f"service/{service_user}/#", qos=1) == [1]
+    for index in range(5):  # the limit in this fixture
+        service.publish(f"user/{user}/a", envelope(f"low{index}", "LOW"), qos=1)
+    service.publish(f"user/{user}/a", envelope("urgent", "URGENT"), qos=1)
+    (notice,) = service.expect(1)
+    body = json.loads(notice.payload)
+    assert notice.topic == f"service/{service_user}/evictions"
+    assert (body["user"], body["reason"], len(body["evicted"])) == (user, "queue_full", 1)
+    assert body["evicted"][0]["priority"] == "LOW"
+    phone = _come_back(broker, clients, user, phone_id)
+    assert [m.payload.decode() for m in phone.expect(5)] == ["urgent", "low1", "low2", "low3", "low4"]
+    assert broker.call(lambda: broker.broker.stats.offline_evicted) == 1
+
+
+def test_message_leaves_the_store_only_after_puback_and_is_redelivered_with_dup(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    for index in range(3):
+        service.publish(f"user/{user}/fills", envelope(f"fill{index}"), qos=1)
+
+    # A phone that receives but never acknowledges, then drops mid-replay.
+    sock = socket.create_connection(("127.0.0.1", broker.tcp_port), timeout=DEADLINE_S)
+    sock.sendall(
+        connect_packet(
+            phone_id, clean=False, username=user.encode(), password=token_for(user, "subscriber").encode()
+        )
+    )
+    assert sock.recv(4) == b"\x20\x02\x01\x00"  # CONNACK, session present
+    received = b""
+    deadline = time.monotonic() + DEADLINE_S
+    while received.count(b"/fills") < 3 and time.monotonic() < deadline:
+        received += sock.recv(4096)
+    assert received.count(b"/fills") == 3
+    sock.close()
+    assert _queue(broker, user)[0] == 3  # nothing was acknowledged, nothing left the store
+
+    phone = _come_back(broker, clients, user, phone_id)
+    got = phone.expect(3)
+    assert [m.payload.decode() for m in got] == ["fill0", "fill1", "fill2"]
+    assert all(m.dup for m in got)
+    wait_until(lambda: _queue(broker, user)[0] == 0, what="acked")
+
+
+def test_online_user_gets_messages_at_once_and_nothing_is_stored(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user = unique("alice")
+    laptop = clients(broker.tcp_port, username=user, password=token_for(user, "subscriber"))
+    laptop.connect()
+    laptop.subscribe(f"user/{user}/#", qos=1)
+    tablet = clients(
+        broker.ws_port, transport="websockets", username=user, password=token_for(user, "subscriber")
+    )
+    tablet.connect()
+    tablet.subscribe(f"user/{user}/#", qos=0)
+    result = broker.run(broker.broker.send_to_user(user, "alerts", b"hello", priority=Priority.HIGH))
+    assert (result.delivered, result.stored) == (2, None)
+    assert laptop.expect(1)[0].payload == b"hello"
+    (on_tablet,) = tablet.expect(1)
+    assert (on_tablet.payload, on_tablet.qos) == (b"hello", 0)
+    assert _queue(broker, user) == (0, 0)
+
+
+def test_send_to_user_from_python_stores_for_an_offline_user(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    result = broker.run(broker.broker.send_to_user(user, f"user/{user}/notices", b"kyc ok", ttl_s=60))
+    assert result.delivered == 0
+    assert result.stored is not None
+    assert (result.stored.priority, result.stored.topic) == (Priority.NORMAL, f"user/{user}/notices")
+    phone = _come_back(broker, clients, user, phone_id)
+    assert phone.expect(1)[0].payload == b"kyc ok"
+
+
+@pytest.mark.parametrize("topic", ["", "user/bob/x", "a/+/b", "x/"])
+def test_send_to_user_refuses_bad_addresses(broker: BrokerThread, topic: str) -> None:
+    with pytest.raises(MessageError):
+        broker.run(broker.broker.send_to_user("alice", topic or "user/alice/", b"x"))
+
+
+def test_malformed_envelope_is_refused_and_never_stored(broker: BrokerThread, clients: ClientFactory) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    _go_offline(broker, clients, user, phone_id)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    service.publish(f"user/{user}/a", b'{"mb_envelope": 1, "priority": "SOON", "payload": "x"}', qos=1)
+    service.publish(f"user/{user}/a", envelope("ok"), qos=1)
+    assert _queue(broker, user)[0] == 1
+    assert broker.call(lambda: broker.broker.stats.publishes_dropped["bad_priority"]) == 1
+    assert not service.disconnected.is_set()
+
+
+def test_market_ticks_are_not_queued_offline(broker: BrokerThread, clients: ClientFactory) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        broker.tcp_port,
+        client_id=phone_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    phone.subscribe("market/#", qos=1)
+    phone.close()
+    wait_until(lambda: phone_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
+    feed = clients(broker.tcp_port, role="feed")
+    feed.connect()
+    for last in ("1", "2", "3"):
+        feed.publish("market/luno/BTC-ZAR", make_tick(last=last).encode(), qos=1)
+    back = _come_back(broker, clients, user, phone_id)
+    (snapshot,) = back.expect(1)
+    assert (snapshot.retain, json.loads(snapshot.payload)["last"]) == (True, "3")
+    assert _queue(broker, user) == (0, 0)
+
+
+def test_subscriptions_are_listed_per_user(broker: BrokerThread, clients: ClientFactory) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        broker.tcp_port,
+        client_id=phone_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    phone.subscribe([(f"user/{user}/#", 1), ("market/luno/+", 0)])
+    wait_until(
+        lambda: (
+            broker.run(broker.broker.user_subscriptions(user))
+            == {phone_id: {f"user/{user}/#": 1, "market/luno/+": 0}}
+        ),
+        what="subscriptions persisted",
+    )
+
+
+def test_redis_outage_keeps_ticks_flowing_and_send_fails_clearly(
+    tmp_path: Any, clients: ClientFactory
+) -> None:
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        config = bridge_config(store={"redis_url": redis.url})
+        with BrokerThread(config) as running:
+            user, phone_id = unique("alice"), unique("phone")
+            _go_offline(running, clients, user, phone_id)
+            before = running.run(running.broker.send_to_user(user, "a", b"before outage"))
+            assert before.stored is not None
+
+            watcher = clients(running.ws_port, transport="websockets")
+            watcher.connect()
+            watcher.subscribe("market/#")
+            feed = clients(running.tcp_port, role="feed")
+            feed.connect()
+            redis.stop()
+            for last in ("10", "11", "12"):
+                feed.publish("market/luno/BTC-ZAR", make_tick(last=last).encode())
+            assert [json.loads(m.payload)["last"] for m in watcher.expect(3)] == ["10", "11", "12"]
+            with pytest.raises(StoreUnavailable):
+                running.run(running.broker.send_to_user(user, "a", b"during outage"))
+
+            redis.start()
+            wait_until(
+                lambda: _try_send(running, user, b"after outage"),
+                timeout=DEADLINE_S * 2,
+                what="store back without a restart",
+            )
+            feed.publish("market/luno/BTC-ZAR", make_tick(last="13").encode())
+            assert json.loads(watcher.expect(1)[0].payload)["last"] == "13"
+            phone = _come_back(running, clients, user, phone_id)
+            assert [m.payload for m in phone.expect(2)] == [b"before outage", b"after outage"]
+    finally:
+        redis.stop()
+
+
+def _try_send(broker: BrokerThread, user: str, payload: bytes) -> bool:
+    try:
+        broker.run(broker.broker.send_to_user(user, "a", payload))
+    except StoreUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_sigkill_restart_loses_nothing_stored(
+    procs: Callable[..., Proc],
+    clients: ClientFactory,
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Kill -9 the broker process, start it again: queue, subscriptions and snapshots are back."""
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    env = {
+        "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
+        "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
+        "MARKET_BRIDGE_FEEDS": "[]",
+    }
+    if kind == "redis":
+        env["MARKET_BRIDGE_STORE__REDIS_URL"] = request.getfixturevalue("redis_url")
+    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
+    key = SigningKey("dev", secret, "HS256")
+
+    def token(sub: str, role: Role) -> str:
+        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=600)
+
+    def start() -> tuple[Proc, int]:
+        proc = procs("run", env=env)
+        return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+
+    first, port = start()
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe([(f"user/{user}/#", 1), ("market/#", 0)]) == [1, 0]
+    phone.close()
+    feed = clients(port, username="feeder", password=token("feeder", "feed"))
+    feed.connect()
+    for last in ("1", "2"):
+        feed.publish("market/valr/ETH-ZAR", make_tick("valr", "ETH-ZAR", last=last).encode(), qos=1)
+    service = clients(port, username="svc", password=token("svc", "service"))
+    service.connect()
+    for index, priority in enumerate(["LOW", "URGENT", "NORMAL", "URGENT", "HIGH"]):
+        # QoS 1: the PUBACK comes only once the message is stored.
+        service.publish(f"user/{user}/orders", envelope(f"m{index}", priority), qos=1)
+    # Let the snapshot writer run (1 s interval): ticks are written behind, not per tick.
+    first.wait_for_line(r"connected .*feeder")
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and not _snapshot_saved(tmp_path, kind, env):
+        threading.Event().wait(0.1)
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(DEADLINE_S)
+
+    second, port = start()
+    back = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    back.connect()
+    got = back.expect(6)
+    snapshot = next(m for m in got if m.topic.startswith("market/"))
+    assert (snapshot.retain, json.loads(snapshot.payload)["last"], json.loads(snapshot.payload)["seq"]) == (
+        True,
+        "2",
+        2,
+    )
+    orders = [m.payload.decode() for m in got if m.topic.startswith("user/")]
+    assert orders == ["m1", "m3", "m4", "m2", "m0"]
+    # Sequencing continues after the restart instead of starting over.
+    feed = clients(port, username="feeder", password=token("feeder", "feed"))
+    feed.connect()
+    feed.publish("market/valr/ETH-ZAR", make_tick("valr", "ETH-ZAR", last="3").encode())
+    live = back.expect(1)[0]
+    assert json.loads(live.payload)["seq"] == 3
+    assert second.stop() == 0
+
+
+def _snapshot_saved(tmp_path: Path, kind: str, env: dict[str, str]) -> bool:
+    """Peek at the store from outside the broker, as an operator would."""
+
+    async def look() -> bool:
+        config = load_config_with(env, tmp_path)
+        store = await open_store(config.store)
+        try:
+            return any(s.topic == "market/valr/ETH-ZAR" and s.seq == 2 for s in await store.load_snapshots())
+        finally:
+            await store.close()
+
+    return asyncio.run(look())
+
+
+def load_config_with(env: dict[str, str], cwd: Path) -> BridgeConfig:
+    store: dict[str, Any] = {"path": str(cwd / "var" / "market-bridge.sqlite3")}
+    if "MARKET_BRIDGE_STORE__REDIS_URL" in env:
+        store["redis_url"] = env["MARKET_BRIDGE_STORE__REDIS_URL"]
+    return bridge_config(store=store)
