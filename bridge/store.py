@@ -10,8 +10,11 @@ Offline queue semantics (both stores):
 - A message expires at ``expires_at``; expired messages are never returned and are
   removed (and counted) when met.
 - Bounded per user by message count and payload bytes. On overflow the lowest-priority,
-  oldest message goes (the new one counts: a new LOW message into a queue full of higher
-  priorities is itself refused). What was evicted is returned, never silent.
+  oldest message goes (the new one counts, as the newest). What was evicted is returned,
+  lowest priority first, never silent. If the new message itself would go (it has strictly
+  the lowest priority of a full queue, or alone exceeds the byte limit), nothing queued
+  changes and the result is ``EnqueueResult(stored=None, evicted=(m,))`` where ``m`` is the
+  new message with ``id=""``.
 - A message leaves only on :meth:`OfflineStore.ack` (after the client's PUBACK);
   :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
 - Every multi-key change is atomic: a crash never leaves half a message.

@@ -43,7 +43,7 @@ Transport = Literal["tcp", "websockets"]
 _ids = itertools.count(1)
 
 
-def unique(prefix: str) -> str:
+def unique(prefix: str = "id") -> str:
     """Unique names per test so clients and topics never collide."""
     return f"{prefix}-{next(_ids)}"
 
