@@ -794,15 +794,29 @@ class MarketBroker(Broker):
         try:
             await handler.mqtt_publish(topic, payload, qos, retain=False)
             self.stats.deliveries += 1
+            return
+        except asyncio.CancelledError:
+            # amqtt cancels PUBACK waiters when the connection closes: not acknowledged.
+            failure = "connection closed"
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                await asyncio.shield(self._requeue(requeue, topic, failure))
+                raise
         except Exception as exc:
-            if requeue is None or self.store is None:
-                log.info("delivery on %s failed: %s", topic, exc)
-                return
-            # Not acknowledged by a persistent session: keep it for the next connection.
-            user, message = requeue
-            with suppress(StoreError):
-                await self.store.enqueue(user, message, now=self._clock())
-                self.stats.offline_stored += 1
+            failure = str(exc) or type(exc).__name__
+        await self._requeue(requeue, topic, failure)
+
+    async def _requeue(self, requeue: tuple[str, NewMessage] | None, topic: str, failure: str) -> None:
+        """A live delivery to a persistent session was not acknowledged: keep it for next time."""
+        if requeue is None or self.store is None:
+            log.info("delivery on %s failed: %s", topic, failure)
+            return
+        user, message = requeue
+        try:
+            await self.store.enqueue(user, message, now=self._clock())
+            self.stats.offline_stored += 1
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("lost a message for %s on %s: delivery failed (%s) and %s", user, topic, failure, exc)
 
     async def _replay_offline(self, connection: _Connection) -> None:
         assert self.store is not None

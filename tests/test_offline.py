@@ -428,3 +428,31 @@ def load_config_with(env: dict[str, str], cwd: Path) -> BridgeConfig:
     if "MARKET_BRIDGE_STORE__REDIS_URL" in env:
         store["redis_url"] = env["MARKET_BRIDGE_STORE__REDIS_URL"]
     return bridge_config(store=store)
+
+
+def test_messages_racing_a_disconnect_are_not_lost(broker: BrokerThread, clients: ClientFactory) -> None:
+    """Sent while the phone is hanging up: acknowledged live, or stored and replayed, never dropped."""
+    user, phone_id = unique("alice"), unique("phone")
+    store = {**broker.config.store.model_dump(), "queue_max_messages": 100}
+    with BrokerThread(bridge_config(store=store)) as running:
+        phone = clients(
+            running.tcp_port,
+            client_id=phone_id,
+            clean_session=False,
+            username=user,
+            password=token_for(user, "subscriber"),
+        )
+        phone.connect()
+        phone.subscribe(f"user/{user}/#", qos=1)
+        service = clients(running.tcp_port, role="service")
+        service.connect()
+        phone.paho.disconnect()
+        for index in range(50):
+            service.publish(f"user/{user}/fills", f"m{index}".encode(), qos=1)
+        phone.paho.loop_stop()
+        early = set()
+        while not phone.messages.empty():
+            early.add(phone.messages.get_nowait().payload)
+        back = _come_back(running, clients, user, phone_id)
+        late = {m.payload for m in back.expect(50 - len(early))}
+        assert early | late == {f"m{index}".encode() for index in range(50)}
