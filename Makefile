@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 2000 --rate 100
 	$(BIN)/python -m bench.connect --connections 2000 --idle 1000
+	$(BIN)/python -m bench.offline --messages 10000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -947,12 +947,15 @@ class MarketBroker(Broker):
     ) -> None:
         subscriptions = subscribe_waiter.result()
         codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
-        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         granted = [
             (sub[0], code)
             for sub, code in zip(subscriptions.topics, codes, strict=True)
             if code != _SUBACK_FAILURE
         ]
+        if granted:
+            # Durable before acknowledged: a SUBACK'd subscription survives a crash.
+            await self._persist_session(client_session)
+        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         for topic_filter, qos in granted:
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_SUBSCRIBED,
@@ -961,8 +964,6 @@ class MarketBroker(Broker):
                 qos=qos,
             )
         await self._send_retained(client_session, handler, granted)
-        if granted:
-            await self._persist_session(client_session)
 
     async def _handle_unsubscription(
         self, client_session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]

@@ -34,6 +34,7 @@ from bridge.config import (
 from bridge.errors import ConfigError, MarketBridgeError
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
+from bridge.offline import open_store
 from bridge.runtime import build_feed, pump, serve
 from feeds.publisher import MqttTickPublisher
 
@@ -159,6 +160,15 @@ async def _feed(args: argparse.Namespace) -> None:
         )
 
 
+async def _user_subscriptions(config: BridgeConfig, user: str) -> dict[str, dict[str, int]]:
+    """Read from the store directly, so it works whether or not the broker runs."""
+    store = await open_store(config.store)
+    try:
+        return {record.client_id: record.subscriptions for record in await store.user_sessions(user)}
+    finally:
+        await store.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="market-bridge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
 
     limits = commands.add_parser("limits", help="print the effective connection limits")
     limits.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+
+    subs = commands.add_parser(
+        "subscriptions", help="list a user's persistent sessions and their subscriptions"
+    )
+    subs.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    subs.add_argument("--user", required=True)
 
     token = commands.add_parser("token", help="mint a JWT from the configured key (development, tests)")
     token.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
@@ -226,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "limits":
             print(json.dumps(config.limits.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "subscriptions":
+            print(json.dumps(asyncio.run(_user_subscriptions(config, args.user)), indent=2, sort_keys=True))
             return 0
         if args.command == "token":
             extra: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.auth import Claims, KeyRing, TokenPolicy, VerificationKey, decide_auth
+from bridge.auth import Claims, KeyRing, SigningKey, TokenPolicy, VerificationKey, decide_auth, mint_token
 from bridge.config import DEV_SECRET_PATH
 from bridge.keys import generate_dev_secret
 from tests.conftest import DEADLINE_S, BrokerThread, Client, Proc, bridge_config, token_for
@@ -146,3 +146,22 @@ def test_limits_command_prints_the_effective_limits(procs: Callable[..., Proc], 
     assert proc.popen.wait(DEADLINE_S) == 0
     proc._reader.join(DEADLINE_S)
     assert json.loads("\n".join(proc.lines)) == {"max_connections_per_user": 3, "max_connections": 10000}
+
+
+def test_subscriptions_command_lists_a_users_persistent_sessions(
+    procs: Callable[..., Proc], clients: ClientFactory, tmp_path: Path
+) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
+    token = mint_token(
+        SigningKey("dev", secret, "HS256"), sub="alice", role="subscriber", now=time.time(), ttl_s=600
+    )
+    broker = procs("run", env=EPHEMERAL)
+    port = int(broker.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+    phone = clients(port, client_id="alice-phone", clean_session=False, username="alice", password=token)
+    phone.connect()
+    phone.subscribe([("user/alice/#", 1), ("market/luno/+", 0)])
+    listing = procs("subscriptions", "--user", "alice")
+    assert listing.popen.wait(DEADLINE_S) == 0
+    listing._reader.join(DEADLINE_S)
+    assert json.loads("\n".join(listing.lines)) == {"alice-phone": {"market/luno/+": 0, "user/alice/#": 1}}
