@@ -31,7 +31,8 @@ test: lint typecheck unit
 
 # Fan-out baseline: 1 TCP feed, 20 WebSocket subscribers (saturated, then paced).
 bench: $(STAMP)
-	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000
+	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz on
+	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz off
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 2000 --rate 100
 	$(BIN)/python -m bench.connect --connections 2000 --idle 1000
 	$(BIN)/python -m bench.offline --messages 10000

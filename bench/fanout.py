@@ -43,12 +43,19 @@ KEY = SigningKey(kid="bench", key=SECRET.encode(), algorithm="HS256")
 AUTH_YAML = f"auth: {{keys: [{{kid: bench, algorithms: [HS256], secret: {SECRET}}}]}}\n"
 
 
-def token(sub: str, role: Role) -> str:
-    return mint_token(KEY, sub=sub, role=role, now=time.time(), ttl_s=3600)
+ZONES = ("Africa/Lagos", "Africa/Nairobi", "Africa/Cairo", "Africa/Johannesburg", "Africa/Casablanca")
+
+
+def token(sub: str, role: Role, tz: str | None = None) -> str:
+    return mint_token(KEY, sub=sub, role=role, now=time.time(), ttl_s=3600, tz=tz)
 
 
 def _start_broker(config_text: str) -> tuple[subprocess.Popen[str], int, int]:
-    config = Path(tempfile.mkdtemp()) / "bench.yaml"
+    workdir = Path(tempfile.mkdtemp(prefix="market-bridge-bench-"))
+    config = workdir / "bench.yaml"
+    if "store:" not in config_text:
+        # A fresh embedded store per run: snapshots from an earlier run would skew counts.
+        config_text += f"store: {{path: {workdir / 'store.sqlite3'}}}\n"
     config.write_text(config_text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.cli", "run", "--config", str(config)],
@@ -110,7 +117,7 @@ def _subscriber_worker(
         client = mqtt.Client(CallbackAPIVersion.VERSION2, transport="websockets", protocol=mqtt.MQTTv311)
         client.ws_set_options(path="/mqtt")
         user = f"bench-{os.getpid()}-{index}"
-        client.username_pw_set(user, token(user, "subscriber"))
+        client.username_pw_set(user, token(user, "subscriber", ZONES[index % len(ZONES)]))
         client.on_message = on_message(index)
         client.on_subscribe = lambda *_a: subscribed.release()
         client.connect("127.0.0.1", port, keepalive=60)
@@ -151,10 +158,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--messages", type=int, default=5000, help="ticks published")
     parser.add_argument("--rate", type=float, default=0, help="ticks/s to publish; 0 = as fast as possible")
+    parser.add_argument("--tz", choices=["on", "off"], default="on", help="timestamp rewriting per zone")
     args = parser.parse_args()
 
     broker, ws_port, tcp_port = _start_broker(
-        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n" + AUTH_YAML
+        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n"
+        f"timezones: {{enabled: {'true' if args.tz == 'on' else 'false'}}}\n" + AUTH_YAML
     )
     broker_ps = psutil.Process(broker.pid)
     try:
@@ -204,7 +213,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "scenario": "fanout_qos0_ws",
+                "scenario": f"fanout_qos0_ws_tz_{args.tz}",
                 "subscribers": args.subscribers,
                 "published": args.messages,
                 "publish_rate_target": args.rate or "max",

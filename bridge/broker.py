@@ -76,6 +76,7 @@ from bridge.store import (
     Snapshot,
     StoreError,
 )
+from bridge.timezones import TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
@@ -111,6 +112,8 @@ class BrokerStats:
     offline_expired: int = 0
     offline_evicted: int = 0
     store_errors: int = 0
+    tz_rewrites: int = 0  # one per (message, zone): shared by every subscriber in the zone
+    tz_passthrough: int = 0
 
 
 class MarketProtocolHandler(BrokerProtocolHandler):
@@ -201,6 +204,7 @@ class _Connection:
 _OWNER = "market_bridge.owner"
 _ACL = "market_bridge.acl"
 _CLAIMS = "market_bridge.claims"
+_TZ = "market_bridge.tz"
 
 
 def session_acl(session: Session) -> Acl:
@@ -276,6 +280,12 @@ class MarketBroker(Broker):
         self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._sequencer = Sequencer()
+        tz = config.timezones
+        self._tz_enabled = tz.enabled
+        self._tz_fields = frozenset(tz.fields)
+        self._tz_switch = TopicSwitch([(rule.filter, rule.enabled) for rule in tz.rules])
+        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
+        self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
 
@@ -474,7 +484,8 @@ class MarketBroker(Broker):
                 return
             session = await self._adopt_session(incoming)
             acl = acl_for(claims) if claims is not None else ALLOW_ALL
-            session.attributes.update({_OWNER: user, _ACL: acl, _CLAIMS: claims})
+            zone = await self._zone_for(user, claims)
+            session.attributes.update({_OWNER: user, _ACL: acl, _CLAIMS: claims, _TZ: zone})
             if session.parent:
                 self._drop_subscriptions_outside(session, acl)
             handler.attach(session, reader, writer)
@@ -517,6 +528,50 @@ class MarketBroker(Broker):
         log.info("refused (%s): %s", reason, detail)
         with suppress(Exception):
             await ConnackPacket.build(0, code).to_stream(writer)
+
+    async def _zone_for(self, user: str, claims: Claims | None) -> str | None:
+        """The user's zone, decided once per connection: store override, token claim, default."""
+        if not self._tz_enabled:
+            return None
+        override = None
+        if self.store is not None and claims is not None:
+            try:
+                override = await self.store.get_user_tz(user)
+            except StoreError as exc:
+                log.warning("time zone override for %s unavailable (%s): using the token's", user, exc)
+        return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
+
+    async def set_user_tz(self, user: str, tz: str | None) -> None:
+        """Override (None: clear) a user's zone in the store and for their live connections."""
+        if tz is not None and not is_valid_zone(tz):
+            raise MessageError("bad_tz", f"{tz!r} is not an IANA time zone")
+        assert self.store is not None
+        await self.store.set_user_tz(user, tz)
+        for connection in self._connections.values():
+            if connection.user == user:
+                claims = session_claims(connection.session)
+                connection.session.attributes[_TZ] = await self._zone_for(user, claims)
+
+    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
+        """``data`` with timestamps in ``zone``: rewritten once per zone, shared via ``memo``."""
+        if zone is None or not self._tz_switch.enabled(topic):
+            return data
+        variant = memo.get(zone)
+        if variant is None:
+            result = rewrite(data, zone, fields=self._tz_fields)
+            variant = memo[zone] = result.payload
+            if result.rewritten:
+                self.stats.tz_rewrites += 1
+            else:
+                self.stats.tz_passthrough += 1
+        return variant
+
+    def _retained_localized(self, topic: str, data: bytes, zone: str | None) -> bytes:
+        source, memo = self._retained_variants.get(topic, (None, {}))
+        if source is not data:
+            memo = {}
+            self._retained_variants[topic] = (data, memo)
+        return self._localized(topic, data, zone, memo)
 
     def _owner_of(self, client_id: str) -> str | None:
         live = self._connections.get(client_id)
@@ -770,16 +825,18 @@ class MarketBroker(Broker):
         qos: int,
         requeue: tuple[str, NewMessage] | None,
     ) -> None:
+        variants: dict[str, bytes] = {}
         for session, sub_qos in targets:
             handler = self._get_handler(session)
             if handler is None:
                 continue
+            localized = self._localized(topic, payload, session.attributes.get(_TZ), variants)
             keep = (
                 requeue
                 if requeue and not session.clean_session and session.attributes.get(_OWNER) == requeue[0]
                 else None
             )
-            task = asyncio.create_task(self._deliver_one(handler, topic, payload, min(qos, sub_qos), keep))
+            task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos), keep))
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
 
@@ -859,7 +916,8 @@ class MarketBroker(Broker):
             return False
         qos = min(message.qos, self._best_qos(session, message.topic))
         packet_id = session.next_packet_id if qos > QOS_0 else None
-        outgoing = OutgoingApplicationMessage(packet_id, message.topic, qos, message.payload, False)
+        payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
+        outgoing = OutgoingApplicationMessage(packet_id, message.topic, qos, payload, False)
         if message.sent > 0 and qos > QOS_0:
             # Marks it as a retry: amqtt's flow then sends it with DUP set.
             outgoing.publish_packet = outgoing.build_publish_packet()
@@ -982,9 +1040,8 @@ class MarketBroker(Broker):
             qos = max((q for f, q in granted if matches(topic, f)), default=None)
             if qos is None:
                 continue
-            sends.append(
-                handler.mqtt_publish(topic, retained.data, min(qos, retained.qos or QOS_0), retain=True)
-            )
+            data = self._retained_localized(topic, bytes(retained.data), session.attributes.get(_TZ))
+            sends.append(handler.mqtt_publish(topic, data, min(qos, retained.qos or QOS_0), retain=True))
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -1018,6 +1075,7 @@ class MarketBroker(Broker):
             return
         publish_qos: int | None = broadcast.get("qos")
         market = topic.startswith(MARKET_PREFIX)
+        variants: dict[str, bytes] = {}
         for topic_filter in self._index.match(topic):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = sub_qos if publish_qos is None else min(publish_qos, sub_qos)
@@ -1029,7 +1087,8 @@ class MarketBroker(Broker):
                 handler = self._get_handler(target)
                 if handler is None:
                     continue
-                task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+                payload = self._localized(topic, data, target.attributes.get(_TZ), variants)
+                task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
                 self._deliveries.add(task)
                 task.add_done_callback(self._delivery_done)
 
@@ -1052,7 +1111,8 @@ class MarketBroker(Broker):
         while handler is not None and not queue.empty():
             message = queue.get_nowait()
             if acl.may_receive(message.topic):
-                sends.append(handler.mqtt_publish(message.topic, message.data, message.qos, retain=False))
+                data = self._localized(message.topic, bytes(message.data), session.attributes.get(_TZ), {})
+                sends.append(handler.mqtt_publish(message.topic, data, message.qos, retain=False))
         for result in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.info("offline replay to %s failed: %s", session.client_id, result)

@@ -36,6 +36,7 @@ from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.offline import open_store
 from bridge.runtime import build_feed, pump, serve
+from bridge.timezones import is_valid_zone
 from feeds.publisher import MqttTickPublisher
 
 __all__ = ["connect_banner", "main"]
@@ -169,6 +170,17 @@ async def _user_subscriptions(config: BridgeConfig, user: str) -> dict[str, dict
         await store.close()
 
 
+async def _user_tz(config: BridgeConfig, user: str, zone: str | None, *, clear: bool) -> str | None:
+    """Connected clients pick a change up on their next connection (the admin API: at once)."""
+    store = await open_store(config.store)
+    try:
+        if zone is not None or clear:
+            await store.set_user_tz(user, zone)
+        return await store.get_user_tz(user)
+    finally:
+        await store.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="market-bridge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +204,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     subs.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
     subs.add_argument("--user", required=True)
+
+    tz = commands.add_parser("tz", help="show, set or clear a user's time zone override (in the store)")
+    tz.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    tz.add_argument("--user", required=True)
+    change = tz.add_mutually_exclusive_group()
+    change.add_argument("--set", metavar="ZONE", help="IANA zone, e.g. Africa/Nairobi")
+    change.add_argument("--clear", action="store_true", help="back to the token's tz claim")
 
     token = commands.add_parser("token", help="mint a JWT from the configured key (development, tests)")
     token.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
@@ -242,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "limits":
             print(json.dumps(config.limits.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "tz":
+            if args.set is not None and not is_valid_zone(args.set):
+                raise ConfigError("--set", f"{args.set!r} is not an IANA time zone")
+            print(
+                asyncio.run(_user_tz(config, args.user, args.set, clear=args.clear))
+                or "(none: the token's tz claim applies)"
+            )
             return 0
         if args.command == "subscriptions":
             print(json.dumps(asyncio.run(_user_subscriptions(config, args.user)), indent=2, sort_keys=True))

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from bridge.errors import ConfigError
+from bridge.topics import is_valid_filter
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -46,6 +47,7 @@ __all__ = [
     "ReplayFeedConfig",
     "SimulatorFeedConfig",
     "StoreConfig",
+    "TimezonesConfig",
     "TlsConfig",
     "WsListenerConfig",
     "load_config",
@@ -262,6 +264,28 @@ class StoreConfig(_Strict):
     replay_window: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
+class TopicRewriteRule(_Strict):
+    filter: str
+    enabled: bool
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, value: str) -> str:
+        if not is_valid_filter(value):
+            raise ValueError(f"{value!r} is not a valid MQTT topic filter")
+        return value
+
+
+class TimezonesConfig(_Strict):
+    """Outgoing timestamps in each subscriber's own zone (see bridge/timezones.py)."""
+
+    enabled: bool = True
+    # JSON fields holding timestamps, at any depth.
+    fields: Annotated[list[str], Field(min_length=1)] = ["ts", "timestamp", "time", "created", "at"]
+    # First matching filter wins; topics matching none are rewritten.
+    rules: list[TopicRewriteRule] = []
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -282,6 +306,7 @@ class BridgeConfig(BaseSettings):
     auth: Annotated[AuthConfig, Field(validate_default=True)] = {}  # type: ignore[assignment]
     limits: LimitsConfig = LimitsConfig()
     store: StoreConfig = StoreConfig()
+    timezones: TimezonesConfig = TimezonesConfig()
     feeds: list[FeedConfig] = []
     logging: LoggingConfig = LoggingConfig()
 

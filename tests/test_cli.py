@@ -165,3 +165,18 @@ def test_subscriptions_command_lists_a_users_persistent_sessions(
     assert listing.popen.wait(DEADLINE_S) == 0
     listing._reader.join(DEADLINE_S)
     assert json.loads("\n".join(listing.lines)) == {"alice-phone": {"market/luno/+": 0, "user/alice/#": 1}}
+
+
+def test_tz_command_sets_shows_and_clears_an_override(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+
+    def tz(*args: str) -> list[str]:
+        proc = procs("tz", "--user", "alice", *args)
+        assert proc.popen.wait(DEADLINE_S) == (2 if "Mars/Base" in args else 0)
+        proc._reader.join(DEADLINE_S)
+        return proc.lines
+
+    assert tz("--set", "Africa/Nairobi") == ["Africa/Nairobi"]
+    assert tz() == ["Africa/Nairobi"]
+    assert tz("--set", "Mars/Base")[-1].endswith("'Mars/Base' is not an IANA time zone")
+    assert tz("--clear") == ["(none: the token's tz claim applies)"]

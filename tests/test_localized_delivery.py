@@ -1,0 +1,161 @@
+"""Timestamps in each subscriber's own zone on every delivery path, rewritten once per zone."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import BrokerThread, Client, bridge_config, make_tick, token_for, unique, wait_until
+
+ClientFactory = Callable[..., Client]
+ZONES = {"Africa/Lagos": "+01:00", "Africa/Nairobi": "+03:00", "Africa/Cairo": "+02:00"}
+# make_tick's ts is 2026-11-30T11:00:00.000Z: Cairo has no DST in November.
+LOCAL = {
+    "Africa/Lagos": "2026-11-30T12:00:00.000+01:00",
+    "Africa/Nairobi": "2026-11-30T14:00:00.000+03:00",
+    "Africa/Cairo": "2026-11-30T13:00:00.000+02:00",
+}
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerThread]:
+    config = bridge_config(timezones={"rules": [{"filter": "raw/#", "enabled": False}]})
+    with BrokerThread(config) as running:
+        yield running
+
+
+def _subscriber(broker: BrokerThread, clients: ClientFactory, tz: str | None, **kwargs: Any) -> Client:
+    user = kwargs.pop("username", None) or unique("trader")
+    extra: dict[str, Any] = {"tz": tz} if tz else {}
+    client = clients(
+        broker.ws_port,
+        transport="websockets",
+        username=user,
+        password=token_for(user, "subscriber", **extra),
+        **kwargs,
+    )
+    client.connect()
+    return client
+
+
+def _feed(broker: BrokerThread, clients: ClientFactory) -> Client:
+    feed = clients(broker.tcp_port, role="feed")
+    feed.connect()
+    return feed
+
+
+def test_live_ticks_arrive_in_each_subscribers_zone(broker: BrokerThread, clients: ClientFactory) -> None:
+    subs = {zone: _subscriber(broker, clients, zone) for zone in ZONES}
+    for sub in subs.values():
+        sub.subscribe("market/#")
+    _feed(broker, clients).publish("market/luno/BTC-ZAR", make_tick().encode())
+    for zone, sub in subs.items():
+        tick = json.loads(sub.expect(1)[0].payload)
+        assert (tick["ts"], tick["tz"], tick["last"]) == (LOCAL[zone], zone, "1250000")
+
+
+def test_retained_snapshot_arrives_in_each_subscribers_zone(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    _feed(broker, clients).publish("market/valr/BTC-ZAR", make_tick("valr").encode())
+    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
+    for zone in ZONES:
+        sub = _subscriber(broker, clients, zone)
+        sub.subscribe("market/valr/+")
+        (snapshot,) = sub.expect(1)
+        assert snapshot.retain
+        assert json.loads(snapshot.payload)["ts"] == LOCAL[zone]
+
+
+def test_offline_replay_arrives_in_the_users_zone(broker: BrokerThread, clients: ClientFactory) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    phone = _subscriber(
+        broker, clients, "Africa/Nairobi", username=user, client_id=phone_id, clean_session=False
+    )
+    phone.subscribe(f"user/{user}/#", qos=1)
+    phone.close()
+    wait_until(lambda: phone_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
+    fill = json.dumps({"order": 7, "created": "2026-11-30T11:00:00Z", "at": 1796036400}).encode()
+    result = broker.run(broker.broker.send_to_user(user, "fills", fill))
+    assert result.stored is not None
+    back = _subscriber(
+        broker, clients, "Africa/Nairobi", username=user, client_id=phone_id, clean_session=False
+    )
+    body = json.loads(back.expect(1)[0].payload)
+    assert body == {
+        "order": 7,
+        "created": "2026-11-30T14:00:00+03:00",
+        "at": 1796036400,
+        "at_local": "2026-11-30T14:00:00.000+03:00",
+        "tz": "Africa/Nairobi",
+    }
+
+
+def test_user_addressed_live_message_arrives_in_the_users_zone(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user = unique("alice")
+    phone = _subscriber(broker, clients, "Africa/Cairo", username=user)
+    phone.subscribe(f"user/{user}/#", qos=1)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    service.publish(f"user/{user}/alerts", b'{"time": "2026-07-01T09:30:00.500Z"}', qos=1)
+    # July: Cairo is on summer time (UTC+3).
+    assert json.loads(phone.expect(1)[0].payload)["time"] == "2026-07-01T12:30:00.500+03:00"
+
+
+def test_one_rewrite_per_zone_not_per_subscriber(broker: BrokerThread, clients: ClientFactory) -> None:
+    for zone in ZONES:
+        for _ in range(3):
+            _subscriber(broker, clients, zone).subscribe("market/#")
+    before = broker.call(lambda: broker.broker.stats.tz_rewrites)
+    feed = _feed(broker, clients)
+    watcher = _subscriber(broker, clients, "Africa/Lagos")
+    watcher.subscribe("market/#")
+    for last in ("1", "2"):
+        feed.publish("market/luno/BTC-ZAR", make_tick(last=last).encode())
+    watcher.expect(2)
+    wait_until(
+        lambda: broker.call(lambda: broker.broker.stats.tz_rewrites) - before == 2 * len(ZONES),
+        what="rewrites counted",
+    )
+    assert broker.call(lambda: broker.broker.stats.tz_rewrites) - before == 2 * len(ZONES)  # 10 subscribers
+
+
+def test_store_override_beats_the_token_claim(broker: BrokerThread, clients: ClientFactory) -> None:
+    user = unique("alice")
+    broker.run(broker.broker.set_user_tz(user, "Africa/Nairobi"))
+    sub = _subscriber(broker, clients, "Africa/Lagos", username=user)
+    sub.subscribe("market/#")
+    _feed(broker, clients).publish("market/luno/BTC-ZAR", make_tick().encode())
+    assert json.loads(sub.expect(1)[0].payload)["ts"] == LOCAL["Africa/Nairobi"]
+    # Cleared: back to the token's zone, for the live connection too.
+    broker.run(broker.broker.set_user_tz(user, None))
+    _feed(broker, clients).publish("market/luno/BTC-ZAR", make_tick().encode())
+    assert json.loads(sub.expect(1)[0].payload)["ts"] == LOCAL["Africa/Lagos"]
+
+
+def test_token_without_tz_gets_the_configured_default(broker: BrokerThread, clients: ClientFactory) -> None:
+    sub = _subscriber(broker, clients, None)
+    sub.subscribe("market/#")
+    _feed(broker, clients).publish("market/luno/BTC-ZAR", make_tick().encode())
+    tick = json.loads(sub.expect(1)[0].payload)
+    assert (tick["ts"], tick["tz"]) == ("2026-11-30T11:00:00.000+00:00", "UTC")
+
+
+def test_rules_switch_rewriting_off_per_topic_and_binary_passes_through(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user = unique("ops")
+    admin = clients(broker.tcp_port, username=user, password=token_for(user, "admin", tz="Africa/Lagos"))
+    admin.connect()
+    admin.subscribe([("raw/#", 0), ("bin/#", 0)])
+    raw = b'{"ts":"2026-11-30T11:00:00.000Z"}'
+    admin.publish("raw/x", raw)
+    admin.publish("bin/x", b"\x00\x01\xff")
+    got = {m.topic: m.payload for m in admin.expect(2)}
+    assert got == {"raw/x": raw, "bin/x": b"\x00\x01\xff"}
+    assert broker.call(lambda: broker.broker.stats.tz_passthrough) >= 1
