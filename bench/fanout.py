@@ -53,6 +53,8 @@ def token(sub: str, role: Role, tz: str | None = None) -> str:
 def _start_broker(config_text: str) -> tuple[subprocess.Popen[str], int, int]:
     workdir = Path(tempfile.mkdtemp(prefix="market-bridge-bench-"))
     config = workdir / "bench.yaml"
+    if "http:" not in config_text:
+        config_text += "http: {port: 0}\n"
     if "store:" not in config_text:
         # A fresh embedded store per run: snapshots from an earlier run would skew counts.
         config_text += f"store: {{path: {workdir / 'store.sqlite3'}}}\n"

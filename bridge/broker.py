@@ -30,7 +30,6 @@ import math
 import ssl
 import time
 import weakref
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageEr
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
+from bridge.stats import BrokerStats, topic_class
 from bridge.store import (
     NewMessage,
     OfflineMessage,
@@ -81,7 +81,7 @@ from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
-__all__ = ["BrokerStats", "MarketBroker", "SendResult"]
+__all__ = ["MarketBroker", "SendResult"]
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +89,6 @@ _SUBACK_FAILURE = 0x80
 USER_PREFIX = "user/"
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
-
-
-@dataclass
-class BrokerStats:
-    """Counters the broker keeps; metrics and tests read them."""
-
-    connections: int = 0
-    connects: int = 0
-    refusals: Counter[str] = field(default_factory=Counter)
-    ticks_accepted: int = 0
-    ticks_rejected: Counter[str] = field(default_factory=Counter)
-    publishes_dropped: Counter[str] = field(default_factory=Counter)
-    subscribes_denied: int = 0
-    deliveries: int = 0
-    offline_dropped: int = 0
-    keepalive_timeouts: int = 0
-    connect_timeouts: int = 0
-    token_expiries: int = 0
-    offline_stored: int = 0
-    offline_replayed: int = 0
-    offline_expired: int = 0
-    offline_evicted: int = 0
-    store_errors: int = 0
-    tz_rewrites: int = 0  # one per (message, zone): shared by every subscriber in the zone
-    tz_passthrough: int = 0
 
 
 class MarketProtocolHandler(BrokerProtocolHandler):
@@ -280,6 +255,7 @@ class MarketBroker(Broker):
         self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._sequencer = Sequencer()
+        self.draining = False
         tz = config.timezones
         self._tz_enabled = tz.enabled
         self._tz_fields = frozenset(tz.fields)
@@ -321,6 +297,22 @@ class MarketBroker(Broker):
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self._close_store()
 
+    async def drain(self, timeout_s: float) -> None:
+        """First half of a graceful stop: refuse new clients, let in-flight deliveries finish.
+
+        Readiness reports 503 from here on. Listeners close (WebSocket clients get a clean
+        1001 close), QoS 1 deliveries get up to ``timeout_s`` to be acknowledged (those that
+        are not go back to the store), snapshots are flushed. ``shutdown()`` then closes the
+        remaining sessions.
+        """
+        self.draining = True
+        log.info("draining: closing listeners, %d deliveries in flight", len(self._deliveries))
+        await self._close_servers()
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=timeout_s)
+        if self._snapshots is not None:
+            await self._snapshots.flush()
+
     async def _close_store(self) -> None:
         """Stop the snapshot writer (after a last flush) and close a store we opened."""
         if self._snapshot_task is not None:
@@ -350,6 +342,22 @@ class MarketBroker(Broker):
 
     def listener_names(self) -> list[str]:
         return list(self._servers)
+
+    def listener_connections(self) -> dict[str, int]:
+        return {name: server.conn_count for name, server in self._servers.items()}
+
+    def connection_list(self) -> list[dict[str, Any]]:
+        """Live connections for the admin API (no credentials)."""
+        return [
+            {
+                "client_id": c.client_id,
+                "user": c.user,
+                "remote": f"{c.session.remote_address}:{c.session.remote_port}",
+                "clean_session": bool(c.session.clean_session),
+                "tz": c.session.attributes.get(_TZ),
+            }
+            for c in self._connections.values()
+        ]
 
     async def _start_listeners(self) -> None:
         # amqtt's start() has just cleared its state: restore ours before anyone can connect.
@@ -692,6 +700,7 @@ class MarketBroker(Broker):
 
     async def _route_inbound(self, client_session: Session, message: ApplicationMessage) -> bool:
         topic = message.topic
+        self.stats.messages_in[topic_class(topic or "")] += 1
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
             log.info("client %s published to invalid topic %r: closing", client_session.client_id, topic)
@@ -784,9 +793,15 @@ class MarketBroker(Broker):
         owners_live = [target for target in live if target[0].attributes.get(_OWNER) == user]
         if not owners_live and persistent_offline:
             assert self.store is not None
-            result = await self.store.enqueue(
-                user, NewMessage(full, payload, priority, ttl, QOS_1), now=self._clock()
-            )
+            started = time.perf_counter()
+            try:
+                result = await self.store.enqueue(
+                    user, NewMessage(full, payload, priority, ttl, QOS_1), now=self._clock()
+                )
+            except StoreError:
+                self.stats.store_errors += 1
+                raise
+            self.stats.store_seconds.observe(time.perf_counter() - started)
             self.stats.offline_stored += result.stored is not None
             self.stats.offline_evicted += len(result.evicted)
             if result.evicted:
@@ -837,6 +852,7 @@ class MarketBroker(Broker):
                 else None
             )
             task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos), keep))
+            self.stats.messages_out["user"] += 1
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
 
@@ -1067,6 +1083,23 @@ class MarketBroker(Broker):
 
     # ------------------------------------------------------------------ fan-out
 
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        broadcast: dict[str, Any] = {
+            "session": session,
+            "topic": topic,
+            "data": data,
+            "queued": time.perf_counter(),
+        }
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        await self._broadcast_queue.put(broadcast)
+
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
         topic: str = broadcast["topic"]
@@ -1075,6 +1108,7 @@ class MarketBroker(Broker):
             return
         publish_qos: int | None = broadcast.get("qos")
         market = topic.startswith(MARKET_PREFIX)
+        klass = topic_class(topic)
         variants: dict[str, bytes] = {}
         for topic_filter in self._index.match(topic):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
@@ -1091,6 +1125,9 @@ class MarketBroker(Broker):
                 task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
                 self._deliveries.add(task)
                 task.add_done_callback(self._delivery_done)
+                self.stats.messages_out[klass] += 1
+        if "queued" in broadcast:
+            self.stats.fanout_seconds.observe(time.perf_counter() - broadcast["queued"])
 
     def _delivery_done(self, task: asyncio.Task[Any]) -> None:
         self._deliveries.discard(task)

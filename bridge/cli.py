@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import re
 import signal
 import sys
@@ -32,6 +33,7 @@ from bridge.config import (
     load_config,
 )
 from bridge.errors import ConfigError, MarketBridgeError
+from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.offline import open_store
@@ -40,6 +42,8 @@ from bridge.timezones import is_valid_zone
 from feeds.publisher import MqttTickPublisher
 
 __all__ = ["connect_banner", "main"]
+
+log = logging.getLogger("bridge.cli")
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -84,7 +88,7 @@ def mint(
     )
 
 
-def connect_banner(broker: MarketBroker, config: BridgeConfig) -> str:
+def connect_banner(broker: MarketBroker, config: BridgeConfig, http: HttpServer | None = None) -> str:
     """How to connect, with commands that work as printed (and a token when auth is on)."""
     lines = ["market-bridge is serving market/<exchange>/<pair> (e.g. market/luno/BTC-ZAR)", ""]
     listeners = config.listeners
@@ -120,6 +124,12 @@ def connect_banner(broker: MarketBroker, config: BridgeConfig) -> str:
             f"{cred_paho} c.on_message=lambda c,u,msg: print(msg.topic, msg.payload.decode());"
             f" c.connect('{listeners.tcp.host}', {port}); c.subscribe('market/#'); c.loop_forever()\"",
         ]
+    if http is not None:
+        base = f"http://{config.http.host}:{http.port}"
+        lines += [
+            f"  HTTP       {base}   (/healthz, /readyz, /metrics, /admin/..., docs at /docs)",
+            f"    curl {base}/readyz",
+        ]
     lines += ["", "Press Ctrl-C to stop."]
     return "\n".join(lines)
 
@@ -128,9 +138,11 @@ async def _run(config: BridgeConfig, *, banner: bool) -> None:
     stop = asyncio.Event()
     _stop_on_signals(stop)
 
-    def ready(broker: MarketBroker) -> None:
+    def ready(broker: MarketBroker, http: HttpServer | None) -> None:
+        if http is not None:
+            log.info("http listening on %s:%s", config.http.host, http.port)
         if banner:
-            print(connect_banner(broker, config), flush=True)
+            print(connect_banner(broker, config, http), flush=True)
 
     await serve(config, stop=stop, on_ready=ready)
 

@@ -39,6 +39,7 @@ __all__ = [
     "AuthConfig",
     "BridgeConfig",
     "BrokerSettings",
+    "HttpConfig",
     "KeyConfig",
     "LimitsConfig",
     "ListenerConfig",
@@ -122,6 +123,8 @@ class BrokerSettings(_Strict):
     # amqtt keeps a persistent session's offline QoS>0 messages in memory: cap them.
     max_offline_messages: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
     takeover_timeout_s: PositiveSeconds = 5.0
+    # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
+    drain_timeout_s: PositiveSeconds = 10.0
 
 
 class SimulatorFeedConfig(_Strict):
@@ -286,6 +289,14 @@ class TimezonesConfig(_Strict):
     rules: list[TopicRewriteRule] = []
 
 
+class HttpConfig(_Strict):
+    """Health, readiness, Prometheus metrics and the admin API, on their own port."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8081
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -307,6 +318,7 @@ class BridgeConfig(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     store: StoreConfig = StoreConfig()
     timezones: TimezonesConfig = TimezonesConfig()
+    http: HttpConfig = HttpConfig()
     feeds: list[FeedConfig] = []
     logging: LoggingConfig = LoggingConfig()
 

@@ -8,12 +8,14 @@ broker closes its listeners and clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
 from bridge.errors import ConfigError, FeedError
+from bridge.http import HttpServer
 from feeds.base import Feed, TickSink
 from feeds.poller import SPECS, HttpPoller
 from feeds.replay import ReplayFeed
@@ -63,17 +65,28 @@ async def serve(
     config: BridgeConfig,
     *,
     stop: asyncio.Event,
-    on_ready: Callable[[MarketBroker], None] | None = None,
+    on_ready: Callable[[MarketBroker, HttpServer | None], None] | None = None,
 ) -> None:
-    """Run broker and feeds until ``stop`` is set."""
+    """Run broker, HTTP surface and feeds until ``stop`` is set, then stop gracefully.
+
+    Order on stop: feeds end; the broker drains (readiness turns 503 at once, listeners close,
+    in-flight deliveries get ``broker.drain_timeout_s``, snapshots are flushed); the HTTP
+    server stops; the broker closes its sessions and the store.
+    """
     feeds = [build_feed(entry, index) for index, entry in enumerate(config.feeds)]
     broker = MarketBroker(config)
-    async with broker.running():
+    async with broker.running(), contextlib.AsyncExitStack() as stack:
+        http = None
+        if config.http.enabled:
+            http = await stack.enter_async_context(HttpServer(broker, config.http.host, config.http.port))
         if on_ready is not None:
-            on_ready(broker)
+            on_ready(broker, http)
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(pump(feed, broker), name=f"feed:{feed.name}") for feed in feeds]
+            if http is not None:
+                tasks.append(group.create_task(http.metrics.lag.run(), name="loop-lag"))
             await stop.wait()
-            log.info("stopping: %d feed(s), then the broker", len(tasks))
+            log.info("stopping: %d feed(s), then draining the broker", len(feeds))
             for task in tasks:
                 task.cancel()
+        await broker.drain(config.broker.drain_timeout_s)

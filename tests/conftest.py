@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig
+from bridge.http import HttpServer
 from feeds.tick import Tick
 from tests.redis_server import RedisProcess
 
@@ -157,8 +158,10 @@ def bridge_config(**overrides: Any) -> BridgeConfig:
 class BrokerThread:
     """A MarketBroker on its own loop in a daemon thread; ``stop()`` shuts it down."""
 
-    def __init__(self, config: BridgeConfig, **broker_kwargs: Any) -> None:
+    def __init__(self, config: BridgeConfig, *, http: bool = False, **broker_kwargs: Any) -> None:
         self.config = config
+        self._with_http = http
+        self.http: HttpServer | None = None
         self._kwargs = broker_kwargs
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="broker-loop", daemon=True)
@@ -180,7 +183,14 @@ class BrokerThread:
     async def _start(self) -> MarketBroker:
         broker = MarketBroker(self.config, **self._kwargs)
         await broker.start()
+        if self._with_http:
+            self.http = await HttpServer(broker, "127.0.0.1", 0).__aenter__()
         return broker
+
+    @property
+    def http_url(self) -> str:
+        assert self.http is not None, "started without http=True"
+        return f"http://127.0.0.1:{self.http.port}"
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = DEADLINE_S) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -220,6 +230,9 @@ class BrokerThread:
         return self.call(dump)
 
     def stop(self) -> None:
+        if self.http is not None:
+            http, self.http = self.http, None
+            self.run(http.__aexit__(None, None, None))
         if self._broker is not None:
             broker, self._broker = self._broker, None
             try:

@@ -19,7 +19,11 @@ from tests.conftest import DEADLINE_S, BrokerThread, Client, Proc, bridge_config
 ClientFactory = Callable[..., Client]
 
 
-EPHEMERAL = {"MARKET_BRIDGE_LISTENERS__TCP__PORT": "0", "MARKET_BRIDGE_LISTENERS__WS__PORT": "0"}
+EPHEMERAL = {
+    "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
+    "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
+    "MARKET_BRIDGE_HTTP__PORT": "0",
+}
 
 
 def test_demo_serves_simulated_ticks_over_tcp_and_websocket(

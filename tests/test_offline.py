@@ -347,6 +347,7 @@ def test_sigkill_restart_loses_nothing_stored(
     env = {
         "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
         "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
+        "MARKET_BRIDGE_HTTP__PORT": "0",
         "MARKET_BRIDGE_FEEDS": "[]",
     }
     if kind == "redis":

@@ -1,0 +1,125 @@
+"""Prometheus exposition of the broker's counters, built on scrape, plus event-loop lag.
+
+A custom collector reads :class:`~bridge.stats.BrokerStats` when ``/metrics`` is fetched,
+so nothing is done per message for metrics. Each broker gets its own registry (several
+brokers in one process, as in tests, never collide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from bridge.stats import Histogram
+
+if TYPE_CHECKING:
+    from bridge.broker import MarketBroker
+
+__all__ = ["LoopLagMonitor", "MetricsRegistry"]
+
+
+class LoopLagMonitor:
+    """How late the event loop wakes a timer: the whole broker's responsiveness in one number."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.last_s = 0.0
+        self.max_s = 0.0
+        self.histogram = Histogram()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            lag = max(0.0, loop.time() - expected)
+            self.last_s = lag
+            self.max_s = max(self.max_s, lag)
+            self.histogram.observe(lag)
+
+
+def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.total)
+
+
+class _BrokerCollector(Collector):
+    def __init__(self, broker: MarketBroker, lag: LoopLagMonitor) -> None:
+        self._broker = broker
+        self._lag = lag
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._broker.stats
+        yield GaugeMetricFamily("mb_connections", "Open MQTT connections", value=stats.connections)
+        per_listener = GaugeMetricFamily(
+            "mb_listener_connections", "Open connections per listener", labels=["listener"]
+        )
+        for name, count in self._broker.listener_connections().items():
+            per_listener.add_metric([name], count)
+        yield per_listener
+        yield CounterMetricFamily("mb_connects", "Accepted CONNECTs", value=stats.connects)
+        refusals = CounterMetricFamily("mb_refusals", "Refused CONNECTs by reason", labels=["reason"])
+        for reason, count in sorted(stats.refusals.items()):
+            refusals.add_metric([reason], count)
+        yield refusals
+        yield CounterMetricFamily(
+            "mb_token_expiries", "Connections closed at token exp", value=stats.token_expiries
+        )
+        yield CounterMetricFamily(
+            "mb_keepalive_timeouts", "Connections dropped by keep-alive", value=stats.keepalive_timeouts
+        )
+        for direction, counter in (("in", stats.messages_in), ("out", stats.messages_out)):
+            family = CounterMetricFamily(
+                f"mb_messages_{direction}", f"Messages {direction} by topic class", labels=["topic_class"]
+            )
+            for klass, count in sorted(counter.items()):
+                family.add_metric([klass], count)
+            yield family
+        drops = CounterMetricFamily("mb_drops", "Dropped messages by reason", labels=["reason"])
+        for reason, count in sorted(stats.ticks_rejected.items()):
+            drops.add_metric([f"invalid_tick:{reason}"], count)
+        for reason, count in sorted(stats.publishes_dropped.items()):
+            drops.add_metric([reason], count)
+        drops.add_metric(["subscribe_denied"], stats.subscribes_denied)
+        drops.add_metric(["offline_queue_full"], stats.offline_dropped)
+        yield drops
+        offline = CounterMetricFamily("mb_offline", "Offline messages by outcome", labels=["outcome"])
+        for outcome, count in (
+            ("stored", stats.offline_stored),
+            ("replayed", stats.offline_replayed),
+            ("expired", stats.offline_expired),
+            ("evicted", stats.offline_evicted),
+        ):
+            offline.add_metric([outcome], count)
+        yield offline
+        yield CounterMetricFamily("mb_store_errors", "Store operations that failed", value=stats.store_errors)
+        yield CounterMetricFamily("mb_ticks_accepted", "Valid ticks accepted", value=stats.ticks_accepted)
+        yield CounterMetricFamily(
+            "mb_tz_rewrites", "Timestamp rewrites (one per message and zone)", value=stats.tz_rewrites
+        )
+        yield _histogram(
+            "mb_fanout_seconds", "Publish queued to last delivery scheduled", stats.fanout_seconds
+        )
+        yield _histogram("mb_store_seconds", "Store enqueue latency", stats.store_seconds)
+        yield _histogram("mb_event_loop_lag_seconds", "Event-loop timer lateness", self._lag.histogram)
+        yield GaugeMetricFamily(
+            "mb_event_loop_lag_max_seconds", "Largest event-loop lag seen", value=self._lag.max_s
+        )
+
+
+class MetricsRegistry:
+    """The broker's metrics: ``render()`` gives Prometheus text for ``/metrics``."""
+
+    def __init__(self, broker: MarketBroker) -> None:
+        self.lag = LoopLagMonitor()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_BrokerCollector(broker, self.lag))
+        self.started = time.time()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

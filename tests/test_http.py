@@ -1,0 +1,332 @@
+"""Health, readiness, metrics and the admin API: real HTTP requests to a real broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    TEST_SECRET,
+    BrokerThread,
+    Client,
+    bridge_config,
+    make_tick,
+    token_for,
+    unique,
+    wait_until,
+)
+from tests.redis_server import RedisProcess
+
+ClientFactory = Callable[..., Client]
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerThread]:
+    with BrokerThread(bridge_config(), http=True) as running:
+        yield running
+
+
+@pytest.fixture
+def http(broker: BrokerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=broker.http_url, timeout=10) as client:
+        yield client
+
+
+def _admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(unique('ops'), 'admin')}"}
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}{{{re.escape(label)}}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_healthz_and_readyz(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+
+
+def test_readyz_follows_redis_going_away_and_coming_back(tmp_path: Path) -> None:
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        with (
+            BrokerThread(bridge_config(store={"redis_url": redis.url}), http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=10) as http,
+        ):
+            assert http.get("/readyz").status_code == 200
+            redis.stop()
+            unready = http.get("/readyz")
+            assert unready.status_code == 503
+            assert "store unreachable" in unready.json()["reason"]
+            redis.start()
+            wait_until(lambda: http.get("/readyz").status_code == 200, what="ready again")
+    finally:
+        redis.stop()
+
+
+def test_readyz_turns_503_as_soon_as_draining_starts(broker: BrokerThread, http: httpx.Client) -> None:
+    broker.run(broker.broker.drain(1.0))
+    unready = http.get("/readyz")
+    assert (unready.status_code, unready.json()["reason"]) == (503, "shutting down")
+    assert http.get("/healthz").status_code == 200
+
+
+def test_metrics_change_as_traffic_flows(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory
+) -> None:
+    before = http.get("/metrics").text
+    assert "# TYPE mb_connections gauge" in before
+    sub = clients(broker.tcp_port, role="subscriber")
+    sub.connect()
+    sub.subscribe("market/#")
+    feed = clients(broker.tcp_port, role="feed")
+    feed.connect()
+    feed.publish("market/luno/BTC-ZAR", make_tick().encode())
+    feed.publish("market/luno/BTC-ZAR", b"not a tick")
+    sub.expect(1)
+    clients(broker.tcp_port, username="x", password="garbage").connect(expect=5)
+    wait_until(
+        lambda: _metric(http.get("/metrics").text, "mb_drops_total", reason="invalid_tick:not_json") == 1,
+        what="the bad tick counted",
+    )
+    after = http.get("/metrics").text
+    assert _metric(after, "mb_connections") == 2
+    assert _metric(after, "mb_listener_connections", listener="tcp") == 2
+    assert _metric(after, "mb_ticks_accepted_total") == _metric(before, "mb_ticks_accepted_total") + 1
+    assert _metric(after, "mb_messages_in_total", topic_class="market") == 2
+    assert _metric(after, "mb_messages_out_total", topic_class="market") == 1
+    assert _metric(after, "mb_drops_total", reason="invalid_tick:not_json") == 1
+    assert _metric(after, "mb_refusals_total", reason="malformed") == 1
+    assert _metric(after, "mb_fanout_seconds_count") >= 1
+    assert "mb_event_loop_lag_seconds_bucket" in after
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer not-a-jwt"}, 401),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, 401),
+        ({"Authorization": f"Bearer {token_for('eve', 'subscriber')}"}, 403),
+        ({"Authorization": f"Bearer {token_for('svc', 'service')}"}, 403),
+        ({"Authorization": f"Bearer {token_for('old', 'admin', ttl_s=-3600)}"}, 401),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/admin/connections", None),
+        ("GET", "/admin/users/alice/subscriptions", None),
+        ("POST", "/admin/users/alice/messages", {"topic": "a", "payload": "x"}),
+        ("PUT", "/admin/users/alice/tz", {"tz": "Africa/Lagos"}),
+        ("GET", "/admin/config", None),
+    ],
+)
+def test_admin_api_needs_an_admin_token(
+    http: httpx.Client, headers: dict[str, str], status: int, method: str, path: str, body: Any
+) -> None:
+    response = http.request(method, path, headers=headers, json=body)
+    assert response.status_code == status
+    assert response.json()["error"] == ("unauthorized" if status == 401 else "forbidden")
+
+
+def test_connections_show_pool_health(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory
+) -> None:
+    user = unique("alice")
+    for _ in range(2):
+        clients(
+            broker.ws_port,
+            transport="websockets",
+            username=user,
+            password=token_for(user, "subscriber", tz="Africa/Lagos"),
+        ).connect()
+    body = http.get("/admin/connections", headers=_admin()).json()
+    assert body["total"] == 2
+    assert body["per_user"] == {user: 2}
+    assert body["limits"] == {"max_connections": 10000, "max_connections_per_user": 10}
+    assert body["per_listener"] == {"ws": 2, "tcp": 0}
+    assert {c["tz"] for c in body["connections"]} == {"Africa/Lagos"}
+
+
+def test_user_subscriptions_are_listed(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        broker.tcp_port,
+        client_id=phone_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    phone.subscribe(f"user/{user}/#", qos=1)
+    got = http.get(f"/admin/users/{user}/subscriptions", headers=_admin())
+    assert (got.status_code, got.json()) == (200, {phone_id: {f"user/{user}/#": 1}})
+
+
+def test_send_message_delivers_or_stores_then_202(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory
+) -> None:
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        broker.tcp_port,
+        client_id=phone_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    phone.subscribe(f"user/{user}/#", qos=1)
+    online = http.post(
+        f"/admin/users/{user}/messages",
+        headers=_admin(),
+        json={"topic": "alerts", "payload": "hello", "priority": "HIGH"},
+    )
+    assert (online.status_code, online.json()) == (202, {"delivered": 1, "stored": False, "evicted": []})
+    assert phone.expect(1)[0].payload == b"hello"
+    phone.close()
+    wait_until(lambda: phone_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
+    offline = http.post(
+        f"/admin/users/{user}/messages",
+        headers=_admin(),
+        json={
+            "topic": f"user/{user}/bin",
+            "payload_b64": base64.b64encode(b"\x00\x01").decode(),
+            "ttl_s": 60,
+        },
+    )
+    assert (offline.status_code, offline.json()["stored"]) == (202, True)
+    back = clients(
+        broker.tcp_port,
+        client_id=phone_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    back.connect()
+    assert back.expect(1)[0].payload == b"\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"topic": "a"}, ""),
+        ({"topic": "a", "payload": "x", "payload_b64": "AA=="}, ""),
+        ({"topic": "a", "payload": "x", "priority": "SOON"}, "priority"),
+        ({"topic": "a", "payload": "x", "ttl_s": -1}, "ttl_s"),
+        ({"topic": "a", "payload": "x", "extra": 1}, "extra"),
+        ({"payload": "x"}, "topic"),
+        ({"topic": "user/bob/x", "payload": "x"}, None),
+        ({"topic": "a/+", "payload": "x"}, None),
+        ({"topic": "a", "payload_b64": "***"}, None),
+    ],
+)
+def test_bad_message_bodies_get_json_errors(
+    http: httpx.Client, body: dict[str, Any], field: str | None
+) -> None:
+    response = http.post("/admin/users/alice/messages", headers=_admin(), json=body)
+    assert response.status_code == 422
+    error = response.json()
+    assert error["error"] == "invalid_request"
+    if field is not None:
+        assert field in [problem["field"] for problem in error["detail"]]
+
+
+def test_send_message_is_503_when_the_store_is_down(tmp_path: Path, clients: ClientFactory) -> None:
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        with (
+            BrokerThread(bridge_config(store={"redis_url": redis.url}), http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=20) as http,
+        ):
+            user, phone_id = unique("alice"), unique("phone")
+            phone = clients(
+                running.tcp_port,
+                client_id=phone_id,
+                clean_session=False,
+                username=user,
+                password=token_for(user, "subscriber"),
+            )
+            phone.connect()
+            phone.subscribe(f"user/{user}/#", qos=1)
+            phone.close()
+            wait_until(
+                lambda: phone_id not in running.call(lambda: dict(running.broker._connections)),
+                what="offline",
+            )
+            redis.stop()
+            response = http.post(
+                f"/admin/users/{user}/messages", headers=_admin(), json={"topic": "a", "payload": "x"}
+            )
+            assert (response.status_code, response.json()["error"]) == (503, "unavailable")
+    finally:
+        redis.stop()
+
+
+def test_set_tz_applies_to_live_connections(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory
+) -> None:
+    user = unique("alice")
+    sub = clients(broker.tcp_port, username=user, password=token_for(user, "subscriber", tz="Africa/Lagos"))
+    sub.connect()
+    sub.subscribe("market/#")
+    assert (
+        http.put(f"/admin/users/{user}/tz", headers=_admin(), json={"tz": "Africa/Nairobi"}).status_code
+        == 200
+    )
+    feed = clients(broker.tcp_port, role="feed")
+    feed.connect()
+    feed.publish("market/luno/BTC-ZAR", make_tick().encode())
+    assert json.loads(sub.expect(1)[0].payload)["tz"] == "Africa/Nairobi"
+    bad = http.put(f"/admin/users/{user}/tz", headers=_admin(), json={"tz": "Mars/Base"})
+    assert (bad.status_code, bad.json()["error"]) == (422, "invalid_request")
+
+
+def test_config_is_shown_with_secrets_redacted(http: httpx.Client) -> None:
+    response = http.get("/admin/config", headers=_admin())
+    assert response.status_code == 200
+    assert TEST_SECRET not in response.text
+    assert response.json()["auth"]["keys"][0]["secret"] == "**********"
+    assert response.json()["limits"]["max_connections_per_user"] == 10
+
+
+def test_openapi_documents_the_api(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/healthz", "/readyz", "/metrics", "/admin/connections", "/admin/users/{user}/messages"} <= set(
+        paths
+    )
+
+
+def test_no_token_text_ever_reaches_the_logs(
+    broker: BrokerThread, http: httpx.Client, clients: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    user = unique("alice")
+    good = token_for(user, "subscriber")
+    clients(broker.tcp_port, username=user, password=good).connect()
+    expired = token_for(user, "subscriber", ttl_s=-3600)
+    clients(broker.tcp_port, username=user, password=expired).connect(expect=5)
+    clients(broker.tcp_port, username="mallory", password=good).connect(expect=5)
+    admin_token = _admin()["Authorization"].split()[1]
+    http.get("/admin/connections", headers={"Authorization": f"Bearer {admin_token}"})
+    http.get("/admin/connections", headers={"Authorization": f"Bearer {good}"})
+    assert "refused" in caplog.text
+    for secret in (good, expired, admin_token, TEST_SECRET):
+        assert secret not in caplog.text
+        # Nor a recognisable piece of it (e.g. the signature).
+        assert secret.split(".")[-1] not in caplog.text
