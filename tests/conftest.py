@@ -369,6 +369,20 @@ def broker() -> Iterator[BrokerThread]:
         yield running
 
 
+def persistent_client(
+    clients: Callable[..., Client], port: int, user: str, client_id: str, **kwargs: Any
+) -> Client:
+    """A not-yet-connected subscriber with a persistent session (clean_session=False) for ``user``."""
+    return clients(
+        port,
+        client_id=client_id,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def clients() -> Iterator[Callable[..., Client]]:
     """Clients that log in with a fresh token (role ``admin`` unless told) unless given credentials."""

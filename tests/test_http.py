@@ -19,6 +19,7 @@ from tests.conftest import (
     Client,
     bridge_config,
     make_tick,
+    persistent_client,
     token_for,
     unique,
     wait_until,
@@ -165,13 +166,7 @@ def test_user_subscriptions_are_listed(
     broker: BrokerThread, http: httpx.Client, clients: ClientFactory
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        broker.tcp_port,
-        client_id=phone_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, broker.tcp_port, user, phone_id)
     phone.connect()
     phone.subscribe(f"user/{user}/#", qos=1)
     got = http.get(f"/admin/users/{user}/subscriptions", headers=_admin())
@@ -182,13 +177,7 @@ def test_send_message_delivers_or_stores_then_202(
     broker: BrokerThread, http: httpx.Client, clients: ClientFactory
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        broker.tcp_port,
-        client_id=phone_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, broker.tcp_port, user, phone_id)
     phone.connect()
     phone.subscribe(f"user/{user}/#", qos=1)
     online = http.post(
@@ -210,13 +199,7 @@ def test_send_message_delivers_or_stores_then_202(
         },
     )
     assert (offline.status_code, offline.json()["stored"]) == (202, True)
-    back = clients(
-        broker.tcp_port,
-        client_id=phone_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    back = persistent_client(clients, broker.tcp_port, user, phone_id)
     back.connect()
     assert back.expect(1)[0].payload == b"\x00\x01"
 
@@ -255,13 +238,7 @@ def test_send_message_is_503_when_the_store_is_down(tmp_path: Path, clients: Cli
             httpx.Client(base_url=running.http_url, timeout=20) as http,
         ):
             user, phone_id = unique("alice"), unique("phone")
-            phone = clients(
-                running.tcp_port,
-                client_id=phone_id,
-                clean_session=False,
-                username=user,
-                password=token_for(user, "subscriber"),
-            )
+            phone = persistent_client(clients, running.tcp_port, user, phone_id)
             phone.connect()
             phone.subscribe(f"user/{user}/#", qos=1)
             phone.close()

@@ -28,6 +28,7 @@ from tests.conftest import (
     bridge_config,
     connect_packet,
     make_tick,
+    persistent_client,
     token_for,
     unique,
     wait_until,
@@ -393,32 +394,14 @@ def test_persistent_session_is_bound_to_its_user_after_disconnect(
 ) -> None:
     client_id = unique("shared-id")
     alice = unique("alice")
-    first = clients(
-        broker.tcp_port,
-        client_id=client_id,
-        clean_session=False,
-        username=alice,
-        password=token_for(alice, "subscriber"),
-    )
+    first = persistent_client(clients, broker.tcp_port, alice, client_id)
     first.connect()
     first.subscribe("market/#")
     first.close()
     wait_until(lambda: client_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
     mallory = unique("mallory")
-    clients(
-        broker.tcp_port,
-        client_id=client_id,
-        clean_session=False,
-        username=mallory,
-        password=token_for(mallory, "subscriber"),
-    ).connect(expect=NOT_AUTHORIZED)
-    back = clients(
-        broker.tcp_port,
-        client_id=client_id,
-        clean_session=False,
-        username=alice,
-        password=token_for(alice, "subscriber"),
-    )
+    persistent_client(clients, broker.tcp_port, mallory, client_id).connect(expect=NOT_AUTHORIZED)
+    back = persistent_client(clients, broker.tcp_port, alice, client_id)
     back.connect()
     feed = clients(broker.tcp_port, role="feed")
     feed.connect()

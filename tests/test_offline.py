@@ -28,6 +28,7 @@ from tests.conftest import (
     bridge_config,
     connect_packet,
     make_tick,
+    persistent_client,
     token_for,
     unique,
     wait_until,
@@ -72,13 +73,7 @@ def envelope(payload: str, priority: str = "NORMAL", ttl_s: float = 600) -> byte
 
 def _go_offline(broker: BrokerThread, clients: ClientFactory, user: str, client_id: str) -> None:
     """A persistent session for ``user`` subscribed to its own topics, then disconnected."""
-    phone = clients(
-        broker.tcp_port,
-        client_id=client_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, broker.tcp_port, user, client_id)
     phone.connect()
     assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
     phone.close()
@@ -246,13 +241,7 @@ def test_malformed_envelope_is_refused_and_never_stored(broker: BrokerThread, cl
 
 def test_market_ticks_are_not_queued_offline(broker: BrokerThread, clients: ClientFactory) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        broker.tcp_port,
-        client_id=phone_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, broker.tcp_port, user, phone_id)
     phone.connect()
     phone.subscribe("market/#", qos=1)
     phone.close()
@@ -269,13 +258,7 @@ def test_market_ticks_are_not_queued_offline(broker: BrokerThread, clients: Clie
 
 def test_subscriptions_are_listed_per_user(broker: BrokerThread, clients: ClientFactory) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        broker.tcp_port,
-        client_id=phone_id,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, broker.tcp_port, user, phone_id)
     phone.connect()
     phone.subscribe([(f"user/{user}/#", 1), ("market/luno/+", 0)])
     wait_until(
@@ -436,13 +419,7 @@ def test_messages_racing_a_disconnect_are_not_lost(broker: BrokerThread, clients
     user, phone_id = unique("alice"), unique("phone")
     store = {**broker.config.store.model_dump(), "queue_max_messages": 100}
     with BrokerThread(bridge_config(store=store)) as running:
-        phone = clients(
-            running.tcp_port,
-            client_id=phone_id,
-            clean_session=False,
-            username=user,
-            password=token_for(user, "subscriber"),
-        )
+        phone = persistent_client(clients, running.tcp_port, user, phone_id)
         phone.connect()
         phone.subscribe(f"user/{user}/#", qos=1)
         service = clients(running.tcp_port, role="service")
