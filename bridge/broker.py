@@ -66,6 +66,7 @@ from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageEr
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
+from bridge.outbox import Outbox
 from bridge.stats import BrokerStats, topic_class
 from bridge.store import (
     NewMessage,
@@ -78,6 +79,7 @@ from bridge.store import (
 )
 from bridge.timezones import TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
+from bridge.wire import publish_qos0, ws_binary_frame
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
@@ -172,6 +174,7 @@ class _Connection:
     lease: Lease
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
+    outbox: Outbox | None = None  # direct QoS 0 writes (None: amqtt's path)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -264,6 +267,7 @@ class MarketBroker(Broker):
         self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._flush_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -314,7 +318,11 @@ class MarketBroker(Broker):
             await self._snapshots.flush()
 
     async def _close_store(self) -> None:
-        """Stop the snapshot writer (after a last flush) and close a store we opened."""
+        """Stop the background tasks, flush snapshots a last time, close a store we opened."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            await asyncio.gather(self._flush_task, return_exceptions=True)
+            self._flush_task = None
         if self._snapshot_task is not None:
             self._snapshot_task.cancel()
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
@@ -366,6 +374,7 @@ class MarketBroker(Broker):
         await self._restore()
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
+        self._flush_task = asyncio.create_task(self._flush_outboxes(), name="outbox-flusher")
         listeners = self.bridge_config.listeners
         for name, listener in (("ws", listeners.ws), ("tcp", listeners.tcp)):
             if not listener.enabled:
@@ -374,6 +383,14 @@ class MarketBroker(Broker):
             # max_connections=0: no semaphore (amqtt's makes extra clients hang without CONNACK).
             self._servers[name] = Server(name, instance, 0)
             log.info("listener %s bound to %s:%s", name, listener.host, self.bound_port(name))
+
+    async def _flush_outboxes(self) -> None:
+        """Conflated messages go out as soon as a slow client's buffer drains."""
+        while True:
+            await asyncio.sleep(0.05)
+            for connection in list(self._connections.values()):
+                if connection.outbox is not None and connection.outbox.pending:
+                    connection.outbox.flush()
 
     async def _restore(self) -> None:
         """Persistent sessions (with subscriptions) and market snapshots from the store."""
@@ -500,6 +517,7 @@ class MarketBroker(Broker):
             session.transitions.connect()
             self._sessions[client_id] = (session, handler)
             connection = _Connection(client_id, user, session, handler, lease)
+            connection.outbox = Outbox.for_writer(writer, self.bridge_config.broker.max_outbound_bytes)
             if claims is not None:
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
@@ -1110,6 +1128,8 @@ class MarketBroker(Broker):
         market = topic.startswith(MARKET_PREFIX)
         klass = topic_class(topic)
         variants: dict[str, bytes] = {}
+        encoded: dict[tuple[str | None, bool], bytes] = {}
+        topic_bytes = topic.encode()
         for topic_filter in self._index.match(topic):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = sub_qos if publish_qos is None else min(publish_qos, sub_qos)
@@ -1118,10 +1138,31 @@ class MarketBroker(Broker):
                     if qos in (QOS_1, QOS_2) and not target.clean_session and not market:
                         self._queue_offline(target, topic, data, qos)
                     continue
+                zone = target.attributes.get(_TZ)
+                connection = self._connections.get(target.client_id or "")
+                outbox = (
+                    connection.outbox if connection is not None and connection.session is target else None
+                )
+                if qos == QOS_0 and outbox is not None:
+                    # Encoded once per (zone, transport kind), written without a task.
+                    key = (zone, outbox.websocket)
+                    frame = encoded.get(key)
+                    if frame is None:
+                        packet = encoded.get((zone, False))
+                        if packet is None:
+                            packet = encoded[(zone, False)] = publish_qos0(
+                                topic_bytes, self._localized(topic, data, zone, variants)
+                            )
+                        frame = encoded[key] = ws_binary_frame(packet) if outbox.websocket else packet
+                    if outbox.send(topic, frame):
+                        self.stats.publishes_dropped["conflated"] += 1
+                    self.stats.deliveries += 1
+                    self.stats.messages_out[klass] += 1
+                    continue
                 handler = self._get_handler(target)
                 if handler is None:
                     continue
-                payload = self._localized(topic, data, target.attributes.get(_TZ), variants)
+                payload = self._localized(topic, data, zone, variants)
                 task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
                 self._deliveries.add(task)
                 task.add_done_callback(self._delivery_done)

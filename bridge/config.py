@@ -123,6 +123,9 @@ class BrokerSettings(_Strict):
     # amqtt keeps a persistent session's offline QoS>0 messages in memory: cap them.
     max_offline_messages: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
     takeover_timeout_s: PositiveSeconds = 5.0
+    # Per connection: above this many unsent bytes, QoS 0 messages are conflated (latest per
+    # topic kept) instead of queued, so a stalled client costs bounded memory.
+    max_outbound_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
     # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
     drain_timeout_s: PositiveSeconds = 10.0
 

@@ -1,0 +1,41 @@
+"""Bytes on the wire, built once per message and reused for every subscriber.
+
+Pure: MQTT 3.1.1 QoS 0 PUBLISH packets and server-to-client WebSocket binary frames. A
+server's frames are unmasked (RFC 6455 5.1), so one frame serves every WebSocket
+subscriber of the same payload.
+"""
+
+from __future__ import annotations
+
+__all__ = ["publish_qos0", "remaining_length", "ws_binary_frame"]
+
+
+def remaining_length(length: int) -> bytes:
+    """MQTT variable-length integer (1 to 4 bytes)."""
+    if not 0 <= length <= 268_435_455:
+        raise ValueError(f"remaining length {length} out of range")
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
+    """A QoS 0 PUBLISH: no packet id, so identical for every subscriber."""
+    body_length = 2 + len(topic) + len(payload)
+    header = bytes([0x31 if retain else 0x30]) + remaining_length(body_length)
+    return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
+
+
+def ws_binary_frame(data: bytes) -> bytes:
+    """One final, unmasked binary frame carrying ``data``."""
+    size = len(data)
+    if size < 126:
+        header = bytes((0x82, size))
+    elif size < 65536:
+        header = bytes((0x82, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x82, 127)) + size.to_bytes(8, "big")
+    return header + data
