@@ -517,7 +517,10 @@ class MarketBroker(Broker):
             session.transitions.connect()
             self._sessions[client_id] = (session, handler)
             connection = _Connection(client_id, user, session, handler, lease)
-            connection.outbox = Outbox.for_writer(writer, self.bridge_config.broker.max_outbound_bytes)
+            settings = self.bridge_config.broker
+            connection.outbox = Outbox.for_writer(
+                writer, settings.max_outbound_bytes, settings.socket_send_buffer_bytes
+            )
             if claims is not None:
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection

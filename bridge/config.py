@@ -126,6 +126,9 @@ class BrokerSettings(_Strict):
     # Per connection: above this many unsent bytes, QoS 0 messages are conflated (latest per
     # topic kept) instead of queued, so a stalled client costs bounded memory.
     max_outbound_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 256 * 1024
+    # Kernel send buffer per client socket (SO_SNDBUF); None keeps the OS default. Smaller
+    # means less kernel memory per idle connection and earlier conflation for slow ones.
+    socket_send_buffer_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] | None = None
     # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
     drain_timeout_s: PositiveSeconds = 10.0
 

@@ -14,6 +14,7 @@ Frames are written whole, so they interleave safely with amqtt's own writes (SUB
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter, WriterAdapter
@@ -38,8 +39,19 @@ class Outbox:
         self._pending: dict[str, bytes] = {}
 
     @classmethod
-    def for_writer(cls, writer: WriterAdapter, high_water: int) -> Outbox | None:
+    def for_writer(
+        cls, writer: WriterAdapter, high_water: int, send_buffer: int | None = None
+    ) -> Outbox | None:
         """An outbox for amqtt's writer, or None where bytes cannot be shared (compression)."""
+        outbox = cls._for_writer(writer, high_water)
+        if outbox is not None and send_buffer is not None:
+            sock = outbox._transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        return outbox
+
+    @classmethod
+    def _for_writer(cls, writer: WriterAdapter, high_water: int) -> Outbox | None:
         # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
         if isinstance(writer, StreamWriterAdapter):
             stream = writer._writer
