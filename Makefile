@@ -33,6 +33,7 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz on
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz off
+	if command -v mosquitto >/dev/null; then $(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --broker mosquitto; fi
 	$(BIN)/python -m bench.fanout --subscribers 20 --messages 2000 --rate 100
 	$(BIN)/python -m bench.connect --connections 2000 --idle 1000
 	$(BIN)/python -m bench.offline --messages 10000

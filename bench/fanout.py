@@ -17,6 +17,8 @@ import multiprocessing as mp
 import os
 import re
 import secrets
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -87,6 +89,36 @@ def _start_broker(config_text: str) -> tuple[subprocess.Popen[str], int, int]:
 
     threading.Thread(target=drain, daemon=True).start()
     return proc, ports["ws"], ports["tcp"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_mosquitto() -> tuple[subprocess.Popen[str], int, int]:
+    """Mosquitto on its own loopback ports (TCP + WebSocket, anonymous), for the ratio."""
+    binary = shutil.which("mosquitto")
+    if binary is None:
+        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    tcp, ws = _free_port(), _free_port()
+    config = Path(tempfile.mkdtemp(prefix="mosquitto-bench-")) / "mosquitto.conf"
+    config.write_text(
+        f"listener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\nallow_anonymous true\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", tcp), timeout=0.2).close()
+            return proc, ws, tcp
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("mosquitto did not start")
 
 
 def _subscriber_worker(
@@ -161,12 +193,16 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000, help="ticks published")
     parser.add_argument("--rate", type=float, default=0, help="ticks/s to publish; 0 = as fast as possible")
     parser.add_argument("--tz", choices=["on", "off"], default="on", help="timestamp rewriting per zone")
+    parser.add_argument("--broker", choices=["market-bridge", "mosquitto"], default="market-bridge")
     args = parser.parse_args()
 
-    broker, ws_port, tcp_port = _start_broker(
-        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n"
-        f"timezones: {{enabled: {'true' if args.tz == 'on' else 'false'}}}\n" + AUTH_YAML
-    )
+    if args.broker == "mosquitto":
+        broker, ws_port, tcp_port = _start_mosquitto()
+    else:
+        broker, ws_port, tcp_port = _start_broker(
+            "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n"
+            f"timezones: {{enabled: {'true' if args.tz == 'on' else 'false'}}}\n" + AUTH_YAML
+        )
     broker_ps = psutil.Process(broker.pid)
     try:
         per_proc = [args.subscribers // args.processes] * args.processes
@@ -215,7 +251,9 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "scenario": f"fanout_qos0_ws_tz_{args.tz}",
+                "scenario": "fanout_qos0_ws_mosquitto"
+                if args.broker == "mosquitto"
+                else f"fanout_qos0_ws_tz_{args.tz}",
                 "subscribers": args.subscribers,
                 "published": args.messages,
                 "publish_rate_target": args.rate or "max",
