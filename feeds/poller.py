@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from types import ModuleType
 from typing import Final
 
 import httpx
@@ -63,33 +64,22 @@ class ExchangeSpec:
     burst: int  # requests allowed back to back after a quiet spell
 
 
-LUNO: Final = ExchangeSpec(
-    name=luno.EXCHANGE,
-    ticker_url=luno.ticker_url,
-    tickers_url=luno.tickers_url,
-    parse_ticker=luno.parse_ticker,
-    parse_tickers=luno.parse_tickers,
-    min_interval_s=luno.MIN_INTERVAL_S,
-    burst=luno.RATE_BURST,
-)
-VALR: Final = ExchangeSpec(
-    name=valr.EXCHANGE,
-    ticker_url=valr.ticker_url,
-    tickers_url=valr.tickers_url,
-    parse_ticker=valr.parse_ticker,
-    parse_tickers=valr.parse_tickers,
-    min_interval_s=valr.MIN_INTERVAL_S,
-    burst=valr.RATE_BURST,
-)
-QUIDAX: Final = ExchangeSpec(
-    name=quidax.EXCHANGE,
-    ticker_url=quidax.ticker_url,
-    tickers_url=quidax.tickers_url,
-    parse_ticker=quidax.parse_ticker,
-    parse_tickers=quidax.parse_tickers,
-    min_interval_s=quidax.MIN_INTERVAL_S,
-    burst=quidax.RATE_BURST,
-)
+def _spec(module: ModuleType) -> ExchangeSpec:
+    """Every adapter module exposes the same names; read them once here."""
+    return ExchangeSpec(
+        name=module.EXCHANGE,
+        ticker_url=module.ticker_url,
+        tickers_url=module.tickers_url,
+        parse_ticker=module.parse_ticker,
+        parse_tickers=module.parse_tickers,
+        min_interval_s=module.MIN_INTERVAL_S,
+        burst=module.RATE_BURST,
+    )
+
+
+LUNO: Final = _spec(luno)
+VALR: Final = _spec(valr)
+QUIDAX: Final = _spec(quidax)
 SPECS: Final[Mapping[str, ExchangeSpec]] = {spec.name: spec for spec in (LUNO, VALR, QUIDAX)}
 
 
