@@ -67,6 +67,8 @@ from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Outbox
+from bridge.session import MarketSession
+from bridge.session import install as install_light_sessions
 from bridge.stats import BrokerStats, topic_class
 from bridge.store import (
     NewMessage,
@@ -86,6 +88,8 @@ from feeds.tick import MARKET_PREFIX, Tick
 __all__ = ["MarketBroker", "SendResult"]
 
 log = logging.getLogger(__name__)
+
+install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
 USER_PREFIX = "user/"
@@ -391,6 +395,13 @@ class MarketBroker(Broker):
             for connection in list(self._connections.values()):
                 if connection.outbox is not None and connection.outbox.pending:
                     connection.outbox.flush()
+
+    def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
+        session = MarketSession()
+        session.client_id = client_id
+        handler = MarketProtocolHandler(self.plugins_manager, session)
+        session.transitions.disconnect()
+        return handler, session
 
     async def _restore(self) -> None:
         """Persistent sessions (with subscriptions) and market snapshots from the store."""

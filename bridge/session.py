@@ -1,0 +1,57 @@
+"""A lighter amqtt Session: the same three states without a `transitions` Machine per session.
+
+amqtt builds a `transitions.Machine` for every session (new -> connected <-> disconnected):
+about 1 ms of CPU per CONNECT and several KB of memory per connection, for three states.
+:class:`SessionState` keeps amqtt's interface (``state``, ``connect()``, ``disconnect()``,
+``is_connected()``) and its enter callbacks. The broker-side handler creates
+:class:`MarketSession` (see :func:`install`).
+"""
+
+from __future__ import annotations
+
+from amqtt.mqtt.protocol import broker_handler
+from amqtt.session import Session
+
+__all__ = ["MarketSession", "SessionState", "install"]
+
+
+class SessionState:
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.state = "new"
+
+    def connect(self) -> None:
+        if self.state == "connected":
+            # transitions raised MachineError here; amqtt code catches ValueError too.
+            raise ValueError("session is already connected")
+        self.state = "connected"
+        self._session._on_enter_connected()
+
+    def disconnect(self) -> None:
+        self.state = "disconnected"
+        self._session._on_enter_disconnected()
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+
+class MarketSession(Session):
+    def _init_states(self) -> None:
+        self.transitions = SessionState(self)  # type: ignore[assignment]
+
+
+def install() -> None:
+    """Make amqtt's broker-side CONNECT handling create :class:`MarketSession` objects.
+
+    ``BrokerProtocolHandler.init_from_connect`` (amqtt 0.12.1) builds ``Session()`` by name
+    from its module; pointing that name at our subclass is the narrowest hook there is.
+    """
+    setattr(broker_handler, "Session", MarketSession)  # noqa: B010 - a module global, on purpose

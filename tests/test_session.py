@@ -1,0 +1,38 @@
+"""MarketSession: amqtt's three session states without a transitions Machine."""
+
+from __future__ import annotations
+
+import pytest
+from amqtt.mqtt.protocol import broker_handler
+
+from bridge.session import MarketSession, install
+
+
+def test_states_and_callbacks_follow_amqtt() -> None:
+    session = MarketSession()
+    assert session.transitions.state == "new"
+    assert not session.transitions.is_connected()
+    session.transitions.connect()
+    assert (session.transitions.state, session.last_disconnect_time) == ("connected", None)
+    assert session.last_connect_time is not None
+    with pytest.raises(ValueError, match="already connected"):
+        session.transitions.connect()
+    session.transitions.disconnect()
+    assert session.transitions.state == "disconnected"
+    assert session.last_disconnect_time is not None
+    session.transitions.disconnect()  # disconnected -> disconnected is allowed, as in amqtt
+    session.transitions.connect()
+    assert session.transitions.is_connected()
+    assert "state=connected" in repr(session)
+
+
+def test_offline_session_starts_disconnected() -> None:
+    session = MarketSession()
+    session.transitions.disconnect()
+    assert session.transitions.state == "disconnected"
+
+
+def test_install_points_amqtt_connect_handling_at_market_session() -> None:
+    install()
+    # init_from_connect in amqtt 0.12.1 builds Session() by this module-level name.
+    assert broker_handler.Session is MarketSession  # type: ignore[attr-defined]
