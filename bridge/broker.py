@@ -30,7 +30,7 @@ import math
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,11 +46,8 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import (
-    INCOMING,
     ApplicationMessage,
-    IncomingApplicationMessage,
     OutgoingApplicationMessage,
     Session,
 )
@@ -63,10 +60,12 @@ from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
+from bridge.fanout import FanOut, Target
+from bridge.handler import MarketProtocolHandler
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
-from bridge.outbox import Outbox
+from bridge.outbox import Batcher, Outbox
 from bridge.session import MarketSession
 from bridge.session import install as install_light_sessions
 from bridge.stats import BrokerStats, topic_class
@@ -97,76 +96,6 @@ USER_PREFIX = "user/"
 MAX_TTL_S = 30 * 86400.0
 
 
-class MarketProtocolHandler(BrokerProtocolHandler):
-    """amqtt's handler with keep-alive enforced and a way for the broker to end it."""
-
-    end_reason: str | None = None
-
-    def end(self, reason: str) -> None:
-        """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
-        if self.end_reason is None:
-            self.end_reason = reason
-        waiter = self._disconnect_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def handle_read_timeout(self) -> None:
-        # amqtt ignores this; we treat it as a dead client (the will gets published).
-        self.end("keepalive")
-
-    async def _handle_qos1_message_flow(
-        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
-    ) -> None:
-        """Inbound QoS 1: PUBACK only once the broker has handed the message on.
-
-        amqtt acknowledges as soon as the message is queued, so a publisher that disconnects
-        can lose acknowledged messages. Here the broker resolves the hand-off after storing or
-        delivering; a failed hand-off (store down) gets no PUBACK and ends the connection, so
-        the publisher's library sends it again after reconnecting.
-        """
-        if app_message.direction != INCOMING or app_message.packet_id is None or self.session is None:
-            await super()._handle_qos1_message_flow(app_message)
-            return
-        handed_off: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._handoffs[id(app_message)] = handed_off
-        try:
-            await self.session.delivered_message_queue.put(app_message)
-            accepted = await handed_off
-        finally:
-            self._handoffs.pop(id(app_message), None)
-        if accepted:
-            puback = PubackPacket.build(app_message.packet_id)
-            await self._send_packet(puback)
-            app_message.puback_packet = puback
-        else:
-            self.end("handoff_failed")
-
-    def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
-        future = self._handoffs.get(id(message))
-        if future is not None and not future.done():
-            future.set_result(accepted)
-
-    async def stop(self) -> None:
-        for future in self._handoffs.values():
-            if not future.done():
-                future.set_result(False)
-        reader = self._reader_task
-        if reader is not None and reader is not asyncio.current_task():
-            # Python 3.11's wait_for can swallow a cancel that races a finished read; amqtt's
-            # stop() then waits for the reader forever (seen at shutdown). Cancel until it ends.
-            while not reader.done() and not self._reader_stopped.is_set():
-                reader.cancel()
-                await asyncio.wait({reader}, timeout=0.5)
-        await super().stop()
-
-    @property
-    def _handoffs(self) -> dict[int, asyncio.Future[bool]]:
-        handoffs: dict[int, asyncio.Future[bool]] | None = self.__dict__.get("_handoff_map")
-        if handoffs is None:
-            handoffs = self.__dict__["_handoff_map"] = {}
-        return handoffs
-
-
 @dataclass(eq=False)
 class _Connection:
     """One live network connection bound to a session and its owner's connection lease."""
@@ -178,7 +107,7 @@ class _Connection:
     lease: Lease
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
-    outbox: Outbox | None = None  # direct QoS 0 writes (None: amqtt's path)
+    outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -272,6 +201,8 @@ class MarketBroker(Broker):
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._batcher = Batcher()
+        self._fanout = FanOut(self._matching, self._resolve_target, self._localized)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -392,9 +323,7 @@ class MarketBroker(Broker):
         """Conflated messages go out as soon as a slow client's buffer drains."""
         while True:
             await asyncio.sleep(0.05)
-            for connection in list(self._connections.values()):
-                if connection.outbox is not None and connection.outbox.pending:
-                    connection.outbox.flush()
+            self._batcher.drain_backlog()
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         session = MarketSession()
@@ -530,11 +459,21 @@ class MarketBroker(Broker):
             connection = _Connection(client_id, user, session, handler, lease)
             settings = self.bridge_config.broker
             connection.outbox = Outbox.for_writer(
-                writer, settings.max_outbound_bytes, settings.socket_send_buffer_bytes
+                writer,
+                settings.max_outbound_bytes,
+                settings.socket_send_buffer_bytes,
+                batcher=self._batcher,
+                conflated=self.stats.publishes_dropped,
+                session=session,
+                max_inflight=settings.max_inflight_messages,
             )
+            handler.outbox = connection.outbox
+            handler.ingest = self._ingest
+            handler.max_packet = settings.max_packet_bytes
             if claims is not None:
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
+            self._fanout.invalidate()
         self.stats.connections += 1
         self.stats.connects += 1
         log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
@@ -591,6 +530,7 @@ class MarketBroker(Broker):
             if connection.user == user:
                 claims = session_claims(connection.session)
                 connection.session.attributes[_TZ] = await self._zone_for(user, claims)
+        self._fanout.invalidate()
 
     def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
         """``data`` with timestamps in ``zone``: rewritten once per zone, shared via ``memo``."""
@@ -692,6 +632,9 @@ class MarketBroker(Broker):
         client_id = connection.client_id
         if self._connections.get(client_id) is connection:
             del self._connections[client_id]
+        if connection.outbox is not None:
+            connection.outbox.close()
+        self._fanout.invalidate()
         if connection.expiry is not None:
             connection.expiry.cancel()
         if connection.replay is not None:
@@ -1020,6 +963,13 @@ class MarketBroker(Broker):
 
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent."""
+        if qos > QOS_1:
+            stamped, data = self._stamp(tick)
+            await self._broadcast_message(None, tick.topic, data, qos)
+            return stamped
+        return self._publish_tick_now(tick, qos)
+
+    def _stamp(self, tick: Tick) -> tuple[Tick, bytes]:
         topic = tick.topic
         stamped = tick.with_seq(self._sequencer.next(topic))
         data = stamped.encode()
@@ -1029,8 +979,64 @@ class MarketBroker(Broker):
         self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
         if self._snapshots is not None:
             self._snapshots.mark(Snapshot(topic, data, stamped.seq))
-        await self._broadcast_message(None, topic, data, qos)
+        return stamped, data
+
+    def _publish_tick_now(self, tick: Tick, qos: int) -> Tick:
+        """The hot path, without awaiting: stamp, snapshot, queue on every subscriber's batch."""
+        started = time.perf_counter()
+        stamped, data = self._stamp(tick)
+        topic = tick.topic
+        plan = self._fanout.plan(topic)
+        sent = self._fanout.deliver(plan, topic, data, qos)
+        for session, sub_qos in plan.slow:
+            self._deliver_via_amqtt(session, topic, data, min(qos, sub_qos))
+        self.stats.deliveries += sent
+        self.stats.messages_out["market"] += sent
+        self.stats.fanout_seconds.observe(time.perf_counter() - started)
         return stamped
+
+    def _deliver_via_amqtt(self, session: Session, topic: str, data: bytes, qos: int) -> None:
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        payload = self._localized(topic, data, session.attributes.get(_TZ), {})
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivery_done)
+        self.stats.messages_out[topic_class(topic)] += 1
+
+    def _ingest(self, session: Session, topic: str, payload: bytes, qos: int) -> bool:
+        """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
+        self.stats.messages_in["market"] += 1
+        if not is_valid_topic(topic):
+            log.info("client %s published to invalid topic %r: closing", session.client_id, topic)
+            self.stats.publishes_dropped["invalid_topic"] += 1
+            return False
+        if not session_acl(session).may_publish(topic):
+            self.stats.publishes_dropped["acl"] += 1
+            log.info("client %s may not publish to %s", session.client_id, topic)
+            return True
+        try:
+            tick = Tick.decode(payload, topic=topic)
+        except TickError as exc:
+            self.stats.ticks_rejected[exc.reason] += 1
+            log.warning("dropped tick from %s on %s: %s", session.client_id, topic, exc)
+            return True
+        self._publish_tick_now(tick, qos)
+        return True
+
+    def _matching(self, topic: str) -> Iterator[tuple[Session, int]]:
+        subscriptions = self._subscriptions
+        for topic_filter in self._index.match(topic):
+            yield from subscriptions.get(topic_filter, ())
+
+    def _resolve_target(self, session: Session, sub_qos: int) -> Target | None:
+        """Connected sessions only: market ticks are not queued (a returning client gets the snapshot)."""
+        if not session.transitions.is_connected():
+            return None
+        connection = self._connections.get(session.client_id or "")
+        outbox = connection.outbox if connection is not None and connection.session is session else None
+        return Target(outbox, session.attributes.get(_TZ), sub_qos)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -1042,6 +1048,7 @@ class MarketBroker(Broker):
             log.info("client %s may not subscribe to %s", session.client_id, topic_filter)
             return _SUBACK_FAILURE
         granted = await super().add_subscription(subscription, session)
+        self._fanout.invalidate()
         if granted != _SUBACK_FAILURE and session.client_id is not None:
             topic_filter = subscription[0]
             self._index.add(topic_filter)
@@ -1097,6 +1104,7 @@ class MarketBroker(Broker):
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
+        self._fanout.invalidate()
         if deleted and session.client_id is not None:
             filters = self._session_filters.get(session.client_id)
             if filters is not None:
@@ -1168,8 +1176,7 @@ class MarketBroker(Broker):
                                 topic_bytes, self._localized(topic, data, zone, variants)
                             )
                         frame = encoded[key] = ws_binary_frame(packet) if outbox.websocket else packet
-                    if outbox.send(topic, frame):
-                        self.stats.publishes_dropped["conflated"] += 1
+                    outbox.push(topic, frame)
                     self.stats.deliveries += 1
                     self.stats.messages_out[klass] += 1
                     continue

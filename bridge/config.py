@@ -129,6 +129,12 @@ class BrokerSettings(_Strict):
     # Kernel send buffer per client socket (SO_SNDBUF); None keeps the OS default. Smaller
     # means less kernel memory per idle connection and earlier conflation for slow ones.
     socket_send_buffer_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] | None = None
+    # Unacknowledged direct QoS 1 market deliveries per connection; beyond it they are
+    # conflated like QoS 0 (latest per topic) until PUBACKs come back.
+    max_inflight_messages: Annotated[int, Field(ge=1, le=65_000)] = 1000
+    # Largest MQTT packet a client may send after CONNECT; bigger closes the connection
+    # before its body is buffered.
+    max_packet_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
     drain_timeout_s: PositiveSeconds = 10.0
 

@@ -8,6 +8,7 @@ Tree::
     ├── TickError            a tick payload is invalid (the publisher's fault)
     ├── AuthError            a client's credentials are refused (the client's fault)
     ├── MessageError         a message cannot be accepted: bad address or envelope (sender)
+    ├── ProtocolError        a client broke MQTT framing: its connection is closed
     ├── StoreError           the offline store failed (bridge.store)
     │   └── StoreUnavailable the store cannot be reached right now (retry later)
     └── FeedError            a feed cannot produce ticks
@@ -28,6 +29,7 @@ __all__ = [
     "ListenerError",
     "MarketBridgeError",
     "MessageError",
+    "ProtocolError",
     "TickError",
 ]
 
@@ -86,6 +88,15 @@ class MessageError(MarketBridgeError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"message refused ({reason}): {detail}")
+
+
+class ProtocolError(MarketBridgeError):
+    """A client broke MQTT framing; the connection is closed ([MQTT-4.8.0-1])."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"protocol violation ({reason}): {detail}")
 
 
 class FeedError(MarketBridgeError):

@@ -1,29 +1,102 @@
-"""Direct QoS 0 delivery: pre-encoded bytes written straight to a connection's transport.
+"""Direct delivery: pre-encoded bytes batched per connection and written with one ``write``.
 
 amqtt delivers each message to each subscriber in its own task, encoding it again every
-time. Here the broker encodes a PUBLISH (and, for WebSocket, its frame) once per payload
-variant, and an :class:`Outbox` per connection writes it with one ``transport.write``.
+time and writing it with its own ``send()``. Here the broker encodes a PUBLISH (and, for
+WebSocket, its frame) once per payload variant; each connection's :class:`Outbox` appends
+it to a batch, and the :class:`Batcher` writes every touched connection once, after the
+event-loop step that produced the batch (a publisher's whole read chunk, say).
 
-Slow consumers: when a connection's transport buffer holds more than ``high_water`` bytes,
-new messages are conflated (the latest per topic is kept, older ones are superseded and
-counted), and written when the buffer drains. Memory per connection is bounded by
-``high_water`` plus one message per topic, and a stalled phone never slows the others.
-Frames are written whole, so they interleave safely with amqtt's own writes (SUBACK, QoS 1).
+Slow consumers: once a connection's transport buffer holds more than ``high_water`` bytes,
+new market messages are conflated: the latest per topic is kept, older ones are superseded
+and counted, and the held ones go out when the buffer has drained. QoS 1 deliveries are
+conflated the same way when the connection has ``max_inflight`` unacknowledged. Memory per
+connection is bounded by ``high_water`` plus one message per topic, and a stalled phone
+never slows the others. Frames are written whole, so they interleave safely with amqtt's
+own writes (SUBACK, retained messages, user messages).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from collections.abc import Callable
 
 from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.mqtt.constants import QOS_1
+from amqtt.session import OutgoingApplicationMessage, Session
 from websockets.protocol import State
 
-__all__ = ["Outbox"]
+from bridge.wire import ws_binary_frame
+
+__all__ = ["Batcher", "Outbox", "Qos1Publish"]
+
+
+class Qos1Publish:
+    """A QoS 1 PUBLISH encoded once: ``head + packet id + tail`` is one connection's copy."""
+
+    __slots__ = ("head", "payload", "tail", "topic")
+
+    def __init__(self, topic: str, head: bytes, tail: bytes, payload: bytes) -> None:
+        self.topic = topic
+        self.head = head
+        self.tail = tail
+        self.payload = payload  # kept for a resend after reconnecting (amqtt rebuilds it)
+
+
+# Marks a message as sent once, so amqtt's resend after a reconnect sets DUP.
+_SENT = object()
+
+
+class Batcher:
+    """Connections with bytes waiting, written once per event-loop step."""
+
+    __slots__ = ("_dirty", "_loop", "_scheduled", "backlogged")
+
+    def __init__(self) -> None:
+        self._dirty: list[Outbox] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.backlogged: set[Outbox] = set()
+
+    def touch(self, outbox: Outbox) -> None:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox.flush()
+
+    def drain_backlog(self) -> None:
+        """Write what slow connections held back, for those whose buffers have drained."""
+        for outbox in list(self.backlogged):
+            outbox.resume()
 
 
 class Outbox:
+    __slots__ = (
+        "_batch",
+        "_batched",
+        "_batcher",
+        "_conflated",
+        "_high_water",
+        "_is_open",
+        "_over",
+        "_pending",
+        "_transport",
+        "closed",
+        "max_inflight",
+        "session",
+        "websocket",
+    )
+
     def __init__(
         self,
         transport: asyncio.WriteTransport,
@@ -31,72 +104,180 @@ class Outbox:
         websocket: bool,
         high_water: int,
         is_open: Callable[[], bool],
+        batcher: Batcher | None = None,
+        conflated: Counter[str] | None = None,
+        session: Session | None = None,
+        max_inflight: int = 1000,
     ) -> None:
         self.websocket = websocket
+        self.session = session
+        self.max_inflight = max_inflight
+        self.closed = False
         self._transport = transport
         self._high_water = high_water
         self._is_open = is_open
-        self._pending: dict[str, bytes] = {}
+        self._batcher = batcher or Batcher()
+        self._conflated = conflated if conflated is not None else Counter()
+        self._batch: list[bytes] = []
+        self._batched = 0  # bytes in _batch
+        self._over = False  # the transport held more than high_water at the last flush
+        self._pending: dict[str, bytes | Qos1Publish] = {}
 
     @classmethod
     def for_writer(
-        cls, writer: WriterAdapter, high_water: int, send_buffer: int | None = None
+        cls,
+        writer: WriterAdapter,
+        high_water: int,
+        send_buffer: int | None = None,
+        **kwargs: object,
     ) -> Outbox | None:
         """An outbox for amqtt's writer, or None where bytes cannot be shared (compression)."""
-        outbox = cls._for_writer(writer, high_water)
-        if outbox is not None and send_buffer is not None:
-            sock = outbox._transport.get_extra_info("socket")
+        found = cls._transport_of(writer)
+        if found is None:
+            return None
+        transport, websocket, is_open = found
+        if send_buffer is not None:
+            sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        return outbox
+        return cls(transport, websocket=websocket, high_water=high_water, is_open=is_open, **kwargs)  # type: ignore[arg-type]
 
-    @classmethod
-    def _for_writer(cls, writer: WriterAdapter, high_water: int) -> Outbox | None:
+    @staticmethod
+    def _transport_of(
+        writer: WriterAdapter,
+    ) -> tuple[asyncio.WriteTransport, bool, Callable[[], bool]] | None:
         # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
         if isinstance(writer, StreamWriterAdapter):
-            stream = writer._writer
-            transport = stream.transport
-            return cls(
-                transport,
-                websocket=False,
-                high_water=high_water,
-                is_open=lambda: not writer.is_closed and not transport.is_closing(),
-            )
+            transport = writer._writer.transport
+            return transport, False, lambda: not writer.is_closed and not transport.is_closing()
         if isinstance(writer, WebSocketsWriter):
             connection = writer._protocol
             if connection.protocol.extensions:
                 return None  # permessage-deflate: every connection's frames differ
-            transport = connection.transport
-            return cls(
-                transport,
-                websocket=True,
-                high_water=high_water,
-                is_open=lambda: connection.protocol.state is State.OPEN,
-            )
+            return connection.transport, True, lambda: connection.protocol.state is State.OPEN
         return None
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def send(self, topic: str, data: bytes) -> bool:
-        """Write now, or keep as the latest for ``topic``; True if an older message was superseded."""
-        if not self._is_open():
-            return False
-        if self._transport.get_write_buffer_size() > self._high_water:
-            superseded = topic in self._pending
-            self._pending[topic] = data
-            return superseded
-        if self._pending:
-            self.flush()
-        self._transport.write(data)
-        return False
+    @property
+    def inflight(self) -> int:
+        return len(self.session.inflight_out) if self.session is not None else 0
+
+    # ------------------------------------------------------------------ queueing
+
+    def push(self, topic: str, data: bytes) -> None:
+        """A QoS 0 message (final bytes): batched now, or held as the latest for ``topic``."""
+        if self.closed:
+            return
+        if self._over or self._pending or self._batched > self._high_water:
+            # Behind: keep only the latest per topic (and never send around what is held,
+            # or an older tick would follow a newer one).
+            self._hold(topic, data)
+            return
+        self._batch.append(data)
+        if not self._batched:
+            self._batcher.touch(self)
+        self._batched += len(data)
+
+    def push_qos1(self, publish: Qos1Publish) -> None:
+        """A QoS 1 market message: sent with the next packet id, held while the client lags."""
+        if self.closed:
+            return
+        session = self.session
+        if (
+            session is None
+            or self._over
+            or self._pending
+            or self._batched > self._high_water
+            or len(session.inflight_out) >= self.max_inflight
+        ):
+            self._hold(publish.topic, publish)
+            return
+        self._send_qos1(session, publish)
+
+    def push_control(self, packet: bytes) -> None:
+        """A protocol packet (PUBACK): never conflated, written with this step's batch."""
+        if self.closed:
+            return
+        data = ws_binary_frame(packet) if self.websocket else packet
+        self._batch.append(data)
+        if not self._batched:
+            self._batcher.touch(self)
+        self._batched += len(data)
+
+    def _send_qos1(self, session: Session, publish: Qos1Publish) -> None:
+        packet_id = session.next_packet_id
+        message = OutgoingApplicationMessage(packet_id, publish.topic, QOS_1, publish.payload, False)
+        message.publish_packet = _SENT  # type: ignore[assignment]
+        session.inflight_out[packet_id] = message
+        batch = self._batch
+        batch.append(publish.head)
+        batch.append(packet_id.to_bytes(2, "big"))
+        batch.append(publish.tail)
+        if not self._batched:
+            self._batcher.touch(self)
+        self._batched += len(publish.head) + 2 + len(publish.tail)
+
+    def _hold(self, topic: str, item: bytes | Qos1Publish) -> None:
+        if topic in self._pending:
+            self._conflated["conflated"] += 1
+        self._pending[topic] = item
+        self._batcher.backlogged.add(self)
+
+    # ------------------------------------------------------------------ writing
 
     def flush(self) -> None:
-        """Write what was held back, once the client has caught up."""
-        if not self._pending or not self._is_open():
+        batch = self._batch
+        if not batch:
             return
+        self._batch = []
+        self._batched = 0
+        if self.closed or not self._is_open():
+            return
+        self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
         if self._transport.get_write_buffer_size() > self._high_water:
+            self._over = True
+            self._batcher.backlogged.add(self)
+
+    def acked(self) -> None:
+        """A PUBACK freed an inflight slot: held QoS 1 messages may go."""
+        if self._pending and not self._over:
+            self.resume()
+
+    def resume(self) -> None:
+        """Send held messages once the client has caught up (buffer at or below half)."""
+        if self.closed or not self._is_open():
+            self._batcher.backlogged.discard(self)
+            self._pending.clear()
             return
-        pending, self._pending = self._pending, {}
-        self._transport.write(b"".join(pending.values()))
+        if self._over:
+            if self._transport.get_write_buffer_size() > self._high_water // 2:
+                return
+            self._over = False
+        pending = self._pending
+        session = self.session
+        while pending:
+            topic, item = next(iter(pending.items()))
+            if isinstance(item, Qos1Publish):
+                if session is None or len(session.inflight_out) >= self.max_inflight:
+                    break
+                del pending[topic]
+                self._send_qos1(session, item)
+            else:
+                del pending[topic]
+                self._batch.append(item)
+                if not self._batched:
+                    self._batcher.touch(self)
+                self._batched += len(item)
+        if not pending:
+            self._batcher.backlogged.discard(self)
+
+    def close(self) -> None:
+        """The connection is gone: drop what is batched or held (market data is conflatable)."""
+        self.closed = True
+        self._batch = []
+        self._batched = 0
+        self._pending.clear()
+        self._batcher.backlogged.discard(self)

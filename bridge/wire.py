@@ -7,7 +7,7 @@ subscriber of the same payload.
 
 from __future__ import annotations
 
-__all__ = ["publish_qos0", "remaining_length", "ws_binary_frame"]
+__all__ = ["publish_qos0", "publish_qos1_parts", "remaining_length", "ws_binary_frame", "ws_frame_header"]
 
 
 def remaining_length(length: int) -> bytes:
@@ -29,13 +29,27 @@ def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
 
 
+def publish_qos1_parts(topic: bytes, payload: bytes, *, websocket: bool) -> tuple[bytes, bytes]:
+    """A QoS 1 PUBLISH (in a WebSocket frame if asked) as (head, tail): the packet id goes between.
+
+    Only the 2-byte packet id differs between subscribers, so the rest is built once.
+    """
+    body_length = 2 + len(topic) + 2 + len(payload)
+    head = b"".join((b"\x32", remaining_length(body_length), len(topic).to_bytes(2, "big"), topic))
+    if websocket:
+        head = ws_frame_header(len(head) + 2 + len(payload)) + head
+    return head, payload
+
+
+def ws_frame_header(size: int) -> bytes:
+    """The header of one final, unmasked binary frame of ``size`` bytes."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 65536:
+        return bytes((0x82, 126)) + size.to_bytes(2, "big")
+    return bytes((0x82, 127)) + size.to_bytes(8, "big")
+
+
 def ws_binary_frame(data: bytes) -> bytes:
     """One final, unmasked binary frame carrying ``data``."""
-    size = len(data)
-    if size < 126:
-        header = bytes((0x82, size))
-    elif size < 65536:
-        header = bytes((0x82, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x82, 127)) + size.to_bytes(8, "big")
-    return header + data
+    return ws_frame_header(len(data)) + data

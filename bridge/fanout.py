@@ -1,0 +1,125 @@
+"""Market fan-out: who gets a topic's ticks, worked out once, and each tick encoded once.
+
+A *plan* per topic lists the matching subscriptions of connected sessions, grouped by what
+their bytes depend on: the subscriber's time zone (payload variant), transport (a WebSocket
+frame or a bare packet) and subscription QoS. It is built from the topic index on the
+first tick after any change to subscriptions or connections and reused for every tick
+until the next change, so a tick costs one dict lookup plus, per group, one encode, and per
+subscriber one append to its connection's batch.
+
+Subscribers the direct path cannot serve (a compressed WebSocket, QoS 2) are listed in the
+plan's ``slow`` part; the broker delivers those through amqtt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.mqtt.constants import QOS_0
+
+from bridge.outbox import Outbox, Qos1Publish
+from bridge.wire import publish_qos0, publish_qos1_parts, ws_binary_frame
+
+__all__ = ["FanOut", "Plan", "Target"]
+
+# (session, subscription QoS) -> where and how its bytes go, or None to skip it.
+Resolve = Callable[[Any, int], "Target | None"]
+# (topic, payload, zone) -> the payload with timestamps in that zone (memoised by the caller).
+Localize = Callable[[str, bytes, "str | None", dict[str, bytes]], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    outbox: Outbox | None  # None: deliver through amqtt (the plan's slow part)
+    zone: str | None
+    qos: int
+
+
+@dataclass(slots=True)
+class Plan:
+    # (zone, websocket, subscription qos) -> outboxes, one entry per matching subscription
+    groups: list[tuple[tuple[str | None, bool, int], list[Outbox]]] = field(default_factory=list)
+    slow: list[tuple[Any, int]] = field(default_factory=list)
+    subscribers: int = 0
+
+
+class FanOut:
+    """Plans per topic, invalidated whenever subscriptions or connections change."""
+
+    def __init__(
+        self,
+        matching: Callable[[str], Iterable[tuple[Any, int]]],
+        resolve: Resolve,
+        localize: Localize,
+        *,
+        max_plans: int = 100_000,
+    ) -> None:
+        self._matching = matching
+        self._resolve = resolve
+        self._localize = localize
+        self._plans: dict[str, Plan] = {}
+        self._max_plans = max_plans
+
+    def invalidate(self) -> None:
+        self._plans.clear()
+
+    def plan(self, topic: str) -> Plan:
+        plan = self._plans.get(topic)
+        if plan is None:
+            plan = self._build(topic)
+            if len(self._plans) >= self._max_plans:
+                self._plans.clear()  # bounded: topics are few in practice, this is a backstop
+            self._plans[topic] = plan
+        return plan
+
+    def _build(self, topic: str) -> Plan:
+        plan = Plan()
+        groups: dict[tuple[str | None, bool, int], list[Outbox]] = {}
+        for session, sub_qos in self._matching(topic):
+            target = self._resolve(session, sub_qos)
+            if target is None:
+                continue
+            plan.subscribers += 1
+            if target.outbox is None:
+                plan.slow.append((session, sub_qos))
+                continue
+            key = (target.zone, target.outbox.websocket, target.qos)
+            groups.setdefault(key, []).append(target.outbox)
+        plan.groups = list(groups.items())
+        return plan
+
+    def deliver(self, plan: Plan, topic: str, data: bytes, qos: int) -> int:
+        """Queue ``data`` (published at QoS 0 or 1) on every direct subscriber; returns how many.
+
+        Each gets it at the lower of the publish and subscription QoS [MQTT-3.8.4-6].
+        """
+        variants: dict[str, bytes] = {}
+        qos0: dict[tuple[str | None, bool], bytes] = {}
+        qos1: dict[tuple[str | None, bool], Qos1Publish] = {}
+        topic_bytes = topic.encode()
+        localize = self._localize
+        sent = 0
+        for (zone, websocket, sub_qos), outboxes in plan.groups:
+            if QOS_0 in (sub_qos, qos):
+                frame = qos0.get((zone, websocket))
+                if frame is None:
+                    packet = qos0.get((zone, False))
+                    if packet is None:
+                        packet = qos0[(zone, False)] = publish_qos0(
+                            topic_bytes, localize(topic, data, zone, variants)
+                        )
+                    frame = qos0[(zone, websocket)] = ws_binary_frame(packet) if websocket else packet
+                for outbox in outboxes:
+                    outbox.push(topic, frame)
+            else:
+                publish = qos1.get((zone, websocket))
+                if publish is None:
+                    payload = localize(topic, data, zone, variants)
+                    head, tail = publish_qos1_parts(topic_bytes, payload, websocket=websocket)
+                    publish = qos1[(zone, websocket)] = Qos1Publish(topic, head, tail, payload)
+                for outbox in outboxes:
+                    outbox.push_qos1(publish)
+            sent += len(outboxes)
+        return sent

@@ -1,0 +1,309 @@
+"""One client connection's MQTT protocol handler: amqtt's, with the read path owned here.
+
+amqtt's reader decodes one packet per event-loop iteration (reading the fixed header a
+byte at a time) and starts a task for each. A feed writing hundreds of ticks per ``send()``
+then costs hundreds of iterations and tasks, and nothing downstream can batch. This
+handler reads whatever the socket has, splits it into packets (:mod:`bridge.framing`) and:
+
+- hands market PUBLISHes (QoS 0/1) straight to the broker's ``ingest``, synchronously, so
+  one chunk's ticks fan out in one step and each subscriber connection is written once;
+  their PUBACKs go out after that hand-off, in one write;
+- settles PUBACKs for the broker's direct QoS 1 deliveries without a task;
+- passes every other packet to amqtt's own handlers, as amqtt would.
+
+It also enforces keep-alive (1.5 x, then the will is published) with one timer instead of a
+``wait_for`` per read, gates inbound QoS 1 on the broker's hand-off for the queued path, and
+lets the broker end a connection (token expiry, takeover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader
+from amqtt.errors import MQTTError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_dict
+from amqtt.mqtt.constants import QOS_2
+from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
+from websockets.exceptions import ConnectionClosed
+
+from bridge.errors import ProtocolError
+from bridge.framing import PUBACK, PUBLISH, PacketSplitter, parse_publish, puback
+from bridge.outbox import Outbox
+from feeds.tick import MARKET_PREFIX
+
+__all__ = ["Ingest", "MarketProtocolHandler"]
+
+log = logging.getLogger(__name__)
+
+# (client session, topic, payload, qos) -> keep the connection?
+Ingest = Callable[[Any, str, bytes, int], bool]
+
+_CHUNK = 256 * 1024
+_DEFAULT_MAX_PACKET = 1024 * 1024
+
+
+class MarketProtocolHandler(BrokerProtocolHandler):
+    """amqtt's handler with an owned read path, keep-alive, and a way for the broker to end it."""
+
+    end_reason: str | None = None
+    ingest: Ingest | None = None
+    outbox: Outbox | None = None
+    max_packet: int = _DEFAULT_MAX_PACKET
+    _watchdog: asyncio.TimerHandle | None = None
+    _last_read: float = 0.0
+
+    def end(self, reason: str) -> None:
+        """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def handle_read_timeout(self) -> None:
+        # amqtt ignores this; we treat it as a dead client (the will gets published).
+        self.end("keepalive")
+
+    # ------------------------------------------------------------------ read path
+
+    async def _reader_loop(self) -> None:
+        read = _chunk_reader(self.reader)
+        if read is None or self.session is None or self._reader_ready is None:
+            await super()._reader_loop()
+            return
+        self._reader_ready.set()
+        self._arm_watchdog()
+        splitter = PacketSplitter(self.max_packet)
+        running: collections.deque[asyncio.Task[None]] = collections.deque()
+        try:
+            while True:
+                data = await read()
+                if not data:
+                    break
+                self._last_read = self._loop.time()
+                packets = splitter.feed(data)
+                if packets and not await self._dispatch(packets, running):
+                    break
+                while running and running[0].done():
+                    running.popleft()
+        except ProtocolError as exc:
+            log.info("closing %s: %s", self.session.client_id, exc)
+            self.end(exc.reason)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # client input must never take the broker down
+            log.warning("reader of %s failed: %r", self.session.client_id, exc)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            while running:
+                running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    async def _dispatch(self, packets: list[tuple[int, bytes]], running: collections.deque[Any]) -> bool:
+        """Handle one chunk's packets; False closes the connection."""
+        session = self.session
+        ingest = self.ingest
+        acks: list[int] = []
+        keep = True
+        for first, body in packets:
+            kind = first >> 4
+            if kind == PUBLISH and ingest is not None:
+                publish = parse_publish(first, body)
+                if publish.topic.startswith(MARKET_PREFIX) and publish.qos < QOS_2:
+                    keep = ingest(session, publish.topic, publish.payload, publish.qos)
+                    if not keep:
+                        break
+                    if publish.packet_id is not None:
+                        acks.append(publish.packet_id)
+                    continue
+            elif kind == PUBACK and len(body) == 2:
+                self._settle_puback((body[0] << 8) | body[1])
+                continue
+            elif kind in (0, 15):
+                raise ProtocolError("reserved_packet", f"reserved packet type {kind}")
+            elif kind == CONNECT:
+                raise ProtocolError("second_connect", "CONNECT on a connected session")  # [MQTT-3.1.0-2]
+            task = await self._amqtt_packet(kind, first, body)
+            if task is not None:
+                running.append(task)
+            if kind == DISCONNECT:
+                break
+        if acks:
+            if self.outbox is not None:
+                self.outbox.push_control(puback(acks))
+            else:
+                for packet_id in acks:
+                    await self._send_packet(PubackPacket.build(packet_id))
+        return keep
+
+    async def _amqtt_packet(self, kind: int, first: int, body: bytes) -> asyncio.Task[None] | None:
+        """Decode with amqtt's packet classes and start the handler amqtt would."""
+        fixed = MQTTFixedHeader(kind, first & 0x0F, len(body))
+        try:
+            packet = await packet_dict[kind].from_stream(_BodyReader(body), fixed_header=fixed)
+        except (MQTTError, ValueError, IndexError, UnicodeDecodeError) as exc:
+            raise ProtocolError("malformed_packet", f"packet type {kind}: {exc}") from None
+        await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+        name = _HANDLERS.get(kind)
+        if name is None:
+            return None
+        handle: Callable[[Any], Coroutine[Any, Any, None]] = getattr(self, name)
+        return asyncio.create_task(handle(packet))
+
+    def _settle_puback(self, packet_id: int) -> None:
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is not None:
+            # amqtt's own QoS 1 flow (retained, user messages, resends) is waiting for it.
+            if not waiter.done():
+                waiter.set_result(PubackPacket.build(packet_id))
+            return
+        session = self.session
+        if session is not None and session.inflight_out.pop(packet_id, None) is not None:
+            if self.outbox is not None:
+                self.outbox.acked()
+        else:
+            log.debug("PUBACK for unknown packet id %d", packet_id)
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def _arm_watchdog(self) -> None:
+        keepalive = self.session.keep_alive if self.session is not None else 0
+        if keepalive and keepalive > 0:
+            self._last_read = self._loop.time()
+            self._watchdog = self._loop.call_later(keepalive, self._check_keepalive, keepalive)
+
+    def _check_keepalive(self, keepalive: float) -> None:
+        idle = self._loop.time() - self._last_read
+        if idle >= keepalive:
+            self._watchdog = None
+            self.handle_read_timeout()
+        else:
+            self._watchdog = self._loop.call_later(keepalive - idle, self._check_keepalive, keepalive)
+
+    # ------------------------------------------------------------------ inbound QoS 1 (queued path)
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        """Inbound QoS 1: PUBACK only once the broker has handed the message on.
+
+        amqtt acknowledges as soon as the message is queued, so a publisher that disconnects
+        can lose acknowledged messages. Here the broker resolves the hand-off after storing or
+        delivering; a failed hand-off (store down) gets no PUBACK and ends the connection, so
+        the publisher's library sends it again after reconnecting.
+        """
+        if app_message.direction != INCOMING or app_message.packet_id is None or self.session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        handed_off: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handoffs[id(app_message)] = handed_off
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            accepted = await handed_off
+        finally:
+            self._handoffs.pop(id(app_message), None)
+        if accepted:
+            puback_packet = PubackPacket.build(app_message.packet_id)
+            await self._send_packet(puback_packet)
+            app_message.puback_packet = puback_packet
+        else:
+            self.end("handoff_failed")
+
+    def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
+        future = self._handoffs.get(id(message))
+        if future is not None and not future.done():
+            future.set_result(accepted)
+
+    async def stop(self) -> None:
+        for future in self._handoffs.values():
+            if not future.done():
+                future.set_result(False)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        reader = self._reader_task
+        if reader is not None and reader is not asyncio.current_task():
+            # Python 3.11's wait_for can swallow a cancel that races a finished read; amqtt's
+            # stop() then waits for the reader forever (seen at shutdown). Cancel until it ends.
+            while not reader.done() and not self._reader_stopped.is_set():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=0.5)
+        await super().stop()
+
+    @property
+    def _handoffs(self) -> dict[int, asyncio.Future[bool]]:
+        handoffs: dict[int, asyncio.Future[bool]] | None = self.__dict__.get("_handoff_map")
+        if handoffs is None:
+            handoffs = self.__dict__["_handoff_map"] = {}
+        return handoffs
+
+
+# amqtt's handler for each packet type (those only a server sends just get logged by it).
+_HANDLERS = {
+    2: "handle_connack",
+    PUBLISH: "handle_publish",
+    PUBACK: "handle_puback",
+    5: "handle_pubrec",
+    6: "handle_pubrel",
+    7: "handle_pubcomp",
+    SUBSCRIBE: "handle_subscribe",
+    9: "handle_suback",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    11: "handle_unsuback",
+    PINGREQ: "handle_pingreq",
+    13: "handle_pingresp",
+    DISCONNECT: "handle_disconnect",
+}
+
+
+class _BodyReader(ReaderAdapter):
+    """A packet body already read, served to amqtt's ``from_stream`` decoders."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._body) if n < 0 else min(start + n, len(self._body))
+        self._pos = end
+        return self._body[start:end]
+
+    def feed_eof(self) -> None:
+        pass
+
+
+def _chunk_reader(reader: ReaderAdapter | None) -> Callable[[], Awaitable[bytes]] | None:
+    """Whatever the connection has, as one bytes chunk (b"" at the end); None if unknown."""
+    # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
+    if isinstance(reader, StreamReaderAdapter):
+        stream = reader._reader
+        return lambda: stream.read(_CHUNK)
+    if isinstance(reader, WebSocketsReader):
+        connection = reader._protocol
+        leftover = reader._stream.read()  # bytes amqtt buffered past CONNECT
+
+        async def read_ws() -> bytes:
+            nonlocal leftover
+            if leftover:
+                data, leftover = leftover, b""
+                return data
+            try:
+                message = await connection.recv()
+            except ConnectionClosed:
+                return b""
+            return message.encode() if isinstance(message, str) else message
+
+        return read_ws
+    return None
