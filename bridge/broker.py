@@ -78,11 +78,11 @@ from bridge.store import (
     Snapshot,
     StoreError,
 )
-from bridge.timezones import TopicSwitch, is_valid_zone, rewrite
+from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
 from feeds.sequencer import Sequencer
-from feeds.tick import MARKET_PREFIX, Tick
+from feeds.tick import MARKET_PREFIX, Tick, format_ts
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -202,7 +202,13 @@ class MarketBroker(Broker):
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._batcher = Batcher()
-        self._fanout = FanOut(self._matching, self._resolve_target, self._localized)
+        self._fanout = FanOut(self._matching, self._resolve_target)
+        self._clock_tz = LocalClock()
+        # Ticks are localised from their parts when the only tick key rewrite() would
+        # touch is ``ts`` (the default); other field sets take the generic rewrite().
+        tick_fields = self._tz_fields & set(Tick.model_fields)
+        self._tick_fast_tz = tick_fields <= {"ts"}
+        self._tick_ts_field = "ts" in tick_fields
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -964,42 +970,64 @@ class MarketBroker(Broker):
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent."""
         if qos > QOS_1:
-            stamped, data = self._stamp(tick)
+            seq = self._sequencer.next(tick.topic)
+            data = tick.encode(seq)
+            self._remember(tick.topic, data, seq)
             await self._broadcast_message(None, tick.topic, data, qos)
-            return stamped
-        return self._publish_tick_now(tick, qos)
+            return tick.with_seq(seq)
+        return tick.with_seq(self._publish_tick_now(tick, qos))
 
-    def _stamp(self, tick: Tick) -> tuple[Tick, bytes]:
-        topic = tick.topic
-        stamped = tick.with_seq(self._sequencer.next(topic))
-        data = stamped.encode()
+    def _remember(self, topic: str, data: bytes, seq: int) -> None:
         self.stats.ticks_accepted += 1
         # The snapshot is kept whatever the publisher's retain flag: a new subscriber
         # always gets the last valid tick per topic.
         self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
         if self._snapshots is not None:
-            self._snapshots.mark(Snapshot(topic, data, stamped.seq))
-        return stamped, data
+            self._snapshots.mark(Snapshot(topic, data, seq))
 
-    def _publish_tick_now(self, tick: Tick, qos: int) -> Tick:
+    def _publish_tick_now(self, tick: Tick, qos: int) -> int:
         """The hot path, without awaiting: stamp, snapshot, queue on every subscriber's batch."""
         started = time.perf_counter()
-        stamped, data = self._stamp(tick)
         topic = tick.topic
+        seq = self._sequencer.next(topic)
+        head = tick.wire_head()
+        ts = format_ts(tick.ts)
+        tail = tick.wire_tail(seq)
+        data = b"".join((head, b'"ts":"', ts.encode(), tail))
+        self._remember(topic, data, seq)
         plan = self._fanout.plan(topic)
-        sent = self._fanout.deliver(plan, topic, data, qos)
+        if not plan.subscribers:
+            return seq
+        variants: dict[str | None, bytes] = {None: data}
+
+        def localize(zone: str | None) -> bytes:
+            # The tick's own wire form with ``ts`` in ``zone``: what rewrite() gives, built
+            # from the parts instead of re-parsing JSON (test_localized_delivery holds them equal).
+            variant = variants.get(zone)
+            if variant is None:
+                assert zone is not None
+                if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
+                    variant = variants[zone] = self._localized(topic, data, zone, {})
+                    return variant
+                local = self._clock_tz.local_ms(tick.ts, zone) if self._tick_ts_field else None
+                variant = variants[zone] = b"".join(
+                    (head, b'"ts":"', (local or ts).encode(), tail[:-1], b',"tz":"', zone.encode(), b'"}')
+                )
+                self.stats.tz_rewrites += 1
+            return variant
+
+        sent = self._fanout.deliver(plan, topic, qos, localize)
         for session, sub_qos in plan.slow:
-            self._deliver_via_amqtt(session, topic, data, min(qos, sub_qos))
+            self._deliver_via_amqtt(session, topic, localize(session.attributes.get(_TZ)), min(qos, sub_qos))
         self.stats.deliveries += sent
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
-        return stamped
+        return seq
 
-    def _deliver_via_amqtt(self, session: Session, topic: str, data: bytes, qos: int) -> None:
+    def _deliver_via_amqtt(self, session: Session, topic: str, payload: bytes, qos: int) -> None:
         handler = self._get_handler(session)
         if handler is None:
             return
-        payload = self._localized(topic, data, session.attributes.get(_TZ), {})
         task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
         self._deliveries.add(task)
         task.add_done_callback(self._delivery_done)

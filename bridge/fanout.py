@@ -26,8 +26,8 @@ __all__ = ["FanOut", "Plan", "Target"]
 
 # (session, subscription QoS) -> where and how its bytes go, or None to skip it.
 Resolve = Callable[[Any, int], "Target | None"]
-# (topic, payload, zone) -> the payload with timestamps in that zone (memoised by the caller).
-Localize = Callable[[str, bytes, "str | None", dict[str, bytes]], bytes]
+# zone -> this message's payload with timestamps in that zone (memoised by the caller).
+Localize = Callable[["str | None"], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +52,11 @@ class FanOut:
         self,
         matching: Callable[[str], Iterable[tuple[Any, int]]],
         resolve: Resolve,
-        localize: Localize,
         *,
         max_plans: int = 100_000,
     ) -> None:
         self._matching = matching
         self._resolve = resolve
-        self._localize = localize
         self._plans: dict[str, Plan] = {}
         self._max_plans = max_plans
 
@@ -90,16 +88,14 @@ class FanOut:
         plan.groups = list(groups.items())
         return plan
 
-    def deliver(self, plan: Plan, topic: str, data: bytes, qos: int) -> int:
+    def deliver(self, plan: Plan, topic: str, qos: int, localize: Localize) -> int:
         """Queue ``data`` (published at QoS 0 or 1) on every direct subscriber; returns how many.
 
         Each gets it at the lower of the publish and subscription QoS [MQTT-3.8.4-6].
         """
-        variants: dict[str, bytes] = {}
         qos0: dict[tuple[str | None, bool], bytes] = {}
         qos1: dict[tuple[str | None, bool], Qos1Publish] = {}
         topic_bytes = topic.encode()
-        localize = self._localize
         sent = 0
         for (zone, websocket, sub_qos), outboxes in plan.groups:
             if QOS_0 in (sub_qos, qos):
@@ -107,16 +103,14 @@ class FanOut:
                 if frame is None:
                     packet = qos0.get((zone, False))
                     if packet is None:
-                        packet = qos0[(zone, False)] = publish_qos0(
-                            topic_bytes, localize(topic, data, zone, variants)
-                        )
+                        packet = qos0[(zone, False)] = publish_qos0(topic_bytes, localize(zone))
                     frame = qos0[(zone, websocket)] = ws_binary_frame(packet) if websocket else packet
                 for outbox in outboxes:
                     outbox.push(topic, frame)
             else:
                 publish = qos1.get((zone, websocket))
                 if publish is None:
-                    payload = localize(topic, data, zone, variants)
+                    payload = localize(zone)
                     head, tail = publish_qos1_parts(topic_bytes, payload, websocket=websocket)
                     publish = qos1[(zone, websocket)] = Qos1Publish(topic, head, tail, payload)
                 for outbox in outboxes:

@@ -55,6 +55,7 @@ from bridge.topics import is_valid_filter, matches
 __all__ = [
     "DEFAULT_FIELDS",
     "LOCAL_SUFFIX",
+    "LocalClock",
     "Rewritten",
     "TopicSwitch",
     "is_valid_zone",
@@ -213,6 +214,39 @@ def rewrite(payload: bytes, tz: str, *, fields: frozenset[str] = DEFAULT_FIELDS)
         return Rewritten(_ENCODER.encode(data).encode("utf-8"), True)
     except (ValueError, RecursionError):
         return Rewritten(payload, False)
+
+
+class LocalClock:
+    """UTC instants as local ISO-8601 with milliseconds, the way :func:`rewrite` spells them.
+
+    The broker's hot path: a tick's ``ts`` in each subscriber zone, per tick. The zone's
+    conversion is done once per (zone, second) and cached; the milliseconds are appended.
+    ``local_ms(moment, tz)`` equals ``rewrite``'s output for that instant written with a
+    fraction (a property test holds them to it).
+    """
+
+    __slots__ = ("_seconds",)
+
+    def __init__(self) -> None:
+        # zone -> (UTC second, "YYYY-MM-DDTHH:MM:SS", "+hh:mm")
+        self._seconds: dict[str, tuple[datetime, str, str]] = {}
+
+    def local_ms(self, moment: datetime, tz: str) -> str | None:
+        """``moment`` (aware) in ``tz``; None where ``rewrite`` would leave it unchanged."""
+        second = moment.replace(microsecond=0)
+        cached = self._seconds.get(tz)
+        if cached is None or cached[0] != second:
+            try:
+                text = second.astimezone(zone(tz)).isoformat(timespec="seconds")
+            except (OverflowError, ValueError):
+                return None
+            if len(text) != 25:  # a zone offset with seconds (LMT-era instants): rare, no cache
+                local = moment.astimezone(zone(tz))
+                return local.isoformat(timespec="milliseconds")
+            if len(self._seconds) >= _MEMO_LIMIT:
+                self._seconds.clear()
+            cached = self._seconds[tz] = (second, text[:19], text[19:])
+        return f"{cached[1]}.{moment.microsecond // 1000:03d}{cached[2]}"
 
 
 class TopicSwitch:

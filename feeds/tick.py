@@ -15,7 +15,6 @@ Wire form (JSON object, keys in this order, compact separators)::
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
@@ -114,9 +113,24 @@ class Tick(BaseModel):
             "seq": self.seq,
         }
 
-    def encode(self) -> bytes:
-        """Deterministic compact JSON (field order fixed)."""
-        return json.dumps(self.to_wire(), separators=(",", ":")).encode()
+    def encode(self, seq: int | None = None) -> bytes:
+        """Deterministic compact JSON (field order fixed), with ``seq`` if given.
+
+        Byte-identical to ``json.dumps(self.to_wire(), separators=(",", ":"))``: every string
+        field is validated against a pattern with nothing JSON would escape, so formatting
+        is exact and several times cheaper (this runs once per tick on the broker's hot path).
+        """
+        return self.wire_head() + b'"ts":"' + format_ts(self.ts).encode() + self.wire_tail(seq)
+
+    def wire_head(self) -> bytes:
+        """The wire form up to the ``ts`` field (shared by every time-zone variant)."""
+        return (
+            f'{{"exchange":"{self.exchange}","pair":"{self.pair}","bid":"{self.bid}","ask":"{self.ask}",'
+            f'"last":"{self.last}","volume_24h":"{self.volume_24h}",'
+        ).encode()
+
+    def wire_tail(self, seq: int | None = None) -> bytes:
+        return b'","seq":' + str(self.seq if seq is None else seq).encode() + b"}"
 
     @classmethod
     def decode(cls, payload: bytes, *, topic: str | None = None) -> Tick:
@@ -127,14 +141,8 @@ class Tick(BaseModel):
         if len(payload) > MAX_TICK_BYTES:
             raise TickError("too_large", f"{len(payload)} bytes > {MAX_TICK_BYTES}")
         try:
-            # Decode explicitly: json.loads(bytes) would also accept UTF-16/32.
-            data = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise TickError("not_json", str(exc)) from None
-        if not isinstance(data, dict):
-            raise TickError("not_object", f"expected a JSON object, got {type(data).__name__}")
-        try:
-            tick = cls.model_validate(data)
+            # pydantic-core parses the JSON itself (strict UTF-8), skipping a dict round trip.
+            tick = cls.model_validate_json(payload)
         except ValidationError as exc:
             raise _tick_error(exc) from None
         if topic is not None and tick.topic != topic:
@@ -146,6 +154,10 @@ def _tick_error(exc: ValidationError) -> TickError:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "tick"
     kind = first["type"]
+    if kind == "json_invalid":
+        return TickError("not_json", first["msg"])
+    if kind == "model_type":
+        return TickError("not_object", f"expected a JSON object: {first['msg']}")
     if kind == "missing":
         reason = "missing_field"
     elif kind == "extra_forbidden":
