@@ -37,12 +37,20 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.auth import Claims
+    from bridge.config import RateLimitConfig
 
 __all__ = [
     "MAX_RATE",
     "MIN_RATE",
     "PublishBucket",
     "TopicGate",
+    "publisher_bucket",
+    "subscriber_gate",
+    "subscriber_rate",
     "valid_rate",
 ]
 
@@ -67,7 +75,7 @@ def valid_rate(value: object) -> float | None:
 def _checked_rate(name: str, value: float) -> float:
     rate = valid_rate(value)
     if rate is None:
-        raise ValueError(f"{name} must be from {MIN_RATE:g} to {MAX_RATE:g}, got {value!r}")
+        raise ValueError(f"{name} must be from {MIN_RATE:g} to {MAX_RATE:.0f}, got {value!r}")
     return rate
 
 
@@ -83,7 +91,7 @@ class PublishBucket:
 
     def __init__(self, rate_per_s: float, burst: int) -> None:
         if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_RATE:
-            raise ValueError(f"burst must be an integer from 1 to {MAX_RATE:g}, got {burst!r}")
+            raise ValueError(f"burst must be an integer from 1 to {MAX_RATE:.0f}, got {burst!r}")
         self.rate_per_s = _checked_rate("rate_per_s", rate_per_s)
         self.burst = burst
         self._capacity = float(burst)
@@ -252,3 +260,39 @@ class TopicGate:
             topic: last for topic, last in self._last.items() if now < last + interval or topic in held
         }
         return len(self._last) < self.max_topics
+
+
+# --- from configuration and token claims --------------------------------------------------------
+
+
+def subscriber_rate(claims: Claims | None, cfg: RateLimitConfig) -> float | None:
+    """Max updates per second per topic for a connection; None for full rate.
+
+    A valid ``rate`` claim wins, above or below its role's configured value: the token's
+    issuer decides (``bridge.auth`` refuses tokens whose ``rate`` is invalid; an invalid value
+    that still gets here, e.g. from constructed claims, is ignored). Otherwise the role's
+    value from ``limits.rate.topic_updates_per_s``; without claims (auth disabled) the
+    ``subscriber`` role's. 0 there means full rate.
+    """
+    if claims is not None and (claimed := valid_rate(claims.rate)) is not None:
+        return claimed
+    configured = cfg.topic_updates_per_s.for_role(claims.role if claims is not None else "subscriber")
+    return configured or None
+
+
+def subscriber_gate(claims: Claims | None, cfg: RateLimitConfig) -> TopicGate | None:
+    """A gate for a connection's deliveries, or None when it gets every update."""
+    rate = subscriber_rate(claims, cfg)
+    return TopicGate(rate) if rate is not None else None
+
+
+def publisher_bucket(cfg: RateLimitConfig) -> PublishBucket | None:
+    """A bucket for one connection's inbound PUBLISH packets, or None when unlimited.
+
+    The same limit for every role and token: it protects the broker, whose fan-out turns
+    each PUBLISH into a write per subscriber. One bucket per connection; create it on the
+    connection's first PUBLISH so subscribers, which never publish, carry none.
+    """
+    if not cfg.publish_per_s:
+        return None
+    return PublishBucket(cfg.publish_per_s, cfg.publish_burst)

@@ -1,4 +1,5 @@
-"""bridge.ratelimit: the publish token bucket, the per-topic gate and the outbox it drives.
+"""bridge.ratelimit: the publish token bucket, the per-topic gate and the outbox it drives,
+and which limits a connection gets from the config and its token.
 
 Times and rates are binary fractions (0.125, 0.25, 4/s...) so exact boundaries are exact.
 """
@@ -14,7 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.ratelimit import MAX_RATE, MIN_RATE, PublishBucket, TopicGate, valid_rate
+from bridge.auth import Claims, Role
+from bridge.config import RateLimitConfig, TopicRatesConfig
+from bridge.ratelimit import (
+    MAX_RATE,
+    MIN_RATE,
+    PublishBucket,
+    TopicGate,
+    publisher_bucket,
+    subscriber_gate,
+    subscriber_rate,
+    valid_rate,
+)
 
 # --- valid_rate ----------------------------------------------------------------------------------
 
@@ -554,3 +566,88 @@ def test_outbox_delivers_the_latest_of_every_topic_in_time(
     if outbox.written:
         span = outbox.written[-1][0] - outbox.written[0][0]
         assert outbox.wakeups <= flushes * (span / gate.interval + 1)
+
+
+# --- limits for a connection: config and claims --------------------------------------------------
+
+PER_ROLE = RateLimitConfig(topic_updates_per_s=TopicRatesConfig(subscriber=2, feed=3, service=0, admin=0.5))
+
+
+def _claims(role: Role = "subscriber", rate: float | None = None) -> Claims:
+    return Claims(sub="alice", role=role, rate=rate, exp=0.0)
+
+
+def _unchecked(**fields: Any) -> Claims:
+    """Claims that skipped validation, as a future code path might build them."""
+    return Claims.model_construct(sub="alice", exp=0.0, **fields)
+
+
+@pytest.mark.parametrize(
+    ("claims", "cfg", "expected"),
+    [
+        pytest.param(None, RateLimitConfig(), None, id="defaults-full-rate-without-claims"),
+        pytest.param(_claims(), RateLimitConfig(), None, id="defaults-full-rate"),
+        pytest.param(_claims("admin"), RateLimitConfig(), None, id="defaults-full-rate-admin"),
+        pytest.param(None, PER_ROLE, 2.0, id="no-claims-gets-the-subscriber-rate"),
+        pytest.param(_claims("subscriber"), PER_ROLE, 2.0, id="subscriber-role"),
+        pytest.param(_claims("feed"), PER_ROLE, 3.0, id="feed-role"),
+        pytest.param(_claims("service"), PER_ROLE, None, id="zero-is-full-rate"),
+        pytest.param(_claims("admin"), PER_ROLE, 0.5, id="admin-role"),
+        pytest.param(_claims(rate=10), PER_ROLE, 10.0, id="claim-raises-the-role-rate"),
+        pytest.param(_claims(rate=0.25), PER_ROLE, 0.25, id="claim-lowers-the-role-rate"),
+        pytest.param(_claims("service", rate=1), PER_ROLE, 1.0, id="claim-limits-an-unlimited-role"),
+        pytest.param(_claims(rate=MAX_RATE), RateLimitConfig(), MAX_RATE, id="claim-at-max"),
+        pytest.param(_unchecked(rate=math.nan), PER_ROLE, 2.0, id="unchecked-nan-claim-ignored"),
+        pytest.param(_unchecked(rate=math.inf), PER_ROLE, 2.0, id="unchecked-inf-claim-ignored"),
+        pytest.param(_unchecked(rate=0), PER_ROLE, 2.0, id="unchecked-zero-claim-ignored"),
+        pytest.param(_unchecked(rate=-3), PER_ROLE, 2.0, id="unchecked-negative-claim-ignored"),
+        pytest.param(_unchecked(rate=True), PER_ROLE, 2.0, id="unchecked-bool-claim-ignored"),
+        pytest.param(_unchecked(rate="5"), PER_ROLE, 2.0, id="unchecked-string-claim-ignored"),
+        pytest.param(
+            _unchecked(role="feed", rate=-1), PER_ROLE, 3.0, id="unchecked-bad-claim-falls-back-to-own-role"
+        ),
+        pytest.param(_unchecked(role="root"), PER_ROLE, 2.0, id="unknown-role-gets-the-subscriber-rate"),
+    ],
+)
+def test_subscriber_rate(claims: Claims | None, cfg: RateLimitConfig, expected: float | None) -> None:
+    assert subscriber_rate(claims, cfg) == expected
+    gate = subscriber_gate(claims, cfg)
+    if expected is None:
+        assert gate is None
+    else:
+        assert gate is not None
+        assert gate.max_per_s == expected
+
+
+@pytest.mark.parametrize(
+    ("cfg", "expected"),
+    [
+        pytest.param(RateLimitConfig(), (1000.0, 1000), id="default"),
+        pytest.param(RateLimitConfig(publish_per_s=0), None, id="zero-is-unlimited"),
+        pytest.param(RateLimitConfig(publish_per_s=0, publish_burst=5), None, id="zero-ignores-the-burst"),
+        pytest.param(RateLimitConfig(publish_per_s=2.5, publish_burst=7), (2.5, 7), id="configured"),
+        pytest.param(RateLimitConfig(publish_per_s=MIN_RATE, publish_burst=1), (MIN_RATE, 1), id="slowest"),
+    ],
+)
+def test_publisher_bucket(cfg: RateLimitConfig, expected: tuple[float, int] | None) -> None:
+    bucket = publisher_bucket(cfg)
+    if expected is None:
+        assert bucket is None
+    else:
+        assert bucket is not None
+        assert (bucket.rate_per_s, bucket.burst) == expected
+
+
+def test_default_publish_limit_passes_a_poll_burst_and_a_few_hundred_per_second() -> None:
+    """The default never touches a real feed: 500 ticks at once, then 300/s for a minute."""
+    bucket = publisher_bucket(RateLimitConfig())
+    assert bucket is not None
+    assert all(bucket.admit(0.0) for _ in range(500))
+    assert all(bucket.admit(1 + i / 300) for i in range(300 * 60))
+
+
+def test_default_publish_limit_holds_a_flood_to_the_rate() -> None:
+    bucket = publisher_bucket(RateLimitConfig())
+    assert bucket is not None
+    admitted = sum(bucket.admit(i / 100_000) for i in range(1_000_000))  # 100,000/s for 10 s
+    assert admitted <= 1000 + 1000 * 10
