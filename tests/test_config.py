@@ -88,6 +88,8 @@ def test_shipped_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(config.feeds) == 1
     assert isinstance(config.feeds[0], SimulatorFeedConfig)
     assert config.feeds[0].interval_s == 1.0
+    # The shipped file spells the rate limits out; its values are the defaults.
+    assert config.limits.rate == RateLimitConfig()
 
 
 def test_path_as_str(tmp_path: Path) -> None:
