@@ -83,8 +83,8 @@ class PublishBucket:
     """A token bucket: ``burst`` messages at once, refilled at ``rate_per_s``.
 
     Starts full, so a connecting feed can send its first ``burst`` messages at once. Over any
-    window of ``d`` seconds it admits at most ``burst + rate_per_s * d`` messages. Refused
-    messages cost nothing; counting them is the caller's job.
+    window of ``d`` seconds it admits at most ``burst + rate_per_s * d`` messages. A refused
+    message takes no token; counting refusals is the caller's job.
     """
 
     __slots__ = ("_capacity", "_last", "_tokens", "burst", "rate_per_s")
@@ -123,23 +123,23 @@ class TopicGate:
     interval apart; the first message on a topic always goes at once.
 
     Timer wakeups are batched: :meth:`next_due` is never sooner than
-    ``interval / flushes_per_interval`` after the last release, so a subscriber holding many
-    topics costs at most that many wakeups per interval, however many topics there are. A
-    held message therefore waits at most that long past its due time.
+    ``interval / flushes_per_interval`` after the last release, so a subscriber costs at most
+    ``flushes_per_interval`` wakeups per interval however many topics it holds, and a held
+    message waits at most ``interval / flushes_per_interval`` past its due time.
 
     Time never runs backwards in a gate: a ``now`` earlier than one already seen counts as
     the latest seen. Since ``now`` comes from a monotonic clock, an earlier value is only
     ever a stale reading, and the real time is at least the latest one.
 
     Cost: :meth:`admit` is O(1), plus O(log h) when a topic starts being held (h: topics
-    held). Memory: one float per topic sent within the last interval, and one heap entry
-    per held topic. Entries older than one interval no longer gate anything; when
-    ``max_topics`` entries are reached they are dropped (at most one sweep per interval,
-    so amortised O(1)). Only when more than ``max_topics`` topics were sent within one
-    interval does a new topic go through ungated (fails open): the limit shapes bandwidth,
-    it is not a security boundary, and memory stays bounded either way. Topics are bounded
-    anyway by the subscriber's ACL and the topics feeds publish, but every subscriber keeps
-    its own gate, so a flood of one-off topics must not grow them all without bound.
+    held). Memory: one float per topic seen, at most ``max_topics``, and one heap entry per
+    held topic. Entries older than one interval no longer gate anything: when the table is
+    full they are dropped (at most one sweep per interval, so amortised O(1)). Only when
+    more than ``max_topics`` topics were sent within one interval does a new topic go
+    through ungated (fails open): the limit shapes bandwidth, it is not a security boundary,
+    and memory stays bounded either way. Topics are bounded anyway by the subscriber's ACL
+    and the topics feeds publish, but every subscriber keeps its own gate, so a flood of
+    one-off topics must not grow them all without bound.
     """
 
     __slots__ = (
