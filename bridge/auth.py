@@ -26,6 +26,7 @@ from jwt.types import Options
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from bridge.errors import AuthError
+from bridge.ratelimit import MAX_RATE, MIN_RATE, valid_rate
 from bridge.topics import is_valid_filter
 
 __all__ = [
@@ -81,6 +82,8 @@ class Claims(BaseModel):
     tz: str | None = None
     sub_acl: tuple[str, ...] | None = None
     pub_acl: tuple[str, ...] | None = None
+    # Max updates per second per topic delivered to this user; overrides the role's setting.
+    rate: float | None = None
     exp: float
 
     @field_validator("sub")
@@ -102,6 +105,20 @@ class Claims(BaseModel):
         if value is not None and not _known_zone(value):
             raise ValueError(f"tz {_clip(value)} is not a known IANA time zone")
         return value
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate_in_range(cls, value: object) -> object:
+        # A bad rate refuses the token instead of being ignored: ignoring it would run the user
+        # at the role's rate (by default unlimited), so an issuer's mistake would fail open.
+        if value is None:
+            return None
+        rate = valid_rate(value)
+        if rate is None:
+            raise ValueError(
+                f"rate {_clip(value)} is not a number of updates per second from {MIN_RATE:g} to {MAX_RATE:.0f}"
+            )
+        return rate
 
     @field_validator("sub_acl", "pub_acl")
     @classmethod

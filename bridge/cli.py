@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("config", help="validate a config and print the effective values")
     check.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
 
-    limits = commands.add_parser("limits", help="print the effective connection limits")
+    limits = commands.add_parser("limits", help="print the effective connection and rate limits")
     limits.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
 
     subs = commands.add_parser(

@@ -16,8 +16,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     FilePath,
@@ -29,6 +31,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from bridge.errors import ConfigError
+from bridge.ratelimit import MAX_RATE, MIN_RATE
 from bridge.topics import is_valid_filter
 
 __all__ = [
@@ -45,11 +48,13 @@ __all__ = [
     "ListenerConfig",
     "LoggingConfig",
     "PollerFeedConfig",
+    "RateLimitConfig",
     "ReplayFeedConfig",
     "SimulatorFeedConfig",
     "StoreConfig",
     "TimezonesConfig",
     "TlsConfig",
+    "TopicRatesConfig",
     "WsListenerConfig",
     "load_config",
 ]
@@ -256,9 +261,60 @@ class AuthConfig(_Strict):
         return self
 
 
+def _not_a_bool(value: object) -> object:
+    # Lax float parsing (needed for environment strings) would read YAML `true` as 1/s.
+    if isinstance(value, bool):
+        raise ValueError("must be a number of messages per second, not a boolean")
+    return value
+
+
+def _zero_or_in_range(value: float) -> float:
+    if 0 < value < MIN_RATE:
+        raise ValueError(f"must be 0 (no limit) or at least {MIN_RATE:g}")
+    return value
+
+
+# Messages per second; 0 means no limit. NaN and infinities are refused (YAML .nan / .inf).
+Rate = Annotated[
+    float,
+    # Constraints first: they stay in pydantic's float check, so NaN is reported as "not finite".
+    Field(ge=0, le=MAX_RATE, allow_inf_nan=False),
+    BeforeValidator(_not_a_bool),
+    AfterValidator(_zero_or_in_range),
+]
+
+
+class TopicRatesConfig(_Strict):
+    """Max updates per second per topic delivered to a connection, by its token's role."""
+
+    # Market-data users expect every tick: no limit unless an operator sets one.
+    subscriber: Rate = 0.0
+    feed: Rate = 0.0
+    service: Rate = 0.0
+    admin: Rate = 0.0
+
+    def for_role(self, role: str) -> float:
+        """The role's value; an unknown role (claims built without validation) gets the
+        subscriber's, the least privileged."""
+        return float(getattr(self, role)) if role in type(self).model_fields else self.subscriber
+
+
+class RateLimitConfig(_Strict):
+    """See bridge/ratelimit.py. A token's ``rate`` claim overrides ``topic_updates_per_s``."""
+
+    topic_updates_per_s: TopicRatesConfig = TopicRatesConfig()
+    # Inbound PUBLISH packets per connection. Feeds send up to a few hundred ticks/s, and a
+    # poller's all-tickers answer arrives as one burst of a tick per pair (hundreds): 1000/s
+    # with a burst of 1000 never touches them, yet caps what a runaway or replaying client
+    # can make the broker fan out (every PUBLISH is a write per subscriber). 0: no limit.
+    publish_per_s: Rate = 1000.0
+    publish_burst: Annotated[int, Field(ge=1, le=int(MAX_RATE))] = 1000
+
+
 class LimitsConfig(_Strict):
     max_connections_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    rate: RateLimitConfig = RateLimitConfig()
 
 
 class StoreConfig(_Strict):

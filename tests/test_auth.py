@@ -289,6 +289,16 @@ REFUSALS: list[tuple[str, Token, str | None, TokenPolicy, str]] = [
     ("sub-acl-string", lambda k: hs(claims(sub_acl="market/#")), "alice", TokenPolicy(), "bad_claims"),
     ("pub-acl-non-string", lambda k: hs(claims(pub_acl=[1])), "alice", TokenPolicy(), "bad_claims"),
     ("pub-acl-partial-plus", lambda k: hs(claims(pub_acl=["a+/b"])), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-zero", lambda k: hs(claims(rate=0)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-negative", lambda k: hs(claims(rate=-1)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-too-slow", lambda k: hs(claims(rate=0.0001)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-too-fast", lambda k: hs(claims(rate=1e7)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-nan", lambda k: hs(claims(rate=float("nan"))), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-infinity", lambda k: hs(claims(rate=float("inf"))), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-huge-int", lambda k: hs(claims(rate=10**400)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-string", lambda k: hs(claims(rate="5")), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-bool", lambda k: hs(claims(rate=True)), "alice", TokenPolicy(), "bad_claims"),
+    ("rate-list", lambda k: hs(claims(rate=[5])), "alice", TokenPolicy(), "bad_claims"),
     ("username-other", lambda k: hs(claims()), "bob", TokenPolicy(), "username_mismatch"),
     ("username-none", lambda k: hs(claims()), None, TokenPolicy(), "username_mismatch"),
     ("username-case", lambda k: hs(claims()), "Alice", TokenPolicy(), "username_mismatch"),
@@ -464,6 +474,26 @@ def test_valid_subs(keys: Keys, sub: str) -> None:
     assert result.sub == sub
 
 
+@pytest.mark.parametrize(
+    ("rate", "expected"),
+    [(DROP, None), (None, None), (1, 1.0), (2.5, 2.5), (0.001, 0.001), (1_000_000, 1_000_000.0)],
+)
+def test_rate_claim(keys: Keys, rate: object, expected: float | None) -> None:
+    result = decide(hs(claims(rate=rate)), keys)
+    assert isinstance(result, Claims), result
+    assert result.rate == expected
+    assert result.rate is None or type(result.rate) is float
+
+
+def test_bad_rate_detail_names_the_claim_and_the_range(keys: Keys) -> None:
+    result = decide(hs(claims(rate=-2)), keys)
+    assert isinstance(result, AuthError)
+    assert result.reason == "bad_claims"
+    assert "rate" in result.detail
+    assert "-2" in result.detail
+    assert "0.001 to 1000000" in result.detail
+
+
 def test_role_defaults_to_subscriber(keys: Keys) -> None:
     result = decide(hs(claims(role=DROP)), keys)
     assert isinstance(result, Claims)
@@ -571,7 +601,7 @@ _JSON = st.recursive(
     max_leaves=12,
 )
 _CLAIM_NAMES = st.sampled_from(
-    ["sub", "role", "tz", "sub_acl", "pub_acl", "exp", "nbf", "iat", "aud", "iss", "x"]
+    ["sub", "role", "tz", "sub_acl", "pub_acl", "rate", "exp", "nbf", "iat", "aud", "iss", "x"]
 )
 _HEADER_NAMES = st.sampled_from(["alg", "kid", "typ", "crit", "b64", "x"])
 

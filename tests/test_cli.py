@@ -149,7 +149,15 @@ def test_limits_command_prints_the_effective_limits(procs: Callable[..., Proc], 
     proc = procs("limits", env={"MARKET_BRIDGE_LIMITS__MAX_CONNECTIONS_PER_USER": "3"})
     assert proc.popen.wait(DEADLINE_S) == 0
     proc._reader.join(DEADLINE_S)
-    assert json.loads("\n".join(proc.lines)) == {"max_connections_per_user": 3, "max_connections": 10000}
+    assert json.loads("\n".join(proc.lines)) == {
+        "max_connections_per_user": 3,
+        "max_connections": 10000,
+        "rate": {
+            "topic_updates_per_s": {"subscriber": 0.0, "feed": 0.0, "service": 0.0, "admin": 0.0},
+            "publish_per_s": 1000.0,
+            "publish_burst": 1000,
+        },
+    }
 
 
 def test_subscriptions_command_lists_a_users_persistent_sessions(

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from bridge.auth import ROLES
 from bridge.config import (
     DEFAULT_CONFIG_PATH,
     DEV_SECRET_PATH,
     ENV_PREFIX,
     BridgeConfig,
     PollerFeedConfig,
+    RateLimitConfig,
     ReplayFeedConfig,
     SimulatorFeedConfig,
+    TopicRatesConfig,
     load_config,
 )
 from bridge.errors import ConfigError
@@ -85,6 +88,8 @@ def test_shipped_config_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(config.feeds) == 1
     assert isinstance(config.feeds[0], SimulatorFeedConfig)
     assert config.feeds[0].interval_s == 1.0
+    # The shipped file spells the rate limits out; its values are the defaults.
+    assert config.limits.rate == RateLimitConfig()
 
 
 def test_path_as_str(tmp_path: Path) -> None:
@@ -428,6 +433,134 @@ def test_limits_defaults_and_bounds(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, "limits: {max_connections_per_user: 0}\n"))
     assert caught.value.field == "limits.max_connections_per_user"
+
+
+def test_rate_limit_defaults(tmp_path: Path) -> None:
+    rate = load_config(write(tmp_path, "")).limits.rate
+    assert rate == RateLimitConfig()
+    assert rate.topic_updates_per_s.model_dump() == dict.fromkeys(ROLES, 0.0)  # full rate for everyone
+    assert (rate.publish_per_s, rate.publish_burst) == (1000.0, 1000)
+
+
+def test_rate_limits_from_file(tmp_path: Path) -> None:
+    rate = load_config(
+        write(
+            tmp_path,
+            "limits:\n  rate:\n    topic_updates_per_s: {subscriber: 2, admin: 0.5}\n"
+            "    publish_per_s: 0\n    publish_burst: 10\n",
+        )
+    ).limits.rate
+    assert rate.topic_updates_per_s == TopicRatesConfig(subscriber=2.0, admin=0.5)
+    assert (rate.publish_per_s, rate.publish_burst) == (0.0, 10)
+
+
+def test_topic_rates_have_one_field_per_role() -> None:
+    assert tuple(TopicRatesConfig.model_fields) == ROLES
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [
+        ("subscriber", 1.0),
+        ("feed", 2.0),
+        ("service", 3.0),
+        ("admin", 4.0),
+        ("root", 1.0),
+        ("model_config", 1.0),
+    ],
+)
+def test_topic_rate_for_role(role: str, expected: float) -> None:
+    rates = TopicRatesConfig(subscriber=1, feed=2, service=3, admin=4)
+    assert rates.for_role(role) == expected
+
+
+@pytest.mark.parametrize(
+    ("rate_yaml", "field", "mentions"),
+    [
+        ("{publish_per_s: -1}", "limits.rate.publish_per_s", "greater than or equal to 0"),
+        ("{publish_per_s: .nan}", "limits.rate.publish_per_s", "finite"),
+        ("{publish_per_s: .inf}", "limits.rate.publish_per_s", "finite"),
+        ("{publish_per_s: -.inf}", "limits.rate.publish_per_s", "finite"),
+        ("{publish_per_s: 1e7}", "limits.rate.publish_per_s", "1000000"),
+        ("{publish_per_s: 0.0001}", "limits.rate.publish_per_s", "0 (no limit) or at least 0.001"),
+        ("{publish_per_s: fast}", "limits.rate.publish_per_s", "number"),
+        ("{publish_per_s: true}", "limits.rate.publish_per_s", "not a boolean"),
+        ("{publish_per_s: null}", "limits.rate.publish_per_s", "number"),
+        ("{publish_burst: 0}", "limits.rate.publish_burst", "greater than or equal to 1"),
+        ("{publish_burst: 2.5}", "limits.rate.publish_burst", "integer"),
+        ("{publish_burst: 2000000}", "limits.rate.publish_burst", "1000000"),
+        ("{topic_updates_per_s: {subscriber: -0.5}}", "limits.rate.topic_updates_per_s.subscriber", "0"),
+        ("{topic_updates_per_s: {feed: .nan}}", "limits.rate.topic_updates_per_s.feed", "finite"),
+        ("{topic_updates_per_s: {service: .inf}}", "limits.rate.topic_updates_per_s.service", "finite"),
+        ("{topic_updates_per_s: {admin: false}}", "limits.rate.topic_updates_per_s.admin", "not a boolean"),
+        ("{topic_updates_per_s: {root: 1}}", "limits.rate.topic_updates_per_s.root", "unknown key"),
+        ("{topic_updates_per_s: 5}", "limits.rate.topic_updates_per_s", ""),
+        ("{publish_rate: 5}", "limits.rate.publish_rate", "unknown key"),
+    ],
+)
+def test_bad_rate_limits(tmp_path: Path, rate_yaml: str, field: str, mentions: str) -> None:
+    path = write(tmp_path, f"limits: {{rate: {rate_yaml}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+    assert caught.value.source == str(path)
+    assert mentions in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MARKET_BRIDGE_LIMITS__RATE__PUBLISH_PER_S", "0", {"publish_per_s": 0.0}),
+        ("MARKET_BRIDGE_LIMITS__RATE__PUBLISH_BURST", "50", {"publish_burst": 50}),
+        (
+            "MARKET_BRIDGE_LIMITS__RATE__TOPIC_UPDATES_PER_S__SUBSCRIBER",
+            "2.5",
+            {"topic_updates_per_s": {"subscriber": 2.5, "feed": 0.0, "service": 0.0, "admin": 7.0}},
+        ),
+        (
+            "MARKET_BRIDGE_LIMITS__RATE__TOPIC_UPDATES_PER_S",
+            '{"feed": 3}',
+            {"topic_updates_per_s": {"subscriber": 0.0, "feed": 3.0, "service": 0.0, "admin": 7.0}},
+        ),
+    ],
+)
+def test_rate_limits_from_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: dict[str, object]
+) -> None:
+    path = write(tmp_path, "limits: {max_connections: 5, rate: {topic_updates_per_s: {admin: 7}}}\n")
+    monkeypatch.setenv(variable, value)
+    config = load_config(path)
+    assert config.limits.max_connections == 5  # the file's sibling stays
+    rate = config.limits.rate.model_dump()
+    assert {key: rate[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("MARKET_BRIDGE_LIMITS__RATE__PUBLISH_PER_S", "nan", "limits.rate.publish_per_s"),
+        ("MARKET_BRIDGE_LIMITS__RATE__PUBLISH_PER_S", "-5", "limits.rate.publish_per_s"),
+        ("MARKET_BRIDGE_LIMITS__RATE__PUBLISH_BURST", "0", "limits.rate.publish_burst"),
+        (
+            "MARKET_BRIDGE_LIMITS__RATE__TOPIC_UPDATES_PER_S__SUBSCRIBER",
+            "inf",
+            "limits.rate.topic_updates_per_s.subscriber",
+        ),
+        (
+            "MARKET_BRIDGE_LIMITS__RATE__TOPIC_UPDATES_PER_S__ROOT",
+            "1",
+            "limits.rate.topic_updates_per_s.root",
+        ),
+    ],
+)
+def test_bad_rate_limit_env_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert caught.value.field == field
+    assert caught.value.source == f"environment variable {variable}"
 
 
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
