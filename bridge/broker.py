@@ -66,6 +66,7 @@ from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
+from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
 from bridge.session import install as install_light_sessions
 from bridge.stats import BrokerStats, topic_class
@@ -472,10 +473,13 @@ class MarketBroker(Broker):
                 conflated=self.stats.publishes_dropped,
                 session=session,
                 max_inflight=settings.max_inflight_messages,
+                gate=subscriber_gate(claims, self.bridge_config.limits.rate),
             )
             handler.outbox = connection.outbox
             handler.ingest = self._ingest
             handler.max_packet = settings.max_packet_bytes
+            handler.publish_limit = self.bridge_config.limits.rate
+            handler.dropped = self.stats.publishes_dropped
             if claims is not None:
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection

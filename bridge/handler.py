@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -35,9 +36,11 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
 from websockets.exceptions import ConnectionClosed
 
+from bridge.config import RateLimitConfig
 from bridge.errors import ProtocolError
 from bridge.framing import PUBACK, PUBLISH, PacketSplitter, parse_publish, puback
 from bridge.outbox import Outbox
+from bridge.ratelimit import PublishBucket, publisher_bucket
 from feeds.tick import MARKET_PREFIX
 
 __all__ = ["Ingest", "MarketProtocolHandler"]
@@ -58,6 +61,11 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     ingest: Ingest | None = None
     outbox: Outbox | None = None
     max_packet: int = _DEFAULT_MAX_PACKET
+    # Inbound PUBLISH limit: the config, and the bucket made on the first PUBLISH (so
+    # subscribers, which never publish, carry none). Refusals counted in ``dropped``.
+    publish_limit: RateLimitConfig | None = None
+    dropped: Counter[str] | None = None
+    _bucket: PublishBucket | None = None
     _watchdog: asyncio.TimerHandle | None = None
     _last_read: float = 0.0
 
@@ -122,7 +130,12 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             if kind == PUBLISH and ingest is not None:
                 publish = parse_publish(first, body)
                 if publish.topic.startswith(MARKET_PREFIX) and publish.qos < QOS_2:
-                    keep = ingest(session, publish.topic, publish.payload, publish.qos)
+                    # Over the feed's rate, a tick is dropped and counted, the connection
+                    # kept; QoS 1 still gets its PUBACK (3.1.1 has no way to say "refused").
+                    # User-addressed messages are never dropped here: they wait in the store.
+                    keep = not self._admit_publish() or ingest(
+                        session, publish.topic, publish.payload, publish.qos
+                    )
                     if not keep:
                         break
                     if publish.packet_id is not None:
@@ -161,6 +174,21 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             return None
         handle: Callable[[Any], Coroutine[Any, Any, None]] = getattr(self, name)
         return asyncio.create_task(handle(packet))
+
+    def _admit_publish(self) -> bool:
+        bucket = self._bucket
+        if bucket is None:
+            if self.publish_limit is None:
+                return True
+            bucket = self._bucket = publisher_bucket(self.publish_limit)
+            self.publish_limit = None
+            if bucket is None:
+                return True
+        if bucket.admit(self._loop.time()):
+            return True
+        if self.dropped is not None:
+            self.dropped["rate_limited"] += 1
+        return False
 
     def _settle_puback(self, packet_id: int) -> None:
         waiter = self._puback_waiters.get(packet_id)

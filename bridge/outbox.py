@@ -27,6 +27,7 @@ from amqtt.mqtt.constants import QOS_1
 from amqtt.session import OutgoingApplicationMessage, Session
 from websockets.protocol import State
 
+from bridge.ratelimit import TopicGate
 from bridge.wire import ws_binary_frame
 
 __all__ = ["Batcher", "Outbox", "Qos1Publish"]
@@ -59,14 +60,17 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.backlogged: set[Outbox] = set()
 
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def touch(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
         if not self._scheduled:
             self._scheduled = True
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self.flush)
+            self.loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -90,8 +94,10 @@ class Outbox:
         "_is_open",
         "_over",
         "_pending",
+        "_timer",
         "_transport",
         "closed",
+        "gate",
         "max_inflight",
         "session",
         "websocket",
@@ -108,6 +114,7 @@ class Outbox:
         conflated: Counter[str] | None = None,
         session: Session | None = None,
         max_inflight: int = 1000,
+        gate: TopicGate | None = None,
     ) -> None:
         self.websocket = websocket
         self.session = session
@@ -122,6 +129,10 @@ class Outbox:
         self._batched = 0  # bytes in _batch
         self._over = False  # the transport held more than high_water at the last flush
         self._pending: dict[str, bytes | Qos1Publish] = {}
+        # Per-topic update cap for this subscriber (None: every update); held topics are
+        # released by one timer.
+        self.gate = gate
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def for_writer(
@@ -171,10 +182,13 @@ class Outbox:
         """A QoS 0 message (final bytes): batched now, or held as the latest for ``topic``."""
         if self.closed:
             return
-        if self._over or self._pending or self._batched > self._high_water:
-            # Behind: keep only the latest per topic (and never send around what is held,
+        if self._over or topic in self._pending or self._batched > self._high_water:
+            # Behind: keep only the latest per topic (and never send around a held one,
             # or an older tick would follow a newer one).
             self._hold(topic, data)
+            return
+        if self.gate is not None and not self._gate_admits(topic):
+            self._hold(topic, data, backlog=False)
             return
         self._batch.append(data)
         if not self._batched:
@@ -189,11 +203,14 @@ class Outbox:
         if (
             session is None
             or self._over
-            or self._pending
+            or publish.topic in self._pending
             or self._batched > self._high_water
             or len(session.inflight_out) >= self.max_inflight
         ):
             self._hold(publish.topic, publish)
+            return
+        if self.gate is not None and not self._gate_admits(publish.topic):
+            self._hold(publish.topic, publish, backlog=False)
             return
         self._send_qos1(session, publish)
 
@@ -220,11 +237,59 @@ class Outbox:
             self._batcher.touch(self)
         self._batched += len(publish.head) + 2 + len(publish.tail)
 
-    def _hold(self, topic: str, item: bytes | Qos1Publish) -> None:
+    def _hold(self, topic: str, item: bytes | Qos1Publish, *, backlog: bool = True) -> None:
         if topic in self._pending:
             self._conflated["conflated"] += 1
         self._pending[topic] = item
-        self._batcher.backlogged.add(self)
+        if backlog:
+            self._batcher.backlogged.add(self)
+
+    # ------------------------------------------------------------------ rate limit
+
+    def _gate_admits(self, topic: str) -> bool:
+        assert self.gate is not None
+        loop = self._batcher.loop()
+        if self.gate.admit(topic, loop.time()):
+            return True
+        self._arm(loop)
+        return False
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.gate is not None
+        due = self.gate.next_due()
+        if due is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._timer = loop.call_at(due, self._release, due)
+
+    def _release(self, when: float) -> None:
+        """The gate's timer: send the latest held message of each topic now due."""
+        self._timer = None
+        if self.closed or self.gate is None:
+            return
+        loop = self._batcher.loop()
+        for topic in self.gate.release(max(loop.time(), when)):
+            item = self._pending.get(topic)
+            if item is None:
+                continue
+            if self._over or self._batched > self._high_water:
+                self._batcher.backlogged.add(self)  # sent by resume() once the client catches up
+                continue
+            if isinstance(item, Qos1Publish):
+                session = self.session
+                if session is None or len(session.inflight_out) >= self.max_inflight:
+                    self._batcher.backlogged.add(self)
+                    continue
+                del self._pending[topic]
+                self._send_qos1(session, item)
+            else:
+                del self._pending[topic]
+                self._queue(item)
+        self._arm(loop)
 
     # ------------------------------------------------------------------ writing
 
@@ -258,25 +323,34 @@ class Outbox:
             self._over = False
         pending = self._pending
         session = self.session
-        while pending:
-            topic, item = next(iter(pending.items()))
+        gate = self.gate
+        for topic, item in list(pending.items()):
             if isinstance(item, Qos1Publish):
                 if session is None or len(session.inflight_out) >= self.max_inflight:
-                    break
+                    return  # the next PUBACK calls acked()
+                if gate is not None and not self._gate_admits(topic):
+                    continue  # the gate's timer sends it
                 del pending[topic]
                 self._send_qos1(session, item)
             else:
+                if gate is not None and not self._gate_admits(topic):
+                    continue
                 del pending[topic]
-                self._batch.append(item)
-                if not self._batched:
-                    self._batcher.touch(self)
-                self._batched += len(item)
-        if not pending:
-            self._batcher.backlogged.discard(self)
+                self._queue(item)
+        self._batcher.backlogged.discard(self)
+
+    def _queue(self, data: bytes) -> None:
+        self._batch.append(data)
+        if not self._batched:
+            self._batcher.touch(self)
+        self._batched += len(data)
 
     def close(self) -> None:
         """The connection is gone: drop what is batched or held (market data is conflatable)."""
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._batch = []
         self._batched = 0
         self._pending.clear()
