@@ -83,7 +83,7 @@ from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
 from feeds.sequencer import Sequencer
-from feeds.tick import MARKET_PREFIX, Tick, format_ts
+from feeds.tick import MARKET_PREFIX, Tick
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -995,7 +995,8 @@ class MarketBroker(Broker):
         topic = tick.topic
         seq = self._sequencer.next(topic)
         head = tick.wire_head()
-        ts = format_ts(tick.ts)
+        second, ms = LocalClock.split(tick.ts)
+        ts = self._clock_tz.utc_at(second, ms)
         tail = tick.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
@@ -1013,7 +1014,7 @@ class MarketBroker(Broker):
                 if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
                     variant = variants[zone] = self._localized(topic, data, zone, {})
                     return variant
-                local = self._clock_tz.local_ms(tick.ts, zone) if self._tick_ts_field else None
+                local = self._clock_tz.local_at(second, ms, zone) if self._tick_ts_field else None
                 variant = variants[zone] = b"".join(
                     (head, b'"ts":"', (local or ts).encode(), tail[:-1], b',"tz":"', zone.encode(), b'"}')
                 )

@@ -72,6 +72,7 @@ _MS_THRESHOLD: Final = 1e11
 _MAX_TS_LEN: Final = 64
 _MEMO_LIMIT: Final = 10_000
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND: Final = timedelta(seconds=1)
 _OPENERS: Final = (b"{", b"[")
 
 
@@ -222,31 +223,50 @@ class LocalClock:
     The broker's hot path: a tick's ``ts`` in each subscriber zone, per tick. The zone's
     conversion is done once per (zone, second) and cached; the milliseconds are appended.
     ``local_ms(moment, tz)`` equals ``rewrite``'s output for that instant written with a
-    fraction (a property test holds them to it).
+    fraction (a property test holds them to it); ``utc_ms`` equals ``feeds.tick.format_ts``.
     """
 
     __slots__ = ("_seconds",)
 
     def __init__(self) -> None:
-        # zone -> (UTC second, "YYYY-MM-DDTHH:MM:SS", "+hh:mm")
-        self._seconds: dict[str, tuple[datetime, str, str]] = {}
+        # zone -> (epoch second, "YYYY-MM-DDTHH:MM:SS", "+hh:mm"); "" -> UTC with "Z"
+        self._seconds: dict[str, tuple[int, str, str]] = {}
+
+    @staticmethod
+    def split(moment: datetime) -> tuple[int, int]:
+        """(epoch second, millisecond) of an aware instant, floored (pre-1970 too)."""
+        return (moment - _EPOCH) // _SECOND, moment.microsecond // 1000
 
     def local_ms(self, moment: datetime, tz: str) -> str | None:
         """``moment`` (aware) in ``tz``; None where ``rewrite`` would leave it unchanged."""
-        second = moment.replace(microsecond=0)
+        second, ms = self.split(moment)
+        return self.local_at(second, ms, tz)
+
+    def local_at(self, second: int, ms: int, tz: str) -> str | None:
         cached = self._seconds.get(tz)
         if cached is None or cached[0] != second:
             try:
-                text = second.astimezone(zone(tz)).isoformat(timespec="seconds")
-            except (OverflowError, ValueError):
+                text = datetime.fromtimestamp(second, zone(tz)).isoformat(timespec="seconds")
+            except (OverflowError, ValueError, OSError):
                 return None
-            if len(text) != 25:  # a zone offset with seconds (LMT-era instants): rare, no cache
-                local = moment.astimezone(zone(tz))
-                return local.isoformat(timespec="milliseconds")
-            if len(self._seconds) >= _MEMO_LIMIT:
-                self._seconds.clear()
-            cached = self._seconds[tz] = (second, text[:19], text[19:])
-        return f"{cached[1]}.{moment.microsecond // 1000:03d}{cached[2]}"
+            if len(text) != 25:  # an offset with seconds (LMT-era instants): rare, not cached
+                return f"{text[:19]}.{ms:03d}{text[19:]}"
+            cached = self._remember(tz, second, text[:19], text[19:])
+        return f"{cached[1]}.{ms:03d}{cached[2]}"
+
+    def utc_at(self, second: int, ms: int) -> str:
+        """``2026-11-30T11:00:00.123Z``, as ``format_ts`` writes it."""
+        cached = self._seconds.get("")
+        if cached is None or cached[0] != second:
+            text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+            cached = self._remember("", second, text[:19], "Z")
+        return f"{cached[1]}.{ms:03d}Z"
+
+    def _remember(self, key: str, second: int, prefix: str, offset: str) -> tuple[int, str, str]:
+        if len(self._seconds) >= _MEMO_LIMIT:
+            self._seconds.clear()
+        entry = self._seconds[key] = (second, prefix, offset)
+        return entry
 
 
 class TopicSwitch:
