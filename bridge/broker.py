@@ -109,6 +109,9 @@ class _Connection:
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
+    # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
+    # so no new tick overtakes them ([MQTT-4.6.0-1]).
+    live: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -493,6 +496,8 @@ class MarketBroker(Broker):
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )
             await handler.start()
+            connection.live = True
+            self._fanout.invalidate()
             await self._publish_session_retained_messages(session)
             if session.parent:
                 # A resumed session missed ticks: give it the snapshots of what it follows.
@@ -1068,8 +1073,11 @@ class MarketBroker(Broker):
         if not session.transitions.is_connected():
             return None
         connection = self._connections.get(session.client_id or "")
-        outbox = connection.outbox if connection is not None and connection.session is session else None
-        return Target(outbox, session.attributes.get(_TZ), sub_qos)
+        if connection is None or connection.session is not session:
+            return Target(None, session.attributes.get(_TZ), sub_qos)  # amqtt's path
+        if not connection.live:
+            return None  # a resumed session gets the snapshots right after
+        return Target(connection.outbox, session.attributes.get(_TZ), sub_qos)
 
     # ------------------------------------------------------------------ subscriptions
 

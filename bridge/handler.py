@@ -29,7 +29,7 @@ from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader
 from amqtt.errors import MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
-from amqtt.mqtt.constants import QOS_2
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -203,6 +203,25 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 self.outbox.acked()
         else:
             log.debug("PUBACK for unknown packet id %d", packet_id)
+
+    async def _retry_deliveries(self) -> None:
+        """[MQTT-4.4.0-1]: resend unacknowledged QoS 1 PUBLISHes (DUP) before anything new.
+
+        Written into this connection's batch in their original order, synchronously, so no
+        tick fanned out afterwards can overtake them; PUBACKs settle them as usual. QoS 2
+        flows (never used for market data) take amqtt's path.
+        """
+        session = self.session
+        if (
+            self.outbox is None
+            or session is None
+            or session.inflight_in
+            or any(message.qos != QOS_1 for message in session.inflight_out.values())
+        ):
+            await super()._retry_deliveries()
+            return
+        for message in session.inflight_out.values():
+            self.outbox.push_control(message.build_publish_packet(dup=True).to_bytes())
 
     # ------------------------------------------------------------------ keep-alive
 

@@ -94,6 +94,7 @@ class Outbox:
         "_is_open",
         "_over",
         "_pending",
+        "_queued",
         "_timer",
         "_transport",
         "closed",
@@ -127,7 +128,8 @@ class Outbox:
         self._conflated = conflated if conflated is not None else Counter()
         self._batch: list[bytes] = []
         self._batched = 0  # bytes in _batch
-        self._over = False  # the transport held more than high_water at the last flush
+        self._over = False  # conflating until the transport buffer drains to half
+        self._queued = 0  # the transport's buffer when this batch began
         self._pending: dict[str, bytes | Qos1Publish] = {}
         # Per-topic update cap for this subscriber (None: every update); held topics are
         # released by one timer.
@@ -182,7 +184,7 @@ class Outbox:
         """A QoS 0 message (final bytes): batched now, or held as the latest for ``topic``."""
         if self.closed:
             return
-        if self._over or topic in self._pending or self._batched > self._high_water:
+        if topic in self._pending or not self._fits(len(data)):
             # Behind: keep only the latest per topic (and never send around a held one,
             # or an older tick would follow a newer one).
             self._hold(topic, data)
@@ -202,10 +204,9 @@ class Outbox:
         session = self.session
         if (
             session is None
-            or self._over
             or publish.topic in self._pending
-            or self._batched > self._high_water
             or len(session.inflight_out) >= self.max_inflight
+            or not self._fits(len(publish.head) + 2 + len(publish.tail))
         ):
             self._hold(publish.topic, publish)
             return
@@ -236,6 +237,18 @@ class Outbox:
         if not self._batched:
             self._batcher.touch(self)
         self._batched += len(publish.head) + 2 + len(publish.tail)
+
+    def _fits(self, size: int) -> bool:
+        """Room for ``size`` more bytes: transport buffer plus this batch stay within high_water."""
+        if self._over:
+            return False
+        if not self._batched:
+            self._queued = self._transport.get_write_buffer_size()
+        if self._queued + self._batched + size > self._high_water:
+            self._over = True
+            self._batcher.backlogged.add(self)
+            return False
+        return True
 
     def _hold(self, topic: str, item: bytes | Qos1Publish, *, backlog: bool = True) -> None:
         if topic in self._pending:
@@ -276,9 +289,9 @@ class Outbox:
             item = self._pending.get(topic)
             if item is None:
                 continue
-            if self._over or self._batched > self._high_water:
-                self._batcher.backlogged.add(self)  # sent by resume() once the client catches up
-                continue
+            size = len(item.head) + 2 + len(item.tail) if isinstance(item, Qos1Publish) else len(item)
+            if not self._fits(size):
+                continue  # sent by resume() once the client catches up
             if isinstance(item, Qos1Publish):
                 session = self.session
                 if session is None or len(session.inflight_out) >= self.max_inflight:
@@ -325,17 +338,19 @@ class Outbox:
         session = self.session
         gate = self.gate
         for topic, item in list(pending.items()):
+            qos1 = isinstance(item, Qos1Publish)
+            if qos1 and (session is None or len(session.inflight_out) >= self.max_inflight):
+                return  # the next PUBACK calls acked()
+            size = len(item.head) + 2 + len(item.tail) if isinstance(item, Qos1Publish) else len(item)
+            if not self._fits(size):
+                return  # still behind: the next backlog pass tries again
+            if gate is not None and not self._gate_admits(topic):
+                continue  # the gate's timer sends it
+            del pending[topic]
             if isinstance(item, Qos1Publish):
-                if session is None or len(session.inflight_out) >= self.max_inflight:
-                    return  # the next PUBACK calls acked()
-                if gate is not None and not self._gate_admits(topic):
-                    continue  # the gate's timer sends it
-                del pending[topic]
+                assert session is not None
                 self._send_qos1(session, item)
             else:
-                if gate is not None and not self._gate_admits(topic):
-                    continue
-                del pending[topic]
                 self._queue(item)
         self._batcher.backlogged.discard(self)
 
