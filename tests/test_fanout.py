@@ -7,6 +7,7 @@ something and check the *very next* tick, so a plan that outlived the change sho
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -400,3 +401,43 @@ def test_compressed_websocket_subscriber_still_gets_every_tick(
             for topic in {t.topic for t in ticks}:
                 assert [p.tick()["seq"] for p in got if p.topic == topic] == list(range(1, 11))
             assert [(m.topic, json.loads(m.payload)["last"]) for m in plain.expect(50)] == expected
+
+
+# --- order across a reconnect -----------------------------------------------------------------
+
+
+def test_resent_qos1_ticks_go_before_newer_ticks_from_the_same_publisher(
+    broker: BrokerThread, raw_clients: RawFactory
+) -> None:
+    # A feed that also follows its own topic on a persistent QoS 1 session. Everything on
+    # LUNO comes from this one client, so [MQTT-4.6.0-6] (same order as received) and
+    # [MQTT-4.6.0-1] (resends in their original order) both say: 1, 2, 3 again, then 4.
+    client_id = unique("feed-monitor")
+    first = raw_clients(broker.tcp_port, role="feed", client_id=client_id, clean=False)
+    first.subscribe("market/luno/#", qos=1)
+    first.send(
+        b"".join(publish_packet(LUNO, make_tick(last=str(n)).encode(), qos=1, packet_id=n) for n in (1, 2, 3))
+    )
+    received = first.read_many(6)  # its three ticks back (QoS 1, never acked) and three PUBACKs
+    assert [p.tick()["seq"] for p in received if p.kind == 3] == [1, 2, 3]
+    first.close()
+    wait_until(lambda: client_id not in broker.call(lambda: dict(broker.broker._connections)), what="gone")
+
+    # Back, with tick 4 in the same write as CONNECT (a client need not wait for CONNACK).
+    again = socket.create_connection(("127.0.0.1", broker.tcp_port), timeout=DEADLINE_S)
+    try:
+        again.sendall(
+            authed_connect(client_id, role="feed", clean=False)
+            + publish_packet(LUNO, make_tick(last="4").encode())
+        )
+        buffer, packets = bytearray(), list[Packet]()
+        while len([p for p in packets if p.kind == 3]) < 4:
+            chunk = again.recv(65536)
+            assert chunk, "closed by the broker"
+            buffer.extend(chunk)
+            packets.extend(split_packets(buffer))
+        publishes = [p for p in packets if p.kind == 3]
+        again.sendall(b"".join(puback_packet(p.packet_id) for p in publishes if p.packet_id is not None))
+        assert [(p.tick()["seq"], p.dup) for p in publishes] == [(1, True), (2, True), (3, True), (4, False)]
+    finally:
+        again.close()
