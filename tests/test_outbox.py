@@ -27,6 +27,7 @@ from tests.conftest import (
     unique,
     wait_until,
 )
+from tests.test_handler import RawClient, publish_packet
 
 ClientFactory = Callable[..., Client]
 HIGH_WATER = 4096
@@ -249,3 +250,42 @@ def test_rate_limited_subscribers_get_spaced_updates_and_always_the_latest(
                 # About rate x duration updates: the first at once, one per interval, the last.
                 assert PUBLISH_S * rate - 1 <= len(got) <= PUBLISH_S * rate + 2, (rate, pair, seqs)
         assert broker.call(lambda: broker.broker.stats.publishes_dropped["conflated"]) > 0
+
+
+# --- the high-water bound -----------------------------------------------------------------------
+
+
+def test_a_burst_never_takes_the_transport_buffer_past_high_water_plus_one_frame(
+    broker: BrokerThread,
+) -> None:
+    # The module's promise: memory per connection is bounded by high_water (plus one frame
+    # being written, plus one held message per topic), however the ticks arrive.
+    staller = _stalled_subscriber(broker.tcp_port)
+    feed = RawClient(broker.tcp_port, role="feed")
+    try:
+
+        def buffered() -> int:
+            connection = next(c for c in broker.broker._connections.values() if c.user.startswith("staller"))
+            assert connection.outbox is not None
+            return connection.outbox._transport.get_write_buffer_size()
+
+        # One tick per write until the stalled connection's buffer is past half the high-water
+        # mark (and so, one frame at a time, still below it): nothing is held yet.
+        n = 0
+        while broker.call(buffered) <= HIGH_WATER // 2:
+            n += 1
+            assert n < 10_000, "the kernel never filled up"
+            tick = make_tick(last=str(n))
+            feed.send(publish_packet(tick.topic, tick.encode(), qos=1, packet_id=n % 60_000 + 1))
+            assert feed.read().kind == 4  # handed off, so the staller's batch is written
+        frame = len(publish_packet(tick.topic, tick.encode()))
+        # Then one write of 40 ticks (10 topics): more than the high-water mark in one step.
+        burst = [make_tick("luno", f"T{k % 10}-ZAR", last=str(n + k)) for k in range(1, 41)]
+        feed.send(b"".join(publish_packet(t.topic, t.encode()) for t in burst))
+        feed.send(publish_packet(tick.topic, tick.encode(), qos=1, packet_id=65_000))
+        while feed.read().packet_id != 65_000:
+            pass
+        assert broker.call(buffered) <= HIGH_WATER + frame
+    finally:
+        feed.close()
+        staller.close()
