@@ -586,6 +586,18 @@ def test_local_ms_is_none_where_rewrite_leaves_ts_unchanged(moment: datetime, tz
     assert _rewritten_ts(moment, tz) == format_ts(moment)
 
 
+def test_local_ms_tells_apart_the_two_instants_of_a_repeated_wall_time() -> None:
+    # local_ms takes any aware moment. Casablanca goes from +01 back to +00 at 03:00 on
+    # 2026-02-15, so 02:30 happens twice; fold picks which. Two different instants, an hour apart.
+    casablanca = zone("Africa/Casablanca")
+    earlier = datetime(2026, 2, 15, 2, 30, 0, 123_000, tzinfo=casablanca, fold=0)  # 01:30:00.123Z
+    later = datetime(2026, 2, 15, 2, 30, 0, 456_000, tzinfo=casablanca, fold=1)  # 02:30:00.456Z
+    assert later.astimezone(UTC) - earlier.astimezone(UTC) == timedelta(hours=1, milliseconds=333)
+    clock = LocalClock()
+    assert clock.local_ms(earlier, "Africa/Lagos") == _rewritten_ts(earlier, "Africa/Lagos")
+    assert clock.local_ms(later, "Africa/Lagos") == _rewritten_ts(later, "Africa/Lagos")
+
+
 # --- the broker's localised tick is rewrite() of the UTC tick, byte for byte ------------------
 
 E2E_ZONES = [*ODD_ZONES, "Africa/Lagos", "UTC"]
