@@ -271,3 +271,26 @@ def test_valid_ticks_round_trip(tick: Tick) -> None:
     assert again == tick
     assert again.encode() == wire
     assert parse_market_topic(tick.topic) == (tick.exchange, tick.pair)
+
+
+# Property: the hand-formatted wire form is exactly what json.dumps would write.
+@given(valid_ticks(), st.one_of(st.none(), st.integers(min_value=0, max_value=2**63 - 1)))
+def test_encode_is_json_dumps_of_to_wire(tick: Tick, seq: int | None) -> None:
+    wire = tick.to_wire()
+    if seq is not None:
+        wire["seq"] = seq
+    expected = json.dumps(wire, separators=(",", ":")).encode()
+    assert tick.encode(seq) == expected
+    assert tick.wire_head() + b'"ts":"' + format_ts(tick.ts).encode() + tick.wire_tail(seq) == expected
+    decoded = Tick.decode(expected)
+    assert decoded.seq == (tick.seq if seq is None else seq)
+    assert decoded.with_seq(tick.seq) == tick
+
+
+@pytest.mark.parametrize("seq", [None, 0, 1, 42, 2**63 - 1])
+def test_encode_with_seq_sets_only_seq(seq: int | None) -> None:
+    tick = Tick.decode(VALID_WIRE)
+    out = json.loads(tick.encode(seq))
+    assert out == {**VALID, "seq": 42 if seq is None else seq}
+    assert list(out) == list(VALID)  # key order is the wire order
+    assert tick.seq == 42  # encode(seq) does not change the tick

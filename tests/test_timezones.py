@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zoneinfo
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,13 +15,15 @@ from hypothesis import strategies as st
 from bridge.timezones import (
     DEFAULT_FIELDS,
     LOCAL_SUFFIX,
+    LocalClock,
     Rewritten,
     TopicSwitch,
     is_valid_zone,
     rewrite,
     zone,
 )
-from feeds.tick import Tick
+from feeds.tick import Tick, format_ts
+from tests.conftest import BrokerThread, Client, bridge_config, make_tick, token_for, unique
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 AFRICA = sorted(name for name in zoneinfo.available_timezones() if name.startswith("Africa/"))
@@ -501,3 +504,137 @@ def test_topic_switch_memo_is_bounded() -> None:
         assert len(switch._memo) <= 10_000
     assert switch.enabled("market/luno/ETH-ZAR") is True
     assert switch.enabled("market/luno/BTC-ZAR") is False
+
+
+# --- LocalClock: the broker's per-tick conversion, held to rewrite() -------------------------
+
+ODD_ZONES = ["Asia/Kathmandu", "America/St_Johns", "Africa/Casablanca", "Africa/Windhoek"]
+CLOCK_ZONES = [*AFRICA, *ODD_ZONES, "UTC", "Australia/Lord_Howe", "Pacific/Chatham"]
+# One clock for every example, as in the broker: its per-zone cache is part of what is tested.
+_SHARED_CLOCK = LocalClock()
+
+
+def _rewritten_ts(moment: datetime, tz: str) -> str:
+    """What rewrite() makes of a tick's ``ts`` (UTC, milliseconds, ``Z``) in ``tz``."""
+    return str(_one(format_ts(moment), tz))
+
+
+# Tick timestamps are UTC (Tick normalises them). 1900 reaches the LMT-era offsets with
+# seconds (e.g. Africa/Monrovia -00:44:30 until 1972), which the clock does not cache.
+utc_moments = st.datetimes(
+    min_value=datetime(1900, 1, 1), max_value=datetime(2100, 12, 31), timezones=st.just(UTC)
+)
+
+
+@given(moment=utc_moments, tz=st.sampled_from(CLOCK_ZONES))
+def test_local_ms_equals_rewrite(moment: datetime, tz: str) -> None:
+    expected = _rewritten_ts(moment, tz)
+    assert LocalClock().local_ms(moment, tz) == expected
+    assert _SHARED_CLOCK.local_ms(moment, tz) == expected
+
+
+@given(
+    base=utc_moments,
+    steps=st.lists(st.integers(min_value=-2_500, max_value=2_500), min_size=1, max_size=8),
+    tz=st.sampled_from(CLOCK_ZONES),
+)
+def test_local_ms_cache_within_and_across_seconds(base: datetime, steps: list[int], tz: str) -> None:
+    # Nearby instants in one zone, in and out of the cached second, in any order.
+    clock = LocalClock()
+    for step in steps:
+        moment = base + timedelta(milliseconds=step)
+        assert clock.local_ms(moment, tz) == _rewritten_ts(moment, tz)
+
+
+@pytest.mark.parametrize(
+    ("utc", "tz"),
+    [
+        # Around transitions: St John's (-03:30 / -02:30), Casablanca's Ramadan switch,
+        # Lord Howe's half-hour DST, a leap day, LMT offsets with seconds.
+        ("2026-03-08T05:29:59.999Z", "America/St_Johns"),
+        ("2026-03-08T05:30:00.000Z", "America/St_Johns"),
+        ("2026-11-01T03:29:59.999Z", "America/St_Johns"),
+        ("2026-11-01T03:30:00.000Z", "America/St_Johns"),
+        ("2026-02-15T01:59:59.999Z", "Africa/Casablanca"),
+        ("2026-02-15T02:00:00.000Z", "Africa/Casablanca"),
+        ("2026-04-05T14:59:59.999Z", "Australia/Lord_Howe"),
+        ("2026-04-05T15:00:00.000Z", "Australia/Lord_Howe"),
+        ("2028-02-29T23:59:59.999Z", "Asia/Kathmandu"),
+        ("1960-06-01T12:00:00.500Z", "Africa/Monrovia"),
+        ("1905-01-01T00:00:00.001Z", "Africa/Abidjan"),
+    ],
+)
+def test_local_ms_at_transitions(utc: str, tz: str) -> None:
+    moment = datetime.fromisoformat(utc)
+    clock = LocalClock()
+    before = moment - timedelta(milliseconds=1)
+    # The cached second of the instant before must not leak into the one after.
+    for instant in (before, moment, before, moment):
+        assert clock.local_ms(instant, tz) == _rewritten_ts(instant, tz)
+
+
+@pytest.mark.parametrize(
+    ("moment", "tz"),
+    [
+        (datetime(1, 1, 1, 0, 0, 0, 500_000, tzinfo=UTC), "America/St_Johns"),
+        (datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC), "Asia/Kathmandu"),
+    ],
+)
+def test_local_ms_is_none_where_rewrite_leaves_ts_unchanged(moment: datetime, tz: str) -> None:
+    # Past year 1 or 9999 once converted: rewrite() keeps the UTC text, the clock says None.
+    assert LocalClock().local_ms(moment, tz) is None
+    assert _rewritten_ts(moment, tz) == format_ts(moment)
+
+
+def test_local_ms_tells_apart_the_two_instants_of_a_repeated_wall_time() -> None:
+    # local_ms takes any aware moment. Casablanca goes from +01 back to +00 at 03:00 on
+    # 2026-02-15, so 02:30 happens twice; fold picks which. Two different instants, an hour apart.
+    casablanca = zone("Africa/Casablanca")
+    earlier = datetime(2026, 2, 15, 2, 30, 0, 123_000, tzinfo=casablanca, fold=0)  # 01:30:00.123Z
+    later = datetime(2026, 2, 15, 2, 30, 0, 456_000, tzinfo=casablanca, fold=1)  # 02:30:00.456Z
+    assert later.astimezone(UTC) - earlier.astimezone(UTC) == timedelta(hours=1, milliseconds=333)
+    clock = LocalClock()
+    assert clock.local_ms(earlier, "Africa/Lagos") == _rewritten_ts(earlier, "Africa/Lagos")
+    assert clock.local_ms(later, "Africa/Lagos") == _rewritten_ts(later, "Africa/Lagos")
+
+
+# --- the broker's localised tick is rewrite() of the UTC tick, byte for byte ------------------
+
+E2E_ZONES = [*ODD_ZONES, "Africa/Lagos", "UTC"]
+E2E_STAMPS = [
+    "2026-11-30T11:00:00.000Z",
+    "2026-11-30T11:00:00.999Z",  # same second, so the broker's cached conversion is reused
+    "2026-11-30T11:00:01.001Z",
+    "2026-03-08T05:29:59.999Z",  # St John's springs forward
+    "2026-03-08T05:30:00.000Z",
+    "2026-02-15T01:59:59.999Z",  # Casablanca's Ramadan switch
+    "2026-02-15T02:00:00.000Z",
+    "2028-02-29T23:59:59.999Z",
+    "2026-11-30T13:00:00.123+02:00",  # a feed's own offset, normalised to UTC first
+]
+
+
+def test_broker_localised_ticks_equal_rewrite_of_the_utc_tick(clients: Callable[..., Client]) -> None:
+    with BrokerThread(bridge_config()) as broker:
+        subscribers: dict[str, Client] = {}
+        for index, tz in enumerate(E2E_ZONES):
+            user = unique("zoned")
+            sub = clients(
+                broker.ws_port if index % 2 else broker.tcp_port,
+                transport="websockets" if index % 2 else "tcp",
+                username=user,
+                password=token_for(user, "subscriber", tz=tz),
+            )
+            sub.connect()
+            # QoS 1 for half of them: the direct QoS 1 path localises the same way.
+            sub.subscribe("market/#", qos=index % 2)
+            subscribers[tz] = sub
+        feed = clients(broker.tcp_port, role="feed")
+        feed.connect()
+        ticks = [make_tick(last=str(index + 1), ts=stamp) for index, stamp in enumerate(E2E_STAMPS)]
+        for tick in ticks:
+            feed.publish(tick.topic, tick.encode(), qos=1)
+        for tz, sub in subscribers.items():
+            got = [message.payload for message in sub.expect(len(ticks))]
+            expected = [rewrite(tick.encode(seq), tz).payload for seq, tick in enumerate(ticks, 1)]
+            assert got == expected, tz

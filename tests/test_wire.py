@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from bridge.topics import is_valid_topic
-from bridge.wire import publish_qos0, remaining_length, ws_binary_frame
+from bridge.wire import publish_qos0, publish_qos1_parts, remaining_length, ws_binary_frame, ws_frame_header
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,53 @@ def test_ws_frame_matches_websockets(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     expected = Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[])
     assert ws_binary_frame(data) == expected
+
+
+@given(
+    st.text(min_size=1, max_size=80).filter(is_valid_topic),
+    st.one_of(st.binary(max_size=300), st.sampled_from([bytes(120), bytes(65_520), bytes(70_000)])),
+    st.integers(min_value=1, max_value=65535),
+)
+def test_qos1_parts_around_a_packet_id_match_amqtt(topic: str, payload: bytes, packet_id: int) -> None:
+    head, tail = publish_qos1_parts(topic.encode(), payload, websocket=False)
+    expected = bytes(PublishPacket.build(topic, payload, packet_id, False, 1, False).to_bytes())
+    assert head + packet_id.to_bytes(2, "big") + tail == expected
+
+
+@given(
+    st.text(min_size=1, max_size=80).filter(is_valid_topic),
+    # Frame sizes either side of 126 and 65536 bytes (7-bit, 16-bit and 64-bit lengths).
+    st.one_of(
+        st.binary(max_size=300), st.sampled_from([bytes(115), bytes(122), bytes(65_520), bytes(70_000)])
+    ),
+    st.integers(min_value=1, max_value=65535),
+)
+def test_qos1_parts_in_a_websocket_frame_match_websockets(topic: str, payload: bytes, packet_id: int) -> None:
+    head, tail = publish_qos1_parts(topic.encode(), payload, websocket=True)
+    packet = bytes(PublishPacket.build(topic, payload, packet_id, False, 1, False).to_bytes())
+    expected = Frame(Opcode.BINARY, packet).serialize(mask=False, extensions=[])
+    assert head + packet_id.to_bytes(2, "big") + tail == expected
+
+
+def test_qos1_parts_share_everything_but_the_packet_id() -> None:
+    head, tail = publish_qos1_parts(b"market/luno/BTC-ZAR", b"{}", websocket=False)
+    assert head == b"\x32\x19\x00\x13market/luno/BTC-ZAR"
+    assert tail == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("size", "header"),
+    [
+        (0, b"\x82\x00"),
+        (125, b"\x82\x7d"),
+        (126, b"\x82\x7e\x00\x7e"),
+        (65535, b"\x82\x7e\xff\xff"),
+        (65536, b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+        (2**32, b"\x82\x7f\x00\x00\x00\x01\x00\x00\x00\x00"),
+    ],
+)
+def test_ws_frame_header(size: int, header: bytes) -> None:
+    assert ws_frame_header(size) == header
+    if size <= 70_000:
+        data = bytes(size)
+        assert Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[]) == header + data
