@@ -4,6 +4,8 @@
   auth, ACL and time-zone rewriting on, a fresh embedded store per run, INFO logs to a file.
 - ``amqtt``: vanilla amqtt 0.12.1 (``bench/vanilla_amqtt.py``), anonymous, default plugins.
 - ``mosquitto``: when installed, TCP + WebSocket listeners, anonymous, otherwise defaults.
+- ``reference``: ``bench/reference_broker.py``, the least a broker can do per delivery, for
+  the generator's own ceiling.
 
 Only the external interface is used (CLI, YAML config, JWTs, sockets), so the bench keeps
 working while the engine behind it is rewritten.
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-BrokerKind = Literal["market-bridge", "amqtt", "mosquitto"]
+BrokerKind = Literal["market-bridge", "amqtt", "mosquitto", "reference"]
 ZONES = ("Africa/Lagos", "Africa/Nairobi", "Africa/Cairo", "Africa/Johannesburg", "Africa/Casablanca")
 
 
@@ -186,8 +188,9 @@ def _launch(
         path = workdir / "bridge.yaml"
         path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         argv = [sys.executable, "-m", "bridge.cli", "run", "--config", str(path)]
-    elif kind == "amqtt":
-        argv = [sys.executable, "-m", "bench.vanilla_amqtt", "--tcp-port", str(tcp), "--ws-port", str(ws)]
+    elif kind in ("amqtt", "reference"):
+        module = "bench.vanilla_amqtt" if kind == "amqtt" else "bench.reference_broker"
+        argv = [sys.executable, "-m", module, "--tcp-port", str(tcp), "--ws-port", str(ws)]
     else:
         path = workdir / "mosquitto.conf"
         path.write_text(

@@ -388,7 +388,7 @@ class PublisherSpec:
     rate: float | None = None
     duration_s: float | None = None
     max_messages: int | None = None
-    window: int = 400
+    window: int = 500
     batch: int = 50
     slots: tuple[int, ...] = ()
     subscribers: int = 0

@@ -6,6 +6,8 @@
 
 Scenarios (``--scenarios``; brokers in brackets run them when selected and available):
 
+- ``ceiling`` [reference]: ``qos0`` against bench/reference_broker.py, which costs next to
+  nothing per delivery: the most the load generator itself takes in on this machine.
 - ``qos0`` / ``qos1`` [market-bridge, amqtt, mosquitto]: saturated fan-out, 1 TCP publisher,
   ``--subscribers`` WebSocket subscribers on ``market/#`` (QoS 1: publish and subscribe).
 - ``paced`` [market-bridge]: latency at a fixed 50 deliveries/s per subscriber.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, runnin
 from bench.loadgen import raise_nofile_limit
 from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
 
-SCENARIOS = ("qos0", "qos1", "paced", "idle", "retained", "stalled", "connect", "offline")
+SCENARIOS = ("ceiling", "qos0", "qos1", "paced", "idle", "retained", "stalled", "connect", "offline")
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
 
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument(
         "--window", type=int, default=200, help="messages per subscriber in flight (saturated)"
     )
+    parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
     parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
     parser.add_argument("--idle-workers", type=int, default=4)
     parser.add_argument(
@@ -185,11 +189,18 @@ def main() -> None:
     base = FanoutOptions(
         subscribers=args.subscribers, workers=args.workers, duration_s=duration, window=args.window
     )
-    print(
-        json.dumps({"scenario": "setup", "brokers": brokers, "nofile_limit": soft, "quick": quick}),
-        flush=True,
-    )
+    # The machine's load: other jobs on a small machine move every number, so say how busy it was.
+    setup = {
+        "brokers": brokers,
+        "nofile_limit": soft,
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
+    print(json.dumps({"scenario": "setup", **setup}), flush=True)
 
+    if "ceiling" in chosen:
+        report.run("generator_ceiling", "reference", partial(_fanout, options=replace(base, qos=0)))
     for kind in brokers:
         for qos in (0, 1):
             if f"qos{qos}" in chosen:
@@ -244,7 +255,10 @@ def main() -> None:
     for other in brokers:
         if other != "market-bridge" and (line := ratios(report, other)) is not None:
             report.emit("ratio", line)
-    report.emit("summary", {"wall_s": round(time.monotonic() - started, 1), "failed": report.failed})
+    report.emit(
+        "summary",
+        {"wall_s": round(time.monotonic() - started, 1), "loadavg": os.getloadavg(), "failed": report.failed},
+    )
     sys.exit(1 if report.failed else 0)
 
 
