@@ -161,7 +161,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--duration", type=float, help="seconds of publishing per saturated run (8; quick 3)")
     parser.add_argument(
-        "--window", type=int, default=200, help="messages per subscriber in flight (saturated)"
+        "--window",
+        type=int,
+        default=500,
+        help="messages per subscriber published, not yet received (saturated)",
     )
     parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
     parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
