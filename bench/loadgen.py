@@ -599,7 +599,14 @@ async def _run_publisher(spec: PublisherSpec, control: Control) -> None:
         data, packet_id = maker.packets(count, qos=spec.qos, retain=spec.retain, packet_id=packet_id)
         client.send(data)
         published += count
-        await client.drained()
+        try:
+            # A broker that stops reading must not hold the publisher past its deadline.
+            async with asyncio.timeout(
+                None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
+            ):
+                await client.drained()
+        except TimeoutError:
+            break
         if spec.rate is None:
             await asyncio.sleep(0)  # let PUBACKs in
     publish_end = time.monotonic()

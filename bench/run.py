@@ -220,7 +220,7 @@ def main() -> None:
                 base,
                 subscribers=args.stall_healthy,
                 workers=1,
-                duration_s=None,
+                duration_s=120.0 if quick else 300.0,  # a cap: stops early if the broker is that slow
                 max_messages=stall_ticks,
                 drain_s=60.0,
             )

@@ -172,7 +172,7 @@ def fanout(broker: RunningBroker, options: FanoutOptions) -> dict[str, Any]:
         sampler.start()
         wall0 = time.monotonic()
         fleet.control.publish.set()
-        publish_timeout = (opts.duration_s or 0) + 600
+        publish_timeout = (opts.duration_s or 600) + 60
         published = fleet.collect("done", ["publisher"], timeout=publish_timeout)["publisher"]
         rss_published = broker.rss()
         expected = published["published"] * opts.subscribers
