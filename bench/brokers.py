@@ -147,6 +147,13 @@ class RunningBroker:
         except OSError:
             return ""
 
+    def log_lines_with(self, needle: str) -> int:
+        try:
+            with self.log_path.open(errors="replace") as log:
+                return sum(1 for line in log if needle in line)
+        except OSError:
+            return 0
+
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after a grace period; returns the exit code."""
         if self.process.poll() is None:

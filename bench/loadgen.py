@@ -350,7 +350,9 @@ class ClientsSpec:
 
     ``subscribe``: (filter, QoS) to subscribe each client to, or None for idle connections.
     ``stall``: stop reading once subscribed (a frozen phone). ``slot``: shared count slot,
-    -1 for clients whose deliveries must not count (the staller).
+    -1 for clients whose deliveries must not count (the staller). ``connect_timeout``: per
+    connection; ``connect_phase_s``: for all of them (a broker out of file descriptors
+    leaves handshakes unanswered: the rest are given up and counted, not waited for).
     """
 
     name: str
@@ -364,6 +366,7 @@ class ClientsSpec:
     keepalive: int = 60
     sample_every: int = 16
     connect_timeout: float = 30.0
+    connect_phase_s: float = 120.0
     read_quantum_s: float = 0.001
 
 
@@ -495,7 +498,15 @@ async def _run_clients(spec: ClientsSpec, control: Control) -> None:
             if spec.stall:
                 client.transport.pause_reading()
 
-    await asyncio.gather(*(one(c) for c in spec.credentials))
+    # Pings from the start: a slow connect phase must not let the first clients' keep-alive lapse.
+    pinger = asyncio.create_task(_ping(clients, spec.keepalive))
+    attempts = [asyncio.create_task(one(c)) for c in spec.credentials]
+    _done, unfinished = await asyncio.wait(attempts, timeout=spec.connect_phase_s)
+    for attempt in unfinished:
+        attempt.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)
+    if unfinished:
+        errors["given up at the connect phase deadline"] += len(unfinished)
     connected_s = time.monotonic() - started
     control.results.put(
         (
@@ -510,7 +521,6 @@ async def _run_clients(spec: ClientsSpec, control: Control) -> None:
             },
         )
     )
-    pinger = asyncio.create_task(_ping(clients, spec.keepalive))
     while not control.stop.is_set():  # noqa: ASYNC110 (a process-shared Event cannot be awaited)
         await asyncio.sleep(0.02)
     pinger.cancel()

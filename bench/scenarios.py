@@ -273,16 +273,25 @@ def idle(
         "generator_processes": workers,
         "broker_nofile_limit": broker.nofile_limit(),
     }
+    phase_s = 60 + connections / 100
     with Fleet(slots=0) as fleet:
         names = []
         for index, group in enumerate(spread(credentials, workers)):
             name = f"idle-{index}"
             fleet.add(
-                ClientsSpec(name=name, endpoint=broker.ws, credentials=tuple(group), slot=-1, concurrency=50)
+                ClientsSpec(
+                    name=name,
+                    endpoint=broker.ws,
+                    credentials=tuple(group),
+                    slot=-1,
+                    concurrency=50,
+                    connect_timeout=10.0,
+                    connect_phase_s=phase_s,
+                )
             )
             names.append(name)
         fleet.control.go.set()
-        ready = fleet.collect("ready", names, timeout=120 + connections / 50)
+        ready = fleet.collect("ready", names, timeout=phase_s + 60)
         connected = sum(r["connected"] for r in ready.values())
         connect_s = max(r["connect_s"] for r in ready.values())
         refused: Counter[str] = Counter()
@@ -301,6 +310,7 @@ def idle(
         "connected": connected,
         "held": held,
         "all_held": held == connections,
+        "closed_after_connack": connected - held,
         "connect_s": round(connect_s, 2),
         "connects_per_s": round(connected / connect_s) if connect_s > 0 else None,
         "refused_connack_codes": dict(refused),
@@ -310,6 +320,9 @@ def idle(
         "broker_rss_mb_after": round(rss1 / 2**20, 1) if alive else None,
         "bytes_per_connection": round((rss1 - rss0) / connected) if alive and connected else None,
     }
+    if held < connections:
+        # The usual cause: the broker ran out of file descriptors (see broker_nofile_limit).
+        result["broker_log_emfile_lines"] = broker.log_lines_with("Too many open files")
     if not alive:
         result["broker_exit_code"] = broker.process.returncode
         result["broker_log_tail"] = broker.log_tail(5)
