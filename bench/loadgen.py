@@ -538,6 +538,7 @@ async def _run_clients(spec: ClientsSpec, control: Control) -> None:
                 "per_client_min": min(per_client, default=0),
                 "per_client_max": max(per_client, default=0),
                 "open": sum(1 for c in clients if not c.lost),
+                "client_errors": sorted({f"{type(c.error).__name__}: {c.error}" for c in clients if c.error}),
                 "first_mono": tally.first_mono,
                 "last_mono": tally.last_mono,
                 "samples": samples.tobytes(),

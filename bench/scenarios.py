@@ -223,6 +223,10 @@ def fanout(broker: RunningBroker, options: FanoutOptions) -> dict[str, Any]:
         "broker_rss_growth_mb": round((rss_published - rss0) / 2**20, 1),
         "broker_rss_peak_growth_mb": round((max(sampler.peak, rss_published) - rss0) / 2**20, 1),
     }
+    if lost := opts.subscribers - sum(d["open"] for d in done.values()):
+        result["subscribers_disconnected"] = lost
+    if errors := sorted({e for d in done.values() for e in d["client_errors"]}):
+        result["client_errors"] = errors[:5]
     if opts.qos:
         result["publisher_pubacks"] = published["pubacks"]
     if opts.rate is not None:
