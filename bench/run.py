@@ -1,6 +1,6 @@
 """``make bench``: the whole scenario matrix, one JSON line per scenario on stdout.
 
-    python -m bench.run                      # everything (~6-10 min on 2 cores)
+    python -m bench.run                      # everything (7-8 min on 2 cores)
     python -m bench.run --quick              # short runs, 1,000 idle connections only
     python -m bench.run --scenarios qos0,paced --brokers market-bridge
 
