@@ -166,6 +166,12 @@ def main() -> None:
         default=500,
         help="messages per subscriber published, not yet received (saturated)",
     )
+    parser.add_argument(
+        "--subscriber-transport",
+        choices=["ws", "tcp"],
+        default="ws",
+        help="tcp tells a broker's WebSocket cost from the rest (e.g. Mosquitto's)",
+    )
     parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
     parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
     parser.add_argument("--idle-workers", type=int, default=4)
@@ -190,7 +196,12 @@ def main() -> None:
     soft, _hard = raise_nofile_limit()  # brokers inherit it: 10k connections need 10k descriptors
     report = Report()
     base = FanoutOptions(
-        subscribers=args.subscribers, workers=args.workers, duration_s=duration, window=args.window
+        subscribers=args.subscribers,
+        workers=args.workers,
+        duration_s=duration,
+        window=args.window,
+        read_quantum_s=args.read_quantum_ms / 1000,
+        transport=args.subscriber_transport,
     )
     # The machine's load: other jobs on a small machine move every number, so say how busy it was.
     setup = {
