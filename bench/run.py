@@ -107,14 +107,10 @@ def _fanout(broker: RunningBroker, options: FanoutOptions) -> dict[str, Any]:
 def _stalled(report: Report, options: FanoutOptions) -> None:
     baseline: dict[str, Any] = {}
     report_line: dict[str, Any] = {"broker": "market-bridge"}
-
-    def measure(staller: bool) -> Callable[[RunningBroker], dict[str, Any]]:
-        return lambda broker: fanout(broker, replace(options, staller=staller))
-
     for staller in (False, True):
         try:
             with running("market-bridge") as broker:
-                result = measure(staller)(broker)
+                result = fanout(broker, replace(options, staller=staller))
         except Exception as exc:
             report.emit(
                 "stalled_subscriber",
