@@ -29,14 +29,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# Fan-out baseline: 1 TCP feed, 20 WebSocket subscribers (saturated, then paced).
+# Every scenario (fan-out QoS 0/1, paced latency, idle connections, retained snapshot, stalled
+# subscriber, connect rate, offline backlog) on our broker, vanilla amqtt and Mosquitto (when
+# installed): one JSON line each. BENCH_ARGS=--quick for a short run.
 bench: $(STAMP)
-	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz on
-	$(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --tz off
-	if command -v mosquitto >/dev/null; then $(BIN)/python -m bench.fanout --subscribers 20 --messages 10000 --broker mosquitto; fi
-	$(BIN)/python -m bench.fanout --subscribers 20 --messages 2000 --rate 100
-	$(BIN)/python -m bench.connect --connections 2000 --idle 1000
-	$(BIN)/python -m bench.offline --messages 10000
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

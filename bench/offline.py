@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import secrets
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.fanout import _start_broker
-from bridge.auth import Role, SigningKey, mint_token
+from bench.brokers import Auth, running
 
 
 def _client(port: int, user: str, token: str, *, client_id: str = "", clean: bool = True) -> mqtt.Client:
@@ -34,32 +30,26 @@ def _client(port: int, user: str, token: str, *, client_id: str = "", clean: boo
     return client
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10_000)
-    parser.add_argument("--redis-url")
-    args = parser.parse_args()
-    secret = secrets.token_urlsafe(48)
-    key = SigningKey("bench", secret.encode(), "HS256")
-
-    def token(sub: str, role: Role) -> str:
-        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=3600)
-
-    store = (
-        f"{{redis_url: '{args.redis_url}'}}"
-        if args.redis_url
-        else (f"{{path: {Path(tempfile.mkdtemp()) / 'bench.sqlite3'}}}")
-    )
-    config = (
-        "listeners: {ws: {port: 0}, tcp: {port: 0}}\nfeeds: []\nlogging: {level: INFO}\n"
-        f"store: {{queue_max_messages: {args.messages}, queue_max_bytes: 104857600, "
-        f"replay_window: 100, {store[1:-1]}}}\n"
-        f"auth: {{keys: [{{kid: bench, algorithms: [HS256], secret: {secret}}}]}}\n"
-    )
-    proc, _ws, port = _start_broker(config)
-    result: dict[str, Any] = {"scenario": "offline_backlog", "store": "redis" if args.redis_url else "sqlite"}
-    try:
-        phone = _client(port, "alice", token("alice", "subscriber"), client_id="alice-phone", clean=False)
+def run(*, messages: int, redis_url: str | None = None) -> dict[str, Any]:
+    """Store a ``messages`` backlog for an offline user, then replay it; one result (``scenario`` included)."""
+    auth = Auth.new()
+    store: dict[str, Any] = {
+        "queue_max_messages": messages,
+        "queue_max_bytes": 104857600,
+        "replay_window": 100,
+    }
+    if redis_url:
+        store["redis_url"] = redis_url
+    result: dict[str, Any] = {
+        "scenario": "offline_backlog",
+        "broker": "market-bridge",
+        "store": "redis" if redis_url else "sqlite",
+    }
+    with running("market-bridge", auth=auth, extra={"store": store}) as broker:
+        port = broker.tcp_port
+        phone = _client(
+            port, "alice", auth.token("alice", "subscriber"), client_id="alice-phone", clean=False
+        )
         subscribed = threading.Event()
         phone.on_subscribe = lambda *_a: subscribed.set()
         phone.connect("127.0.0.1", port)
@@ -69,29 +59,32 @@ def main() -> None:
         phone.disconnect()
         phone.loop_stop()
 
-        service = _client(port, "svc", token("svc", "service"))
+        service = _client(port, "svc", auth.token("svc", "service"))
         acked = threading.Semaphore(0)
         service.on_publish = lambda *_a: acked.release()
         service.connect("127.0.0.1", port)
         service.loop_start()
         start = time.perf_counter()
-        for index in range(args.messages):
+        for index in range(messages):
             service.publish("user/alice/fills", json.dumps({"n": index}).encode(), qos=1)
-        for _ in range(args.messages):
-            acked.acquire(timeout=120)
+        for _ in range(messages):
+            if not acked.acquire(timeout=120):
+                break
         stored_s = time.perf_counter() - start
         service.disconnect()
         service.loop_stop()
 
         received: queue.Queue[bytes] = queue.Queue()
-        phone = _client(port, "alice", token("alice", "subscriber"), client_id="alice-phone", clean=False)
+        phone = _client(
+            port, "alice", auth.token("alice", "subscriber"), client_id="alice-phone", clean=False
+        )
         phone.on_message = lambda _c, _u, msg: received.put(bytes(msg.payload))
         start = time.perf_counter()
         phone.connect("127.0.0.1", port)
         phone.loop_start()
         count = 0
         try:
-            while count < args.messages:
+            while count < messages:
                 received.get(timeout=60)
                 count += 1
         except queue.Empty:
@@ -99,17 +92,21 @@ def main() -> None:
         replay_s = time.perf_counter() - start
         phone.disconnect()
         phone.loop_stop()
-        result |= {
-            "messages": args.messages,
-            "stored_per_s": round(args.messages / stored_s),
-            "replayed": count,
-            "reconnect_to_last_message_s": round(replay_s, 2),
-            "replayed_per_s": round(count / replay_s),
-        }
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    print(json.dumps(result), flush=True)
+    return result | {
+        "messages": messages,
+        "stored_per_s": round(messages / stored_s),
+        "replayed": count,
+        "reconnect_to_last_message_s": round(replay_s, 2),
+        "replayed_per_s": round(count / replay_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--redis-url")
+    args = parser.parse_args()
+    print(json.dumps(run(messages=args.messages, redis_url=args.redis_url)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""``make bench``: the whole scenario matrix, one JSON line per scenario on stdout.
+
+    python -m bench.run                      # everything (7-8 min on 2 cores)
+    python -m bench.run --quick              # short runs, 1,000 idle connections only
+    python -m bench.run --scenarios qos0,paced --brokers market-bridge
+
+Scenarios (``--scenarios``; brokers in brackets run them when selected and available):
+
+- ``ceiling`` [reference]: ``qos0`` against bench/reference_broker.py, which costs next to
+  nothing per delivery: the most the load generator itself takes in on this machine.
+- ``qos0`` / ``qos1`` [market-bridge, amqtt, mosquitto]: saturated fan-out, 1 TCP publisher,
+  ``--subscribers`` WebSocket subscribers on ``market/#`` (QoS 1: publish and subscribe).
+- ``paced`` [market-bridge]: latency at a fixed 50 deliveries/s per subscriber.
+- ``idle`` [all; 10,000 on amqtt is skipped, it takes minutes]: idle WebSocket connections, bytes each.
+- ``retained`` [market-bridge]: SUBSCRIBE to the last of 500 retained snapshots.
+- ``stalled`` [market-bridge]: one subscriber stops reading; healthy ones vs a run without it.
+- ``connect`` [market-bridge]: connect rate with HS256 and RS256 tokens (bench/connect.py).
+- ``offline`` [market-bridge]: offline backlog stored and replayed (bench/offline.py).
+
+Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
+``summary`` line (wall time, failed scenarios). A scenario that fails prints its error as
+its line and the run goes on; the exit code is 1 if any failed. Every broker and generator
+process a scenario starts is stopped when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+from bench import connect, offline
+from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, running
+from bench.loadgen import raise_nofile_limit
+from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
+
+SCENARIOS = ("ceiling", "qos0", "qos1", "paced", "idle", "retained", "stalled", "connect", "offline")
+BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
+
+
+class Report:
+    """Prints each result as one JSON line as soon as it is known; remembers them for the ratios."""
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[str, str], dict[str, Any]] = {}
+        self.failed: list[str] = []
+
+    def emit(self, scenario: str, result: dict[str, Any]) -> None:
+        line = {"scenario": scenario, **result}
+        if "error" in result:
+            self.failed.append(f"{scenario}/{result.get('broker', '')}")
+        else:
+            self.results[(scenario, str(result.get("broker", "")))] = line
+        print(json.dumps(line), flush=True)
+
+    def run(
+        self,
+        scenario: str,
+        kind: BrokerKind,
+        measure: Callable[[RunningBroker], dict[str, Any]],
+        **broker: Any,
+    ) -> None:
+        """Start a fresh broker, measure, always stop it; an exception becomes the scenario's line."""
+        started = time.monotonic()
+        try:
+            with running(kind, **broker) as target:
+                result = measure(target)
+        except Exception as exc:
+            result = {"broker": kind, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        result["scenario_wall_s"] = round(time.monotonic() - started, 1)
+        self.emit(scenario, result)
+
+
+def _ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, key: str) -> float | None:
+    if not ours or not theirs or not ours.get(key) or not theirs.get(key):
+        return None
+    return round(float(ours[key]) / float(theirs[key]), 3)
+
+
+def ratios(report: Report, other: BrokerKind) -> dict[str, Any] | None:
+    get = report.results.get
+    line: dict[str, Any] = {"ours": "market-bridge", "vs": other, "auth_ours": True, "auth_theirs": False}
+    for scenario in ("qos0", "qos1"):
+        ours, theirs = get((scenario, "market-bridge")), get((scenario, other))
+        line[f"{scenario}_deliveries_per_s"] = _ratio(ours, theirs, "deliveries_per_s")
+        line[f"{scenario}_broker_cpu_per_delivery"] = _ratio(ours, theirs, "broker_cpu_us_per_delivery")
+    for count in (1000, 10_000):
+        ours, theirs = get((f"idle_{count}", "market-bridge")), get((f"idle_{count}", other))
+        line[f"idle_{count}_bytes_per_connection"] = _ratio(ours, theirs, "bytes_per_connection")
+    if all(
+        value is None for key, value in line.items() if key not in ("ours", "vs", "auth_ours", "auth_theirs")
+    ):
+        return None
+    return line
+
+
+def _fanout(broker: RunningBroker, options: FanoutOptions) -> dict[str, Any]:
+    return fanout(broker, options)
+
+
+def _stalled(report: Report, options: FanoutOptions) -> None:
+    baseline: dict[str, Any] = {}
+    report_line: dict[str, Any] = {"broker": "market-bridge"}
+    for staller in (False, True):
+        try:
+            with running("market-bridge") as broker:
+                result = fanout(broker, replace(options, staller=staller))
+        except Exception as exc:
+            report.emit(
+                "stalled_subscriber",
+                {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"[:4000]},
+            )
+            return
+        if not staller:
+            baseline = result
+            continue
+        report_line |= {
+            "auth": True,
+            "ticks": result["published"],
+            "healthy_subscribers": options.subscribers,
+            "staller_rcvbuf": options.stall_rcvbuf,
+            "healthy_deliveries_per_s": result["deliveries_per_s"],
+            "baseline_deliveries_per_s": baseline["deliveries_per_s"],
+            "rate_ratio": _ratio(result, baseline, "deliveries_per_s"),
+            "healthy_loss": result["loss"],
+            "broker_rss_growth_mb": result["broker_rss_growth_mb"],
+            "broker_rss_peak_growth_mb": result["broker_rss_peak_growth_mb"],
+            "baseline_rss_growth_mb": baseline["broker_rss_growth_mb"],
+            "baseline_rss_peak_growth_mb": baseline["broker_rss_peak_growth_mb"],
+            "staller_received": result["staller_received"],
+            "staller_still_connected": result["staller_connected"],
+            "p99_ms": result["p99_ms"],
+            "baseline_p99_ms": baseline["p99_ms"],
+            "broker_cpu_cores": result["broker_cpu_cores"],
+            "generator_cpu_cores": result["generator_cpu_cores"],
+            "wall_s": round(result["wall_s"] + baseline["wall_s"], 1),
+        }
+    report.emit("stalled_subscriber", report_line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs for development")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated from {', '.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--brokers", default=",".join(BROKERS), help=f"comma-separated from {', '.join(BROKERS)}"
+    )
+    parser.add_argument("--subscribers", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--duration", type=float, help="seconds of publishing per saturated run (8; quick 3)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=500,
+        help="messages per subscriber published, not yet received (saturated)",
+    )
+    parser.add_argument(
+        "--subscriber-transport",
+        choices=["ws", "tcp"],
+        default="ws",
+        help="tcp tells a broker's WebSocket cost from the rest (e.g. Mosquitto's)",
+    )
+    parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
+    parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
+    parser.add_argument("--idle-workers", type=int, default=4)
+    parser.add_argument(
+        "--stall-ticks", type=int, help="ticks in the stalled-subscriber runs (100000; quick 10000)"
+    )
+    parser.add_argument("--stall-healthy", type=int, default=4, help="healthy subscribers beside the staller")
+    args = parser.parse_args()
+    chosen = set(args.scenarios.split(","))
+    if unknown := chosen - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    brokers = [b for b in BROKERS if b in args.brokers.split(",")]
+    if "mosquitto" in brokers and not mosquitto_available():
+        brokers.remove("mosquitto")
+        print(json.dumps({"scenario": "note", "mosquitto": "not on PATH: skipped"}), flush=True)
+    quick = args.quick
+    duration = args.duration or (3.0 if quick else 8.0)
+    idle_counts = [int(n) for n in (args.idle or ("1000" if quick else "1000,10000")).split(",")]
+    stall_ticks = args.stall_ticks or (10_000 if quick else 100_000)
+
+    started = time.monotonic()
+    soft, _hard = raise_nofile_limit()  # brokers inherit it: 10k connections need 10k descriptors
+    report = Report()
+    base = FanoutOptions(
+        subscribers=args.subscribers,
+        workers=args.workers,
+        duration_s=duration,
+        window=args.window,
+        read_quantum_s=args.read_quantum_ms / 1000,
+        transport=args.subscriber_transport,
+    )
+    # The machine's load: other jobs on a small machine move every number, so say how busy it was.
+    setup = {
+        "brokers": brokers,
+        "nofile_limit": soft,
+        "quick": quick,
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
+    print(json.dumps({"scenario": "setup", **setup}), flush=True)
+
+    if "ceiling" in chosen:
+        report.run("generator_ceiling", "reference", partial(_fanout, options=replace(base, qos=0)))
+    for kind in brokers:
+        for qos in (0, 1):
+            if f"qos{qos}" in chosen:
+                report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)))
+    if "market-bridge" in brokers:
+        if "paced" in chosen:
+            # 50 ticks/s to every subscriber: 2,500 deliveries/s with 50 subscribers.
+            paced = replace(base, rate=50.0, duration_s=4.0 if quick else 10.0, sample_every=1)
+            report.run("paced", "market-bridge", lambda b: fanout(b, paced))
+        if "retained" in chosen:
+            report.run("retained_snapshot", "market-bridge", lambda b: retained_snapshot(b, 500))
+        if "stalled" in chosen:
+            stall = replace(
+                base,
+                subscribers=args.stall_healthy,
+                workers=1,
+                duration_s=120.0 if quick else 300.0,  # a cap: stops early if the broker is that slow
+                max_messages=stall_ticks,
+                drain_s=60.0,
+            )
+            _stalled(report, stall)
+    if "idle" in chosen:
+        for kind in brokers:
+            for count in idle_counts:
+                if kind == "amqtt" and count > 1000:
+                    continue
+                workers = min(args.idle_workers, max(1, count // 500))
+                report.run(
+                    f"idle_{count}",
+                    kind,
+                    partial(idle, connections=count, workers=workers),
+                    max_connections=count + 100,
+                )
+    if "market-bridge" in brokers:
+        if "connect" in chosen:
+            try:
+                for result in connect.run(connections=500 if quick else 2000, concurrency=50):
+                    report.emit(result.pop("scenario"), result)
+            except Exception as exc:
+                report.emit(
+                    "connect_rate", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
+                )
+        if "offline" in chosen:
+            try:
+                result = offline.run(messages=2000 if quick else 10_000)
+                report.emit(result.pop("scenario"), result)
+            except Exception as exc:
+                report.emit(
+                    "offline_backlog", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
+                )
+
+    for other in brokers:
+        if other != "market-bridge" and (line := ratios(report, other)) is not None:
+            report.emit("ratio", line)
+    report.emit(
+        "summary",
+        {"wall_s": round(time.monotonic() - started, 1), "loadavg": os.getloadavg(), "failed": report.failed},
+    )
+    sys.exit(1 if report.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
