@@ -258,7 +258,9 @@ def running(
             "logging": {"level": "INFO"},
             "http": {"port": 0},
             "store": {"path": str(workdir / "store.sqlite3")},
-            "limits": {"max_connections": max_connections},
+            # The feed's inbound limit (1000 ticks/s by default) would cap the offered load;
+            # the other brokers have none. Everything else is the default users run.
+            "limits": {"max_connections": max_connections, "rate": {"publish_per_s": 0}},
             "timezones": {"enabled": True},
             # Shutdown only: the default 10 s drain would pad every scenario.
             "broker": {"drain_timeout_s": 2},
