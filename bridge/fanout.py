@@ -7,8 +7,10 @@ first tick after any change to subscriptions or connections and reused for every
 until the next change, so a tick costs one dict lookup plus, per group, one encode, and per
 subscriber one append to its connection's batch.
 
-Subscribers the direct path cannot serve (a compressed WebSocket, QoS 2) are listed in the
-plan's ``slow`` part; the broker delivers those through amqtt.
+Subscribers the direct path cannot serve (a compressed WebSocket, sessions without a
+connection of ours) are in the plan's ``slow`` part; the broker delivers those through
+amqtt. Ticks are published at QoS 0 or 1 on this path (QoS 2 publishes take amqtt's), so a
+QoS 2 subscription receives them at the publish QoS and stays direct.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from bridge.errors import ProtocolError
 
-__all__ = ["PUBACK", "PUBLISH", "PacketSplitter", "Publish", "parse_publish", "puback"]
+__all__ = ["PUBACK", "PUBLISH", "PacketSplitter", "Publish", "check_header", "parse_publish", "puback"]
 
 PUBLISH = 3
 PUBACK = 4
@@ -102,6 +102,22 @@ def parse_publish(first: int, body: bytes) -> Publish:
         if packet_id == 0:
             raise ProtocolError("malformed_publish", "packet id 0")  # [MQTT-2.3.1-1]
     return Publish(topic, qos, bool(first & 0x01), bool(first & 0x08), packet_id, body[header_end:])
+
+
+# [MQTT-2.2.2-1/2]: PUBREL, SUBSCRIBE and UNSUBSCRIBE carry flags 0b0010, every other
+# packet but PUBLISH 0; packets of a fixed size must have it.
+_FLAGS = {6: 0x2, 8: 0x2, 10: 0x2}
+_SIZES = {4: 2, 5: 2, 6: 2, 7: 2, 12: 0, 14: 0}
+
+
+def check_header(first: int, length: int) -> None:
+    """:class:`ProtocolError` for a non-PUBLISH packet with wrong flags or size."""
+    kind = first >> 4
+    if (first & 0x0F) != _FLAGS.get(kind, 0):
+        raise ProtocolError("malformed_packet", f"packet type {kind} with flags {first & 0x0F:#x}")
+    size = _SIZES.get(kind)
+    if size is not None and length != size:
+        raise ProtocolError("malformed_packet", f"packet type {kind} of {length} bytes, not {size}")
 
 
 def puback(packet_ids: list[int]) -> bytes:

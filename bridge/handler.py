@@ -33,12 +33,14 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
 from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
 from bridge.errors import ProtocolError
-from bridge.framing import PUBACK, PUBLISH, PacketSplitter, parse_publish, puback
+from bridge.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.outbox import Outbox
 from bridge.ratelimit import PublishBucket, publisher_bucket
 from feeds.tick import MARKET_PREFIX
@@ -141,13 +143,15 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                     if publish.packet_id is not None:
                         acks.append(publish.packet_id)
                     continue
-            elif kind == PUBACK and len(body) == 2:
-                self._settle_puback((body[0] << 8) | body[1])
-                continue
             elif kind in (0, 15):
                 raise ProtocolError("reserved_packet", f"reserved packet type {kind}")
             elif kind == CONNECT:
                 raise ProtocolError("second_connect", "CONNECT on a connected session")  # [MQTT-3.1.0-2]
+            else:
+                check_header(first, len(body))
+                if kind == PUBACK:
+                    self._settle_puback((body[0] << 8) | body[1])
+                    continue
             task = await self._amqtt_packet(kind, first, body)
             if task is not None:
                 running.append(task)
@@ -168,6 +172,13 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             packet = await packet_dict[kind].from_stream(_BodyReader(body), fixed_header=fixed)
         except (MQTTError, ValueError, IndexError, UnicodeDecodeError) as exc:
             raise ProtocolError("malformed_packet", f"packet type {kind}: {exc}") from None
+        # [MQTT-3.8.3-3], [MQTT-3.10.3-2]: at least one filter; [MQTT-3-8.3-4]: QoS 0..2.
+        if isinstance(packet, SubscribePacket):
+            requested = packet.payload.topics if packet.payload is not None else []
+            if not requested or any(qos not in (0, 1, 2) for _, qos in requested):
+                raise ProtocolError("malformed_packet", "SUBSCRIBE without filters or asking for QoS 3")
+        elif isinstance(packet, UnsubscribePacket) and not (packet.payload and packet.payload.topics):
+            raise ProtocolError("malformed_packet", "UNSUBSCRIBE without filters")
         await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
         name = _HANDLERS.get(kind)
         if name is None:

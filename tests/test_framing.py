@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.errors import ProtocolError
-from bridge.framing import PacketSplitter, Publish, parse_publish, puback
+from bridge.framing import PacketSplitter, Publish, check_header, parse_publish, puback
 from bridge.wire import remaining_length
 
 MAX = 1 << 28  # nothing is too large unless a test says so
@@ -281,3 +281,31 @@ def test_puback_matches_amqtt_and_splits_back(ids: list[int]) -> None:
     data = puback(ids)
     assert data == b"".join(bytes(PubackPacket.build(pid).to_bytes()) for pid in ids)
     assert PacketSplitter(MAX).feed(data) == [(0x40, pid.to_bytes(2, "big")) for pid in ids]
+
+
+@pytest.mark.parametrize(
+    ("first", "length", "ok"),
+    [
+        (0x40, 2, True),  # PUBACK
+        (0x40, 3, False),
+        (0x41, 2, False),  # PUBACK flags must be 0
+        (0x62, 2, True),  # PUBREL flags 0b0010
+        (0x60, 2, False),
+        (0x82, 8, True),  # SUBSCRIBE
+        (0x80, 8, False),
+        (0xA2, 5, True),  # UNSUBSCRIBE
+        (0xA0, 5, False),
+        (0xC0, 0, True),  # PINGREQ
+        (0xC0, 1, False),
+        (0xE0, 0, True),  # DISCONNECT
+        (0xE0, 2, False),
+        (0xE1, 0, False),
+    ],
+)
+def test_check_header(first: int, length: int, ok: bool) -> None:
+    if ok:
+        check_header(first, length)
+    else:
+        with pytest.raises(ProtocolError) as raised:
+            check_header(first, length)
+        assert raised.value.reason == "malformed_packet"

@@ -370,6 +370,12 @@ _QOS1_TICK = publish_packet("market/luno/BTC-ZAR", _GOOD_TICK, qos=1, packet_id=
             _QOS1_TICK.replace(b"\x00\x01{", b"\x00\x00{"), "malformed_publish", 0, id="packet-id-0"
         ),
         pytest.param(b"\x30\x05\x00\x02\xff\xfex", "bad_utf8", 0, id="bad-utf8-topic"),
+        pytest.param(b"\x82\x08\x00\x01\x00\x03a/b\x03", "malformed_packet", 0, id="subscribe-qos-3"),
+        pytest.param(b"\x82\x02\x00\x01", "malformed_packet", 0, id="subscribe-no-filters"),
+        pytest.param(b"\x80\x08\x00\x01\x00\x03a/b\x00", "malformed_packet", 0, id="subscribe-bad-flags"),
+        pytest.param(b"\xa2\x02\x00\x01", "malformed_packet", 0, id="unsubscribe-no-filters"),
+        pytest.param(b"\xc0\x01\x00", "malformed_packet", 0, id="pingreq-with-body"),
+        pytest.param(b"\x40\x03\x00\x01\x00", "malformed_packet", 0, id="puback-too-long"),
         # A good tick first in the same write: it is delivered, then the connection closes.
         pytest.param(
             publish_packet("market/luno/BTC-ZAR", _GOOD_TICK) + b"\xf0\x00",
