@@ -45,7 +45,7 @@ from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import (
     INCOMING,
@@ -64,6 +64,7 @@ from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerCon
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
 from bridge.keys import load_keyring
+from bridge.lean import LeanQueue
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Outbox
@@ -101,6 +102,12 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     """amqtt's handler with keep-alive enforced and a way for the broker to end it."""
 
     end_reason: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/lean.py).
+        self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
 
     def end(self, reason: str) -> None:
         """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
