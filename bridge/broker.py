@@ -60,6 +60,7 @@ from websockets.http11 import Request, Response
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
+from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
@@ -568,6 +569,10 @@ class MarketBroker(Broker):
                 self.stats.token_expiries += 1
             log.info("disconnected %s (user %s): %s", client_id, user, handler.end_reason or "closed")
             await self._release(connection)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # One parked future per idle connection instead of amqtt's four tasks (bridge/client_loop.py).
+        await client_message_loop(self, client_session, handler)
 
     async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None:
         """CONNACK with a refusal code at once (never a hanging client), counted and logged."""
