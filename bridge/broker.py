@@ -65,7 +65,7 @@ from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerCon
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
 from bridge.keys import load_keyring
-from bridge.lean import LeanQueue
+from bridge.lean import LeanEvent, LeanQueue
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Outbox
@@ -175,7 +175,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         return handoffs
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Connection:
     """One live network connection bound to a session and its owner's connection lease."""
 
@@ -187,7 +187,7 @@ class _Connection:
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     outbox: Outbox | None = None  # direct QoS 0 writes (None: amqtt's path)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
 
 
 # Session attributes the broker keeps per session (decided once at CONNECT).

@@ -21,13 +21,15 @@ import asyncio
 import collections
 from typing import Any, TypeVar
 
-__all__ = ["LeanEvent", "LeanQueue"]
+__all__ = ["LeanEvent", "LeanQueue", "SmallDeque"]
 
 _T = TypeVar("_T")
 
 
-class _Waiters(list[Any]):
-    """A list that answers asyncio's deque calls (``append``, ``popleft``, ``remove``)."""
+class SmallDeque(list[Any]):
+    """A list that answers the deque calls asyncio and websockets make on their waiter lists
+    (``append``, ``popleft``, ``remove``, ``extend``): for the few items they hold, an empty
+    one costs 56 bytes instead of 760."""
 
     __slots__ = ()
 
@@ -38,7 +40,7 @@ class _Waiters(list[Any]):
 class LeanEvent(asyncio.Event):
     def __init__(self) -> None:
         super().__init__()
-        self._waiters: Any = _Waiters()
+        self._waiters: Any = SmallDeque()
 
 
 class LeanQueue(asyncio.Queue[_T]):
@@ -47,8 +49,8 @@ class LeanQueue(asyncio.Queue[_T]):
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        self._getters: Any = _Waiters()
-        self._putters: Any = _Waiters()
+        self._getters: Any = SmallDeque()
+        self._putters: Any = SmallDeque()
         finished = LeanEvent()
         finished.set()
         self._finished: Any = finished
