@@ -84,6 +84,7 @@ from bridge.store import (
 from bridge.timezones import TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
+from bridge.ws_slim import slim as slim_websocket
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
@@ -434,7 +435,7 @@ class MarketBroker(Broker):
         try:
             if isinstance(listener, WsListenerConfig):
                 return await websockets.serve(
-                    partial(self.ws_connected, listener_name=name),
+                    partial(self._ws_connected, listener_name=name),
                     listener.host,
                     listener.port,
                     ssl=ssl_context,
@@ -455,6 +456,10 @@ class MarketBroker(Broker):
             raise ListenerError(name, listener.host, listener.port, exc.strerror or str(exc)) from exc
 
     # ------------------------------------------------------------------ connections
+
+    async def _ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
+        slim_websocket(websocket)  # the handshake's headers are not needed once open (~3 KB)
+        await self.ws_connected(websocket, listener_name)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
