@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import Callable
 
 from bridge.broker import MarketBroker
@@ -21,7 +22,7 @@ from feeds.poller import SPECS, HttpPoller
 from feeds.replay import ReplayFeed
 from feeds.simulator import SimulatorFeed
 
-__all__ = ["build_feed", "pump", "serve"]
+__all__ = ["build_feed", "pump", "raise_open_files_limit", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,41 @@ async def pump(feed: Feed, sink: TickSink) -> None:
     log.info("feed %s ended after %d ticks", feed.name, count)
 
 
+# File descriptors the broker needs besides its clients: listeners, store, HTTP, logs.
+FD_HEADROOM = 256
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every client holds a file descriptor.
+
+    Many systems start processes at a soft limit of 1024, which would refuse clients (EMFILE
+    in accept) long before ``limits.max_connections``. Returns the soft limit now in force
+    and warns when it is still below ``max_connections`` plus headroom.
+    """
+    unlimited = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an infinite soft limit (above fs.nr_open): then ask for what is needed.
+    target = hard if hard != unlimited else max(soft, max_connections + FD_HEADROOM)
+    if soft != unlimited and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+        else:
+            log.info("open files limit raised from %d to %d", soft, target)
+            soft = target
+    if soft != unlimited and soft < max_connections + FD_HEADROOM:
+        log.warning(
+            "open files limit %d is below limits.max_connections %d + %d: clients past ~%d will be"
+            " refused by the OS (raise the hard limit, e.g. LimitNOFILE= or ulimit -Hn)",
+            soft,
+            max_connections,
+            FD_HEADROOM,
+            max(0, soft - FD_HEADROOM),
+        )
+    return soft
+
+
 async def serve(
     config: BridgeConfig,
     *,
@@ -74,6 +110,7 @@ async def serve(
     server stops; the broker closes its sessions and the store.
     """
     feeds = [build_feed(entry, index) for index, entry in enumerate(config.feeds)]
+    raise_open_files_limit(config.limits.max_connections)
     broker = MarketBroker(config)
     async with broker.running(), contextlib.AsyncExitStack() as stack:
         http = None
