@@ -328,7 +328,10 @@ def main() -> None:
         clients = Clients(args.transport, port, args.concurrency)
         opened = 0
         for step in sorted(args.steps):
-            elapsed = await clients.open(packets(f"idle{opened}-", step - opened))
+            batch = packets(f"idle{opened}-", step - opened)
+            cpu_before = sum(broker.cpu_times()[:2])
+            elapsed = await clients.open(batch)
+            cpu_s = sum(broker.cpu_times()[:2]) - cpu_before
             new = step - opened
             opened = step
             await settle()
@@ -340,6 +343,7 @@ def main() -> None:
                 "broker_alive": proc.poll() is None,
                 "connect_s": round(elapsed, 2),
                 "connects_per_s": round(new / elapsed),
+                "broker_cpu_ms_per_connect": round(cpu_s / new * 1000, 2),
                 "broker_rss_mb": round(rss / 2**20, 1),
                 "bytes_per_connection": round((rss - before_rss) / opened),
             }

@@ -131,6 +131,8 @@ class BrokerSettings(_Strict):
     socket_send_buffer_bytes: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] | None = None
     # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
     drain_timeout_s: PositiveSeconds = 10.0
+    # The event loop `market-bridge run` uses: the standard library's, or uvloop (libuv).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
 
 class SimulatorFeedConfig(_Strict):

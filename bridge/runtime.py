@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
@@ -22,9 +23,34 @@ from feeds.poller import SPECS, HttpPoller
 from feeds.replay import ReplayFeed
 from feeds.simulator import SimulatorFeed
 
-__all__ = ["build_feed", "pump", "raise_open_files_limit", "serve"]
+__all__ = ["build_feed", "pump", "raise_open_files_limit", "run", "serve"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def loop_factory(event_loop: Literal["asyncio", "uvloop"]) -> Callable[[], asyncio.AbstractEventLoop]:
+    """``broker.event_loop`` as a loop factory; a missing uvloop is a config error."""
+    if event_loop == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        raise ConfigError("broker.event_loop", "uvloop is not installed (pip install uvloop)") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: Literal["asyncio", "uvloop"] = "asyncio") -> T:
+    """``asyncio.run`` on the configured event loop."""
+    try:
+        factory = loop_factory(event_loop)
+    except ConfigError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def build_feed(config: FeedConfig, index: int = 0) -> Feed:
@@ -111,6 +137,7 @@ async def serve(
     """
     feeds = [build_feed(entry, index) for index, entry in enumerate(config.feeds)]
     raise_open_files_limit(config.limits.max_connections)
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     broker = MarketBroker(config)
     async with broker.running(), contextlib.AsyncExitStack() as stack:
         http = None

@@ -3,13 +3,16 @@ and the open files limit it raises at startup."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ import pytest
 from bridge import runtime
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH
+from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
 from bridge.runtime import FD_HEADROOM, raise_open_files_limit
 from tests.conftest import DEADLINE_S, Client, Proc, unique
@@ -190,4 +194,33 @@ def test_bridge_started_with_a_low_open_files_limit_raises_it(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     proc.wait_for_line(rf"open files limit raised from {low} to \d+")
+    proc.wait_for_line(r"listener tcp bound to")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_uses_the_configured_event_loop(loop: Literal["asyncio", "uvloop"]) -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert runtime.run(loop_module(), loop) == loop
+
+
+def test_uvloop_missing_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ConfigError, match="uvloop is not installed") as info:
+        runtime.run(never(), "uvloop")
+    assert info.value.field == "broker.event_loop"
+
+
+def test_bridge_runs_on_uvloop_when_configured(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs(
+        "run",
+        env={**EPHEMERAL, "MARKET_BRIDGE_FEEDS": "[]", "MARKET_BRIDGE_BROKER__EVENT_LOOP": "uvloop"},
+    )
+    proc.wait_for_line(r"event loop: uvloop")
     proc.wait_for_line(r"listener tcp bound to")
