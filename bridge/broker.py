@@ -110,6 +110,15 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/lean.py).
         self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
         self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
+        self._reader_stopped = LeanEvent()
+
+    async def start(self) -> None:
+        await super().start()
+        # amqtt's start() makes two asyncio.Events (a 760-byte deque each) that live as long as
+        # the connection; the reader loop reaches them through self, so lean copies replace them.
+        if self._reader_ready is not None:
+            self._reader_ready = _lean_event(self._reader_ready)
+        self._reader_stopped = _lean_event(self._reader_stopped)
 
     def end(self, reason: str) -> None:
         """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
@@ -174,6 +183,16 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if handoffs is None:
             handoffs = self.__dict__["_handoff_map"] = {}
         return handoffs
+
+
+def _lean_event(event: asyncio.Event) -> asyncio.Event:
+    """``event`` as a LeanEvent in the same state; kept as it is if something waits on it."""
+    if event._waiters:
+        return event
+    lean = LeanEvent()
+    if event.is_set():
+        lean.set()
+    return lean
 
 
 @dataclass(eq=False, slots=True)
@@ -1235,6 +1254,12 @@ class MarketBroker(Broker):
             log.warning("offline queue of %s full (%d): dropped its oldest message", session.client_id, limit)
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+
+def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
+    # Not inlined in _serve: logging materializes its caller's frame object, and for a
+    # coroutine that then waits out the whole connection that object lives as long (~270 B).
+    log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
 
 
 def _undecodable(text: str | None) -> bool:

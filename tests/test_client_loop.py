@@ -1,4 +1,5 @@
-"""The per-connection client loop: one parked future per idle connection, packets in order."""
+"""The per-connection client loop (one parked future per idle connection, packets in order) and
+the handler's lean events."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.lean import LeanEvent
 from bridge.wire import publish_qos0
 from tests.conftest import (
     DEADLINE_S,
@@ -73,3 +75,21 @@ def test_subscribe_and_unsubscribe_queued_together_are_each_acknowledged_in_orde
                 pytest.fail(f"closed after {received!r}")
             received += chunk
         assert received == b"\x90\x03\x00\x01\x00" + b"\xb0\x02\x00\x02"  # SUBACK, then UNSUBACK
+
+
+def test_an_idle_connection_keeps_lean_events(broker: BrokerThread) -> None:
+    client_id = unique("idle")
+    with socket.create_connection(("127.0.0.1", broker.tcp_port), timeout=DEADLINE_S) as sock:
+        sock.sendall(authed_connect(client_id))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        wait_until(lambda: client_id in broker.broker._connections, what="the connection")
+        connection = broker.broker._connections[client_id]
+        # CONNACK goes out before the handler starts: wait for its start() to finish.
+        wait_until(lambda: isinstance(connection.handler._reader_ready, LeanEvent), what="handler start")
+        assert isinstance(connection.done, LeanEvent)
+        assert isinstance(connection.handler._reader_ready, LeanEvent)
+        assert isinstance(connection.handler._reader_stopped, LeanEvent)
+        assert connection.handler._reader_ready.is_set()
+    wait_until(lambda: client_id not in broker.broker._connections, what="the disconnect")
+    assert connection.done.is_set()
+    assert connection.handler._reader_stopped.is_set()
