@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit unit-uvloop bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# The whole suite on uvloop (broker.event_loop: uvloop): test loops, broker threads, subprocesses.
+unit-uvloop: $(STAMP)
+	BRIDGE_TEST_EVENT_LOOP=uvloop $(BIN)/pytest
 
 # Every scenario (fan-out QoS 0/1, paced latency, idle connections, retained snapshot, stalled
 # subscriber, connect rate, offline backlog) on our broker, vanilla amqtt and Mosquitto (when

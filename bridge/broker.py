@@ -57,12 +57,14 @@ from websockets.http11 import Request, Response
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
+from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
 from bridge.fanout import FanOut, Target
 from bridge.handler import MarketProtocolHandler
 from bridge.keys import load_keyring
+from bridge.lean import LeanEvent
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
@@ -82,6 +84,7 @@ from bridge.store import (
 from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
+from bridge.ws_slim import slim as slim_websocket
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
@@ -97,7 +100,7 @@ USER_PREFIX = "user/"
 MAX_TTL_S = 30 * 86400.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Connection:
     """One live network connection bound to a session and its owner's connection lease."""
 
@@ -112,7 +115,7 @@ class _Connection:
     # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
     # so no new tick overtakes them ([MQTT-4.6.0-1]).
     live: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
 
 
 # Session attributes the broker keeps per session (decided once at CONNECT).
@@ -365,7 +368,7 @@ class MarketBroker(Broker):
         try:
             if isinstance(listener, WsListenerConfig):
                 return await websockets.serve(
-                    partial(self.ws_connected, listener_name=name),
+                    partial(self._ws_connected, listener_name=name),
                     listener.host,
                     listener.port,
                     ssl=ssl_context,
@@ -386,6 +389,11 @@ class MarketBroker(Broker):
             raise ListenerError(name, listener.host, listener.port, exc.strerror or str(exc)) from exc
 
     # ------------------------------------------------------------------ connections
+
+    def _ws_connected(self, websocket: ServerConnection, listener_name: str) -> Awaitable[None]:
+        slim_websocket(websocket)  # the handshake's headers are not needed once open (~3 KB)
+        # Returned, not awaited here: one coroutine frame less per connection.
+        return self.ws_connected(websocket, listener_name)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -489,7 +497,7 @@ class MarketBroker(Broker):
             self._fanout.invalidate()
         self.stats.connections += 1
         self.stats.connects += 1
-        log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
+        _log_connected(client_id, user, peer, listener_name)
         try:
             await handler.mqtt_connack_authorize(True)
             await self.plugins_manager.fire_event(
@@ -515,6 +523,10 @@ class MarketBroker(Broker):
                 self.stats.token_expiries += 1
             log.info("disconnected %s (user %s): %s", client_id, user, handler.end_reason or "closed")
             await self._release(connection)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # One parked future per idle connection instead of amqtt's four tasks (bridge/client_loop.py).
+        await client_message_loop(self, client_session, handler)
 
     async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None:
         """CONNACK with a refusal code at once (never a hanging client), counted and logged."""
@@ -1266,6 +1278,12 @@ class MarketBroker(Broker):
             log.warning("offline queue of %s full (%d): dropped its oldest message", session.client_id, limit)
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+
+def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
+    # Not inlined in _serve: logging materializes its caller's frame object, and for a
+    # coroutine that then waits out the whole connection that object lives as long (~270 B).
+    log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
 
 
 def _undecodable(text: str | None) -> bool:

@@ -37,7 +37,7 @@ from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.offline import open_store
-from bridge.runtime import build_feed, pump, serve
+from bridge.runtime import build_feed, pump, run, serve
 from bridge.timezones import is_valid_zone
 from feeds.publisher import MqttTickPublisher
 
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         setup_logging(config.logging)
-        asyncio.run(_run(config, banner=args.command == "demo"))
+        run(_run(config, banner=args.command == "demo"), config.broker.event_loop)
         return 0
     except ConfigError as exc:
         print(f"market-bridge: {exc}", file=sys.stderr)

@@ -145,6 +145,8 @@ class BrokerSettings(_Strict):
     max_packet_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     # Graceful stop (SIGTERM): how long in-flight deliveries get before the broker closes.
     drain_timeout_s: PositiveSeconds = 10.0
+    # The event loop `market-bridge run` uses: the standard library's, or uvloop (libuv).
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
 
 class SimulatorFeedConfig(_Strict):

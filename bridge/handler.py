@@ -31,7 +31,7 @@ from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from bridge.config import RateLimitConfig
 from bridge.errors import ProtocolError
 from bridge.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
+from bridge.lean import LeanEvent, LeanQueue
 from bridge.outbox import Outbox
 from bridge.ratelimit import PublishBucket, publisher_bucket
 from feeds.tick import MARKET_PREFIX
@@ -70,6 +71,21 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     _bucket: PublishBucket | None = None
     _watchdog: asyncio.TimerHandle | None = None
     _last_read: float = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/lean.py).
+        self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
+        self._reader_stopped = LeanEvent()
+
+    async def start(self) -> None:
+        await super().start()
+        # amqtt's start() makes two asyncio.Events (a 760-byte deque each) that live as long as
+        # the connection; the reader loop reaches them through self, so lean copies replace them.
+        if self._reader_ready is not None:
+            self._reader_ready = _lean_event(self._reader_ready)
+        self._reader_stopped = _lean_event(self._reader_stopped)
 
     def end(self, reason: str) -> None:
         """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
@@ -323,6 +339,16 @@ _HANDLERS = {
     13: "handle_pingresp",
     DISCONNECT: "handle_disconnect",
 }
+
+
+def _lean_event(event: asyncio.Event) -> asyncio.Event:
+    """``event`` as a LeanEvent in the same state; kept as it is if something waits on it."""
+    if event._waiters:
+        return event
+    lean = LeanEvent()
+    if event.is_set():
+        lean.set()
+    return lean
 
 
 class _BodyReader(ReaderAdapter):

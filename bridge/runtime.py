@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
@@ -21,9 +23,34 @@ from feeds.poller import SPECS, HttpPoller
 from feeds.replay import ReplayFeed
 from feeds.simulator import SimulatorFeed
 
-__all__ = ["build_feed", "pump", "serve"]
+__all__ = ["build_feed", "pump", "raise_open_files_limit", "run", "serve"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def loop_factory(event_loop: Literal["asyncio", "uvloop"]) -> Callable[[], asyncio.AbstractEventLoop]:
+    """``broker.event_loop`` as a loop factory; a missing uvloop is a config error."""
+    if event_loop == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        raise ConfigError("broker.event_loop", "uvloop is not installed (pip install uvloop)") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: Literal["asyncio", "uvloop"] = "asyncio") -> T:
+    """``asyncio.run`` on the configured event loop."""
+    try:
+        factory = loop_factory(event_loop)
+    except ConfigError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def build_feed(config: FeedConfig, index: int = 0) -> Feed:
@@ -61,6 +88,41 @@ async def pump(feed: Feed, sink: TickSink) -> None:
     log.info("feed %s ended after %d ticks", feed.name, count)
 
 
+# File descriptors the broker needs besides its clients: listeners, store, HTTP, logs.
+FD_HEADROOM = 256
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every client holds a file descriptor.
+
+    Many systems start processes at a soft limit of 1024, which would refuse clients (EMFILE
+    in accept) long before ``limits.max_connections``. Returns the soft limit now in force
+    and warns when it is still below ``max_connections`` plus headroom.
+    """
+    unlimited = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an infinite soft limit (above fs.nr_open): then ask for what is needed.
+    target = hard if hard != unlimited else max(soft, max_connections + FD_HEADROOM)
+    if soft != unlimited and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+        else:
+            log.info("open files limit raised from %d to %d", soft, target)
+            soft = target
+    if soft != unlimited and soft < max_connections + FD_HEADROOM:
+        log.warning(
+            "open files limit %d is below limits.max_connections %d + %d: clients past ~%d will be"
+            " refused by the OS (raise the hard limit, e.g. LimitNOFILE= or ulimit -Hn)",
+            soft,
+            max_connections,
+            FD_HEADROOM,
+            max(0, soft - FD_HEADROOM),
+        )
+    return soft
+
+
 async def serve(
     config: BridgeConfig,
     *,
@@ -74,6 +136,8 @@ async def serve(
     server stops; the broker closes its sessions and the store.
     """
     feeds = [build_feed(entry, index) for index, entry in enumerate(config.feeds)]
+    raise_open_files_limit(config.limits.max_connections)
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     broker = MarketBroker(config)
     async with broker.running(), contextlib.AsyncExitStack() as stack:
         http = None

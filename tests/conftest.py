@@ -35,11 +35,16 @@ from bridge.auth import Role, SigningKey, mint_token
 from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig
 from bridge.http import HttpServer
+from bridge.runtime import loop_factory
 from feeds.tick import Tick
 from tests.redis_server import RedisProcess
 
 T = TypeVar("T")
 DEADLINE_S = 10.0
+# `make unit-uvloop` runs the whole suite on uvloop: test loops, broker threads, subprocesses.
+EVENT_LOOP: Literal["asyncio", "uvloop"] = (
+    "uvloop" if os.environ.get("BRIDGE_TEST_EVENT_LOOP") == "uvloop" else "asyncio"
+)
 Transport = Literal["tcp", "websockets"]
 _ids = itertools.count(1)
 
@@ -163,7 +168,7 @@ class BrokerThread:
         self._with_http = http
         self.http: HttpServer | None = None
         self._kwargs = broker_kwargs
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(EVENT_LOOP)()
         self._thread = threading.Thread(target=self.loop.run_forever, name="broker-loop", daemon=True)
         self._broker: MarketBroker | None = None
 
@@ -343,6 +348,15 @@ class Client:
         self._mqtt.loop_stop()
 
 
+if EVENT_LOOP == "uvloop":
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """pytest-asyncio's test loops on uvloop too (the hook exists only for that run)."""
+        return {"uvloop": loop_factory("uvloop")}
+
+
 @pytest.fixture(scope="session")
 def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """One real redis-server for the whole test session."""
@@ -406,6 +420,7 @@ class Proc:
 
     def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
+        full_env["MARKET_BRIDGE_BROKER__EVENT_LOOP"] = EVENT_LOOP
         full_env.update(env or {})
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "bridge.cli", *args],

@@ -263,10 +263,8 @@ def test_keepalive_is_enforced_and_the_will_is_published(
     sock.settimeout(DEADLINE_S)
     assert sock.recv(16) == b""  # closed by the broker
     sock.close()
-    # Counted in the connection's finally block, which may run after the socket has closed.
-    wait_until(
-        lambda: broker.call(lambda: broker.broker.stats.keepalive_timeouts) == 1, what="keep-alive counted"
-    )
+    # Counted when the connection's handler finishes, just after the socket is closed.
+    wait_until(lambda: broker.call(lambda: broker.broker.stats.keepalive_timeouts) == 1, what="the count")
 
 
 def test_socket_without_connect_is_closed_after_timeout() -> None:

@@ -56,6 +56,7 @@ def assert_defaults(config: BridgeConfig) -> None:
     assert config.listeners.tcp.port == 1883
     assert config.broker.connect_timeout_s == 10.0
     assert config.broker.max_offline_messages == 1000
+    assert config.broker.event_loop == "asyncio"
     assert config.feeds == []
     assert config.logging.level == "INFO"
     assert config.logging.json_format is False
@@ -595,3 +596,13 @@ def test_section_check_caused_by_env_blames_the_variable(
         load_config(good)
     assert caught.value.field == "listeners"
     assert caught.value.source == "environment variable MARKET_BRIDGE_LISTENERS__WS__PORT"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_event_loop_choice(tmp_path: Path, loop: str) -> None:
+    assert load_config(write(tmp_path, f"broker: {{event_loop: {loop}}}\n")).broker.event_loop == loop
+
+
+def test_unknown_event_loop_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"broker\.event_loop"):
+        load_config(write(tmp_path, "broker: {event_loop: trio}\n"))

@@ -1,18 +1,28 @@
-"""The bridge process end to end: graceful SIGTERM during a stream and during an offline replay."""
+"""The bridge process end to end (graceful SIGTERM during a stream and during an offline replay),
+and the open files limit it raises at startup."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import pytest
 
+from bridge import runtime
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH
+from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
+from bridge.runtime import FD_HEADROOM, raise_open_files_limit
 from tests.conftest import DEADLINE_S, Client, Proc, unique
 
 ClientFactory = Callable[..., Client]
@@ -111,3 +121,106 @@ def test_sigterm_during_offline_replay_loses_nothing(
         got_after.add(after.expect(1)[0].payload)
     assert got_during | got_after == expected
     assert again.terminate()[0] == 0
+
+
+class _Limits:
+    """A stand-in for the resource module's RLIMIT_NOFILE calls."""
+
+    RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+    RLIM_INFINITY = resource.RLIM_INFINITY
+
+    def __init__(self, soft: int, hard: int, *, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, _: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, _: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "expected"),
+    [
+        (1024, 65536, 65536),  # the usual case: raised to the hard limit
+        (65536, 65536, 65536),  # already there
+        (1024, resource.RLIM_INFINITY, 10_000 + FD_HEADROOM),  # Linux refuses an infinite soft limit
+        (resource.RLIM_INFINITY, resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+    ],
+)
+def test_open_files_limit_is_raised_to_what_the_hard_limit_allows(
+    monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, expected: int
+) -> None:
+    limits = _Limits(soft, hard)
+    monkeypatch.setattr(runtime, "resource", limits)
+    assert raise_open_files_limit(10_000) == expected
+    assert limits.limits == (expected, hard)
+
+
+def test_open_files_limit_below_max_connections_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(runtime, "resource", _Limits(1024, 4096))
+    caplog.set_level(logging.INFO, logger="bridge.runtime")
+    assert raise_open_files_limit(10_000) == 4096
+    assert "open files limit raised from 1024 to 4096" in caplog.text
+    assert "clients past ~3840 will be refused" in caplog.text
+
+
+def test_open_files_limit_that_cannot_be_raised_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(runtime, "resource", _Limits(1024, 65536, refuse=True))
+    assert raise_open_files_limit(100) == 1024
+    assert "could not raise the open files limit from 1024 to 65536" in caplog.text
+
+
+def test_bridge_started_with_a_low_open_files_limit_raises_it(
+    procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 512)
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip("the hard open files limit leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # inherited by the child
+    try:
+        generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+        proc = procs(
+            "run", env={**EPHEMERAL, "MARKET_BRIDGE_FEEDS": "[]", "MARKET_BRIDGE_HTTP__ENABLED": "false"}
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    proc.wait_for_line(rf"open files limit raised from {low} to \d+")
+    proc.wait_for_line(r"listener tcp bound to")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_uses_the_configured_event_loop(loop: Literal["asyncio", "uvloop"]) -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert runtime.run(loop_module(), loop) == loop
+
+
+def test_uvloop_missing_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ConfigError, match="uvloop is not installed") as info:
+        runtime.run(never(), "uvloop")
+    assert info.value.field == "broker.event_loop"
+
+
+def test_bridge_runs_on_uvloop_when_configured(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs(
+        "run",
+        env={**EPHEMERAL, "MARKET_BRIDGE_FEEDS": "[]", "MARKET_BRIDGE_BROKER__EVENT_LOOP": "uvloop"},
+    )
+    proc.wait_for_line(r"event loop: uvloop")
+    proc.wait_for_line(r"listener tcp bound to")

@@ -1,10 +1,15 @@
-"""MarketSession: amqtt's three session states without a transitions Machine."""
+"""MarketSession: amqtt's three session states without a transitions Machine, lean queues."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 from amqtt.mqtt.protocol import broker_handler
+from amqtt.session import ApplicationMessage
 
+from bridge.handler import MarketProtocolHandler
+from bridge.lean import LeanQueue
 from bridge.session import MarketSession, install
 
 
@@ -36,3 +41,19 @@ def test_install_points_amqtt_connect_handling_at_market_session() -> None:
     install()
     # init_from_connect in amqtt 0.12.1 builds Session() by this module-level name.
     assert broker_handler.Session is MarketSession  # type: ignore[attr-defined]
+
+
+def test_session_queues_are_lean_and_work() -> None:
+    session = MarketSession()
+    assert isinstance(session.retained_messages, LeanQueue)
+    assert isinstance(session.delivered_message_queue, LeanQueue)
+    session.retained_messages.put_nowait(ApplicationMessage(None, "a/b", 0, b"x", False))
+    assert session.retained_messages_count == 1
+    session.clear_queues()
+    assert session.retained_messages.empty()
+
+
+async def test_handler_queues_are_lean() -> None:
+    handler = MarketProtocolHandler(cast(Any, None))
+    assert isinstance(handler._pending_subscriptions, LeanQueue)
+    assert isinstance(handler._pending_unsubscriptions, LeanQueue)
