@@ -136,6 +136,20 @@ def session_claims(session: Session) -> Claims | None:
     return claims if isinstance(claims, Claims) else None
 
 
+class _TickParts:
+    """A sequenced tick's wire form (``data``) and the pieces every zone's variant shares."""
+
+    __slots__ = ("data", "head", "ms", "second", "tail", "ts")
+
+    def __init__(self, data: bytes, head: bytes, ts: str, tail: bytes, second: int, ms: int) -> None:
+        self.data = data
+        self.head = head
+        self.ts = ts
+        self.tail = tail
+        self.second = second
+        self.ms = ms
+
+
 @dataclass(frozen=True)
 class SendResult:
     """What became of a user-addressed message."""
@@ -205,6 +219,8 @@ class MarketBroker(Broker):
         self._tz_switch = TopicSwitch([(rule.filter, rule.enabled) for rule in tz.rules])
         # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
         self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+        # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
+        self._tick_parts: dict[str, _TickParts] = {}
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -581,7 +597,13 @@ class MarketBroker(Broker):
         if source is not data:
             memo = {}
             self._retained_variants[topic] = (data, memo)
-        return self._localized(topic, data, zone, memo)
+        parts = self._tick_parts.get(topic)
+        if zone is None or parts is None or parts.data is not data:
+            return self._localized(topic, data, zone, memo)
+        variant = memo.get(zone)
+        if variant is None:
+            variant = memo[zone] = self._tick_variant(topic, parts, zone)
+        return variant
 
     def _owner_of(self, client_id: str) -> str | None:
         live = self._connections.get(client_id)
@@ -1022,23 +1044,16 @@ class MarketBroker(Broker):
         self._remember(topic, data, seq)
         plan = self._fanout.plan(topic)
         if not plan.subscribers:
+            self._tick_parts[topic] = _TickParts(data, head, ts, tail, second, ms)
             return seq
         variants: dict[str | None, bytes] = {None: data}
+        parts = _TickParts(data, head, ts, tail, second, ms)
+        self._tick_parts[topic] = parts
 
         def localize(zone: str | None) -> bytes:
-            # The tick's own wire form with ``ts`` in ``zone``: what rewrite() gives, built
-            # from the parts instead of re-parsing JSON (test_localized_delivery holds them equal).
             variant = variants.get(zone)
             if variant is None:
-                assert zone is not None
-                if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
-                    variant = variants[zone] = self._localized(topic, data, zone, {})
-                    return variant
-                local = self._clock_tz.local_at(second, ms, zone) if self._tick_ts_field else None
-                variant = variants[zone] = b"".join(
-                    (head, b'"ts":"', (local or ts).encode(), tail[:-1], b',"tz":"', zone.encode(), b'"}')
-                )
-                self.stats.tz_rewrites += 1
+                variant = variants[zone] = self._tick_variant(topic, parts, zone)
             return variant
 
         sent = self._fanout.deliver(plan, topic, qos, localize)
@@ -1048,6 +1063,27 @@ class MarketBroker(Broker):
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
         return seq
+
+    def _tick_variant(self, topic: str, parts: _TickParts, zone: str | None) -> bytes:
+        """A tick's wire form with ``ts`` in ``zone``: what rewrite() gives, built from its parts
+        instead of re-parsing JSON (tests hold them byte-for-byte equal)."""
+        if zone is None:
+            return parts.data
+        if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
+            return self._localized(topic, parts.data, zone, {})
+        local = self._clock_tz.local_at(parts.second, parts.ms, zone) if self._tick_ts_field else None
+        self.stats.tz_rewrites += 1
+        return b"".join(
+            (
+                parts.head,
+                b'"ts":"',
+                (local or parts.ts).encode(),
+                parts.tail[:-1],
+                b',"tz":"',
+                zone.encode(),
+                b'"}',
+            )
+        )
 
     def _deliver_via_amqtt(self, session: Session, topic: str, payload: bytes, qos: int) -> None:
         handler = self._get_handler(session)
@@ -1146,13 +1182,21 @@ class MarketBroker(Broker):
         """Each retained topic matching this SUBSCRIBE's granted filters, once, at the best QoS."""
         if not granted:
             return
+        # QoS 0 snapshots (every tick's) go straight into the connection's batch, in one write.
+        connection = self._connections.get(session.client_id or "")
+        outbox = connection.outbox if connection is not None and connection.session is session else None
+        zone = session.attributes.get(_TZ)
         sends = []
         for topic, retained in list(self._retained_messages.items()):
             qos = max((q for f, q in granted if matches(topic, f)), default=None)
             if qos is None:
                 continue
-            data = self._retained_localized(topic, bytes(retained.data), session.attributes.get(_TZ))
-            sends.append(handler.mqtt_publish(topic, data, min(qos, retained.qos or QOS_0), retain=True))
+            data = self._retained_localized(topic, bytes(retained.data), zone)
+            qos = min(qos, retained.qos or QOS_0)
+            if qos == QOS_0 and outbox is not None:
+                outbox.push_control(publish_qos0(topic.encode(), data, retain=True))
+                continue
+            sends.append(handler.mqtt_publish(topic, data, qos, retain=True))
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
