@@ -219,6 +219,7 @@ class MarketBroker(Broker):
         self._tz_switch = TopicSwitch([(rule.filter, rule.enabled) for rule in tz.rules])
         # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
         self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+        self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
         self._tick_parts: dict[str, _TickParts] = {}
         self._snapshots: SnapshotWriter | None = None
@@ -591,6 +592,22 @@ class MarketBroker(Broker):
             else:
                 self.stats.tz_passthrough += 1
         return variant
+
+    def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
+        """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""
+        entry = self._retained_packets.get(topic)
+        if entry is None or entry[0] is not data:
+            entry = self._retained_packets[topic] = (data, {})
+        memo = entry[1]
+        packet = memo.get(zone)
+        if packet is None:
+            parts = self._tick_parts.get(topic)
+            if parts is not None and parts.data is data:
+                payload = self._tick_variant(topic, parts, zone)
+            else:
+                payload = self._retained_localized(topic, data, zone)
+            packet = memo[zone] = publish_qos0(topic.encode(), payload, retain=True)
+        return packet
 
     def _retained_localized(self, topic: str, data: bytes, zone: str | None) -> bytes:
         source, memo = self._retained_variants.get(topic, (None, {}))
@@ -1183,20 +1200,27 @@ class MarketBroker(Broker):
         if not granted:
             return
         # QoS 0 snapshots (every tick's) go straight into the connection's batch, in one write.
+        # One WebSocket frame may carry many MQTT packets (MQTT 3.1.1 section 6), so the
+        # whole snapshot is one frame and one write.
         connection = self._connections.get(session.client_id or "")
         outbox = connection.outbox if connection is not None and connection.session is session else None
         zone = session.attributes.get(_TZ)
+        packets: list[bytes] = []
         sends = []
         for topic, retained in list(self._retained_messages.items()):
             qos = max((q for f, q in granted if matches(topic, f)), default=None)
             if qos is None:
                 continue
-            data = self._retained_localized(topic, bytes(retained.data), zone)
+            data = bytes(retained.data)
             qos = min(qos, retained.qos or QOS_0)
             if qos == QOS_0 and outbox is not None:
-                outbox.push_control(publish_qos0(topic.encode(), data, retain=True))
+                packets.append(self._retained_packet(topic, data, zone))
                 continue
-            sends.append(handler.mqtt_publish(topic, data, qos, retain=True))
+            sends.append(
+                handler.mqtt_publish(topic, self._retained_localized(topic, data, zone), qos, retain=True)
+            )
+        if packets and outbox is not None:
+            outbox.push_control(b"".join(packets))
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
