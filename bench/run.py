@@ -10,7 +10,8 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
   nothing per delivery: the most the load generator itself takes in on this machine.
 - ``qos0`` / ``qos1`` [market-bridge, amqtt, mosquitto]: saturated fan-out, 1 TCP publisher,
   ``--subscribers`` WebSocket subscribers on ``market/#`` (QoS 1: publish and subscribe).
-- ``paced`` [market-bridge]: latency at a fixed 50 deliveries/s per subscriber.
+- ``paced`` [market-bridge, reference, mosquitto]: latency at a fixed 50 deliveries/s per
+  subscriber (the reference server shows the generator's own latency floor).
 - ``idle`` [all; 10,000 on amqtt is skipped, it takes minutes]: idle WebSocket connections, bytes each.
 - ``retained`` [market-bridge]: SUBSCRIBE to the last of 500 retained snapshots.
 - ``stalled`` [market-bridge]: one subscriber stops reading; healthy ones vs a run without it.
@@ -215,11 +216,14 @@ def main() -> None:
         for qos in (0, 1):
             if f"qos{qos}" in chosen:
                 report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)))
+    if "paced" in chosen:
+        # 50 ticks/s to every subscriber: 2,500 deliveries/s with 50 subscribers. Also on the
+        # reference server (the generator's own latency floor) and Mosquitto, for scale.
+        paced = replace(base, rate=50.0, duration_s=4.0 if quick else 10.0, sample_every=1)
+        for kind in ("market-bridge", "reference", "mosquitto"):
+            if kind in brokers or kind == "reference":
+                report.run("paced", kind, lambda b: fanout(b, paced))
     if "market-bridge" in brokers:
-        if "paced" in chosen:
-            # 50 ticks/s to every subscriber: 2,500 deliveries/s with 50 subscribers.
-            paced = replace(base, rate=50.0, duration_s=4.0 if quick else 10.0, sample_every=1)
-            report.run("paced", "market-bridge", lambda b: fanout(b, paced))
         if "retained" in chosen:
             report.run("retained_snapshot", "market-bridge", lambda b: retained_snapshot(b, 500))
         if "stalled" in chosen:
