@@ -1059,13 +1059,11 @@ class MarketBroker(Broker):
         tail = tick.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
+        parts = self._tick_parts[topic] = _TickParts(data, head, ts, tail, second, ms)
         plan = self._fanout.plan(topic)
         if not plan.subscribers:
-            self._tick_parts[topic] = _TickParts(data, head, ts, tail, second, ms)
             return seq
         variants: dict[str | None, bytes] = {None: data}
-        parts = _TickParts(data, head, ts, tail, second, ms)
-        self._tick_parts[topic] = parts
 
         def localize(zone: str | None) -> bytes:
             variant = variants.get(zone)

@@ -36,13 +36,14 @@ __all__ = ["Batcher", "Outbox", "Qos1Publish"]
 class Qos1Publish:
     """A QoS 1 PUBLISH encoded once: ``head + packet id + tail`` is one connection's copy."""
 
-    __slots__ = ("head", "payload", "tail", "topic")
+    __slots__ = ("head", "payload", "size", "tail", "topic")
 
     def __init__(self, topic: str, head: bytes, tail: bytes, payload: bytes) -> None:
         self.topic = topic
         self.head = head
         self.tail = tail
         self.payload = payload  # kept for a resend after reconnecting (amqtt rebuilds it)
+        self.size = len(head) + 2 + len(tail)  # bytes on the wire
 
 
 # Marks a message as sent once, so amqtt's resend after a reconnect sets DUP.
@@ -192,10 +193,7 @@ class Outbox:
         if self.gate is not None and not self._gate_admits(topic):
             self._hold(topic, data, backlog=False)
             return
-        self._batch.append(data)
-        if not self._batched:
-            self._batcher.touch(self)
-        self._batched += len(data)
+        self._queue(data)
 
     def push_qos1(self, publish: Qos1Publish) -> None:
         """A QoS 1 market message: sent with the next packet id, held while the client lags."""
@@ -206,7 +204,7 @@ class Outbox:
             session is None
             or publish.topic in self._pending
             or len(session.inflight_out) >= self.max_inflight
-            or not self._fits(len(publish.head) + 2 + len(publish.tail))
+            or not self._fits(publish.size)
         ):
             self._hold(publish.topic, publish)
             return
@@ -219,11 +217,7 @@ class Outbox:
         """A protocol packet (PUBACK): never conflated, written with this step's batch."""
         if self.closed:
             return
-        data = ws_binary_frame(packet) if self.websocket else packet
-        self._batch.append(data)
-        if not self._batched:
-            self._batcher.touch(self)
-        self._batched += len(data)
+        self._queue(ws_binary_frame(packet) if self.websocket else packet)
 
     def _send_qos1(self, session: Session, publish: Qos1Publish) -> None:
         packet_id = session.next_packet_id
@@ -236,7 +230,7 @@ class Outbox:
         batch.append(publish.tail)
         if not self._batched:
             self._batcher.touch(self)
-        self._batched += len(publish.head) + 2 + len(publish.tail)
+        self._batched += publish.size
 
     def _fits(self, size: int) -> bool:
         """Room for ``size`` more bytes: transport buffer plus this batch stay within high_water."""
@@ -289,7 +283,7 @@ class Outbox:
             item = self._pending.get(topic)
             if item is None:
                 continue
-            size = len(item.head) + 2 + len(item.tail) if isinstance(item, Qos1Publish) else len(item)
+            size = item.size if isinstance(item, Qos1Publish) else len(item)
             if not self._fits(size):
                 continue  # sent by resume() once the client catches up
             if isinstance(item, Qos1Publish):
@@ -341,7 +335,7 @@ class Outbox:
             qos1 = isinstance(item, Qos1Publish)
             if qos1 and (session is None or len(session.inflight_out) >= self.max_inflight):
                 return  # the next PUBACK calls acked()
-            size = len(item.head) + 2 + len(item.tail) if isinstance(item, Qos1Publish) else len(item)
+            size = item.size if isinstance(item, Qos1Publish) else len(item)
             if not self._fits(size):
                 return  # still behind: the next backlog pass tries again
             if gate is not None and not self._gate_admits(topic):
