@@ -147,6 +147,9 @@ class BrokerSettings(_Strict):
     drain_timeout_s: PositiveSeconds = 10.0
     # The event loop `market-bridge run` uses: the standard library's, or uvloop (libuv).
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # A persistent session (its subscriptions, and its user's queue once the user has no
+    # other) is deleted after this long disconnected. A phone gone for a week starts afresh.
+    session_expiry_s: Annotated[float, Field(gt=0, le=366 * 86400)] = 7 * 86400.0
 
 
 class SimulatorFeedConfig(_Strict):
@@ -319,6 +322,14 @@ class RateLimitConfig(_Strict):
 class LimitsConfig(_Strict):
     max_connections_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 10
     max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    # Filters one connection may hold; a SUBSCRIBE beyond gets SUBACK 0x80 for the extra ones.
+    # A dashboard follows a few dozen markets; 75,000 filters cost others 20% of their rate.
+    max_subscriptions_per_connection: Annotated[int, Field(ge=1, le=1_000_000)] = 100
+    # Persistent sessions (clean_session=False client ids) per user. A new one past the cap
+    # replaces the user's longest-disconnected one; if all are connected, CONNACK 3.
+    max_sessions_per_user: Annotated[int, Field(ge=1, le=100_000)] = 10
+    # Longest topic name or filter (UTF-8 bytes) in PUBLISH, SUBSCRIBE and wills.
+    max_topic_bytes: Annotated[int, Field(ge=32, le=65535)] = 256
     rate: RateLimitConfig = RateLimitConfig()
 
 
