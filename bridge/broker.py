@@ -38,13 +38,14 @@ from http import HTTPStatus
 from typing import Any
 
 import websockets
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import ListenerConfig as AmqttListenerConfig
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import (
     ApplicationMessage,
@@ -59,8 +60,9 @@ from bridge.acl import ALLOW_ALL, Acl, acl_for
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
+from bridge.connect import ConnectRefused, read_connect
 from bridge.envelope import open_envelope
-from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, TickError
+from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.fanout import FanOut, Target
 from bridge.handler import MarketProtocolHandler
 from bridge.keys import load_keyring
@@ -81,9 +83,11 @@ from bridge.store import (
     Snapshot,
     StoreError,
 )
+from bridge.streams import ChunkReader, TcpReader, WsReader
 from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
+from bridge.ws_connection import MqttWsConnection, connection_class
 from bridge.ws_slim import slim as slim_websocket
 from feeds.sequencer import Sequencer
 from feeds.tick import MARKET_PREFIX, Tick
@@ -213,6 +217,10 @@ class MarketBroker(Broker):
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._sequencer = Sequencer()
         self.draining = False
+        # What a client may send before its CONNECT is accepted: the CONNECT, whose size is
+        # a few KB of fixed fields and will plus the largest token and topic.
+        self._max_topic = config.limits.max_topic_bytes
+        self._connect_budget = 4096 + auth.max_token_bytes + config.limits.max_topic_bytes
         tz = config.timezones
         self._tz_enabled = tz.enabled
         self._tz_fields = frozenset(tz.fields)
@@ -394,6 +402,7 @@ class MarketBroker(Broker):
                     max_size=listener.max_message_bytes,
                     ping_interval=listener.ping_interval_s,
                     process_request=_only_path(listener.path),
+                    create_connection=connection_class(self._connect_budget),
                 )
             return await asyncio.start_server(
                 partial(self.stream_connected, listener_name=name),
@@ -410,7 +419,74 @@ class MarketBroker(Broker):
     def _ws_connected(self, websocket: ServerConnection, listener_name: str) -> Awaitable[None]:
         slim_websocket(websocket)  # the handshake's headers are not needed once open (~3 KB)
         # Returned, not awaited here: one coroutine frame less per connection.
-        return self.ws_connected(websocket, listener_name)
+        return self._client_connected(listener_name, WsReader(websocket), WebSocketsWriter(websocket))
+
+    def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> Coroutine[Any, Any, None]:
+        return self._client_connected(listener_name, TcpReader(reader), StreamWriterAdapter(writer))
+
+    async def _read_connect(
+        self, listener_name: str, peer: object, reader: ChunkReader, writer: WriterAdapter
+    ) -> Session | None:
+        """The client's CONNECT as an amqtt session (not yet authenticated), or None: closed."""
+        timeout = self.bridge_config.broker.connect_timeout_s
+        try:
+            read = await asyncio.wait_for(read_connect(reader.read_chunk, self._connect_budget), timeout)
+        except TimeoutError:
+            self.stats.connect_timeouts += 1
+            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout)
+            return None
+        except ConnectRefused as exc:
+            await self._refuse(writer, exc.code, exc.reason, f"CONNECT from {peer}: {exc.detail}")
+            return None
+        except ProtocolError as exc:
+            # Malformed CONNECT, bad UTF-8, not a CONNECT at all: close ([MQTT-4.8.0-1]).
+            self.stats.refusals[exc.reason] += 1
+            log.info("bad CONNECT from %s on %s: %s", peer, listener_name, exc.detail)
+            return None
+        if read is None:
+            return None
+        connect, rest = read
+        reader.unread(rest)
+        session = MarketSession()
+        session.client_id = connect.client_id or gen_client_id()
+        session.clean_session = connect.clean_session
+        session.keep_alive = connect.keep_alive
+        session.username = connect.username
+        # amqtt's auth plugin interface takes the password as text; a token is ASCII.
+        session.password = (
+            connect.password.decode("utf-8", "replace") if connect.password is not None else None
+        )
+        if connect.will is not None:
+            will = connect.will
+            session.will_flag = True
+            session.will_topic = will.topic
+            session.will_message = will.payload
+            session.will_qos = will.qos
+            session.will_retain = will.retain
+        if isinstance(peer, tuple):
+            session.remote_address, session.remote_port = peer[0], peer[1]
+        session.ssl_object = writer.get_ssl_info()
+        return session
+
+    def _will_problem(self, session: Session, acl: Acl) -> str | None:
+        """Why this CONNECT's will may not be published (None: it may). A will is a PUBLISH
+        the client makes in advance, so it is held to every rule a PUBLISH is, and checked
+        now, while the client can still be told."""
+        topic = session.will_topic or ""
+        if not is_valid_topic(topic) or topic.startswith("$"):
+            return f"will topic {topic[:64]!r} is not a topic name"
+        if len(topic.encode()) > self.bridge_config.limits.max_topic_bytes:
+            return "will topic too long"
+        if not acl.may_publish(topic):
+            return f"may not publish its will on {topic[:64]!r}"
+        if topic.startswith(MARKET_PREFIX):
+            try:
+                Tick.decode(bytes(session.will_message or b""), topic=topic)
+            except TickError as exc:
+                return f"will on {topic[:64]!r} is not a valid tick ({exc.reason})"
+        return None
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -431,30 +507,15 @@ class MarketBroker(Broker):
 
     async def _serve(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         peer = writer.get_peer_info()
-        timeout = self.bridge_config.broker.connect_timeout_s
-        try:
-            handler, incoming = await asyncio.wait_for(
-                MarketProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), timeout
-            )
-        except TimeoutError:
-            self.stats.connect_timeouts += 1
-            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout)
+        assert isinstance(reader, ChunkReader)
+        incoming = await self._read_connect(listener_name, peer, reader, writer)
+        if incoming is None:
             return
-        except Exception as exc:
-            # Malformed CONNECT, bad UTF-8, unsupported protocol: close ([MQTT-4.8.0-1]).
-            log.info("bad CONNECT from %s on %s: %s", peer, listener_name, exc or type(exc).__name__)
-            return
-        assert isinstance(handler, MarketProtocolHandler)
-        if _undecodable(incoming.client_id) or _undecodable(incoming.username):
-            # [MQTT-1.5.3-1]: ill-formed UTF-8 closes the connection, no CONNACK.
-            self.stats.refusals["bad_utf8"] += 1
-            log.info("closing connection from %s: client id or username is not UTF-8", peer)
-            return
-        if not incoming.client_id:
-            incoming.client_id = gen_client_id()
+        handler = MarketProtocolHandler(self.plugins_manager)
         # [MQTT-3.1.2-24]: no packet within 1.5 x keep-alive means the client is gone.
         incoming.keep_alive = math.ceil(incoming.keep_alive * 1.5)
         client_id = incoming.client_id
+        assert client_id is not None
 
         # Authenticate first: a refused CONNECT must not touch any session.
         authenticated = await self._authenticate(incoming, AmqttListenerConfig())
@@ -468,6 +529,12 @@ class MarketBroker(Broker):
             return
         claims = decision if isinstance(decision, Claims) else None
         user = claims.sub if claims is not None else (incoming.username or client_id)
+        acl = acl_for(claims) if claims is not None else ALLOW_ALL
+        if incoming.will_flag and (problem := self._will_problem(incoming, acl)) is not None:
+            # Refused now rather than dropped later: the client learns at once that its will
+            # would never be published, and nothing it may not publish ever is.
+            await self._refuse(writer, NOT_AUTHORIZED, "will_refused", f"client {client_id!r}: {problem}")
+            return
 
         lock = self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:
@@ -483,7 +550,6 @@ class MarketBroker(Broker):
                 await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{user!r}: {lease.detail}")
                 return
             session = await self._adopt_session(incoming)
-            acl = acl_for(claims) if claims is not None else ALLOW_ALL
             zone = await self._zone_for(user, claims)
             session.attributes.update({_OWNER: user, _ACL: acl, _CLAIMS: claims, _TZ: zone})
             if session.parent:
@@ -508,10 +574,15 @@ class MarketBroker(Broker):
             handler.max_packet = settings.max_packet_bytes
             handler.publish_limit = self.bridge_config.limits.rate
             handler.dropped = self.stats.publishes_dropped
+            handler.protocol_errors = self.stats.protocol_errors
             if claims is not None:
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
             self._fanout.invalidate()
+        if isinstance(reader, WsReader) and isinstance(reader.connection, MqttWsConnection):
+            # Logged in: full-size messages; unread output may now reach the outbox's bound
+            # (market data), plus room for a retained snapshot and amqtt's own writes.
+            reader.connection.accept(4 * settings.max_outbound_bytes + (1 << 20))
         self.stats.connections += 1
         self.stats.connects += 1
         _log_connected(client_id, user, peer, listener_name)
@@ -743,18 +814,24 @@ class MarketBroker(Broker):
                 handler.hand_off(message, accepted)
 
     async def _route_inbound(self, client_session: Session, message: ApplicationMessage) -> bool:
-        topic = message.topic
-        self.stats.messages_in[topic_class(topic or "")] += 1
+        retain = message.publish_packet is not None and bool(message.publish_packet.retain_flag)
+        return await self._route_publish(
+            client_session, message.topic or "", bytes(message.data or b""), message.qos or QOS_0, retain
+        )
+
+    async def _route_publish(
+        self, client_session: Session, topic: str, data: bytes, qos: int, retain: bool
+    ) -> bool:
+        """One PUBLISH (or will) from ``client_session``: authorised, validated, routed.
+        False: a protocol violation, the connection ends."""
+        self.stats.messages_in[topic_class(topic)] += 1
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
             log.info("client %s published to invalid topic %r: closing", client_session.client_id, topic)
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
-        if not session_acl(client_session).may_publish(topic):
-            self.stats.publishes_dropped["acl"] += 1
-            log.info("client %s may not publish to %s", client_session.client_id, topic)
+        if not self._publish_allowed(client_session, topic):
             return True
-        data = bytes(message.data or b"")
         if topic.startswith(MARKET_PREFIX):
             try:
                 tick = Tick.decode(data, topic=topic)
@@ -762,15 +839,55 @@ class MarketBroker(Broker):
                 self.stats.ticks_rejected[exc.reason] += 1
                 log.warning("dropped tick from %s on %s: %s", client_session.client_id, topic, exc)
                 return True
-            await self.publish_tick(tick, qos=message.qos or QOS_0)
+            # Sequenced and snapshotted like any tick, whatever the retain flag said.
+            await self.publish_tick(tick, qos=qos)
             return True
         if topic.startswith(USER_PREFIX):
-            await self._route_user_publish(client_session, topic, data, message.qos or QOS_0)
+            await self._route_user_publish(client_session, topic, data, qos)
             return True
-        await self._broadcast_message(client_session, topic, data, message.qos or QOS_0)
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            await self.retain_message(client_session, topic, data, message.qos)
+        await self._broadcast_message(client_session, topic, data, qos)
+        if retain:
+            await self.retain_message(client_session, topic, data, qos)
         return True
+
+    def _publish_allowed(self, session: Session, topic: str) -> bool:
+        """Topic length and ACL: a refused PUBLISH is dropped and counted, the client kept."""
+        if len(topic) > self._max_topic and len(topic.encode()) > self._max_topic:
+            self.stats.publishes_dropped["topic_too_long"] += 1
+            log.info("client %s published to a topic over %d bytes", session.client_id, self._max_topic)
+            return False
+        if not session_acl(session).may_publish(topic):
+            self.stats.publishes_dropped["acl"] += 1
+            log.info("client %s may not publish to %s", session.client_id, topic)
+            return False
+        return True
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        # The will goes through the same checks and routing as any PUBLISH of this client
+        # (amqtt broadcast it unchecked, raw, and retained it on any topic).
+        abnormal = not (
+            disconnect_waiter.done()
+            and not disconnect_waiter.cancelled()
+            and isinstance(disconnect_waiter.result(), DisconnectPacket)
+        )
+        will = client_session.will_flag and abnormal
+        client_session.will_flag = False
+        if will:
+            await self._publish_will(client_session)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _publish_will(self, session: Session) -> None:
+        self.stats.wills_published += 1
+        topic = session.will_topic or ""
+        payload = bytes(session.will_message or b"")
+        try:
+            await self._route_publish(
+                session, topic, payload, session.will_qos or QOS_0, bool(session.will_retain)
+            )
+        except (StoreError, MessageError) as exc:
+            log.warning("will of %s on %s not delivered: %s", session.client_id, topic, exc)
 
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
         cfg = self.bridge_config.store
@@ -1116,9 +1233,7 @@ class MarketBroker(Broker):
             log.info("client %s published to invalid topic %r: closing", session.client_id, topic)
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
-        if not session_acl(session).may_publish(topic):
-            self.stats.publishes_dropped["acl"] += 1
-            log.info("client %s may not publish to %s", session.client_id, topic)
+        if not self._publish_allowed(session, topic):
             return True
         try:
             tick = Tick.decode(payload, topic=topic)
@@ -1353,11 +1468,6 @@ def _log_connected(client_id: str, user: str, peer: object, listener_name: str) 
     # Not inlined in _serve: logging materializes its caller's frame object, and for a
     # coroutine that then waits out the whole connection that object lives as long (~270 B).
     log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
-
-
-def _undecodable(text: str | None) -> bool:
-    """amqtt decodes ill-formed UTF-8 as ``str(raw_bytes)``, i.e. ``"b'\\xff...'"``: spot that."""
-    return text is not None and text[:2] in ("b'", 'b"') and "\\x" in text
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

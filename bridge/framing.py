@@ -12,7 +12,16 @@ from typing import NamedTuple
 
 from bridge.errors import ProtocolError
 
-__all__ = ["PUBACK", "PUBLISH", "PacketSplitter", "Publish", "check_header", "parse_publish", "puback"]
+__all__ = [
+    "PUBACK",
+    "PUBLISH",
+    "PacketSplitter",
+    "Publish",
+    "check_header",
+    "packet_extent",
+    "parse_publish",
+    "puback",
+]
 
 PUBLISH = 3
 PUBACK = 4
@@ -42,34 +51,42 @@ class PacketSplitter:
         packets: list[tuple[int, bytes]] = []
         size = len(buffer)
         pos = 0
-        while size - pos >= 2:
-            length = 0
-            multiplier = 1
-            cursor = pos + 1
-            complete = False
-            for _ in range(_MAX_LENGTH_BYTES):
-                if cursor >= size:
-                    break
-                byte = buffer[cursor]
-                cursor += 1
-                length += (byte & 0x7F) * multiplier
-                if byte < 0x80:
-                    complete = True
-                    break
-                multiplier *= 128
-            else:
-                raise ProtocolError("malformed_length", "remaining length longer than four bytes")
-            if not complete:
-                break  # the length itself is still arriving
-            if length > self.max_packet:
-                raise ProtocolError("too_large", f"packet of {length} bytes exceeds {self.max_packet}")
-            end = cursor + length
+        while (extent := packet_extent(buffer, pos, self.max_packet)) is not None:
+            start, end = extent
             if end > size:
                 break
-            packets.append((buffer[pos], buffer[cursor:end]))
+            packets.append((buffer[pos], buffer[start:end]))
             pos = end
         self._buffer = buffer[pos:] if pos < size else b""
         return packets
+
+
+def packet_extent(buffer: bytes, pos: int, max_packet: int) -> tuple[int, int] | None:
+    """Where the body of the packet starting at ``pos`` begins and ends (the end may lie past
+    the buffer: the body is still arriving); None while the length itself is incomplete.
+
+    Raises :class:`ProtocolError` for a length over four bytes or above ``max_packet``.
+    """
+    size = len(buffer)
+    if size - pos < 2:
+        return None
+    length = 0
+    multiplier = 1
+    cursor = pos + 1
+    for _ in range(_MAX_LENGTH_BYTES):
+        if cursor >= size:
+            return None  # the length itself is still arriving
+        byte = buffer[cursor]
+        cursor += 1
+        length += (byte & 0x7F) * multiplier
+        if byte < 0x80:
+            break
+        multiplier *= 128
+    else:
+        raise ProtocolError("malformed_length", "remaining length longer than four bytes")
+    if length > max_packet:
+        raise ProtocolError("too_large", f"packet of {length} bytes exceeds {max_packet}")
+    return cursor, cursor + length
 
 
 class Publish(NamedTuple):

@@ -24,18 +24,18 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader
+from amqtt.adapters import ReaderAdapter
 from amqtt.errors import MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
+from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
-from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
 from bridge.errors import ProtocolError
@@ -43,6 +43,7 @@ from bridge.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_
 from bridge.lean import LeanEvent, LeanQueue
 from bridge.outbox import Outbox
 from bridge.ratelimit import PublishBucket, publisher_bucket
+from bridge.streams import ChunkReader
 from feeds.tick import MARKET_PREFIX
 
 __all__ = ["Ingest", "MarketProtocolHandler"]
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 # (client session, topic, payload, qos) -> keep the connection?
 Ingest = Callable[[Any, str, bytes, int], bool]
 
-_CHUNK = 256 * 1024
 _DEFAULT_MAX_PACKET = 1024 * 1024
 
 
@@ -67,6 +67,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     # subscribers, which never publish, carry none). Refusals counted in ``dropped``.
     publish_limit: RateLimitConfig | None = None
     dropped: Counter[str] | None = None
+    protocol_errors: Counter[str] | None = None
     _bucket: PublishBucket | None = None
     _watchdog: asyncio.TimerHandle | None = None
     _last_read: float = 0.0
@@ -124,6 +125,8 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                     running[:] = [task for task in running if not task.done()]
         except ProtocolError as exc:
             log.info("closing %s: %s", self.session.client_id, exc)
+            if self.protocol_errors is not None:
+                self.protocol_errors[exc.reason] += 1
             self.end(exc.reason)
         except asyncio.CancelledError:
             pass
@@ -160,6 +163,10 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                     if publish.packet_id is not None:
                         acks.append(publish.packet_id)
                     continue
+            elif kind == PINGREQ:
+                check_header(first, len(body))
+                await self._pong()
+                continue
             elif kind in (0, 15):
                 raise ProtocolError("reserved_packet", f"reserved packet type {kind}")
             elif kind == CONNECT:
@@ -169,6 +176,10 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 if kind == PUBACK:
                     self._settle_puback((body[0] << 8) | body[1])
                     continue
+            if kind == PUBLISH:
+                # Every PUBLISH counts against the connection's rate; past it, reading waits
+                # (messages for users are never dropped, the client is slowed instead).
+                await self._pace_publish()
             task = await self._amqtt_packet(kind, first, body)
             if task is not None:
                 running.append(task)
@@ -194,8 +205,11 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             requested = packet.payload.topics if packet.payload is not None else []
             if not requested or any(qos not in (0, 1, 2) for _, qos in requested):
                 raise ProtocolError("malformed_packet", "SUBSCRIBE without filters or asking for QoS 3")
-        elif isinstance(packet, UnsubscribePacket) and not (packet.payload and packet.payload.topics):
-            raise ProtocolError("malformed_packet", "UNSUBSCRIBE without filters")
+            _check_filters(packet.variable_header, [f for f, _ in requested])
+        elif isinstance(packet, UnsubscribePacket):
+            if not (packet.payload and packet.payload.topics):
+                raise ProtocolError("malformed_packet", "UNSUBSCRIBE without filters")
+            _check_filters(packet.variable_header, packet.payload.topics)
         await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
         name = _HANDLERS.get(kind)
         if name is None:
@@ -203,20 +217,40 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         handle: Callable[[Any], Coroutine[Any, Any, None]] = getattr(self, name)
         return asyncio.create_task(handle(packet))
 
-    def _admit_publish(self) -> bool:
+    def _publish_bucket(self) -> PublishBucket | None:
         bucket = self._bucket
-        if bucket is None:
-            if self.publish_limit is None:
-                return True
+        if bucket is None and self.publish_limit is not None:
             bucket = self._bucket = publisher_bucket(self.publish_limit)
             self.publish_limit = None
-            if bucket is None:
-                return True
-        if bucket.admit(self._loop.time()):
+        return bucket
+
+    def _admit_publish(self) -> bool:
+        bucket = self._publish_bucket()
+        if bucket is None or bucket.admit(self._loop.time()):
             return True
         if self.dropped is not None:
             self.dropped["rate_limited"] += 1
         return False
+
+    async def _pace_publish(self) -> None:
+        bucket = self._publish_bucket()
+        if bucket is None:
+            return
+        while not bucket.admit(self._loop.time()):
+            if self.dropped is not None:
+                self.dropped["rate_paced"] += 1
+            await asyncio.sleep(bucket.wait_s(self._loop.time()))
+
+    async def _pong(self) -> None:
+        """PINGRESP, written with this step's batch. A client that sends pings and never
+        reads the answers is closed once its unread bytes pass the outbox's bound."""
+        outbox = self.outbox
+        if outbox is None:
+            await self._send_packet(PingRespPacket.build())  # waits for the client to read
+            return
+        outbox.push_control(_PINGRESP)
+        if outbox.swamped:
+            raise ProtocolError("control_flood", "PINGREQs faster than the client reads the answers")
 
     def _settle_puback(self, packet_id: int) -> None:
         waiter = self._puback_waiters.get(packet_id)
@@ -342,6 +376,17 @@ _HANDLERS = {
 }
 
 
+_PINGRESP = b"\xd0\x00"
+
+
+def _check_filters(header: Any, filters: list[str]) -> None:
+    """[MQTT-2.3.1-1]: a non-zero packet id; [MQTT-1.5.3-2]: no U+0000 (amqtt accepted both)."""
+    if header is None or not header.packet_id:
+        raise ProtocolError("malformed_packet", "packet id 0")
+    if any("\x00" in topic_filter for topic_filter in filters):
+        raise ProtocolError("bad_utf8", "topic filter contains U+0000")
+
+
 def _lean_event(event: asyncio.Event) -> asyncio.Event:
     """``event`` as a LeanEvent in the same state; kept as it is if something waits on it."""
     if event._waiters:
@@ -371,24 +416,4 @@ class _BodyReader(ReaderAdapter):
 
 def _chunk_reader(reader: ReaderAdapter | None) -> Callable[[], Awaitable[bytes]] | None:
     """Whatever the connection has, as one bytes chunk (b"" at the end); None if unknown."""
-    # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
-    if isinstance(reader, StreamReaderAdapter):
-        stream = reader._reader
-        return lambda: stream.read(_CHUNK)
-    if isinstance(reader, WebSocketsReader):
-        connection = reader._protocol
-        leftover = reader._stream.read()  # bytes amqtt buffered past CONNECT
-
-        async def read_ws() -> bytes:
-            nonlocal leftover
-            if leftover:
-                data, leftover = leftover, b""
-                return data
-            try:
-                message = await connection.recv()
-            except ConnectionClosed:
-                return b""
-            return message.encode() if isinstance(message, str) else message
-
-        return read_ws
-    return None
+    return reader.read_chunk if isinstance(reader, ChunkReader) else None

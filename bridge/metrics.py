@@ -73,6 +73,15 @@ class _BrokerCollector(Collector):
         yield CounterMetricFamily(
             "mb_keepalive_timeouts", "Connections dropped by keep-alive", value=stats.keepalive_timeouts
         )
+        yield CounterMetricFamily(
+            "mb_wills", "Wills published (then checked as PUBLISHes)", value=stats.wills_published
+        )
+        errors = CounterMetricFamily(
+            "mb_protocol_errors", "Connections closed for a protocol violation, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.protocol_errors.items()):
+            errors.add_metric([reason], count)
+        yield errors
         for direction, counter in (("in", stats.messages_in), ("out", stats.messages_out)):
             family = CounterMetricFamily(
                 f"mb_messages_{direction}", f"Messages {direction} by topic class", labels=["topic_class"]

@@ -172,6 +172,12 @@ class Outbox:
         return None
 
     @property
+    def swamped(self) -> bool:
+        """More unread than market data alone can leave (it stops at ``high_water``): the
+        client sends packets whose answers it does not read."""
+        return self._transport.get_write_buffer_size() + self._batched > 4 * self._high_water + (1 << 20)
+
+    @property
     def pending(self) -> int:
         return len(self._pending)
 

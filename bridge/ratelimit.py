@@ -111,6 +111,11 @@ class PublishBucket:
             return True
         return False
 
+    def wait_s(self, now: float) -> float:
+        """Seconds from ``now`` until :meth:`admit` would take a token (0: one is there)."""
+        tokens = min(self._capacity, self._tokens + max(0.0, now - self._last) * self.rate_per_s)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
 
 class TopicGate:
     """At most one message per topic every ``1 / max_per_s`` seconds, for one subscriber.

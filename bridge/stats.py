@@ -84,6 +84,8 @@ class BrokerStats:
     keepalive_timeouts: int = 0
     connect_timeouts: int = 0
     token_expiries: int = 0
+    wills_published: int = 0  # wills that went through the PUBLISH checks (maybe dropped there)
+    protocol_errors: Counter[str] = field(default_factory=Counter)  # connections closed, by reason
     offline_stored: int = 0
     offline_replayed: int = 0
     offline_expired: int = 0
