@@ -54,6 +54,7 @@ from amqtt.session import (
 )
 from amqtt.utils import gen_client_id
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for
@@ -498,6 +499,8 @@ class MarketBroker(Broker):
         server.conn_count += 1
         try:
             await self._serve(listener_name, reader, writer)
+        except (ConnectionError, ConnectionClosed) as exc:
+            log.info("connection on %s lost: %s", listener_name, exc or type(exc).__name__)
         except Exception:
             # Client input must never take the broker down; log with the stack and move on.
             log.exception("connection on %s failed", listener_name)
@@ -587,7 +590,16 @@ class MarketBroker(Broker):
         self.stats.connects += 1
         _log_connected(client_id, user, peer, listener_name)
         try:
-            await handler.mqtt_connack_authorize(True)
+            try:
+                await handler.mqtt_connack_authorize(True)
+            except (ConnectionError, ConnectionClosed):
+                # Gone between CONNECT and CONNACK (a phone switching networks): still an
+                # accepted session that ended without DISCONNECT, so its will is published.
+                handler.end_reason = "closed_before_connack"
+                if session.will_flag:
+                    session.will_flag = False
+                    await self._publish_will(session)
+                return
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )

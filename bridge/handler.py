@@ -32,6 +32,7 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
@@ -80,7 +81,13 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         self._reader_stopped = LeanEvent()
 
     async def start(self) -> None:
-        await super().start()
+        # amqtt's start() makes the disconnect waiter only after the reader has started and
+        # replaces a completed one: a client that closes right after CONNECT (a phone
+        # switching networks) had its end reported to no one and stayed "connected" forever,
+        # holding its user's connection slots. The waiter exists before the reader runs.
+        if self._disconnect_waiter is None:
+            self._disconnect_waiter = asyncio.get_running_loop().create_future()
+        await ProtocolHandler.start(self)
         # amqtt's start() makes two asyncio.Events (a 760-byte deque each) that live as long as
         # the connection; the reader loop reaches them through self, so lean copies replace them.
         if self._reader_ready is not None:
@@ -127,6 +134,10 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             log.info("closing %s: %s", self.session.client_id, exc)
             if self.protocol_errors is not None:
                 self.protocol_errors[exc.reason] += 1
+            if self.outbox is not None:
+                # Nothing owed to a client that broke the protocol: a graceful close would
+                # wait, maybe forever, for it to read what is still unsent.
+                self.outbox.abort()
             self.end(exc.reason)
         except asyncio.CancelledError:
             pass

@@ -360,6 +360,11 @@ class Outbox:
             self._batcher.touch(self)
         self._batched += len(data)
 
+    def abort(self) -> None:
+        """Close the connection now, discarding what the client has not read."""
+        self.close()
+        self._transport.abort()
+
     def close(self) -> None:
         """The connection is gone: drop what is batched or held (market data is conflatable)."""
         self.closed = True

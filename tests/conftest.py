@@ -78,14 +78,17 @@ def connect_packet(
     keepalive: int = 60,
     clean: bool = True,
     will: tuple[str, bytes] | None = None,
+    will_qos: int = 0,
+    will_retain: bool = False,
     username: bytes | None = None,
     password: bytes | None = None,
+    level: int = 4,
 ) -> bytes:
     """A raw MQTT 3.1.1 CONNECT, for tests that need to misbehave below paho."""
     flags = 0x02 if clean else 0
     payload = _mqtt_str(client_id if isinstance(client_id, bytes) else client_id.encode())
     if will is not None:
-        flags |= 0x04
+        flags |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
         payload += _mqtt_str(will[0].encode()) + _mqtt_str(will[1])
     if username is not None:
         flags |= 0x80
@@ -93,7 +96,7 @@ def connect_packet(
     if password is not None:
         flags |= 0x40
         payload += _mqtt_str(password)
-    variable = _mqtt_str(b"MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
+    variable = _mqtt_str(b"MQTT") + bytes([level, flags]) + keepalive.to_bytes(2, "big")
     return _packet(0x10, variable + payload)
 
 

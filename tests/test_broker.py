@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from typing import Any
 
@@ -12,6 +12,8 @@ import pytest
 import websockets.sync.client
 from websockets.exceptions import InvalidStatus
 
+from bench.mqttws import masked_frame
+from bridge.auth import Role
 from bridge.broker import MarketBroker
 from bridge.errors import ListenerError
 from tests.conftest import (
@@ -24,9 +26,11 @@ from tests.conftest import (
     connect_packet,
     make_tick,
     subscribe_packet,
+    token_for,
     unique,
     wait_until,
 )
+from tests.test_streams import raw_ws
 
 TRANSPORTS: list[Transport] = ["tcp", "websockets"]
 ClientFactory = Callable[..., Client]
@@ -392,3 +396,226 @@ def test_broker_class_is_the_pinned_amqtt_subclass() -> None:
     assert version("amqtt") == "0.12.1"
     for name in ("_client_connected", "_run_broadcast", "_handle_message_delivery", "_start_listeners"):
         assert name in MarketBroker.__dict__
+
+
+# --- wills are PUBLISHes: authorised at CONNECT, validated and sequenced when published -------
+
+
+def _exchange(port: int, transport: Transport, data: bytes, *, close: bool = False) -> tuple[bytes, bool]:
+    """Send ``data`` as a new client over ``transport``: (MQTT bytes the broker sent, whether it
+    closed the connection within the deadline). ``close``: then drop the connection at once."""
+    if transport == "tcp":
+        sock = _raw(port)
+        sock.sendall(data)
+    else:
+        sock = raw_ws(port)
+        sock.sendall(masked_frame(data))
+    if close:
+        sock.close()
+        return b"", True
+    received, closed = b"", False
+    sock.settimeout(DEADLINE_S)
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+            if transport == "websockets" and b"\x88" in _frame_opcodes(received):
+                closed = True
+                break
+        else:
+            closed = True
+    except TimeoutError:
+        pass
+    except ConnectionResetError:
+        closed = True
+    finally:
+        sock.close()
+    return (_ws_payloads(received) if transport == "websockets" else received), closed
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Unmasked server frames: (opcode byte, payload); a cut frame at the end is left out."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data):
+        size, head = data[pos + 1] & 0x7F, 2
+        if size == 126:
+            size, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+        elif size == 127:
+            size, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+        if pos + head + size > len(data):
+            break
+        frames.append((data[pos], data[pos + head : pos + head + size]))
+        pos += head + size
+    return frames
+
+
+def _frame_opcodes(data: bytes) -> bytes:
+    return bytes(first for first, _ in _frames(data))
+
+
+def _ws_payloads(data: bytes) -> bytes:
+    return b"".join(payload for first, payload in _frames(data) if first == 0x82)
+
+
+def _will_connect(user: str, role: Role, topic: str, payload: bytes, **kwargs: Any) -> bytes:
+    return connect_packet(
+        user, username=user.encode(), password=token_for(user, role).encode(), will=(topic, payload), **kwargs
+    )
+
+
+TICK_WILL = make_tick(last="1", bid="1", ask="2").encode(999_999)
+WILLS_REFUSED = [
+    ("subscriber on a market topic", "subscriber", "market/luno/BTC-ZAR", TICK_WILL),
+    ("subscriber to another user", "subscriber", "user/bob/alerts", b"Your account is locked"),
+    ("subscriber on a wildcard", "subscriber", "market/#", TICK_WILL),
+    ("feed on a wildcard topic", "feed", "market/#", TICK_WILL),
+    ("feed with a will that is not a tick", "feed", "market/luno/BTC-ZAR", b"not json"),
+    ("feed with a tick for another topic", "feed", "market/valr/BTC-ZAR", TICK_WILL),
+    ("feed to a user", "feed", "user/bob/alerts", b"hello"),
+    ("admin on a $ topic", "admin", "$SYS/broker/uptime", b"0"),
+    ("admin on an over-long topic", "admin", "status/" + "x" * 300, b"0"),
+]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("what", "role", "topic", "payload"), WILLS_REFUSED, ids=[w[0] for w in WILLS_REFUSED]
+)
+def test_a_will_that_could_not_be_published_refuses_the_connect(
+    broker: BrokerThread, transport: Transport, what: str, role: Role, topic: str, payload: bytes
+) -> None:
+    user = unique("willer")
+    received, closed = _exchange(broker.port(transport), transport, _will_connect(user, role, topic, payload))
+    assert received == b"\x20\x02\x00\x05", what
+    assert closed
+    assert broker.call(lambda: broker.broker.stats.refusals["will_refused"]) == 1
+    assert broker.call(lambda: broker.broker.limits.total) == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_feed_will_is_validated_sequenced_and_snapshotted(
+    broker: BrokerThread, clients: ClientFactory, transport: Transport
+) -> None:
+    topic = "market/luno/BTC-ZAR"
+    sub = clients(broker.tcp_port, role="subscriber")
+    sub.connect()
+    sub.subscribe(topic)
+    broker.run(broker.broker.publish(make_tick(last="100")))
+    assert _seqs(sub.expect(1)) == [1]
+    # Its own seq (999999) and retain flag mean nothing: the broker stamps the next one.
+    _exchange(
+        broker.port(transport),
+        transport,
+        _will_connect(unique("feed"), "feed", topic, TICK_WILL, will_qos=1, will_retain=True),
+        close=True,
+    )
+    (will,) = sub.expect(1)
+    assert (json.loads(will.payload)["seq"], json.loads(will.payload)["bid"]) == (2, "1")
+    late = clients(broker.tcp_port, role="subscriber")
+    late.connect()
+    late.subscribe(topic)
+    (snapshot,) = late.expect(1)
+    assert snapshot.retain
+    assert json.loads(snapshot.payload)["seq"] == 2
+    assert broker.call(lambda: broker.broker.stats.wills_published) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_service_will_reaches_the_user_it_is_addressed_to(
+    broker: BrokerThread, clients: ClientFactory, transport: Transport
+) -> None:
+    user = unique("bob")
+    bob = clients(broker.tcp_port, role="subscriber", username=user)
+    bob.connect()
+    topic = f"user/{user}/alerts"
+    bob.subscribe(topic)
+    _exchange(
+        broker.port(transport), transport, _will_connect(unique("svc"), "service", topic, b"gone"), close=True
+    )
+    (message,) = bob.expect(1)
+    assert (message.topic, message.payload) == (topic, b"gone")
+
+
+# --- protocol laxness: what MQTT 3.1.1 says closes the connection, closes it at once -------
+
+
+@pytest.fixture
+def patient_broker() -> Iterator[BrokerThread]:
+    # A long connect timeout: a close seen within the deadline came from the check under test.
+    with BrokerThread(bridge_config(broker={"connect_timeout_s": 120})) as running:
+        yield running
+
+
+def _mqtt5_connect(user: str) -> bytes:
+    """An MQTT 5 CONNECT with credentials and properties (what MQTT.js sends with protocolVersion 5)."""
+    token = token_for(user, "subscriber").encode()
+    body = (
+        b"\x00\x04MQTT\x05\xc2\x00\x3c"
+        + b"\x05\x11\x00\x00\x0e\x10"  # properties: session expiry 3600
+        + len(user).to_bytes(2, "big")
+        + user.encode()
+        + b"\x00"  # will properties: none (no will), then user name and password
+        + len(user).to_bytes(2, "big")
+        + user.encode()
+        + len(token).to_bytes(2, "big")
+        + token
+    )
+    return b"\x10" + _varint(len(body)) + body
+
+
+def _varint(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mqtt5_connect_gets_connack_1_at_once(patient_broker: BrokerThread, transport: Transport) -> None:
+    received, closed = _exchange(patient_broker.port(transport), transport, _mqtt5_connect(unique("v5")))
+    assert (received, closed) == (b"\x20\x02\x00\x01", True)  # [MQTT-3.1.2-2]
+
+
+BAD_CONNECTS = [
+    ("PUBLISH first", b"\x30\x05\x00\x01ax", "not_connect"),
+    ("SUBSCRIBE first", subscribe_packet(1, "market/#"), "not_connect"),
+    ("PINGREQ first", b"\xc0\x00", "not_connect"),
+    ("reserved flag", authed_connect("r1").replace(b"MQTT\x04\xc2", b"MQTT\x04\xc3"), "malformed_connect"),
+    ("will QoS 3", connect_packet("w3", will=("status/x", b"x"), will_qos=3), "malformed_connect"),
+    ("NUL in client id", connect_packet("a\x00b"), "bad_utf8"),
+    ("newline and ANSI in client id are fine, NUL is not", connect_packet("x\n\x1b[31m\x00"), "bad_utf8"),
+]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("what", "data", "reason"), BAD_CONNECTS, ids=[b[0] for b in BAD_CONNECTS])
+def test_bad_first_packets_close_at_once_without_connack(
+    patient_broker: BrokerThread, transport: Transport, what: str, data: bytes, reason: str
+) -> None:
+    received, closed = _exchange(patient_broker.port(transport), transport, data)
+    assert (received, closed) == (b"", True), what
+    wait_until(
+        lambda: patient_broker.call(lambda: patient_broker.broker.stats.refusals[reason]) == 1, what=reason
+    )
+
+
+BAD_SUBSCRIBES = [
+    ("packet id 0", subscribe_packet(0, "market/#"), "malformed_packet"),
+    ("NUL in a filter outside the ACL", subscribe_packet(1, "user/bob/\x00"), "bad_utf8"),
+    ("NUL in an allowed filter", subscribe_packet(1, "market/\x00"), "bad_utf8"),
+    ("UNSUBSCRIBE with packet id 0", b"\xa2\x05\x00\x00\x00\x01a", "malformed_packet"),
+]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("what", "data", "reason"), BAD_SUBSCRIBES, ids=[b[0] for b in BAD_SUBSCRIBES])
+def test_malformed_subscribes_close_the_connection(
+    broker: BrokerThread, transport: Transport, what: str, data: bytes, reason: str
+) -> None:
+    user = unique("alice")
+    received, closed = _exchange(
+        broker.port(transport), transport, authed_connect(user, role="subscriber") + data
+    )
+    assert (received, closed) == (b"\x20\x02\x00\x00", True), what  # a CONNACK, no SUBACK
+    wait_until(lambda: broker.call(lambda: broker.broker.stats.protocol_errors[reason]) == 1, what=reason)

@@ -535,3 +535,62 @@ def test_feed_over_its_publish_rate_is_acked_kept_and_its_excess_dropped(
         (next_one,) = sub.expect(1)
         assert next_one.topic == sentinel.topic
         assert sub.messages.empty()
+
+
+# --- bounds on what one connection can make the broker do ------------------------------------
+
+
+def test_pingreqs_whose_answers_are_never_read_close_the_connection() -> None:
+    # Smallest outbound bound and send buffer: unread PINGRESPs pass the bound quickly.
+    config = bridge_config(broker={"max_outbound_bytes": 4096, "socket_send_buffer_bytes": 4096})
+    with BrokerThread(config) as broker:
+        flooder = RawClient(broker.tcp_port, role="subscriber", rcvbuf=4096)
+        batch = PINGREQ * 50_000
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            while time.monotonic() < deadline:
+                flooder.send(batch)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert flooder.wait_closed()
+        wait_until(lambda: stat(broker, lambda s: s.protocol_errors["control_flood"]) == 1, what="the close")
+        flooder.close()
+
+
+def test_pingreqs_that_are_read_are_answered(
+    broker: BrokerThread, raw_clients: Callable[..., RawClient]
+) -> None:
+    client = raw_clients(broker.tcp_port, role="subscriber")
+    client.send(PINGREQ * 1000)
+    assert [client.read().first for _ in range(1000)] == [PINGRESP[0]] * 1000
+
+
+def test_a_publish_to_an_over_long_topic_is_dropped_and_counted(
+    broker: BrokerThread, raw_clients: Callable[..., RawClient]
+) -> None:
+    feed = raw_clients(broker.tcp_port, role="admin")
+    tick = make_tick()
+    for topic in ("market/luno/" + "X" * 300, "user/bob/" + "y" * 60_000):
+        feed.send(publish_packet(topic, tick.encode(), qos=1, packet_id=7))
+        assert feed.read().first == 0x40  # still acknowledged: 3.1.1 cannot say "refused"
+    assert stat(broker, lambda s: s.publishes_dropped["topic_too_long"]) == 2
+    assert feed.ping() == []
+
+
+def test_messages_for_users_past_the_publish_rate_are_paced_not_dropped(clients: ClientFactory) -> None:
+    limits = {"rate": {"publish_per_s": 100, "publish_burst": 10}}
+    with BrokerThread(bridge_config(limits=limits)) as broker:
+        user = unique("bob")
+        bob = clients(broker.tcp_port, role="subscriber", username=user)
+        bob.connect()
+        bob.subscribe(f"user/{user}/#")
+        service = raw_clients_for(broker, "service")
+        service.send(b"".join(publish_packet(f"user/{user}/n", str(i).encode()) for i in range(60)))
+        assert [m.payload for m in bob.expect(60)] == [str(i).encode() for i in range(60)]
+        assert stat(broker, lambda s: s.publishes_dropped["rate_paced"]) > 0
+        assert stat(broker, lambda s: s.publishes_dropped["rate_limited"]) == 0
+        service.close()
+
+
+def raw_clients_for(broker: BrokerThread, role: Role) -> RawClient:
+    return RawClient(broker.tcp_port, role=role)
