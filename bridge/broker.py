@@ -177,13 +177,7 @@ class MarketBroker(Broker):
         self._clock = clock
         auth = config.auth
         if auth.enabled:
-            policy = TokenPolicy(
-                audience=auth.audience,
-                issuer=auth.issuer,
-                leeway_s=auth.leeway_s,
-                require_iat=auth.require_iat,
-                max_token_bytes=auth.max_token_bytes,
-            )
+            policy = TokenPolicy.from_config(auth)
             plugins: dict[str, Any] = {
                 "broker_plugins.jwt_auth.JwtAuthPlugin": {
                     "keys": load_keyring(auth),

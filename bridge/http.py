@@ -101,12 +101,8 @@ def build_app(broker: MarketBroker) -> FastAPI:
     config = broker.bridge_config
     metrics = MetricsRegistry(broker)
     keys = load_keyring(config.auth) if config.auth.enabled else None
-    policy = TokenPolicy(
-        audience=config.auth.audience,
-        issuer=config.auth.issuer,
-        leeway_s=config.auth.leeway_s,
-        max_token_bytes=config.auth.max_token_bytes,
-    )
+    # The broker's own policy: the admin API must not accept a token MQTT would refuse.
+    policy = TokenPolicy.from_config(config.auth)
     app = FastAPI(title="market-bridge", version="0.1.0", summary="Health, metrics and admin API")
     app.state.metrics = metrics
     app.state.keys = keys
