@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.broker import MarketBroker
+from bridge.config import redacted
 from bridge.errors import ListenerError, MessageError
 from bridge.keys import load_keyring
 from bridge.metrics import MetricsRegistry
@@ -209,9 +210,8 @@ def build_app(broker: MarketBroker) -> FastAPI:
 
     @app.get("/admin/config", tags=["admin"])
     async def effective_config(_: Admin) -> dict[str, Any]:
-        # SecretStr fields dump as "**********": secrets never leave the process.
-        dumped: dict[str, Any] = config.model_dump(mode="json")
-        return dumped
+        # The same redaction as `market-bridge config`: secrets never leave the process.
+        return redacted(config)
 
     return app
 

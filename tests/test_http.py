@@ -314,6 +314,32 @@ def test_config_is_shown_with_secrets_redacted(http: httpx.Client) -> None:
     assert response.json()["limits"]["max_connections_per_user"] == 10
 
 
+def test_config_hides_the_store_password_and_feed_credentials(tmp_path: Path) -> None:
+    redis_password, feed_secret = "s3cret-redis-Pa55", "s3cret-feed-Pa55"
+    redis = RedisProcess(tmp_path / "redis", password=redis_password)
+    redis.start()
+    try:
+        config = bridge_config(
+            store={"redis_url": redis.url},
+            feeds=[{"kind": "luno", "base_url": f"https://ops:{feed_secret}@api.luno.example/"}],
+        )
+        with (
+            BrokerThread(config, http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=10) as http,
+        ):
+            assert http.get("/readyz").status_code == 200  # the password really is in use
+            response = http.get("/admin/config", headers=_admin())
+            assert response.status_code == 200
+            for secret in (redis_password, feed_secret, TEST_SECRET):
+                assert secret not in response.text
+            body = response.json()
+            assert body["store"]["redis_url"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+            assert body["feeds"][0]["base_url"] == "https://ops:***@api.luno.example/"
+            assert body["auth"]["keys"][0]["secret"] == "**********"
+    finally:
+        redis.stop()
+
+
 def test_openapi_documents_the_api(http: httpx.Client) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/healthz", "/readyz", "/metrics", "/admin/connections", "/admin/users/{user}/messages"} <= set(
