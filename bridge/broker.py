@@ -1182,6 +1182,13 @@ class MarketBroker(Broker):
             return _SUBACK_FAILURE, None
         granted = await super().add_subscription(subscription, session)
         self._fanout.invalidate()
+        if granted != _SUBACK_FAILURE:
+            # amqtt keeps a repeated filter's first QoS yet acknowledges the new one; the new
+            # subscription replaces the old (MQTT-3.8.4-3), so deliveries follow the SUBACK.
+            entries = self._subscriptions[topic_filter]
+            for index, (subscriber, qos) in enumerate(entries):
+                if subscriber.client_id == session.client_id and qos != granted:
+                    entries[index] = (subscriber, granted)
         if granted != _SUBACK_FAILURE and session.client_id is not None:
             self._index.add(topic_filter)
             self._session_filters.setdefault(session.client_id, set()).add(topic_filter)

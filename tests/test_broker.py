@@ -545,3 +545,22 @@ def test_a_session_restored_under_a_lower_cap_is_cut_to_it(clients: ClientFactor
         back = persistent_client(clients, second.tcp_port, user, client_id)
         back.connect()
         assert back.subscribe(_market("c99")) == [0x80]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_resubscribing_replaces_the_qos_at_the_cap(clients: ClientFactory, transport: Transport) -> None:
+    """A repeated filter replaces the subscription: its new QoS is delivered and stored."""
+    with _capped_broker(max_subscriptions_per_connection=1) as running:
+        user, client_id = unique("alice"), unique("phone")
+        sub = persistent_client(clients, running.port(transport), user, client_id, transport=transport)
+        sub.connect()
+        pub = clients(running.tcp_port)
+        pub.connect()
+        for round_, qos in enumerate((0, 1, 0)):
+            assert sub.subscribe("market/#", qos) == [qos]
+            if round_:
+                assert sub.expect(1)[0].retain  # the snapshot, sent again for the new subscription
+            assert running.run(running.broker.user_subscriptions(user)) == {client_id: {"market/#": qos}}
+            pub.publish("market/luno/BTC-ZAR", make_tick().encode(), qos=1)
+            (live,) = sub.expect(1)
+            assert (live.retain, live.qos) == (False, qos)
