@@ -18,7 +18,7 @@ import functools
 import math
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from bridge.errors import AuthError
 from bridge.ratelimit import MAX_RATE, MIN_RATE, valid_rate
 from bridge.topics import is_valid_filter
+
+if TYPE_CHECKING:
+    from bridge.config import AuthConfig
 
 __all__ = [
     "AUTH_DECISION",
@@ -179,6 +182,18 @@ class TokenPolicy:
     leeway_s: float = 30.0
     require_iat: bool = False
     max_token_bytes: int = 8192
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig) -> TokenPolicy:
+        """The one policy for every way in (MQTT CONNECT, the admin API): a field added here
+        applies to all of them, so no door checks tokens more loosely than another."""
+        return cls(
+            audience=auth.audience,
+            issuer=auth.issuer,
+            leeway_s=auth.leeway_s,
+            require_iat=auth.require_iat,
+            max_token_bytes=auth.max_token_bytes,
+        )
 
 
 def _number(value: object) -> float | None:

@@ -30,6 +30,7 @@ import math
 import ssl
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -68,7 +69,14 @@ from bridge.fanout import FanOut, Target
 from bridge.handler import MarketProtocolHandler
 from bridge.keys import load_keyring
 from bridge.lean import LeanEvent
-from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
+from bridge.limits import (
+    ConnectionLimits,
+    Lease,
+    LimitRefusal,
+    LocalConnectionLimits,
+    SubscribeRefusal,
+    subscribe_refusal,
+)
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
@@ -182,13 +190,7 @@ class MarketBroker(Broker):
         self._clock = clock
         auth = config.auth
         if auth.enabled:
-            policy = TokenPolicy(
-                audience=auth.audience,
-                issuer=auth.issuer,
-                leeway_s=auth.leeway_s,
-                require_iat=auth.require_iat,
-                max_token_bytes=auth.max_token_bytes,
-            )
+            policy = TokenPolicy.from_config(auth)
             plugins: dict[str, Any] = {
                 "broker_plugins.jwt_auth.JwtAuthPlugin": {
                     "keys": load_keyring(auth),
@@ -1275,25 +1277,73 @@ class MarketBroker(Broker):
     # ------------------------------------------------------------------ subscriptions
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        # Sessions restored from the store and amqtt's plugin API come this way: capped the
+        # same as a client's SUBSCRIBE, but with no packet to report against.
+        code, refusal = await self._subscribe(subscription, session)
+        if refusal is not None:
+            log.debug("client %s: subscription %s refused: %s", session.client_id, subscription[0], refusal)
+        return code
+
+    async def _subscribe(
+        self, subscription: tuple[str, int], session: Session
+    ) -> tuple[int, SubscribeRefusal | None]:
+        """One filter through the caps, the ACL and amqtt: the SUBACK code, and why the caps
+        refused it (None when they did not)."""
         topic_filter = subscription[0]
-        if is_valid_filter(topic_filter) and not session_acl(session).may_subscribe(topic_filter):
+        limits = self.bridge_config.limits
+        # Checked before anything is allocated: 75,000 filters on one connection cost 56 MB
+        # and every other subscriber a fifth of its tick rate.
+        refusal = subscribe_refusal(
+            topic_filter,
+            self._session_filters.get(session.client_id or "", ()),
+            max_filters=limits.max_subscriptions_per_connection,
+            max_topic_bytes=limits.max_topic_bytes,
+        )
+        if refusal is not None:
+            self.stats.subscribes_capped[refusal] += 1
+            return _SUBACK_FAILURE, refusal
+        if not is_valid_filter(topic_filter):
+            return _SUBACK_FAILURE, None  # [MQTT-4.7.1]: a bad filter is refused, never granted
+        if not session_acl(session).may_subscribe(topic_filter):
             # Denied for this filter only; the rest of the SUBSCRIBE goes on.
             self.stats.subscribes_denied += 1
             log.info("client %s may not subscribe to %s", session.client_id, topic_filter)
-            return _SUBACK_FAILURE
+            return _SUBACK_FAILURE, None
         granted = await super().add_subscription(subscription, session)
         self._fanout.invalidate()
+        if granted != _SUBACK_FAILURE:
+            # amqtt keeps a repeated filter's first QoS yet acknowledges the new one; the new
+            # subscription replaces the old (MQTT-3.8.4-3), so deliveries follow the SUBACK.
+            entries = self._subscriptions[topic_filter]
+            for index, (subscriber, qos) in enumerate(entries):
+                if subscriber.client_id == session.client_id and qos != granted:
+                    entries[index] = (subscriber, granted)
         if granted != _SUBACK_FAILURE and session.client_id is not None:
-            topic_filter = subscription[0]
             self._index.add(topic_filter)
             self._session_filters.setdefault(session.client_id, set()).add(topic_filter)
-        return granted
+        return granted, None
 
     async def _handle_subscription(
         self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
     ) -> None:
         subscriptions = subscribe_waiter.result()
-        codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
+        results = [await self._subscribe(sub, client_session) for sub in subscriptions.topics]
+        codes = [code for code, _ in results]
+        capped = Counter(refusal for _, refusal in results if refusal is not None)
+        if capped:
+            # One line per packet: a SUBSCRIBE of 75,000 filters is one event, not 75,000.
+            limits = self.bridge_config.limits
+            log.info(
+                "client %s: SUBSCRIBE of %d filters, %d refused: %d past the cap of %d per connection, "
+                "%d longer than %d bytes",
+                client_session.client_id,
+                len(codes),
+                capped.total(),
+                capped["too_many_filters"],
+                limits.max_subscriptions_per_connection,
+                capped["filter_too_long"],
+                limits.max_topic_bytes,
+            )
         granted = [
             (sub[0], code)
             for sub, code in zip(subscriptions.topics, codes, strict=True)

@@ -31,6 +31,7 @@ from bridge.config import (
     ReplayFeedConfig,
     SimulatorFeedConfig,
     load_config,
+    redacted,
 )
 from bridge.errors import ConfigError, MarketBridgeError
 from bridge.http import HttpServer
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"created a development JWT key at {DEV_SECRET_PATH}", file=sys.stderr)
         config = load_config(args.config)
         if args.command == "config":
-            print(json.dumps(config.model_dump(mode="json"), indent=2))
+            print(json.dumps(redacted(config), indent=2))
             return 0
         if args.command == "limits":
             print(json.dumps(config.limits.model_dump(mode="json"), indent=2))

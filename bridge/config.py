@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -57,6 +58,8 @@ __all__ = [
     "TopicRatesConfig",
     "WsListenerConfig",
     "load_config",
+    "redact_url",
+    "redacted",
 ]
 
 ENV_PREFIX = "MARKET_BRIDGE_"
@@ -490,3 +493,73 @@ def load_config(path: Path | str | None = None) -> BridgeConfig:
 
 
 _FEED_KINDS = frozenset({"simulator", "replay", "luno", "valr", "quidax"})
+
+
+# What a redacted secret reads as (SecretStr fields show pydantic's "**********").
+REDACTED = "***"
+# Query parameters whose value is a secret (matched as substrings of the lower-cased name),
+# e.g. redis-py's `?password=...`; a path such as `ssl_keyfile` is hidden too, which is harmless.
+_SECRET_PARAMS = ("pass", "secret", "token", "key", "auth", "cred")
+
+
+def _redact_query(query: str) -> str:
+    params = []
+    for param in query.split("&"):
+        name, eq, _value = param.partition("=")
+        secret = eq and any(marker in unquote(name).lower() for marker in _SECRET_PARAMS)
+        params.append(f"{name}={REDACTED}" if secret else param)
+    return "&".join(params)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and secret query values) replaced by ``***``.
+
+    User, host, port, path and the other parameters stay, so an operator can still tell which
+    server it is. Anything that does not parse cleanly (e.g. an unescaped ``/`` or ``#`` in a
+    password moves it out of the authority) is hidden whole after the scheme: fail closed.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return url
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for an authority that is not host[:port]
+    except ValueError:
+        return f"{scheme}://{REDACTED}"
+    prefix = f"{scheme}://"
+    rest = url[len(prefix) + len(parts.netloc) :]
+    # urlsplit drops tabs and newlines before parsing, so its authority may not be the text's;
+    # an '@' after the authority means the text has userinfo urlsplit did not see.
+    if not url.startswith(prefix + parts.netloc) or "@" in rest:
+        return f"{scheme}://{REDACTED}"
+    netloc = parts.netloc
+    if parts.password:
+        user = netloc.rpartition("@")[0].partition(":")[0]
+        netloc = f"{user}:{REDACTED}@{netloc.rpartition('@')[2]}"
+    head, hash_, fragment = rest.partition("#")
+    path, question, query = head.partition("?")
+    if question:
+        query = _redact_query(query)
+    return f"{prefix}{netloc}{path}{question}{query}{hash_}{fragment}"
+
+
+def _redact_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _redact_urls(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(item) for item in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value
+
+
+def redacted(config: BridgeConfig) -> dict[str, Any]:
+    """The effective config as JSON-ready data, safe to show: what ``/admin/config`` and
+    ``market-bridge config`` print.
+
+    HMAC secrets (``SecretStr``) read ``**********``; every URL value (``store.redis_url``,
+    pollers' ``base_url``, any added later) loses its password and secret query values.
+    Key, certificate and secret *file* paths are shown: they name files, not their content.
+    """
+    dumped: dict[str, Any] = _redact_urls(config.model_dump(mode="json"))
+    return dumped

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.broker import MarketBroker
+from bridge.config import redacted
 from bridge.errors import ListenerError, MessageError
 from bridge.keys import load_keyring
 from bridge.metrics import MetricsRegistry
@@ -101,12 +102,8 @@ def build_app(broker: MarketBroker) -> FastAPI:
     config = broker.bridge_config
     metrics = MetricsRegistry(broker)
     keys = load_keyring(config.auth) if config.auth.enabled else None
-    policy = TokenPolicy(
-        audience=config.auth.audience,
-        issuer=config.auth.issuer,
-        leeway_s=config.auth.leeway_s,
-        max_token_bytes=config.auth.max_token_bytes,
-    )
+    # The broker's own policy: the admin API must not accept a token MQTT would refuse.
+    policy = TokenPolicy.from_config(config.auth)
     app = FastAPI(title="market-bridge", version="0.1.0", summary="Health, metrics and admin API")
     app.state.metrics = metrics
     app.state.keys = keys
@@ -213,9 +210,8 @@ def build_app(broker: MarketBroker) -> FastAPI:
 
     @app.get("/admin/config", tags=["admin"])
     async def effective_config(_: Admin) -> dict[str, Any]:
-        # SecretStr fields dump as "**********": secrets never leave the process.
-        dumped: dict[str, Any] = config.model_dump(mode="json")
-        return dumped
+        # The same redaction as `market-bridge config`: secrets never leave the process.
+        return redacted(config)
 
     return app
 

@@ -1,4 +1,5 @@
-"""Connection accounting: how many sessions each user, and the broker as a whole, may hold.
+"""Connection accounting: how many sessions each user, and the broker as a whole, may hold;
+and the caps on what one session may subscribe to (:func:`subscribe_refusal`).
 
 The broker talks to :class:`ConnectionLimits` only, so a shared (e.g. Redis-backed) counter
 for several broker processes can replace :class:`LocalConnectionLimits` later. Pure and
@@ -12,10 +13,18 @@ a taken-over session's late release must not free the slot its successor now hol
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ["ConnectionLimits", "Lease", "LimitRefusal", "LocalConnectionLimits"]
+__all__ = [
+    "ConnectionLimits",
+    "Lease",
+    "LimitRefusal",
+    "LocalConnectionLimits",
+    "SubscribeRefusal",
+    "subscribe_refusal",
+]
 
 # Process-wide, so leases from two limiters never share an id and cannot be confused.
 _lease_ids = itertools.count(1)
@@ -117,3 +126,28 @@ class LocalConnectionLimits:
 
     def per_user(self) -> dict[str, int]:
         return dict(self._counts)
+
+
+# Why a SUBSCRIBE's filter was refused by the caps (SUBACK 0x80); stable, for logs and metrics.
+SubscribeRefusal = Literal["too_many_filters", "filter_too_long"]
+
+
+def subscribe_refusal(
+    topic_filter: str, held: Collection[str], *, max_filters: int, max_topic_bytes: int
+) -> SubscribeRefusal | None:
+    """Why the caps refuse ``topic_filter`` for a session holding ``held``; None if they allow it.
+
+    A filter the session already holds is a replacement (MQTT-3.8.4-3), so it never counts
+    against ``max_filters``. Call once per filter, in packet order, with ``held`` as it is at
+    that moment (filters granted earlier in the same SUBSCRIBE included), so a filter the ACL
+    refuses takes no slot. Length is in UTF-8 bytes, as on the wire.
+    """
+    # A str of n characters is n to 4n UTF-8 bytes: encode only when it can matter.
+    if len(topic_filter) > max_topic_bytes or (
+        len(topic_filter) * 4 > max_topic_bytes
+        and len(topic_filter.encode("utf-8", "surrogatepass")) > max_topic_bytes
+    ):
+        return "filter_too_long"
+    if len(held) >= max_filters and topic_filter not in held:
+        return "too_many_filters"
+    return None

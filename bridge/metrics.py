@@ -95,6 +95,8 @@ class _BrokerCollector(Collector):
         for reason, count in sorted(stats.publishes_dropped.items()):
             drops.add_metric([reason], count)
         drops.add_metric(["subscribe_denied"], stats.subscribes_denied)
+        for reason, count in sorted(stats.subscribes_capped.items()):
+            drops.add_metric([f"subscribe_capped:{reason}"], count)
         drops.add_metric(["offline_queue_full"], stats.offline_dropped)
         yield drops
         offline = CounterMetricFamily("mb_offline", "Offline messages by outcome", labels=["outcome"])

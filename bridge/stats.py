@@ -77,6 +77,8 @@ class BrokerStats:
     ticks_rejected: Counter[str] = field(default_factory=Counter)
     publishes_dropped: Counter[str] = field(default_factory=Counter)
     subscribes_denied: int = 0
+    # Filters refused by limits.max_subscriptions_per_connection / max_topic_bytes, by reason.
+    subscribes_capped: Counter[str] = field(default_factory=Counter)
     messages_in: Counter[str] = field(default_factory=Counter)  # by topic class
     messages_out: Counter[str] = field(default_factory=Counter)  # by topic class
     deliveries: int = 0

@@ -25,18 +25,20 @@ def _free_port() -> int:
 class RedisProcess:
     """``start()``/``stop()``/``kill()`` a redis-server; data survives restarts (AOF, fsync always)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
         self.binary = binary
         self.workdir = workdir
         self.port = port or _free_port()
+        self.password = password  # requirepass: clients must AUTH (the URL carries it)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,7 @@ class RedisProcess:
                 "always",
                 "--protected-mode",
                 "yes",
+                *(["--requirepass", self.password] if self.password is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -66,7 +69,8 @@ class RedisProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    # Without AUTH a password-protected server answers -NOAUTH: it is up.
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass

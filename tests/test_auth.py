@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from bridge.auth import (
     ROLES,
@@ -30,6 +32,7 @@ from bridge.auth import (
     decide_auth,
     mint_token,
 )
+from bridge.config import AuthConfig, KeyConfig
 from bridge.errors import AuthError
 
 NOW = 1_700_000_000.0
@@ -647,3 +650,23 @@ def test_decide_auth_total_on_valid_signed_claims(
     assert isinstance(result, Claims | AuthError)
     if isinstance(result, Claims):
         assert result.sub == username
+
+
+def test_policy_from_config_carries_every_setting() -> None:
+    """Every policy field comes from the auth section, so MQTT and HTTP cannot drift apart."""
+    auth = AuthConfig(
+        keys=[KeyConfig(algorithms=["HS256"], secret=SecretStr(SECRET.decode()))],
+        audience="bridge",
+        issuer="idp",
+        leeway_s=5,
+        require_iat=True,
+        max_token_bytes=1024,
+    )
+    policy = TokenPolicy.from_config(auth)
+    assert policy == TokenPolicy(
+        audience="bridge", issuer="idp", leeway_s=5, require_iat=True, max_token_bytes=1024
+    )
+    # A field added to TokenPolicy without a config value of the same name fails here.
+    for field in dataclasses.fields(TokenPolicy):
+        assert getattr(policy, field.name) == getattr(auth, field.name)
+        assert getattr(policy, field.name) != getattr(TokenPolicy(), field.name)

@@ -78,6 +78,29 @@ def test_config_command_prints_effective_values(procs: Callable[..., Proc], tmp_
     assert effective["listeners"]["ws"]["path"] == "/mqtt"
 
 
+@pytest.mark.parametrize(
+    ("redis_url", "shown"),
+    [
+        ("redis://:s3cret-Pa55@cache.internal:6379/0", "redis://:***@cache.internal:6379/0"),
+        ("redis://bridge:s3cret-Pa55@cache.internal:6379/2", "redis://bridge:***@cache.internal:6379/2"),
+        ("rediss://bridge:s3cret-Pa55@cache.internal:6380/0", "rediss://bridge:***@cache.internal:6380/0"),
+    ],
+)
+def test_config_command_hides_passwords(
+    procs: Callable[..., Proc], tmp_path: Path, redis_url: str, shown: str
+) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    feeds = json.dumps([{"kind": "valr", "base_url": "https://ops:s3cret-Pa55@api.valr.example/"}])
+    proc = procs("config", env={"MARKET_BRIDGE_STORE__REDIS_URL": redis_url, "MARKET_BRIDGE_FEEDS": feeds})
+    assert proc.popen.wait(DEADLINE_S) == 0
+    proc._reader.join(DEADLINE_S)
+    output = "\n".join(proc.lines)
+    assert "s3cret-Pa55" not in output
+    effective = json.loads(output)
+    assert effective["store"]["redis_url"] == shown
+    assert effective["feeds"][0]["base_url"] == "https://ops:***@api.valr.example/"
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ws"])
 def test_feed_command_publishes_over_mqtt(
     procs: Callable[..., Proc], clients: ClientFactory, transport: str

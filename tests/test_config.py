@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from bridge.auth import ROLES
 from bridge.config import (
@@ -19,6 +23,8 @@ from bridge.config import (
     SimulatorFeedConfig,
     TopicRatesConfig,
     load_config,
+    redact_url,
+    redacted,
 )
 from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
@@ -606,3 +612,81 @@ def test_event_loop_choice(tmp_path: Path, loop: str) -> None:
 def test_unknown_event_loop_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"broker\.event_loop"):
         load_config(write(tmp_path, "broker: {event_loop: trio}\n"))
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+PASSWORD = "s3cret-Pa55"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Passwords go; user, host, port, db and other parameters stay.
+        (f"redis://:{PASSWORD}@cache:6379/0", "redis://:***@cache:6379/0"),
+        (f"redis://bridge:{PASSWORD}@cache:6379/2", "redis://bridge:***@cache:6379/2"),
+        (
+            f"rediss://bridge:{PASSWORD}@cache:6380/0?ssl_cert_reqs=none",
+            "rediss://bridge:***@cache:6380/0?ssl_cert_reqs=none",
+        ),
+        (f"redis://bridge:{PASSWORD}@[::1]:6379/0", "redis://bridge:***@[::1]:6379/0"),
+        (f"unix://:{PASSWORD}@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        (f"https://key-id:{PASSWORD}@api.luno.com/", "https://key-id:***@api.luno.com/"),
+        # Percent-encoded, or with separators redis-py reads as part of the password.
+        ("redis://:s3cret%40Pa55@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://u:s3cret@Pa55@cache:6379/0", "redis://u:***@cache:6379/0"),
+        ("redis://u:s3cret:Pa55@cache:6379/0", "redis://u:***@cache:6379/0"),
+        # Secrets as query parameters (redis-py reads ?password=).
+        (f"unix:///run/redis.sock?db=0&password={PASSWORD}", "unix:///run/redis.sock?db=0&password=***"),
+        (f"https://api.example/?token={PASSWORD}&pair=XBTZAR", "https://api.example/?token=***&pair=XBTZAR"),
+        (f"https://api.example/?API_KEY={PASSWORD}", "https://api.example/?API_KEY=***"),
+        # A password that breaks the authority's shape: everything after the scheme goes.
+        ("redis://:s3cret/Pa55@cache:6379/0", "redis://***"),
+        ("redis://:s3cret#Pa55@cache:6379/0", "redis://***"),
+        ("redis://:1234#Pa55@cache:6379/0", "redis://***"),
+        ("redis://:1234?Pa55@cache:6379/0", "redis://***"),
+        ("redis://:s3cret\tPa55@cache:6379/0", "redis://***"),
+        # Nothing secret: unchanged, character for character.
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("redis://bridge@cache:6379/0", "redis://bridge@cache:6379/0"),
+        ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
+        ("https://api.valr.com/v1/public/marketsummary", "https://api.valr.com/v1/public/marketsummary"),
+        ("market/luno/BTC-ZAR", "market/luno/BTC-ZAR"),
+        ("", ""),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "Pa55" not in redact_url(url)
+
+
+@given(password=st.text(min_size=1, max_size=24))
+def test_redact_url_never_shows_a_password(password: str) -> None:
+    visible = "redis://bridge:***@cache:6379/0"
+    assume(password not in visible)
+    for form in (password, quote(password, safe="")):
+        assert password not in redact_url(f"redis://bridge:{form}@cache:6379/0")
+
+
+def test_redacted_config_hides_every_secret_and_keeps_the_rest() -> None:
+    hmac_secret = "h" * 24 + PASSWORD
+    config = BridgeConfig(
+        auth={"keys": [{"kid": "k", "algorithms": ["HS256"], "secret": hmac_secret}]},
+        store={"redis_url": f"redis://bridge:{PASSWORD}@cache:6379/0"},
+        feeds=[
+            {"kind": "luno", "base_url": f"https://key-id:{PASSWORD}@api.luno.com/"},
+            {"kind": "simulator", "markets": ["luno/BTC-ZAR"]},
+        ],
+    )
+    shown = redacted(config)
+    text = json.dumps(shown)
+    assert PASSWORD not in text
+    assert hmac_secret not in text
+    assert shown["auth"]["keys"][0]["secret"] == "**********"
+    assert shown["store"]["redis_url"] == "redis://bridge:***@cache:6379/0"
+    assert shown["feeds"][0]["base_url"] == "https://key-id:***@api.luno.com/"
+    # Only the secrets differ from the plain dump.
+    plain = config.model_dump(mode="json")
+    plain["store"]["redis_url"] = shown["store"]["redis_url"]
+    plain["feeds"][0]["base_url"] = shown["feeds"][0]["base_url"]
+    assert shown == plain

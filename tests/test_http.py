@@ -6,11 +6,13 @@ import base64
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
 from tests.conftest import (
@@ -141,6 +143,36 @@ def test_admin_api_needs_an_admin_token(
     response = http.request(method, path, headers=headers, json=body)
     assert response.status_code == status
     assert response.json()["error"] == ("unauthorized" if status == 401 else "forbidden")
+
+
+def _admin_token(sub: str, *, iat: bool) -> str:
+    """An admin token with or without ``iat`` (mint_token always sets it)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "role": "admin", "exp": now + 600}
+    if iat:
+        claims["iat"] = now
+    return jwt.encode(claims, TEST_SECRET, algorithm="HS256", headers={"kid": "test"})
+
+
+def test_admin_api_requires_iat_when_mqtt_does(clients: ClientFactory) -> None:
+    auth = {"keys": [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}], "require_iat": True}
+    with (
+        BrokerThread(bridge_config(auth=auth), http=True) as running,
+        httpx.Client(base_url=running.http_url, timeout=10) as http,
+    ):
+        sub = unique("ops")
+        without, with_iat = _admin_token(sub, iat=False), _admin_token(sub, iat=True)
+        # The same token over MQTT: the reference the admin API must agree with.
+        clients(running.tcp_port, username=sub, password=without).connect(expect=5)
+        clients(running.tcp_port, username=sub, password=with_iat).connect()
+        message = {"topic": "alerts", "payload": "hi"}
+        for token, get_status, post_status in ((without, 401, 401), (with_iat, 200, 202)):
+            headers = {"Authorization": f"Bearer {token}"}
+            got = http.get("/admin/connections", headers=headers)
+            posted = http.post("/admin/users/x/messages", headers=headers, json=message)
+            assert (got.status_code, posted.status_code) == (get_status, post_status)
+            if get_status == 401:
+                assert got.json()["detail"] == posted.json()["detail"] == "token refused: missing_claim"
 
 
 def test_connections_show_pool_health(
@@ -280,6 +312,32 @@ def test_config_is_shown_with_secrets_redacted(http: httpx.Client) -> None:
     assert TEST_SECRET not in response.text
     assert response.json()["auth"]["keys"][0]["secret"] == "**********"
     assert response.json()["limits"]["max_connections_per_user"] == 10
+
+
+def test_config_hides_the_store_password_and_feed_credentials(tmp_path: Path) -> None:
+    redis_password, feed_secret = "s3cret-redis-Pa55", "s3cret-feed-Pa55"
+    redis = RedisProcess(tmp_path / "redis", password=redis_password)
+    redis.start()
+    try:
+        config = bridge_config(
+            store={"redis_url": redis.url},
+            feeds=[{"kind": "luno", "base_url": f"https://ops:{feed_secret}@api.luno.example/"}],
+        )
+        with (
+            BrokerThread(config, http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=10) as http,
+        ):
+            assert http.get("/readyz").status_code == 200  # the password really is in use
+            response = http.get("/admin/config", headers=_admin())
+            assert response.status_code == 200
+            for secret in (redis_password, feed_secret, TEST_SECRET):
+                assert secret not in response.text
+            body = response.json()
+            assert body["store"]["redis_url"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+            assert body["feeds"][0]["base_url"] == "https://ops:***@api.luno.example/"
+            assert body["auth"]["keys"][0]["secret"] == "**********"
+    finally:
+        redis.stop()
 
 
 def test_openapi_documents_the_api(http: httpx.Client) -> None:

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
+from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits, subscribe_refusal
 
 # --- table-driven sequences ----------------------------------------------------------------------
 
@@ -392,3 +392,65 @@ class LimitsMachine(RuleBasedStateMachine):
 
 LimitsMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestLimitsMachine = LimitsMachine.TestCase
+
+
+# --- subscription caps ---------------------------------------------------------------------------
+
+HELD = frozenset({"market/luno/+", "market/valr/BTC-ZAR"})
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "held", "max_filters", "max_topic_bytes", "expected"),
+    [
+        ("market/#", frozenset(), 1, 32, None),
+        ("market/#", HELD, 3, 256, None),  # the last free slot
+        ("market/#", HELD, 2, 256, "too_many_filters"),
+        ("market/luno/+", HELD, 2, 256, None),  # held already: a replacement, not an addition
+        ("market/luno/+", HELD, 1, 256, None),  # ... even when the cap was lowered below holdings
+        ("market/#", HELD, 1, 256, "too_many_filters"),
+        ("a" * 32, frozenset(), 1, 32, None),  # exactly the limit
+        ("a" * 33, frozenset(), 1, 32, "filter_too_long"),
+        ("€" * 10, frozenset(), 1, 32, None),  # 30 bytes
+        ("€" * 11, frozenset(), 1, 32, "filter_too_long"),  # 11 characters, but 33 UTF-8 bytes
+        ("a/" + "😀" * 7 + "/b", frozenset(), 1, 32, None),  # 32 bytes in 11 characters
+        ("a/" + "😀" * 7 + "/bc", frozenset(), 1, 32, "filter_too_long"),
+        ("a" * 33, frozenset({"a" * 33}), 10, 32, "filter_too_long"),  # held, but too long now
+        ("a" * 33, HELD, 2, 32, "filter_too_long"),  # too long is the reason given first
+    ],
+)
+def test_subscribe_refusal(
+    topic_filter: str, held: frozenset[str], max_filters: int, max_topic_bytes: int, expected: str | None
+) -> None:
+    refusal = subscribe_refusal(topic_filter, held, max_filters=max_filters, max_topic_bytes=max_topic_bytes)
+    assert refusal == expected
+
+
+@pytest.mark.parametrize(
+    ("held", "packet", "expected"),
+    [
+        # 8 new filters against a cap of 5: the first 5 in packet order, then refusals.
+        (set(), [f"m/{i}" for i in range(8)], [None] * 5 + ["too_many_filters"] * 3),
+        # A filter repeated within one packet takes one slot (the second replaces the first).
+        (set(), ["m/a", "m/a", "m/b", "m/c", "m/d", "m/e", "m/f"], [None] * 6 + ["too_many_filters"]),
+        # A full session may still re-subscribe what it holds, in any mix.
+        ({f"m/{i}" for i in range(5)}, ["m/9", "m/0", "m/4"], ["too_many_filters", None, None]),
+        # Too long refusals take no slot.
+        (
+            {"m/0"},
+            ["x" * 300, "m/1", "m/2", "m/3", "m/4", "m/5"],
+            ["filter_too_long"] + [None] * 4 + ["too_many_filters"],
+        ),
+    ],
+)
+def test_subscribe_refusals_over_one_packet(
+    held: set[str], packet: list[str], expected: list[str | None]
+) -> None:
+    """What the broker does: each filter checked against the holdings as granted so far."""
+    got = []
+    for topic_filter in packet:
+        refusal = subscribe_refusal(topic_filter, held, max_filters=5, max_topic_bytes=256)
+        if refusal is None:
+            held.add(topic_filter)
+        got.append(refusal)
+    assert got == expected
+    assert len(held) <= 5
