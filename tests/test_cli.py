@@ -152,6 +152,9 @@ def test_limits_command_prints_the_effective_limits(procs: Callable[..., Proc], 
     assert json.loads("\n".join(proc.lines)) == {
         "max_connections_per_user": 3,
         "max_connections": 10000,
+        "max_subscriptions_per_connection": 100,
+        "max_sessions_per_user": 10,
+        "max_topic_bytes": 256,
         "rate": {
             "topic_updates_per_s": {"subscriber": 0.0, "feed": 0.0, "service": 0.0, "admin": 0.0},
             "publish_per_s": 1000.0,
