@@ -12,6 +12,10 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
 - Topic permissions (:mod:`bridge.acl`) are computed once per session from the token's
   claims and checked at SUBSCRIBE, PUBLISH and offline replay; no per-message plugin calls.
 - Whatever way a connection ends, its session is left disconnected (clean ones deleted).
+- Persistent sessions are bounded: at most ``limits.max_sessions_per_user`` per user (a new
+  one replaces the longest-disconnected, or is refused with CONNACK 3 if all are in use), and
+  one disconnected longer than ``broker.session_expiry_s`` is deleted, with its user's
+  offline queue once they have none left (bridge/session_limits.py has the rules).
 - Keep-alive is enforced (1.5 x keep-alive, then the will is published) and a socket that
   sends no CONNECT is closed after ``connect_timeout_s``.
 - Retained messages go only to the subscriber's own new subscriptions, once per topic.
@@ -82,6 +86,7 @@ from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
 from bridge.session import install as install_light_sessions
+from bridge.session_limits import SessionRefusal, expired, make_room, trim
 from bridge.stats import BrokerStats, topic_class
 from bridge.store import (
     NewMessage,
@@ -136,6 +141,7 @@ _OWNER = "market_bridge.owner"
 _ACL = "market_bridge.acl"
 _CLAIMS = "market_bridge.claims"
 _TZ = "market_bridge.tz"
+_DISCONNECTED_AT = "market_bridge.disconnected_at"  # persistent sessions only, while disconnected
 
 
 def session_acl(session: Session) -> Acl:
@@ -217,6 +223,9 @@ class MarketBroker(Broker):
         self._session_filters: dict[str, set[str]] = {}
         self._connections: dict[str, _Connection] = {}
         self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # user -> client ids of their persistent sessions, and of new ones being connected.
+        self._user_sessions: dict[str, set[str]] = {}
+        self._expiry_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._sequencer = Sequencer()
         self.draining = False
@@ -271,6 +280,12 @@ class MarketBroker(Broker):
         for connection in list(self._connections.values()):
             # Clean close: no will for clients we are closing ourselves.
             connection.session.will_flag = False
+        persistent = [c.client_id for c in self._connections.values() if not c.session.clean_session]
+        if persistent and self.store is not None:
+            # Their connections end here: a restarted broker counts their expiry from now.
+            await self._store_call(
+                "mark sessions disconnected", self.store.set_disconnected(persistent, self._clock())
+            )
         await super().shutdown()
         for task in list(self._deliveries):
             task.cancel()
@@ -295,6 +310,10 @@ class MarketBroker(Broker):
 
     async def _close_store(self) -> None:
         """Stop the background tasks, flush snapshots a last time, close a store we opened."""
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
+            self._expiry_task = None
         if self._flush_task is not None:
             self._flush_task.cancel()
             await asyncio.gather(self._flush_task, return_exceptions=True)
@@ -351,6 +370,7 @@ class MarketBroker(Broker):
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
         self._flush_task = asyncio.create_task(self._flush_outboxes(), name="outbox-flusher")
+        self._expiry_task = asyncio.create_task(self._expire_sessions_periodically(), name="session-expiry")
         listeners = self.bridge_config.listeners
         for name, listener in (("ws", listeners.ws), ("tcp", listeners.tcp)):
             if not listener.enabled:
@@ -374,16 +394,48 @@ class MarketBroker(Broker):
         return handler, session
 
     async def _restore(self) -> None:
-        """Persistent sessions (with subscriptions) and market snapshots from the store."""
+        """Persistent sessions (with subscriptions) and market snapshots from the store.
+
+        Sessions that expired while the broker was down are deleted instead, as are those
+        past a user's ``limits.max_sessions_per_user`` (longest disconnected first).
+        """
         assert self.store is not None
-        for record in await self.store.load_sessions():
+        self._user_sessions.clear()
+        now = self._clock()
+        records = await self.store.load_sessions()
+        # One still connected when a broker stopped without saying counts as disconnected now.
+        times = {r.client_id: now if r.disconnected_at is None else r.disconnected_at for r in records}
+        gone = set(expired(times, now=now, expiry_s=self.bridge_config.broker.session_expiry_s))
+        by_owner: dict[str, dict[str, float]] = {}
+        for record in records:
+            if record.client_id not in gone:
+                by_owner.setdefault(record.owner, {})[record.client_id] = times[record.client_id]
+        cap = self.bridge_config.limits.max_sessions_per_user
+        over = {client_id for owned in by_owner.values() for client_id in trim(owned, cap)}
+        for record in records:
+            if record.client_id in gone or record.client_id in over:
+                await self.store.delete_session(record.client_id)
+                continue
             handler, session = self.create_offline_session(record.client_id)
             session.clean_session = False
             session.attributes[_OWNER] = record.owner
+            session.attributes[_DISCONNECTED_AT] = times[record.client_id]
             self._sessions[record.client_id] = (session, handler)
+            self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
             for topic_filter, qos in record.subscriptions.items():
                 # Re-checked against the owner's token when they reconnect.
                 await self.add_subscription((topic_filter, qos), session)
+        unknown = [
+            r.client_id for r in records if r.disconnected_at is None and r.client_id in self._sessions
+        ]
+        if unknown:
+            await self.store.set_disconnected(unknown, now)
+        self.stats.sessions_expired += len(gone)
+        self.stats.sessions_evicted += len(over)
+        for owner in {r.owner for r in records if r.client_id in gone} - by_owner.keys():
+            self.stats.offline_purged += await self.store.purge_orphaned_queue(owner)
+        if gone or over:
+            log.info("deleted %d expired and %d over-the-cap persistent sessions", len(gone), len(over))
         for snapshot in await self.store.load_snapshots():
             self._retained_messages[snapshot.topic] = RetainedApplicationMessage(
                 None, snapshot.topic, snapshot.payload, QOS_0
@@ -553,6 +605,8 @@ class MarketBroker(Broker):
             lease = self.limits.acquire(user, replacing=live.lease if live is not None else None)
             if isinstance(lease, LimitRefusal):
                 await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{user!r}: {lease.detail}")
+                return
+            if not await self._claim_session(writer, incoming, user, lease):
                 return
             session = await self._adopt_session(incoming)
             zone = await self._zone_for(user, claims)
@@ -779,6 +833,9 @@ class MarketBroker(Broker):
         session.remote_port = incoming.remote_port
         session.clean_session = False
         session.parent = 1
+        if session.attributes.pop(_DISCONNECTED_AT, None) is not None and self.store is not None:
+            # In use again: a broker that stops without saying must not expire it from then.
+            await self._store_call("mark session connected", self.store.set_disconnected([client_id], None))
         return session
 
     async def _release(self, connection: _Connection) -> None:
@@ -795,17 +852,178 @@ class MarketBroker(Broker):
             connection.replay.cancel()
         self.limits.release(connection.lease)
         session = connection.session
-        if (
-            session.transitions.is_connected()
-            and self._sessions.get(client_id, (None, None))[1] is connection.handler
-        ):
+        registered = self._sessions.get(client_id, (None, None))[1] is connection.handler
+        if session.transitions.is_connected() and registered:
             session.transitions.disconnect()
+        left = registered and not session.clean_session and _DISCONNECTED_AT not in session.attributes
+        if left:
+            session.attributes[_DISCONNECTED_AT] = self._clock()  # its expiry counts from here
         with suppress(Exception):
             await connection.handler.stop()
         stored = self._sessions.get(client_id)
         if session.clean_session and stored is not None and stored[1] is connection.handler:
             await self._delete_session(client_id)
+        elif left and stored is not None and stored[0] is session:
+            # Saved with its disconnect time (unless evicted meanwhile), for a restarted broker.
+            await self._persist_session(session)
         connection.done.set()
+
+    async def _delete_session(self, client_id: str) -> None:
+        stored = self._sessions.get(client_id)
+        if stored is not None and not stored[0].clean_session:
+            owner = stored[0].attributes.get(_OWNER)
+            if isinstance(owner, str):
+                self._forget_session(owner, client_id)
+        await super()._delete_session(client_id)
+
+    # ------------------------------------------------------------------ session cap and expiry
+
+    async def _claim_session(self, writer: WriterAdapter, incoming: Session, user: str, lease: Lease) -> bool:
+        """Count a new persistent session of ``user`` against ``limits.max_sessions_per_user``.
+
+        A clean session, or resuming one of the user's own, never counts. At the cap the
+        user's longest-disconnected sessions are deleted to make room; if every one is in
+        use the CONNECT is refused (CONNACK 3, ``session_limit``), ``lease`` is given back
+        and the result is False. The client id counts from here, before its session exists,
+        so two CONNECTs of one user cannot both take the last place.
+        """
+        client_id = incoming.client_id
+        assert client_id is not None
+        if incoming.clean_session:
+            return True
+        held = self._held_sessions(user)
+        if self._is_persistent_of(user, client_id):
+            held.add(client_id)
+            return True
+        others = held - {client_id}  # (an id left by a CONNECT of it that failed is not counted twice)
+        room = make_room(self._session_times(others), self.bridge_config.limits.max_sessions_per_user)
+        if isinstance(room, SessionRefusal):
+            live = self._connections.get(client_id)
+            if live is not None:
+                live.lease = lease  # acquired as its replacement: it stays that connection's
+            else:
+                self.limits.release(lease)
+            await self._refuse(writer, SERVER_UNAVAILABLE, room.reason, f"{user!r}: {room.detail}")
+            return False
+        held.add(client_id)
+        held.difference_update(room)  # before any await: no other CONNECT picks them as well
+        for victim in room:
+            log.info("persistent session %s of %s deleted to make room for %s", victim, user, client_id)
+            await self._drop_session(victim)
+            self.stats.sessions_evicted += 1
+        return True
+
+    def _is_persistent_of(self, user: str, client_id: str) -> bool:
+        stored = self._sessions.get(client_id)
+        return stored is not None and not stored[0].clean_session and stored[0].attributes.get(_OWNER) == user
+
+    def _holds(self, user: str, client_id: str) -> bool:
+        """Whether ``client_id`` is a persistent session of ``user``, or is being connected."""
+        lock = self._client_locks.get(client_id)
+        return (lock is not None and lock.locked()) or self._is_persistent_of(user, client_id)
+
+    def _held_sessions(self, user: str) -> set[str]:
+        """``user``'s persistent sessions (and new ones being connected), stale entries dropped.
+
+        A session deleted by a path that does not say so (amqtt's own cleanup), or a CONNECT
+        that failed after :meth:`_claim_session`, leaves an id that is dropped here.
+        """
+        held = self._user_sessions.get(user)
+        if held is None:
+            held = self._user_sessions[user] = set()
+        held.difference_update([client_id for client_id in held if not self._holds(user, client_id)])
+        return held
+
+    def _forget_session(self, user: str, client_id: str) -> None:
+        held = self._user_sessions.get(user)
+        if held is not None:
+            held.discard(client_id)
+            if not held:
+                del self._user_sessions[user]
+
+    def _session_times(self, client_ids: set[str]) -> dict[str, float | None]:
+        """client id -> when it disconnected, None for one in use (connected or being connected)."""
+        times: dict[str, float | None] = {}
+        for client_id in client_ids:
+            stored = self._sessions.get(client_id)
+            lock = self._client_locks.get(client_id)
+            if (
+                stored is None
+                or stored[0].transitions.is_connected()
+                or client_id in self._connections
+                or (lock is not None and lock.locked())
+            ):
+                times[client_id] = None
+                continue
+            at = stored[0].attributes.get(_DISCONNECTED_AT)
+            if not isinstance(at, int | float):
+                at = stored[0].attributes[_DISCONNECTED_AT] = self._clock()
+            times[client_id] = at
+        return times
+
+    async def _drop_session(self, client_id: str) -> None:
+        """Delete a persistent session and its subscriptions, in memory and in the store."""
+        await self._delete_session(client_id)
+        if self.store is not None:
+            await self._store_call("delete session", self.store.delete_session(client_id))
+
+    async def expire_sessions(self) -> int:
+        """Delete the persistent sessions disconnected longer than ``broker.session_expiry_s``.
+
+        In memory and in the store; a user left with none loses their offline queue too (it
+        only waits to be replayed to a persistent session). Runs every min(60 s, expiry / 10)
+        by itself; callable at any time. Returns the number of sessions deleted.
+        """
+        now = self._clock()
+        expiry_s = self.bridge_config.broker.session_expiry_s
+        owners: dict[str, str] = {}
+        times: dict[str, float | None] = {}
+        for user in list(self._user_sessions):
+            for client_id, at in self._session_times(self._held_sessions(user)).items():
+                owners[client_id], times[client_id] = user, at
+        count = 0
+        for client_id in expired(times, now=now, expiry_s=expiry_s):
+            user = owners[client_id]
+            # Looked at again: a CONNECT may have resumed it while earlier ones were deleted.
+            if not self._holds(user, client_id) or not expired(
+                self._session_times({client_id}), now=now, expiry_s=expiry_s
+            ):
+                continue
+            # Free, so taken at once (no await between the check and here); a CONNECT of this
+            # client id waits until the session is gone and then starts afresh.
+            async with self._client_locks.setdefault(client_id, asyncio.Lock()):
+                log.info("persistent session %s of %s expired", client_id, user)
+                self._forget_session(user, client_id)
+                await self._drop_session(client_id)
+            self.stats.sessions_expired += 1
+            count += 1
+            if not self._held_sessions(user):
+                del self._user_sessions[user]
+                await self._purge_queue(user)
+        return count
+
+    async def _purge_queue(self, user: str) -> None:
+        """``user`` has no persistent session left: nothing will replay their queue."""
+        if self.store is None:
+            return
+        try:
+            purged = await self.store.purge_orphaned_queue(user)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store: could not purge the offline queue of %s: %s", user, exc)
+            return
+        self.stats.offline_purged += purged
+        if purged:
+            log.info("purged %d queued message(s) of %s: no persistent session left", purged, user)
+
+    async def _expire_sessions_periodically(self) -> None:
+        interval = min(60.0, self.bridge_config.broker.session_expiry_s / 10)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_sessions()
+            except Exception:
+                log.exception("session expiry sweep failed")
 
     # ------------------------------------------------------------------ inbound publishes
 
@@ -1141,7 +1359,13 @@ class MarketBroker(Broker):
         owner = session.attributes.get(_OWNER)
         if self.store is None or session.clean_session or not isinstance(owner, str) or not session.client_id:
             return
-        record = SessionRecord(session.client_id, owner, dict(self._granted_filters(session)))
+        at = session.attributes.get(_DISCONNECTED_AT)
+        record = SessionRecord(
+            session.client_id,
+            owner,
+            dict(self._granted_filters(session)),
+            disconnected_at=float(at) if isinstance(at, int | float) else None,
+        )
         await self._store_call("save session", self.store.save_session(record))
 
     async def _store_call(self, what: str, call: Awaitable[None]) -> None:

@@ -105,9 +105,16 @@ class _BrokerCollector(Collector):
             ("replayed", stats.offline_replayed),
             ("expired", stats.offline_expired),
             ("evicted", stats.offline_evicted),
+            ("purged", stats.offline_purged),
         ):
             offline.add_metric([outcome], count)
         yield offline
+        sessions = CounterMetricFamily(
+            "mb_sessions_deleted", "Persistent sessions deleted by reason", labels=["reason"]
+        )
+        sessions.add_metric(["evicted"], stats.sessions_evicted)
+        sessions.add_metric(["expired"], stats.sessions_expired)
+        yield sessions
         yield CounterMetricFamily("mb_store_errors", "Store operations that failed", value=stats.store_errors)
         yield CounterMetricFamily("mb_ticks_accepted", "Valid ticks accepted", value=stats.ticks_accepted)
         yield CounterMetricFamily(

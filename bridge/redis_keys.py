@@ -14,7 +14,8 @@ Key                             Type        Holds
 ``mb:q:{<user>}:sent``          hash        message id -> deliveries without an ack (absent: 0)
 ``mb:q:{<user>}:bytes``         string      payload bytes queued (integer; INCRBY/DECRBY)
 ``mb:session:{<client_id>}``    hash        ``owner`` -> user, ``subscriptions`` -> JSON
-                                            object ``{filter: qos}``
+                                            object ``{filter: qos}``, ``disconnected_at``
+                                            -> epoch seconds (absent while connected)
 ``mb:sessions``                 set         client ids of every persistent session
 ``mb:user:{<user>}:sessions``   set         client ids of the sessions ``user`` owns
 ``mb:snapshots``                hash        market topic -> ``b"<seq>:" + payload``

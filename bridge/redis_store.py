@@ -32,9 +32,12 @@ than it). If that cannot make room (the new message is of strictly lower priorit
 everything that would have to go, or its payload alone exceeds ``max_bytes``) nothing is
 removed and the result is ``EnqueueResult(stored=None, evicted=(<the new message, id "">,))``.
 
-Sessions: hash ``mb:session:{cid}`` (``owner``, ``subscriptions`` as JSON), the set index
-``mb:sessions`` and ``mb:user:{user}:sessions``, changed together in MULTI/EXEC (WATCHing the
-session to find a previous owner). Snapshots: hash topic -> ``b"<seq>:" + payload``. Time
+Sessions: hash ``mb:session:{cid}`` (``owner``, ``subscriptions`` as JSON, and
+``disconnected_at`` unless connected), the set index ``mb:sessions`` and
+``mb:user:{user}:sessions``, changed together in MULTI/EXEC (WATCHing the session to find a
+previous owner). ``disconnected_at`` alone is set by a one-key script per session (never
+creating a half session). Purging a user's queue once they own no session is one script
+over their queue keys and ``mb:user:{user}:sessions``, which share the user's hash slot. Snapshots: hash topic -> ``b"<seq>:" + payload``. Time
 zones: hash user -> zone.
 
 Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
@@ -221,6 +224,27 @@ return 0
 )
 
 
+# KEYS: queue keys (bridge.redis_keys.queue_keys), then the user's sessions set.
+# Deletes the queue unless the user owns a session; returns the number of messages removed.
+_PURGE_ORPHANED = """
+if redis.call('SCARD', KEYS[6]) > 0 then return 0 end
+local count = redis.call('ZCARD', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+return count
+"""
+
+# KEYS: one session hash. ARGV: disconnected_at ('' clears it). 1 if the session exists.
+_SET_DISCONNECTED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == '' then
+  redis.call('HDEL', KEYS[1], 'disconnected_at')
+else
+  redis.call('HSET', KEYS[1], 'disconnected_at', ARGV[1])
+end
+return 1
+"""
+
+
 def _encode(message: NewMessage, *, created_at: float, expires_at: float) -> bytes:
     topic = message.topic.encode()
     header = (
@@ -271,6 +295,8 @@ class RedisStore:
         self._pending = client.register_script(_PENDING)
         self._ack = client.register_script(_ACK)
         self._mark_sent = client.register_script(_MARK_SENT)
+        self._purge_orphaned = client.register_script(_PURGE_ORPHANED)
+        self._set_disconnected = client.register_script(_SET_DISCONNECTED)
 
     @classmethod
     async def open(cls, url: str, limits: QueueLimits | None = None) -> RedisStore:
@@ -379,6 +405,11 @@ class RedisStore:
                 count, total = await pipe.execute()
         return int(count), int(total or 0)
 
+    async def purge_orphaned_queue(self, user: str) -> int:
+        with self._errors("purge_orphaned_queue"):
+            keys_ = [*keys.queue_keys(user), keys.user_sessions(user)]
+            return int(await self._purge_orphaned(keys=keys_))
+
     # -- sessions ---------------------------------------------------------------------------
 
     async def save_session(self, record: SessionRecord) -> None:
@@ -396,6 +427,10 @@ class RedisStore:
                     "subscriptions": json.dumps(record.subscriptions, sort_keys=True),
                 },
             )
+            if record.disconnected_at is None:
+                pipe.hdel(key, "disconnected_at")
+            else:
+                pipe.hset(key, "disconnected_at", repr(record.disconnected_at))
             pipe.sadd(keys.sessions_index(), record.client_id)
             pipe.sadd(keys.user_sessions(record.owner), record.client_id)
 
@@ -416,6 +451,17 @@ class RedisStore:
         with self._errors("delete_session"):
             await self._redis.transaction(delete, key)
 
+    async def set_disconnected(self, client_ids: Collection[str], at: float | None) -> None:
+        if not client_ids:
+            return
+        value = "" if at is None else repr(at)
+        with self._errors("set_disconnected"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for client_id in client_ids:
+                    # Queued on the pipeline (which loads the script first if Redis lacks it).
+                    await self._set_disconnected(keys=[keys.session(client_id)], args=[value], client=pipe)
+                await pipe.execute()
+
     async def _sessions(self, index_key: str, owner: str | None) -> list[SessionRecord]:
         client_ids = sorted(_text(member) for member in await self._redis.smembers(index_key))
         if not client_ids:
@@ -434,6 +480,7 @@ class RedisStore:
                 subscriptions={
                     str(k): int(v) for k, v in json.loads(row.get(b"subscriptions", b"{}")).items()
                 },
+                disconnected_at=float(row[b"disconnected_at"]) if b"disconnected_at" in row else None,
             )
             if owner is None or record.owner == owner:
                 records.append(record)

@@ -14,7 +14,8 @@ writes, migrations in :data:`_MIGRATIONS` run in order on open):
   order (never reused) and, as a decimal string, the message id.
 - ``queue_totals``: (messages, bytes) per user, kept by triggers on ``messages`` so
   :meth:`SqliteStore.queue_size` and the overflow check need no scan.
-- ``sessions``, ``snapshots``, ``user_tz``.
+- ``sessions`` (``disconnected_at`` NULL while connected; added in version 2),
+  ``snapshots``, ``user_tz``.
 
 All SQL of the SQLite store lives in this module.
 """
@@ -104,10 +105,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE TABLE user_tz (user TEXT PRIMARY KEY, tz TEXT NOT NULL)",
     ),
+    ("ALTER TABLE sessions ADD COLUMN disconnected_at REAL",),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 _MESSAGE_COLUMNS: Final = "id, user, topic, payload, priority, qos, created_at, expires_at, sent"
+_SESSION_COLUMNS: Final = "client_id, owner, subscriptions, disconnected_at"
 
 # Insert the new message only if the queue has room for it (check and insert are one
 # statement, so atomic). ?1 user ?2 topic ?3 payload ?4 priority ?5 qos ?6 created_at
@@ -396,27 +399,48 @@ class SqliteStore:
     async def save_session(self, record: SessionRecord) -> None:
         async with self._locked("save_session") as db:
             await db.execute(
-                "INSERT INTO sessions (client_id, owner, subscriptions) VALUES (?, ?, ?)"
+                "INSERT INTO sessions (client_id, owner, subscriptions, disconnected_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (client_id) DO UPDATE"
-                " SET owner = excluded.owner, subscriptions = excluded.subscriptions",
-                (record.client_id, record.owner, json.dumps(record.subscriptions, sort_keys=True)),
+                " SET owner = excluded.owner, subscriptions = excluded.subscriptions,"
+                " disconnected_at = excluded.disconnected_at",
+                (
+                    record.client_id,
+                    record.owner,
+                    json.dumps(record.subscriptions, sort_keys=True),
+                    record.disconnected_at,
+                ),
             )
 
     async def delete_session(self, client_id: str) -> None:
         async with self._locked("delete_session") as db:
             await db.execute("DELETE FROM sessions WHERE client_id = ?", (client_id,))
 
+    async def set_disconnected(self, client_ids: Collection[str], at: float | None) -> None:
+        if not client_ids:
+            return
+        async with self._locked("set_disconnected") as db:
+            await db.execute(
+                "UPDATE sessions SET disconnected_at = ? WHERE client_id IN (SELECT value FROM json_each(?))",
+                (at, json.dumps(list(client_ids))),
+            )
+
+    async def purge_orphaned_queue(self, user: str) -> int:
+        async with self._locked("purge_orphaned_queue") as db:
+            return await _changes(
+                db,
+                "DELETE FROM messages WHERE user = ?1 AND NOT EXISTS (SELECT 1 FROM sessions WHERE owner = ?1)",
+                (user,),
+            )
+
     async def load_sessions(self) -> list[SessionRecord]:
         async with self._locked("load_sessions") as db:
-            rows = await db.execute_fetchall(
-                "SELECT client_id, owner, subscriptions FROM sessions ORDER BY client_id"
-            )
+            rows = await db.execute_fetchall(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY client_id")
         return [_session(row) for row in rows]
 
     async def user_sessions(self, user: str) -> list[SessionRecord]:
         async with self._locked("user_sessions") as db:
             rows = await db.execute_fetchall(
-                "SELECT client_id, owner, subscriptions FROM sessions WHERE owner = ? ORDER BY client_id",
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = ? ORDER BY client_id",
                 (user,),
             )
         return [_session(row) for row in rows]
@@ -506,4 +530,5 @@ def _session(row: Sequence[Any]) -> SessionRecord:
         client_id=row[0],
         owner=row[1],
         subscriptions={str(k): int(v) for k, v in subscriptions.items()},
+        disconnected_at=None if row[3] is None else float(row[3]),
     )

@@ -92,6 +92,9 @@ class BrokerStats:
     offline_replayed: int = 0
     offline_expired: int = 0
     offline_evicted: int = 0
+    offline_purged: int = 0  # queued for a user whose last persistent session went
+    sessions_evicted: int = 0  # replaced by a newer one of their user (limits.max_sessions_per_user)
+    sessions_expired: int = 0  # disconnected longer than broker.session_expiry_s
     store_errors: int = 0
     tz_rewrites: int = 0  # one per (message, zone): shared by every subscriber in the zone
     tz_passthrough: int = 0

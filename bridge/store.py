@@ -19,6 +19,11 @@ Offline queue semantics (both stores):
   :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
 - Every multi-key change is atomic: a crash never leaves half a message.
 
+Persistent sessions (both stores): a :class:`SessionRecord` per client id, with the time
+it was last disconnected (None while connected) so expiry survives a restart. A user's
+offline queue exists only to be replayed to one of their persistent sessions:
+:meth:`OfflineStore.purge_orphaned_queue` removes it once they own none.
+
 All times are epoch seconds passed in by the caller (no clock inside the store).
 """
 
@@ -103,11 +108,16 @@ class Pending:
 
 @dataclass(frozen=True)
 class SessionRecord:
-    """A persistent session: who owns the client id and what it subscribed to (filter -> QoS)."""
+    """A persistent session: who owns the client id and what it subscribed to (filter -> QoS).
+
+    ``disconnected_at`` is when its last connection ended (epoch seconds), None while one is
+    open (or when a broker stopped without saying).
+    """
 
     client_id: str
     owner: str
     subscriptions: dict[str, int] = field(default_factory=dict)
+    disconnected_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,16 @@ class OfflineStore(Protocol):
     async def save_session(self, record: SessionRecord) -> None: ...
 
     async def delete_session(self, client_id: str) -> None: ...
+
+    async def set_disconnected(self, client_ids: Collection[str], at: float | None) -> None:
+        """Set (with None: clear) ``disconnected_at`` of those of these sessions that exist.
+
+        Never creates a session; ids with no saved session are ignored.
+        """
+
+    async def purge_orphaned_queue(self, user: str) -> int:
+        """Remove ``user``'s whole offline queue if they own no saved session; atomic with that
+        check. The number of messages removed (0 when they still own a session)."""
 
     async def load_sessions(self) -> list[SessionRecord]: ...
 

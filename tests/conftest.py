@@ -284,6 +284,7 @@ class Client:
         self.port = port
         self.messages: queue.Queue[Received] = queue.Queue()
         self.connack: queue.Queue[int] = queue.Queue()
+        self.session_present: bool | None = None  # from the last CONNACK
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.disconnected = threading.Event()
         self.messages_arrived = threading.Event()
@@ -308,7 +309,8 @@ class Client:
     def paho(self) -> mqtt.Client:
         return self._mqtt
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, rc: ReasonCode, _p: Properties | None) -> None:
+        self.session_present = bool(flags.session_present)
         # paho 2.x reports MQTT 5 reason codes even for 3.1.1; map back to the CONNACK byte.
         self.connack.put(_V311_CONNACK.get(rc.value, rc.value))
 

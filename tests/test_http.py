@@ -114,6 +114,12 @@ def test_metrics_change_as_traffic_flows(
     assert _metric(after, "mb_refusals_total", reason="malformed") == 1
     assert _metric(after, "mb_fanout_seconds_count") >= 1
     assert "mb_event_loop_lag_seconds_bucket" in after
+    for sample in (
+        'mb_sessions_deleted_total{reason="evicted"} 0.0',
+        'mb_sessions_deleted_total{reason="expired"} 0.0',
+        'mb_offline_total{outcome="purged"} 0.0',
+    ):
+        assert sample in after
 
 
 @pytest.mark.parametrize(

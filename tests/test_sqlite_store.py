@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sqlite_store import SCHEMA_VERSION, SqliteStore
-from bridge.store import NewMessage, Priority, QueueLimits, Snapshot, StoreError
+from bridge.sqlite_store import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from bridge.store import NewMessage, Priority, QueueLimits, SessionRecord, Snapshot, StoreError
 
 LIMITS = QueueLimits(max_messages=50, max_bytes=64 * 1024)
 
@@ -62,6 +62,27 @@ async def test_reopen_does_not_migrate_again(tmp_path: Path) -> None:
         await store.close()
     assert raw(path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
     assert raw(path, "SELECT COUNT(*) FROM messages") == [(3,)]
+
+
+async def test_version_1_file_gains_session_disconnect_times(tmp_path: Path) -> None:
+    """A file written before sessions had ``disconnected_at`` opens with it unknown (NULL)."""
+    path = tmp_path / "v1.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in _MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute("INSERT INTO sessions VALUES ('phone', 'ann', '{\"a/#\": 1}')")
+    store = await SqliteStore.open(path, LIMITS)
+    try:
+        assert await store.load_sessions() == [
+            SessionRecord("phone", "ann", {"a/#": 1}, disconnected_at=None)
+        ]
+        await store.set_disconnected(["phone"], 12.5)
+        assert (await store.user_sessions("ann"))[0].disconnected_at == 12.5
+    finally:
+        await store.close()
+    assert raw(path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

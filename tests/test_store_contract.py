@@ -465,6 +465,64 @@ async def test_sessions(store: OfflineStore) -> None:
     assert sorted(await store.load_sessions(), key=key) == sorted([a1_new, b1], key=key)
 
 
+async def test_session_disconnect_time_is_saved_and_set_alone(store: OfflineStore) -> None:
+    owner = unique("alice")
+    gone_at = 1_733_000_123.456789  # not a round number: must come back exactly
+    phone = SessionRecord(unique("cid"), owner, {"market/#": 1}, disconnected_at=gone_at)
+    tablet = SessionRecord(unique("cid"), owner, {}, disconnected_at=None)
+    await store.save_session(phone)
+    await store.save_session(tablet)
+    key = attrgetter("client_id")
+    assert sorted(await store.user_sessions(owner), key=key) == sorted([phone, tablet], key=key)
+
+    # Saving while connected clears it.
+    await store.save_session(replace(phone, disconnected_at=None))
+    assert replace(phone, disconnected_at=None) in await store.load_sessions()
+
+    # set_disconnected changes only that field, of sessions that exist, and creates none.
+    never_saved = unique("never-saved")
+    await store.set_disconnected([phone.client_id, tablet.client_id, never_saved], NOW + 5)
+    assert sorted(await store.user_sessions(owner), key=key) == sorted(
+        [replace(phone, disconnected_at=NOW + 5), replace(tablet, disconnected_at=NOW + 5)], key=key
+    )
+    assert never_saved not in {r.client_id for r in await store.load_sessions()}
+    await store.set_disconnected([tablet.client_id], None)
+    await store.set_disconnected([], NOW + 99)
+    assert sorted(await store.user_sessions(owner), key=key) == sorted(
+        [replace(phone, disconnected_at=NOW + 5), tablet], key=key
+    )
+    await store.delete_session(phone.client_id)
+    await store.set_disconnected([phone.client_id], NOW + 7)  # deleted: stays deleted
+    assert await store.user_sessions(owner) == [tablet]
+
+
+async def test_orphaned_queue_is_purged_only_once_its_user_owns_no_session(store: OfflineStore) -> None:
+    alice, bob = unique("alice"), unique("bob")
+    for tag in ("a", "b", "c"):
+        await stored(store, alice, msg(tag, size=10))
+    kept = await stored(store, bob, msg("bob's", size=5))
+    phone = SessionRecord(unique("cid"), alice, {"user/#": 1}, disconnected_at=NOW)
+    await store.save_session(phone)
+    # Somebody else's session does not keep Alice's queue, nor does Alice's keep Bob's.
+    await store.save_session(SessionRecord(unique("cid"), unique("carol"), {}))
+
+    assert await store.purge_orphaned_queue(alice) == 0
+    assert await store.queue_size(alice) == (3, 30)
+
+    await store.delete_session(phone.client_id)
+    assert await store.purge_orphaned_queue(alice) == 3
+    assert await store.queue_size(alice) == (0, 0)
+    assert (await store.pending(alice, now=NOW, limit=10)).messages == ()
+    assert await store.purge_orphaned_queue(alice) == 0
+    assert await store.purge_orphaned_queue(unique("nobody")) == 0
+    assert (await store.pending(bob, now=NOW, limit=10)).messages == (kept,)
+    assert await store.purge_orphaned_queue(bob) == 1
+    # The queue works as new afterwards (its counters were removed with it).
+    again = await stored(store, alice, msg("again", size=8))
+    assert await store.queue_size(alice) == (1, 8)
+    assert (await store.pending(alice, now=NOW, limit=10)).messages == (again,)
+
+
 async def test_snapshots_upsert_keeps_the_latest(store: OfflineStore) -> None:
     btc, eth = unique("market/luno/BTC-ZAR"), unique("market/valr/ETH-ZAR")
     assert await store.load_snapshots() == []
@@ -503,7 +561,9 @@ async def test_everything_survives_reopen(store: OfflineStore, backend: Backend)
     acked = await stored(store, user, msg("acked", H))
     await store.mark_sent(user, [low.id])
     assert await store.ack(user, acked.id)
-    session = SessionRecord(client_id=unique("cid"), owner=user, subscriptions={"market/#": 1})
+    session = SessionRecord(
+        client_id=unique("cid"), owner=user, subscriptions={"market/#": 1}, disconnected_at=NOW - 60
+    )
     await store.save_session(session)
     snapshot = Snapshot(unique("market/x"), b"tick", 42)
     await store.save_snapshots([snapshot])
