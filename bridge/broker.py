@@ -66,6 +66,8 @@ from bridge.handler import MarketProtocolHandler
 from bridge.keys import load_keyring
 from bridge.lean import LeanEvent
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal, LocalConnectionLimits
+from bridge.logs import CLIENT, HandshakeLog, clip
+from bridge.logs import flush as flush_logs
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
@@ -265,6 +267,7 @@ class MarketBroker(Broker):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self._close_store()
+        flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
     async def drain(self, timeout_s: float) -> None:
         """First half of a graceful stop: refuse new clients, let in-flight deliveries finish.
@@ -354,6 +357,7 @@ class MarketBroker(Broker):
         while True:
             await asyncio.sleep(0.05)
             self._batcher.drain_backlog()
+            flush_logs()  # rate-limit summaries come out when a flood stops (cheap: 1/s)
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         session = MarketSession()
@@ -394,6 +398,7 @@ class MarketBroker(Broker):
                     max_size=listener.max_message_bytes,
                     ping_interval=listener.ping_interval_s,
                     process_request=_only_path(listener.path),
+                    logger=HandshakeLog(log, name),  # a junk handshake: one line, no traceback
                 )
             return await asyncio.start_server(
                 partial(self.stream_connected, listener_name=name),
@@ -438,17 +443,23 @@ class MarketBroker(Broker):
             )
         except TimeoutError:
             self.stats.connect_timeouts += 1
-            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout)
+            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout, extra=CLIENT)
             return
         except Exception as exc:
             # Malformed CONNECT, bad UTF-8, unsupported protocol: close ([MQTT-4.8.0-1]).
-            log.info("bad CONNECT from %s on %s: %s", peer, listener_name, exc or type(exc).__name__)
+            log.info(
+                "bad CONNECT from %s on %s: %s",
+                peer,
+                listener_name,
+                clip(exc or type(exc).__name__, 200),
+                extra=CLIENT,
+            )
             return
         assert isinstance(handler, MarketProtocolHandler)
         if _undecodable(incoming.client_id) or _undecodable(incoming.username):
             # [MQTT-1.5.3-1]: ill-formed UTF-8 closes the connection, no CONNACK.
             self.stats.refusals["bad_utf8"] += 1
-            log.info("closing connection from %s: client id or username is not UTF-8", peer)
+            log.info("closing connection from %s: client id or username is not UTF-8", peer, extra=CLIENT)
             return
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
@@ -464,7 +475,7 @@ class MarketBroker(Broker):
             reason = decision.reason if isinstance(decision, AuthError) else "not_authorized"
             detail = decision.detail if isinstance(decision, AuthError) else "refused by auth plugin"
             code = BAD_USERNAME_PASSWORD if reason == "missing_token" else NOT_AUTHORIZED
-            await self._refuse(writer, code, reason, f"client {client_id!r} from {peer}: {detail}")
+            await self._refuse(writer, code, reason, f"client {clip(client_id)} from {peer}: {detail}")
             return
         claims = decision if isinstance(decision, Claims) else None
         user = claims.sub if claims is not None else (incoming.username or client_id)
@@ -474,13 +485,16 @@ class MarketBroker(Broker):
             owner = self._owner_of(client_id)
             if owner is not None and owner != user:
                 await self._refuse(
-                    writer, NOT_AUTHORIZED, "client_id_owned", f"{user!r} may not use client id {client_id!r}"
+                    writer,
+                    NOT_AUTHORIZED,
+                    "client_id_owned",
+                    f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
             live = self._connections.get(client_id)
             lease = self.limits.acquire(user, replacing=live.lease if live is not None else None)
             if isinstance(lease, LimitRefusal):
-                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{user!r}: {lease.detail}")
+                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{clip(user)}: {lease.detail}")
                 return
             session = await self._adopt_session(incoming)
             acl = acl_for(claims) if claims is not None else ALLOW_ALL
@@ -538,7 +552,9 @@ class MarketBroker(Broker):
                 self.stats.keepalive_timeouts += 1
             elif handler.end_reason == "token_expired":
                 self.stats.token_expiries += 1
-            log.info("disconnected %s (user %s): %s", client_id, user, handler.end_reason or "closed")
+            log.info(
+                "disconnected %s (user %s): %s", clip(client_id), clip(user), handler.end_reason or "closed"
+            )
             await self._release(connection)
 
     def _client_message_loop(
@@ -551,7 +567,7 @@ class MarketBroker(Broker):
     async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None:
         """CONNACK with a refusal code at once (never a hanging client), counted and logged."""
         self.stats.refusals[reason] += 1
-        log.info("refused (%s): %s", reason, detail)
+        log.info("refused (%s): %s", reason, detail, extra=CLIENT)
         with suppress(Exception):
             await ConnackPacket.build(0, code).to_stream(writer)
 
@@ -564,7 +580,7 @@ class MarketBroker(Broker):
             try:
                 override = await self.store.get_user_tz(user)
             except StoreError as exc:
-                log.warning("time zone override for %s unavailable (%s): using the token's", user, exc)
+                log.warning("time zone override for %s unavailable (%s): using the token's", clip(user), exc)
         return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -648,8 +664,8 @@ class MarketBroker(Broker):
             if not acl.may_subscribe(topic_filter):
                 log.info(
                     "dropping %s's subscription %s: not allowed by the new token",
-                    session.client_id,
-                    topic_filter,
+                    clip(session.client_id),
+                    clip(topic_filter),
                 )
                 self._del_subscription(topic_filter, session)
 
@@ -662,12 +678,12 @@ class MarketBroker(Broker):
         assert client_id is not None
         live = self._connections.get(client_id)
         if live is not None:
-            log.info("client %s connected again: taking over its connection", client_id)
+            log.info("client %s connected again: taking over its connection", clip(client_id))
             await live.handler.handle_connection_closed()
             try:
                 await asyncio.wait_for(live.done.wait(), self.bridge_config.broker.takeover_timeout_s)
             except TimeoutError:
-                log.warning("old connection of %s did not finish in time", client_id)
+                log.warning("old connection of %s did not finish in time", clip(client_id))
                 await self._release(live)
         if incoming.clean_session:
             previous = self._sessions.get(client_id)
@@ -736,7 +752,12 @@ class MarketBroker(Broker):
         except StoreError as exc:
             accepted = False
             self.stats.publishes_dropped["store_unavailable"] += 1
-            log.error("could not take %s's message on %s: %s", client_session.client_id, message.topic, exc)
+            log.error(
+                "could not take %s's message on %s: %s",
+                clip(client_session.client_id),
+                clip(message.topic),
+                exc,
+            )
             return True
         finally:
             if isinstance(handler, MarketProtocolHandler):
@@ -747,12 +768,19 @@ class MarketBroker(Broker):
         self.stats.messages_in[topic_class(topic or "")] += 1
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
-            log.info("client %s published to invalid topic %r: closing", client_session.client_id, topic)
+            log.info(
+                "client %s published to invalid topic %s: closing",
+                clip(client_session.client_id),
+                clip(topic),
+                extra=CLIENT,
+            )
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
         if not session_acl(client_session).may_publish(topic):
             self.stats.publishes_dropped["acl"] += 1
-            log.info("client %s may not publish to %s", client_session.client_id, topic)
+            log.info(
+                "client %s may not publish to %s", clip(client_session.client_id), clip(topic), extra=CLIENT
+            )
             return True
         data = bytes(message.data or b"")
         if topic.startswith(MARKET_PREFIX):
@@ -760,7 +788,13 @@ class MarketBroker(Broker):
                 tick = Tick.decode(data, topic=topic)
             except TickError as exc:
                 self.stats.ticks_rejected[exc.reason] += 1
-                log.warning("dropped tick from %s on %s: %s", client_session.client_id, topic, exc)
+                log.warning(
+                    "dropped tick from %s on %s: %s",
+                    clip(client_session.client_id),
+                    clip(topic),
+                    clip(exc, 200),
+                    extra=CLIENT,
+                )
                 return True
             await self.publish_tick(tick, qos=message.qos or QOS_0)
             return True
@@ -778,7 +812,13 @@ class MarketBroker(Broker):
             envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
         except MessageError as exc:
             self.stats.publishes_dropped[exc.reason] += 1
-            log.warning("dropped message from %s on %s: %s", sender.client_id, topic, exc)
+            log.warning(
+                "dropped message from %s on %s: %s",
+                clip(sender.client_id),
+                clip(topic),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return
         user = topic.split("/", 2)[1]
         result = await self.send_to_user(
@@ -849,7 +889,9 @@ class MarketBroker(Broker):
             self.stats.offline_stored += result.stored is not None
             self.stats.offline_evicted += len(result.evicted)
             if result.evicted:
-                log.warning("queue of %s full: evicted %d message(s)", user, len(result.evicted))
+                log.warning(
+                    "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
+                )
             self._deliver_live(live, full, payload, min(qos, QOS_1), None)
             return SendResult(len(live), result.stored, result.evicted)
         if not live:
@@ -925,7 +967,7 @@ class MarketBroker(Broker):
     async def _requeue(self, requeue: tuple[str, NewMessage] | None, topic: str, failure: str) -> None:
         """A live delivery to a persistent session was not acknowledged: keep it for next time."""
         if requeue is None or self.store is None:
-            log.info("delivery on %s failed: %s", topic, failure)
+            log.info("delivery on %s failed: %s", clip(topic), clip(failure, 200), extra=CLIENT)
             return
         user, message = requeue
         try:
@@ -933,7 +975,13 @@ class MarketBroker(Broker):
             self.stats.offline_stored += 1
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("lost a message for %s on %s: delivery failed (%s) and %s", user, topic, failure, exc)
+            log.error(
+                "lost a message for %s on %s: delivery failed (%s) and %s",
+                clip(user),
+                clip(topic),
+                clip(failure, 200),
+                exc,
+            )
 
     async def _replay_offline(self, connection: _Connection) -> None:
         assert self.store is not None
@@ -956,7 +1004,7 @@ class MarketBroker(Broker):
                 clock=self._clock,
             )
         except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", connection.user, exc)
+            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
             return
         self.stats.offline_replayed += result.replayed
         self.stats.offline_expired += result.expired
@@ -964,7 +1012,7 @@ class MarketBroker(Broker):
             log.info(
                 "replayed %d offline message(s) to %s in %.3fs (%d expired)",
                 result.replayed,
-                connection.client_id,
+                clip(connection.client_id),
                 self._clock() - started,
                 result.expired,
             )
@@ -984,7 +1032,12 @@ class MarketBroker(Broker):
         try:
             await handler._handle_message_flow(outgoing)
         except Exception as exc:
-            log.info("offline message to %s not acknowledged: %s", session.client_id, exc)
+            log.info(
+                "offline message to %s not acknowledged: %s",
+                clip(session.client_id),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return False
         return True
 
@@ -1113,18 +1166,29 @@ class MarketBroker(Broker):
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
         self.stats.messages_in["market"] += 1
         if not is_valid_topic(topic):
-            log.info("client %s published to invalid topic %r: closing", session.client_id, topic)
+            log.info(
+                "client %s published to invalid topic %s: closing",
+                clip(session.client_id),
+                clip(topic),
+                extra=CLIENT,
+            )
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
         if not session_acl(session).may_publish(topic):
             self.stats.publishes_dropped["acl"] += 1
-            log.info("client %s may not publish to %s", session.client_id, topic)
+            log.info("client %s may not publish to %s", clip(session.client_id), clip(topic), extra=CLIENT)
             return True
         try:
             tick = Tick.decode(payload, topic=topic)
         except TickError as exc:
             self.stats.ticks_rejected[exc.reason] += 1
-            log.warning("dropped tick from %s on %s: %s", session.client_id, topic, exc)
+            log.warning(
+                "dropped tick from %s on %s: %s",
+                clip(session.client_id),
+                clip(topic),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return True
         self._publish_tick_now(tick, qos)
         return True
@@ -1152,7 +1216,9 @@ class MarketBroker(Broker):
         if is_valid_filter(topic_filter) and not session_acl(session).may_subscribe(topic_filter):
             # Denied for this filter only; the rest of the SUBSCRIBE goes on.
             self.stats.subscribes_denied += 1
-            log.info("client %s may not subscribe to %s", session.client_id, topic_filter)
+            log.info(
+                "client %s may not subscribe to %s", clip(session.client_id), clip(topic_filter), extra=CLIENT
+            )
             return _SUBACK_FAILURE
         granted = await super().add_subscription(subscription, session)
         self._fanout.invalidate()
@@ -1222,7 +1288,12 @@ class MarketBroker(Broker):
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
-                log.info("retained delivery to %s failed: %s", session.client_id, result)
+                log.info(
+                    "retained delivery to %s failed: %s",
+                    clip(session.client_id),
+                    clip(result, 200),
+                    extra=CLIENT,
+                )
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
@@ -1336,7 +1407,12 @@ class MarketBroker(Broker):
                 sends.append(handler.mqtt_publish(message.topic, data, message.qos, retain=False))
         for result in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(result, BaseException):
-                log.info("offline replay to %s failed: %s", session.client_id, result)
+                log.info(
+                    "offline replay to %s failed: %s",
+                    clip(session.client_id),
+                    clip(result, 200),
+                    extra=CLIENT,
+                )
 
     def _queue_offline(self, session: Session, topic: str, data: bytes | bytearray, qos: int) -> None:
         queue = session.retained_messages
@@ -1344,7 +1420,12 @@ class MarketBroker(Broker):
         while queue.qsize() >= limit and not queue.empty():
             queue.get_nowait()
             self.stats.offline_dropped += 1
-            log.warning("offline queue of %s full (%d): dropped its oldest message", session.client_id, limit)
+            log.warning(
+                "offline queue of %s full (%d): dropped its oldest message",
+                clip(session.client_id),
+                limit,
+                extra=CLIENT,
+            )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
 
@@ -1352,7 +1433,7 @@ class MarketBroker(Broker):
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
     # Not inlined in _serve: logging materializes its caller's frame object, and for a
     # coroutine that then waits out the whole connection that object lives as long (~270 B).
-    log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
+    log.info("connected %s (user %s) from %s on %s", clip(client_id), clip(user), peer, listener_name)
 
 
 def _undecodable(text: str | None) -> bool:

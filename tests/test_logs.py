@@ -1,33 +1,55 @@
-"""bridge.logs: escaping, caps and the client-fault rate limit, table-driven on an injected clock."""
+"""bridge.logs: escaping, caps, the client-fault rate limit, and what a real broker writes under attack.
+
+The pure parts run table-driven on an injected clock. The integration tests put the handler
+``setup_logging`` installs (formatter and rate limit, on a fake clock) on the root logger of
+a real broker, attack it over TCP and WebSocket, and read what was written.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import socket
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.asyncio.server import Server as WebSocketServer
 from websockets.exceptions import InvalidMessage
+from websockets.sync.client import connect as ws_connect
 
+from bridge.auth import Role
+from bridge.config import LoggingConfig
 from bridge.logs import (
     CLIENT,
     MAX_MESSAGE_CHARS,
+    QUIET_LOGGERS,
     HandshakeLog,
     JsonFormatter,
     PlainFormatter,
     RateLimitFilter,
     clip,
     flush,
+    log_handler,
     safe_message,
 )
 from tests.conftest import (
     DEADLINE_S,
+    BrokerThread,
+    Client,
+    Transport,
+    _mqtt_str,
+    _packet,
+    authed_connect,
     unique,
+    wait_until,
 )
 
 # Anything that would break or rewrite a line: what must never reach the output raw.
@@ -446,3 +468,215 @@ def test_handshake_log_keeps_the_traceback_of_our_own_bug(caplog: pytest.LogCapt
     )
     assert line.exc_info is not None
     assert line.__dict__["websocket"].remote_address == ("192.0.2.7", 40000)  # websockets' extra kept
+
+
+# --- a real broker under attack --------------------------------------------------------------------
+
+
+class Output:
+    """What the installed handler wrote, on a fake clock the test moves."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.stream = io.StringIO()
+        self.handler = log_handler(LoggingConfig(), stream=self.stream, clock=self.clock)
+
+    @property
+    def text(self) -> str:
+        with self.handler.lock or threading.Lock():
+            return self.stream.getvalue()
+
+    def lines(self, containing: str = "") -> list[str]:
+        return [line for line in self.text.splitlines() if containing in line]
+
+    def summaries(self, template: str) -> list[int]:
+        found = re.findall(
+            rf"suppressed ([\d,]+) similar messages in 10s: '{re.escape(template)}'", self.text
+        )
+        return [int(count.replace(",", "")) for count in found]
+
+
+@pytest.fixture
+def output(caplog: pytest.LogCaptureFixture) -> Iterator[Output]:
+    """The handler setup_logging installs, on the root logger at INFO, third parties at WARNING."""
+    caplog.set_level(logging.INFO)
+    for name in QUIET_LOGGERS:
+        caplog.set_level(logging.WARNING, logger=name)
+    out = Output()
+    root = logging.getLogger()
+    root.addHandler(out.handler)
+    try:
+        yield out
+    finally:
+        root.removeHandler(out.handler)
+
+
+def assert_one_line_per_record(out: Output) -> None:
+    text = out.text
+    assert not RAW_CONTROL.search(text), [line for line in text.splitlines() if RAW_CONTROL.search(line)]
+    for line in text.splitlines():
+        assert LINE_START.match(line), f"not a record of its own: {line!r}"
+
+
+EVIL_ID = "evil\r\n2026-01-01 00:00:00,000 INFO    bridge.broker: connected admin\x1b[31m\u2028\u202e"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+def test_control_characters_in_client_ids_are_escaped(
+    broker: BrokerThread, clients: Callable[..., Client], output: Output, transport: Transport
+) -> None:
+    user = unique("user")
+    client = clients(broker.port(transport), transport=transport, client_id=EVIL_ID, username=user)
+    client.connect()
+    client.close()
+    refused = clients(
+        broker.port(transport),
+        transport=transport,
+        client_id=EVIL_ID + "2",
+        username=user,
+        password="not-a-jwt",
+    )
+    refused.connect(expect=5)
+    wait_until(lambda: bool(output.lines("disconnected")), what="the disconnect line")
+
+    assert_one_line_per_record(output)
+    escaped = clip(EVIL_ID)
+    assert escaped.startswith("'evil\\r\\n2026-01-01")
+    assert output.lines(f"connected {escaped} (user {user}) from ")
+    assert output.lines(f"disconnected {escaped} (user {user})")
+    assert output.lines(f"refused (malformed): client {clip(EVIL_ID + '2')} from ")
+
+
+def flood_socket(port: int, transport: Transport, client_id: str, role: Role) -> Callable[[bytes], None]:
+    """A connected MQTT client below paho; returns how to send one packet."""
+    if transport == "tcp":
+        sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+        sock.sendall(authed_connect(client_id, role=role))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        return sock.sendall
+    ws = ws_connect(
+        f"ws://127.0.0.1:{port}/mqtt",
+        subprotocols=["mqtt"],  # type: ignore[list-item]
+        compression=None,
+        open_timeout=DEADLINE_S,
+    )
+    ws.send(authed_connect(client_id, role=role))
+    assert ws.recv(DEADLINE_S) == b"\x20\x02\x00\x00"
+    return ws.send
+
+
+def publish_qos0(topic: str, payload: bytes) -> bytes:
+    return _packet(0x30, _mqtt_str(topic.encode()) + payload)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+def test_forbidden_publish_flood_writes_a_few_lines(
+    broker: BrokerThread, output: Output, transport: Transport
+) -> None:
+    """Was: 3,000 forbidden publishes to a 60 KB topic wrote 180 MB of log."""
+    client_id = unique("attacker")
+    send = flood_socket(broker.port(transport), transport, client_id, "subscriber")
+    packet = publish_qos0("user/bob/" + "x" * 60_000, b"hello")
+    for _ in range(3_000):
+        send(packet)
+    dropped = broker.broker.stats.publishes_dropped
+    wait_until(lambda: dropped["acl"] >= 3_000, what="3,000 ACL drops")
+
+    shown = output.lines("may not publish to")
+    assert len(shown) == 10
+    assert all(len(line) < 250 for line in shown), shown[0]
+    output.clock.advance(10)  # the broker's periodic flush says what was suppressed
+    wait_until(lambda: bool(output.summaries("client %s may not publish to %s")), what="the summary")
+    assert output.summaries("client %s may not publish to %s") == [3_000 - 10]
+    assert len(output.text.encode()) < 16 * 1024
+    assert_one_line_per_record(output)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+def test_invalid_tick_flood_writes_a_few_lines(
+    broker: BrokerThread, output: Output, transport: Transport
+) -> None:
+    """Was: a feed's 3,000 invalid ticks on a 65 KB topic wrote 94 MB of log."""
+    client_id = unique("feed")
+    send = flood_socket(broker.port(transport), transport, client_id, "feed")
+    packet = publish_qos0("market/luno/" + "X" * 65_000, b"not a tick\n\x1b[31m")
+    for _ in range(3_000):
+        send(packet)
+    stats = broker.broker.stats
+    # The feed's publish rate limit drops some first (quietly, counted): what reaches the
+    # tick check is what the log shows.
+    wait_until(
+        lambda: stats.ticks_rejected["not_json"] + stats.publishes_dropped["rate_limited"] >= 3_000,
+        what="3,000 ticks handled",
+    )
+    rejected = stats.ticks_rejected["not_json"]
+    assert rejected > 10
+
+    shown = output.lines("dropped tick from")
+    assert len(shown) == 10
+    assert all(len(line) < 500 for line in shown), shown[0]
+    output.clock.advance(10)
+    wait_until(lambda: bool(output.summaries("dropped tick from %s on %s: %s")), what="the summary")
+    assert output.summaries("dropped tick from %s on %s: %s") == [rejected - 10]
+    assert len(output.text.encode()) < 16 * 1024
+    assert_one_line_per_record(output)
+
+
+JUNK = [
+    b"GARBAGE / NOPE\r\n\r\n",  # not HTTP
+    b"GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n",  # HTTP without the upgrade
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS hello on the plain port
+    b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n",  # cut short
+]
+
+
+def drain(sock: socket.socket) -> None:
+    with sock:
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass  # closed with our junk unread: a reset
+
+
+def test_junk_websocket_handshakes_write_a_few_lines_and_no_traceback(
+    broker: BrokerThread, output: Output
+) -> None:
+    """Was: 2,000 junk handshakes wrote 34,000 lines (an ERROR and a traceback each)."""
+    sent = 0
+    deadline = time.monotonic() + 5.0  # whatever the machine manages, bounded in time
+    while sent < 2_000 and time.monotonic() < deadline:
+        batch = [
+            socket.create_connection(("127.0.0.1", broker.ws_port), timeout=DEADLINE_S) for _ in range(50)
+        ]
+        for n, sock in enumerate(batch):
+            sock.sendall(JUNK[(sent + n) % len(JUNK)])
+            sock.shutdown(socket.SHUT_WR)
+        for sock in batch:
+            drain(sock)  # the broker answers (400, 426) and closes
+        sent += len(batch)
+    assert sent >= 200
+    server = broker.broker._servers["ws"].instance
+    assert isinstance(server, WebSocketServer)
+    # websockets logs a failed handshake just before its connection handler ends.
+    wait_until(lambda: broker.call(lambda: not server.handlers), what="every handshake handled")
+
+    shown = output.lines("bad WebSocket handshake from ('127.0.0.1', ")
+    assert len(shown) == 10, output.text
+    output.clock.advance(10)
+    template = "bad WebSocket handshake from %s on %s: %s"
+    wait_until(lambda: bool(output.summaries(template)), what="the summary")
+    assert output.summaries(template) == [sent - 10]
+    assert "Traceback" not in output.text
+    assert len(output.lines()) <= 12, output.text
+    assert_one_line_per_record(output)
+
+
+def test_a_real_websocket_client_still_connects(
+    broker: BrokerThread, clients: Callable[..., Client], output: Output
+) -> None:
+    """The handshake logger changes nothing for a good client."""
+    client = clients(broker.ws_port, transport="websockets", role="subscriber")
+    client.connect()
+    assert client.subscribe("market/#") == [0]
+    assert not output.lines("bad WebSocket handshake")
