@@ -279,7 +279,7 @@ class RateLimitFilter(logging.Filter):
     def _summarize(self, key: _Key, window: _Window, now: float, out: list[logging.LogRecord]) -> None:
         if not window.suppressed:
             return
-        seconds = round(min(now - window.start, self.interval_s))
+        seconds = max(1, round(min(now - window.start, self.interval_s)))  # never 'in 0s'
         summary = logging.LogRecord(
             key[0],
             window.level,
