@@ -81,6 +81,8 @@ from bridge.limits import (
     SubscribeRefusal,
     subscribe_refusal,
 )
+from bridge.logs import CLIENT, HandshakeLog, clip
+from bridge.logs import flush as flush_logs
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
@@ -129,6 +131,7 @@ class _Connection:
     lease: Lease
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
+    task: asyncio.Task[Any] | None = None  # the one serving this connection
     outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
     # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
     # so no new tick overtakes them ([MQTT-4.6.0-1]).
@@ -227,6 +230,7 @@ class MarketBroker(Broker):
         self._user_sessions: dict[str, set[str]] = {}
         self._expiry_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._client_tasks: set[asyncio.Task[Any]] = set()  # one per open socket
         self._sequencer = Sequencer()
         self.draining = False
         # What a client may send before its CONNECT is accepted: the CONNECT, whose size is
@@ -286,11 +290,26 @@ class MarketBroker(Broker):
             await self._store_call(
                 "mark sessions disconnected", self.store.set_disconnected(persistent, self._clock())
             )
+        live = {c.task for c in self._connections.values() if c.task is not None}
         await super().shutdown()
+        await self._end_client_tasks(live)
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self._close_store()
+        flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
+
+    async def _end_client_tasks(self, live: set[asyncio.Task[None]]) -> None:
+        """Every connection's task ends before the store closes and the loop stops: a task
+        left pending is destroyed mid-``finally`` (its session never saved)."""
+        for task in self._client_tasks - live:
+            task.cancel()  # still waiting for a CONNECT: nothing to finish
+        if live:
+            # amqtt's shutdown has ended their handlers; each is releasing its session.
+            _, stuck = await asyncio.wait(live, timeout=self.bridge_config.broker.takeover_timeout_s)
+            for task in stuck:
+                task.cancel()
+        await asyncio.gather(*self._client_tasks, return_exceptions=True)
 
     async def drain(self, timeout_s: float) -> None:
         """First half of a graceful stop: refuse new clients, let in-flight deliveries finish.
@@ -385,6 +404,7 @@ class MarketBroker(Broker):
         while True:
             await asyncio.sleep(0.05)
             self._batcher.drain_backlog()
+            flush_logs()  # rate-limit summaries come out when a flood stops (cheap: 1/s)
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         session = MarketSession()
@@ -458,6 +478,7 @@ class MarketBroker(Broker):
                     ping_interval=listener.ping_interval_s,
                     process_request=_only_path(listener.path),
                     create_connection=connection_class(self._connect_budget),
+                    logger=HandshakeLog(log, name),  # a junk handshake: one line, no traceback
                 )
             return await asyncio.start_server(
                 partial(self.stream_connected, listener_name=name),
@@ -490,7 +511,7 @@ class MarketBroker(Broker):
             read = await asyncio.wait_for(read_connect(reader.read_chunk, self._connect_budget), timeout)
         except TimeoutError:
             self.stats.connect_timeouts += 1
-            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout)
+            log.info("no CONNECT from %s within %.1fs: closing", peer, timeout, extra=CLIENT)
             return None
         except ConnectRefused as exc:
             await self._refuse(writer, exc.code, exc.reason, f"CONNECT from {peer}: {exc.detail}")
@@ -498,7 +519,9 @@ class MarketBroker(Broker):
         except ProtocolError as exc:
             # Malformed CONNECT, bad UTF-8, not a CONNECT at all: close ([MQTT-4.8.0-1]).
             self.stats.refusals[exc.reason] += 1
-            log.info("bad CONNECT from %s on %s: %s", peer, listener_name, exc.detail)
+            log.info(
+                "bad CONNECT from %s on %s: %s", peer, listener_name, clip(exc.detail, 200), extra=CLIENT
+            )
             return None
         if read is None:
             return None
@@ -551,15 +574,22 @@ class MarketBroker(Broker):
             await _close_quietly(writer)
             return
         server.conn_count += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._client_tasks.add(task)
         try:
             await self._serve(listener_name, reader, writer)
         except (ConnectionError, ConnectionClosed) as exc:
-            log.info("connection on %s lost: %s", listener_name, exc or type(exc).__name__)
+            log.info(
+                "connection on %s lost: %s", listener_name, clip(exc or type(exc).__name__, 200), extra=CLIENT
+            )
         except Exception:
             # Client input must never take the broker down; log with the stack and move on.
             log.exception("connection on %s failed", listener_name)
         finally:
             server.conn_count -= 1
+            if task is not None:
+                self._client_tasks.discard(task)
             await _close_quietly(writer)
 
     async def _serve(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
@@ -582,7 +612,7 @@ class MarketBroker(Broker):
             reason = decision.reason if isinstance(decision, AuthError) else "not_authorized"
             detail = decision.detail if isinstance(decision, AuthError) else "refused by auth plugin"
             code = BAD_USERNAME_PASSWORD if reason == "missing_token" else NOT_AUTHORIZED
-            await self._refuse(writer, code, reason, f"client {client_id!r} from {peer}: {detail}")
+            await self._refuse(writer, code, reason, f"client {clip(client_id)} from {peer}: {detail}")
             return
         claims = decision if isinstance(decision, Claims) else None
         user = claims.sub if claims is not None else (incoming.username or client_id)
@@ -598,13 +628,16 @@ class MarketBroker(Broker):
             owner = self._owner_of(client_id)
             if owner is not None and owner != user:
                 await self._refuse(
-                    writer, NOT_AUTHORIZED, "client_id_owned", f"{user!r} may not use client id {client_id!r}"
+                    writer,
+                    NOT_AUTHORIZED,
+                    "client_id_owned",
+                    f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
             live = self._connections.get(client_id)
             lease = self.limits.acquire(user, replacing=live.lease if live is not None else None)
             if isinstance(lease, LimitRefusal):
-                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{user!r}: {lease.detail}")
+                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{clip(user)}: {lease.detail}")
                 return
             if not await self._claim_session(writer, incoming, user, lease):
                 return
@@ -616,7 +649,7 @@ class MarketBroker(Broker):
             handler.attach(session, reader, writer)
             session.transitions.connect()
             self._sessions[client_id] = (session, handler)
-            connection = _Connection(client_id, user, session, handler, lease)
+            connection = _Connection(client_id, user, session, handler, lease, task=asyncio.current_task())
             settings = self.bridge_config.broker
             connection.outbox = Outbox.for_writer(
                 writer,
@@ -677,7 +710,9 @@ class MarketBroker(Broker):
                 self.stats.keepalive_timeouts += 1
             elif handler.end_reason == "token_expired":
                 self.stats.token_expiries += 1
-            log.info("disconnected %s (user %s): %s", client_id, user, handler.end_reason or "closed")
+            log.info(
+                "disconnected %s (user %s): %s", clip(client_id), clip(user), handler.end_reason or "closed"
+            )
             await self._release(connection)
 
     def _client_message_loop(
@@ -690,7 +725,7 @@ class MarketBroker(Broker):
     async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None:
         """CONNACK with a refusal code at once (never a hanging client), counted and logged."""
         self.stats.refusals[reason] += 1
-        log.info("refused (%s): %s", reason, detail)
+        log.info("refused (%s): %s", reason, detail, extra=CLIENT)
         with suppress(Exception):
             await ConnackPacket.build(0, code).to_stream(writer)
 
@@ -703,7 +738,7 @@ class MarketBroker(Broker):
             try:
                 override = await self.store.get_user_tz(user)
             except StoreError as exc:
-                log.warning("time zone override for %s unavailable (%s): using the token's", user, exc)
+                log.warning("time zone override for %s unavailable (%s): using the token's", clip(user), exc)
         return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -787,8 +822,8 @@ class MarketBroker(Broker):
             if not acl.may_subscribe(topic_filter):
                 log.info(
                     "dropping %s's subscription %s: not allowed by the new token",
-                    session.client_id,
-                    topic_filter,
+                    clip(session.client_id),
+                    clip(topic_filter),
                 )
                 self._del_subscription(topic_filter, session)
 
@@ -801,12 +836,12 @@ class MarketBroker(Broker):
         assert client_id is not None
         live = self._connections.get(client_id)
         if live is not None:
-            log.info("client %s connected again: taking over its connection", client_id)
+            log.info("client %s connected again: taking over its connection", clip(client_id))
             await live.handler.handle_connection_closed()
             try:
                 await asyncio.wait_for(live.done.wait(), self.bridge_config.broker.takeover_timeout_s)
             except TimeoutError:
-                log.warning("old connection of %s did not finish in time", client_id)
+                log.warning("old connection of %s did not finish in time", clip(client_id))
                 await self._release(live)
         if incoming.clean_session:
             previous = self._sessions.get(client_id)
@@ -908,7 +943,12 @@ class MarketBroker(Broker):
         held.add(client_id)
         held.difference_update(room)  # before any await: no other CONNECT picks them as well
         for victim in room:
-            log.info("persistent session %s of %s deleted to make room for %s", victim, user, client_id)
+            log.info(
+                "persistent session %s of %s deleted to make room for %s",
+                clip(victim),
+                clip(user),
+                clip(client_id),
+            )
             await self._drop_session(victim)
             self.stats.sessions_evicted += 1
         return True
@@ -992,7 +1032,7 @@ class MarketBroker(Broker):
             # Free, so taken at once (no await between the check and here); a CONNECT of this
             # client id waits until the session is gone and then starts afresh.
             async with self._client_locks.setdefault(client_id, asyncio.Lock()):
-                log.info("persistent session %s of %s expired", client_id, user)
+                log.info("persistent session %s of %s expired", clip(client_id), clip(user))
                 self._forget_session(user, client_id)
                 await self._drop_session(client_id)
             self.stats.sessions_expired += 1
@@ -1039,7 +1079,12 @@ class MarketBroker(Broker):
         except StoreError as exc:
             accepted = False
             self.stats.publishes_dropped["store_unavailable"] += 1
-            log.error("could not take %s's message on %s: %s", client_session.client_id, message.topic, exc)
+            log.error(
+                "could not take %s's message on %s: %s",
+                clip(client_session.client_id),
+                clip(message.topic),
+                exc,
+            )
             return True
         finally:
             if isinstance(handler, MarketProtocolHandler):
@@ -1059,7 +1104,12 @@ class MarketBroker(Broker):
         self.stats.messages_in[topic_class(topic)] += 1
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
-            log.info("client %s published to invalid topic %r: closing", client_session.client_id, topic)
+            log.info(
+                "client %s published to invalid topic %s: closing",
+                clip(client_session.client_id),
+                clip(topic),
+                extra=CLIENT,
+            )
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
         if not self._publish_allowed(client_session, topic):
@@ -1069,7 +1119,13 @@ class MarketBroker(Broker):
                 tick = Tick.decode(data, topic=topic)
             except TickError as exc:
                 self.stats.ticks_rejected[exc.reason] += 1
-                log.warning("dropped tick from %s on %s: %s", client_session.client_id, topic, exc)
+                log.warning(
+                    "dropped tick from %s on %s: %s",
+                    clip(client_session.client_id),
+                    clip(topic),
+                    clip(exc, 200),
+                    extra=CLIENT,
+                )
                 return True
             # Sequenced and snapshotted like any tick, whatever the retain flag said.
             await self.publish_tick(tick, qos=qos)
@@ -1086,11 +1142,16 @@ class MarketBroker(Broker):
         """Topic length and ACL: a refused PUBLISH is dropped and counted, the client kept."""
         if len(topic) > self._max_topic and len(topic.encode()) > self._max_topic:
             self.stats.publishes_dropped["topic_too_long"] += 1
-            log.info("client %s published to a topic over %d bytes", session.client_id, self._max_topic)
+            log.info(
+                "client %s published to a topic over %d bytes",
+                clip(session.client_id),
+                self._max_topic,
+                extra=CLIENT,
+            )
             return False
         if not session_acl(session).may_publish(topic):
             self.stats.publishes_dropped["acl"] += 1
-            log.info("client %s may not publish to %s", session.client_id, topic)
+            log.info("client %s may not publish to %s", clip(session.client_id), clip(topic), extra=CLIENT)
             return False
         return True
 
@@ -1119,7 +1180,9 @@ class MarketBroker(Broker):
                 session, topic, payload, session.will_qos or QOS_0, bool(session.will_retain)
             )
         except (StoreError, MessageError) as exc:
-            log.warning("will of %s on %s not delivered: %s", session.client_id, topic, exc)
+            log.warning(
+                "will of %s on %s not delivered: %s", clip(session.client_id), clip(topic), clip(exc, 200)
+            )
 
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
         cfg = self.bridge_config.store
@@ -1127,7 +1190,13 @@ class MarketBroker(Broker):
             envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
         except MessageError as exc:
             self.stats.publishes_dropped[exc.reason] += 1
-            log.warning("dropped message from %s on %s: %s", sender.client_id, topic, exc)
+            log.warning(
+                "dropped message from %s on %s: %s",
+                clip(sender.client_id),
+                clip(topic),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return
         user = topic.split("/", 2)[1]
         result = await self.send_to_user(
@@ -1198,7 +1267,9 @@ class MarketBroker(Broker):
             self.stats.offline_stored += result.stored is not None
             self.stats.offline_evicted += len(result.evicted)
             if result.evicted:
-                log.warning("queue of %s full: evicted %d message(s)", user, len(result.evicted))
+                log.warning(
+                    "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
+                )
             self._deliver_live(live, full, payload, min(qos, QOS_1), None)
             return SendResult(len(live), result.stored, result.evicted)
         if not live:
@@ -1274,7 +1345,7 @@ class MarketBroker(Broker):
     async def _requeue(self, requeue: tuple[str, NewMessage] | None, topic: str, failure: str) -> None:
         """A live delivery to a persistent session was not acknowledged: keep it for next time."""
         if requeue is None or self.store is None:
-            log.info("delivery on %s failed: %s", topic, failure)
+            log.info("delivery on %s failed: %s", clip(topic), clip(failure, 200), extra=CLIENT)
             return
         user, message = requeue
         try:
@@ -1282,7 +1353,13 @@ class MarketBroker(Broker):
             self.stats.offline_stored += 1
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("lost a message for %s on %s: delivery failed (%s) and %s", user, topic, failure, exc)
+            log.error(
+                "lost a message for %s on %s: delivery failed (%s) and %s",
+                clip(user),
+                clip(topic),
+                clip(failure, 200),
+                exc,
+            )
 
     async def _replay_offline(self, connection: _Connection) -> None:
         assert self.store is not None
@@ -1305,7 +1382,7 @@ class MarketBroker(Broker):
                 clock=self._clock,
             )
         except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", connection.user, exc)
+            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
             return
         self.stats.offline_replayed += result.replayed
         self.stats.offline_expired += result.expired
@@ -1313,7 +1390,7 @@ class MarketBroker(Broker):
             log.info(
                 "replayed %d offline message(s) to %s in %.3fs (%d expired)",
                 result.replayed,
-                connection.client_id,
+                clip(connection.client_id),
                 self._clock() - started,
                 result.expired,
             )
@@ -1333,7 +1410,12 @@ class MarketBroker(Broker):
         try:
             await handler._handle_message_flow(outgoing)
         except Exception as exc:
-            log.info("offline message to %s not acknowledged: %s", session.client_id, exc)
+            log.info(
+                "offline message to %s not acknowledged: %s",
+                clip(session.client_id),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return False
         return True
 
@@ -1468,7 +1550,12 @@ class MarketBroker(Broker):
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
         self.stats.messages_in["market"] += 1
         if not is_valid_topic(topic):
-            log.info("client %s published to invalid topic %r: closing", session.client_id, topic)
+            log.info(
+                "client %s published to invalid topic %s: closing",
+                clip(session.client_id),
+                clip(topic),
+                extra=CLIENT,
+            )
             self.stats.publishes_dropped["invalid_topic"] += 1
             return False
         if not self._publish_allowed(session, topic):
@@ -1477,7 +1564,13 @@ class MarketBroker(Broker):
             tick = Tick.decode(payload, topic=topic)
         except TickError as exc:
             self.stats.ticks_rejected[exc.reason] += 1
-            log.warning("dropped tick from %s on %s: %s", session.client_id, topic, exc)
+            log.warning(
+                "dropped tick from %s on %s: %s",
+                clip(session.client_id),
+                clip(topic),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
             return True
         self._publish_tick_now(tick, qos)
         return True
@@ -1505,7 +1598,12 @@ class MarketBroker(Broker):
         # same as a client's SUBSCRIBE, but with no packet to report against.
         code, refusal = await self._subscribe(subscription, session)
         if refusal is not None:
-            log.debug("client %s: subscription %s refused: %s", session.client_id, subscription[0], refusal)
+            log.debug(
+                "client %s: subscription %s refused: %s",
+                clip(session.client_id),
+                clip(subscription[0]),
+                refusal,
+            )
         return code
 
     async def _subscribe(
@@ -1531,7 +1629,9 @@ class MarketBroker(Broker):
         if not session_acl(session).may_subscribe(topic_filter):
             # Denied for this filter only; the rest of the SUBSCRIBE goes on.
             self.stats.subscribes_denied += 1
-            log.info("client %s may not subscribe to %s", session.client_id, topic_filter)
+            log.info(
+                "client %s may not subscribe to %s", clip(session.client_id), clip(topic_filter), extra=CLIENT
+            )
             return _SUBACK_FAILURE, None
         granted = await super().add_subscription(subscription, session)
         self._fanout.invalidate()
@@ -1623,7 +1723,12 @@ class MarketBroker(Broker):
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
-                log.info("retained delivery to %s failed: %s", session.client_id, result)
+                log.info(
+                    "retained delivery to %s failed: %s",
+                    clip(session.client_id),
+                    clip(result, 200),
+                    extra=CLIENT,
+                )
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
@@ -1737,7 +1842,12 @@ class MarketBroker(Broker):
                 sends.append(handler.mqtt_publish(message.topic, data, message.qos, retain=False))
         for result in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(result, BaseException):
-                log.info("offline replay to %s failed: %s", session.client_id, result)
+                log.info(
+                    "offline replay to %s failed: %s",
+                    clip(session.client_id),
+                    clip(result, 200),
+                    extra=CLIENT,
+                )
 
     def _queue_offline(self, session: Session, topic: str, data: bytes | bytearray, qos: int) -> None:
         queue = session.retained_messages
@@ -1745,7 +1855,12 @@ class MarketBroker(Broker):
         while queue.qsize() >= limit and not queue.empty():
             queue.get_nowait()
             self.stats.offline_dropped += 1
-            log.warning("offline queue of %s full (%d): dropped its oldest message", session.client_id, limit)
+            log.warning(
+                "offline queue of %s full (%d): dropped its oldest message",
+                clip(session.client_id),
+                limit,
+                extra=CLIENT,
+            )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
 
@@ -1753,7 +1868,7 @@ class MarketBroker(Broker):
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
     # Not inlined in _serve: logging materializes its caller's frame object, and for a
     # coroutine that then waits out the whole connection that object lives as long (~270 B).
-    log.info("connected %s (user %s) from %s on %s", client_id, user, peer, listener_name)
+    log.info("connected %s (user %s) from %s on %s", clip(client_id), clip(user), peer, listener_name)
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

@@ -42,6 +42,7 @@ from bridge.config import RateLimitConfig
 from bridge.errors import ProtocolError
 from bridge.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.lean import LeanEvent, LeanQueue
+from bridge.logs import CLIENT, clip
 from bridge.outbox import Outbox
 from bridge.ratelimit import PublishBucket, publisher_bucket
 from bridge.streams import ChunkReader
@@ -131,7 +132,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 if running:
                     running[:] = [task for task in running if not task.done()]
         except ProtocolError as exc:
-            log.info("closing %s: %s", self.session.client_id, exc)
+            log.info("closing %s: %s", clip(self.session.client_id), clip(exc, 200), extra=CLIENT)
             if self.protocol_errors is not None:
                 self.protocol_errors[exc.reason] += 1
             if self.outbox is not None:
@@ -142,7 +143,9 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # client input must never take the broker down
-            log.warning("reader of %s failed: %r", self.session.client_id, exc)
+            log.warning(
+                "reader of %s failed: %s", clip(self.session.client_id), clip(repr(exc), 200), extra=CLIENT
+            )
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
