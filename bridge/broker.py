@@ -54,7 +54,6 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import (
     ApplicationMessage,
-    OutgoingApplicationMessage,
     Session,
 )
 from amqtt.utils import gen_client_id
@@ -70,7 +69,7 @@ from bridge.connect import ConnectRefused, read_connect
 from bridge.envelope import open_envelope
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.fanout import FanOut, Target
-from bridge.handler import MarketProtocolHandler
+from bridge.handler import MarketProtocolHandler, StoredMessage
 from bridge.keys import load_keyring
 from bridge.lean import LeanEvent
 from bridge.limits import (
@@ -83,7 +82,7 @@ from bridge.limits import (
 )
 from bridge.logs import CLIENT, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
-from bridge.offline import SnapshotWriter, open_store, replay
+from bridge.offline import ReplayResult, SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
@@ -91,6 +90,7 @@ from bridge.session import install as install_light_sessions
 from bridge.session_limits import SessionRefusal, expired, make_room, trim
 from bridge.stats import BrokerStats, topic_class
 from bridge.store import (
+    EnqueueResult,
     NewMessage,
     OfflineMessage,
     OfflineStore,
@@ -132,6 +132,7 @@ class _Connection:
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     task: asyncio.Task[Any] | None = None  # the one serving this connection
+    more: bool = False  # a message reached the mailbox while its replay was running
     outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
     # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
     # so no new tick overtakes them ([MQTT-4.6.0-1]).
@@ -347,6 +348,11 @@ class MarketBroker(Broker):
         if self.store is not None and self._owns_store:
             await self.store.close()
             self.store = None
+
+    async def _session_monitor(self) -> None:
+        """amqtt's monitor deletes every disconnected anonymous session after ~1 s: with
+        ``auth.enabled: false`` persistent sessions vanished ([MQTT-3.1.2-4/5]). Clean
+        sessions go in ``_release`` and persistent ones expire by ``broker.session_expiry_s``."""
 
     async def _close_servers(self) -> None:
         for server in self._servers.values():
@@ -1251,115 +1257,101 @@ class MarketBroker(Broker):
         ):
             raise MessageError("bad_address", f"cannot address {full!r} to user {user!r}")
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
-        live, persistent_offline = self._user_targets(user, full)
-        owners_live = [target for target in live if target[0].attributes.get(_OWNER) == user]
-        if not owners_live and persistent_offline:
-            assert self.store is not None
-            started = time.perf_counter()
-            try:
-                result = await self.store.enqueue(
-                    user, NewMessage(full, payload, priority, ttl, QOS_1), now=self._clock()
-                )
-            except StoreError:
-                self.stats.store_errors += 1
-                raise
-            self.stats.store_seconds.observe(time.perf_counter() - started)
-            self.stats.offline_stored += result.stored is not None
-            self.stats.offline_evicted += len(result.evicted)
-            if result.evicted:
-                log.warning(
-                    "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
-                )
-            self._deliver_live(live, full, payload, min(qos, QOS_1), None)
+        live, mailboxes = self._user_targets(user, full)
+        if mailboxes:
+            # The user keeps a persistent session for this topic: the message goes into their
+            # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
+            # offline, online but not yet acknowledging, or the broker is killed meanwhile,
+            # what the sender was told is stored stays stored until delivered.
+            result = await self._enqueue(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
+            others = [t for t in live if not self._is_mailbox(t[0], user)]
+            self._deliver_live(others, full, payload, qos)
+            for session, _ in live:
+                if self._is_mailbox(session, user):
+                    self._pump(session)
             return SendResult(len(live), result.stored, result.evicted)
         if not live:
             self.stats.publishes_dropped["no_subscriber"] += 1
             return SendResult(0, None)
-        requeue = NewMessage(full, payload, priority, ttl, QOS_1)
-        self._deliver_live(live, full, payload, min(qos, QOS_1), (user, requeue))
+        self._deliver_live(live, full, payload, qos)
         return SendResult(len(live), None)
+
+    async def _enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
+        assert self.store is not None
+        started = time.perf_counter()
+        try:
+            result = await self.store.enqueue(user, message, now=self._clock())
+        except StoreError:
+            self.stats.store_errors += 1
+            raise
+        self.stats.store_seconds.observe(time.perf_counter() - started)
+        self.stats.offline_stored += result.stored is not None
+        self.stats.offline_evicted += len(result.evicted)
+        if result.evicted:
+            log.warning(
+                "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
+            )
+        return result
+
+    @staticmethod
+    def _is_mailbox(session: Session, user: str) -> bool:
+        """A session that takes ``user``'s messages from their mailbox (the store)."""
+        return not session.clean_session and session.attributes.get(_OWNER) == user
+
+    def _pump(self, session: Session) -> None:
+        """Make a live mailbox session's replay deliver what was just stored."""
+        connection = self._connections.get(session.client_id or "")
+        if connection is None or connection.session is not session or not connection.live:
+            return  # not yet live: its replay starts once it is
+        if connection.replay is None or connection.replay.done():
+            connection.replay = asyncio.create_task(
+                self._replay_offline(connection), name=f"replay:{connection.client_id}"
+            )
+        else:
+            connection.more = True
 
     def _user_targets(self, user: str, topic: str) -> tuple[list[tuple[Session, int]], bool]:
         """Connected sessions subscribed to ``topic`` (best QoS each), and whether the user
-        has a disconnected persistent session subscribed to it."""
+        has a persistent session (connected or not) subscribed to it."""
         best: dict[str, tuple[Session, int]] = {}
         for topic_filter in self._index.match(topic):
             for session, sub_qos in self._subscriptions.get(topic_filter, ()):
                 key = session.client_id or ""
                 if key not in best or best[key][1] < sub_qos:
                     best[key] = (session, sub_qos)
-        live, persistent_offline = [], False
+        live, mailboxes = [], False
         for session, sub_qos in best.values():
             if session.transitions.is_connected():
                 live.append((session, sub_qos))
-            elif not session.clean_session and session.attributes.get(_OWNER) == user:
-                persistent_offline = True
-        return live, persistent_offline
+            mailboxes = mailboxes or self._is_mailbox(session, user)
+        return live, mailboxes
 
-    def _deliver_live(
-        self,
-        targets: list[tuple[Session, int]],
-        topic: str,
-        payload: bytes,
-        qos: int,
-        requeue: tuple[str, NewMessage] | None,
-    ) -> None:
+    def _deliver_live(self, targets: list[tuple[Session, int]], topic: str, payload: bytes, qos: int) -> None:
+        """To sessions that are not the user's mailbox (clean ones, other users'): once, at
+        min(publish QoS, subscription QoS); a persistent one keeps it in flight until acked."""
         variants: dict[str, bytes] = {}
         for session, sub_qos in targets:
             handler = self._get_handler(session)
             if handler is None:
                 continue
             localized = self._localized(topic, payload, session.attributes.get(_TZ), variants)
-            keep = (
-                requeue
-                if requeue and not session.clean_session and session.attributes.get(_OWNER) == requeue[0]
-                else None
-            )
-            task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos), keep))
+            task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos)))
             self.stats.messages_out["user"] += 1
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
 
     async def _deliver_one(
-        self,
-        handler: BrokerProtocolHandler,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        requeue: tuple[str, NewMessage] | None,
+        self, handler: BrokerProtocolHandler, topic: str, payload: bytes, qos: int
     ) -> None:
         try:
             await handler.mqtt_publish(topic, payload, qos, retain=False)
             self.stats.deliveries += 1
-            return
         except asyncio.CancelledError:
-            # amqtt cancels PUBACK waiters when the connection closes: not acknowledged.
-            failure = "connection closed"
+            # The connection closed first; a persistent session has it in flight for next time.
             if (task := asyncio.current_task()) is not None and task.cancelling():
-                await asyncio.shield(self._requeue(requeue, topic, failure))
                 raise
         except Exception as exc:
-            failure = str(exc) or type(exc).__name__
-        await self._requeue(requeue, topic, failure)
-
-    async def _requeue(self, requeue: tuple[str, NewMessage] | None, topic: str, failure: str) -> None:
-        """A live delivery to a persistent session was not acknowledged: keep it for next time."""
-        if requeue is None or self.store is None:
-            log.info("delivery on %s failed: %s", clip(topic), clip(failure, 200), extra=CLIENT)
-            return
-        user, message = requeue
-        try:
-            await self.store.enqueue(user, message, now=self._clock())
-            self.stats.offline_stored += 1
-        except StoreError as exc:
-            self.stats.store_errors += 1
-            log.error(
-                "lost a message for %s on %s: delivery failed (%s) and %s",
-                clip(user),
-                clip(topic),
-                clip(failure, 200),
-                exc,
-            )
+            log.info("delivery on %s failed: %s", clip(topic), clip(exc, 200), extra=CLIENT)
 
     async def _replay_offline(self, connection: _Connection) -> None:
         assert self.store is not None
@@ -1372,15 +1364,23 @@ class MarketBroker(Broker):
                 matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
             )
 
+        result = ReplayResult()
         try:
-            result = await replay(
-                self.store,
-                connection.user,
-                send=partial(self._send_stored, handler),
-                accepts=accepts,
-                window=self.bridge_config.store.replay_window,
-                clock=self._clock,
-            )
+            while True:
+                # ``more``: a message was stored while this round was already past it.
+                connection.more = False
+                round_ = await replay(
+                    self.store,
+                    connection.user,
+                    send=partial(self._send_stored, handler),
+                    accepts=accepts,
+                    window=self.bridge_config.store.replay_window,
+                    clock=self._clock,
+                )
+                result.replayed += round_.replayed
+                result.expired += round_.expired
+                if not (round_.complete and connection.more):
+                    break
         except StoreError as exc:
             log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
             return
@@ -1401,13 +1401,27 @@ class MarketBroker(Broker):
         if session is None:
             return False
         qos = min(message.qos, self._best_qos(session, message.topic))
-        packet_id = session.next_packet_id if qos > QOS_0 else None
-        payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
-        outgoing = OutgoingApplicationMessage(packet_id, message.topic, qos, payload, False)
-        if message.sent > 0 and qos > QOS_0:
-            # Marks it as a retry: amqtt's flow then sends it with DUP set.
-            outgoing.publish_packet = outgoing.build_publish_packet()
+        in_flight = next(
+            (
+                m
+                for m in session.inflight_out.values()
+                if isinstance(m, StoredMessage) and m.store_id == message.id
+            ),
+            None,
+        )
         try:
+            if in_flight is not None and in_flight.packet_id is not None:
+                # Re-sent at reconnect with its original packet id: wait for that one's ack.
+                assert isinstance(handler, MarketProtocolHandler)
+                await handler.await_puback(in_flight.packet_id)
+                return True
+            packet_id = session.next_packet_id if qos > QOS_0 else None
+            payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
+            outgoing = StoredMessage(packet_id, message.topic, qos, payload, False, store_id=message.id)
+            if message.sent > 0 and qos > QOS_0:
+                # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
+                outgoing.publish_packet = outgoing.build_publish_packet()
+            outgoing.on_ack = partial(self._ack_later, handler, message)
             await handler._handle_message_flow(outgoing)
         except Exception as exc:
             log.info(
@@ -1418,6 +1432,23 @@ class MarketBroker(Broker):
             )
             return False
         return True
+
+    def _ack_later(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> None:
+        """The PUBACK of a stored message whose sending task was gone (it came after a
+        reconnect re-sent it): remove it from the store now."""
+        if self.store is None or handler.session is None:
+            return
+        user = handler.session.attributes.get(_OWNER)
+        if isinstance(user, str):
+            task = asyncio.create_task(
+                self._store_call("remove an acknowledged message", self._ack(user, message))
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _ack(self, user: str, message: OfflineMessage) -> None:
+        assert self.store is not None
+        await self.store.ack(user, message.id)
 
     def _best_qos(self, session: Session, topic: str) -> int:
         qos = QOS_0

@@ -28,12 +28,15 @@ from amqtt.adapters import ReaderAdapter
 from amqtt.errors import MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
@@ -190,6 +193,14 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 if kind == PUBACK:
                     self._settle_puback((body[0] << 8) | body[1])
                     continue
+                if kind == _PUBREC:
+                    pubrel = self._settle_pubrec((body[0] << 8) | body[1])
+                    if pubrel is not None:
+                        await self._send_control(pubrel)
+                    continue
+                if kind == _PUBCOMP:
+                    self._settle_pubcomp((body[0] << 8) | body[1])
+                    continue
             if kind == PUBLISH:
                 # Every PUBLISH counts against the connection's rate; past it, reading waits
                 # (messages for users are never dropped, the client is slowed instead).
@@ -266,38 +277,125 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if outbox.swamped:
             raise ProtocolError("control_flood", "PINGREQs faster than the client reads the answers")
 
+    # ------------------------------------------------------------------ outbound QoS 1 and 2
+    #
+    # amqtt gave up on an unacknowledged QoS 1/2 message after 5 s and forgot it when the
+    # connection closed, so nothing was ever re-sent. Here a message stays in the session's
+    # ``inflight_out`` until PUBACK (QoS 1) or PUBCOMP (QoS 2), however long that takes and
+    # across reconnects; a resumed session gets each again first, with its original packet
+    # id and DUP, or its PUBREL if PUBREC had come ([MQTT-4.4.0-1], [MQTT-3.3.1-1]).
+    # Acknowledgements settle the state in ``inflight_out`` whether or not a task waits.
+
     def _settle_puback(self, packet_id: int) -> None:
-        waiter = self._puback_waiters.get(packet_id)
-        if waiter is not None:
-            # amqtt's own QoS 1 flow (retained, user messages, resends) is waiting for it.
-            if not waiter.done():
-                waiter.set_result(PubackPacket.build(packet_id))
-            return
         session = self.session
-        if session is not None and session.inflight_out.pop(packet_id, None) is not None:
-            if self.outbox is not None:
-                self.outbox.acked()
+        message = session.inflight_out.pop(packet_id, None) if session is not None else None
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(PubackPacket.build(packet_id))  # the sending task takes it on
+        elif message is not None:
+            _acknowledged(message)  # re-sent after a reconnect: no task waits for it
         else:
             log.debug("PUBACK for unknown packet id %d", packet_id)
+            return
+        if self.outbox is not None:
+            self.outbox.acked()
+
+    def _settle_pubrec(self, packet_id: int) -> bytes | None:
+        """Record a PUBREC; the PUBREL to send now, unless the waiting task sends it."""
+        session = self.session
+        message = session.inflight_out.get(packet_id) if session is not None else None
+        if message is None or message.qos != QOS_2:
+            return _pubrel(packet_id)  # [MQTT-4.3.3]: all the same, so the client can finish
+        message.pubrec_packet = PubrecPacket.build(packet_id)
+        waiter = self._pubrec_waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message.pubrec_packet)
+            return None
+        return _pubrel(packet_id)  # a resent message: no task waits for it
+
+    def _settle_pubcomp(self, packet_id: int) -> None:
+        session = self.session
+        message = session.inflight_out.pop(packet_id, None) if session is not None else None
+        waiter = self._pubcomp_waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(PubcompPacket.build(packet_id))
+        elif message is not None:
+            _acknowledged(message)
+
+    async def _send_control(self, packet: bytes) -> None:
+        if self.outbox is not None:
+            self.outbox.push_control(packet)
+        elif self.writer is not None:
+            self.writer.write(packet)
+            await self.writer.drain()
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction == INCOMING:
+            await self._incoming_qos1(app_message)
+            return
+        await self._outgoing(app_message, self._puback_waiters)
+
+    async def _handle_qos2_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction == INCOMING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        if app_message.pubrec_packet is None:
+            await self._outgoing(app_message, self._pubrec_waiters)
+        assert app_message.packet_id is not None
+        await self._send_packet(PubrelPacket.build(app_message.packet_id))
+        await self._await_ack(app_message.packet_id, self._pubcomp_waiters)
+
+    async def _outgoing(self, message: ApplicationMessage, waiters: dict[int, asyncio.Future[Any]]) -> None:
+        """Send a QoS 1/2 PUBLISH and wait for its first acknowledgement, keeping it in flight."""
+        session = self.session
+        packet_id = message.packet_id
+        if session is None or packet_id is None:
+            raise ProtocolError("no_session", "outbound QoS 1/2 without a session or packet id")
+        assert isinstance(message, OutgoingApplicationMessage)
+        session.inflight_out[packet_id] = message
+        packet = message.build_publish_packet(dup=message.publish_packet is not None)
+        message.publish_packet = packet
+        await self._send_packet(packet)
+        await self._await_ack(packet_id, waiters)
+
+    async def await_puback(self, packet_id: int) -> None:
+        """Until the PUBACK of a message already in flight (one re-sent after a reconnect)."""
+        await self._await_ack(packet_id, self._puback_waiters)
+
+    async def _await_ack(self, packet_id: int, waiters: dict[int, asyncio.Future[Any]]) -> None:
+        # No timeout: 3.1.1 re-sends only on reconnect. A closed connection cancels the
+        # waiter (amqtt's stop); the message stays in flight for the session's next one.
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiters[packet_id] = waiter
+        try:
+            await waiter
+        finally:
+            if waiters.get(packet_id) is waiter:
+                del waiters[packet_id]
 
     async def _retry_deliveries(self) -> None:
-        """[MQTT-4.4.0-1]: resend unacknowledged QoS 1 PUBLISHes (DUP) before anything new.
+        """[MQTT-4.4.0-1]: every message still in flight, in order, before anything new:
+        a PUBLISH with its original packet id and DUP, or the PUBREL of one already received.
 
-        Written into this connection's batch in their original order, synchronously, so no
-        tick fanned out afterwards can overtake them; PUBACKs settle them as usual. QoS 2
-        flows (never used for market data) take amqtt's path.
+        Written into this connection's batch synchronously, so no tick fanned out afterwards
+        can overtake them; acknowledgements settle them in ``_dispatch``.
         """
         session = self.session
-        if (
-            self.outbox is None
-            or session is None
-            or session.inflight_in
-            or any(message.qos != QOS_1 for message in session.inflight_out.values())
-        ):
-            await super()._retry_deliveries()
+        if session is None:
             return
-        for message in session.inflight_out.values():
-            self.outbox.push_control(message.build_publish_packet(dup=True).to_bytes())
+        packets = []
+        for packet_id, message in list(session.inflight_out.items()):
+            if message.qos == QOS_2 and message.pubrec_packet is not None:
+                packets.append(_pubrel(packet_id))
+            else:
+                message.publish_packet = message.build_publish_packet(dup=True)
+                packets.append(bytes(message.publish_packet.to_bytes()))
+        if packets:
+            await self._send_control(b"".join(packets))
 
     # ------------------------------------------------------------------ keep-alive
 
@@ -317,7 +415,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
 
     # ------------------------------------------------------------------ inbound QoS 1 (queued path)
 
-    async def _handle_qos1_message_flow(
+    async def _incoming_qos1(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
     ) -> None:
         """Inbound QoS 1: PUBACK only once the broker has handed the message on.
@@ -327,7 +425,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         delivering; a failed hand-off (store down) gets no PUBACK and ends the connection, so
         the publisher's library sends it again after reconnecting.
         """
-        if app_message.direction != INCOMING or app_message.packet_id is None or self.session is None:
+        if app_message.packet_id is None or self.session is None:
             await super()._handle_qos1_message_flow(app_message)
             return
         handed_off: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -391,6 +489,28 @@ _HANDLERS = {
 
 
 _PINGRESP = b"\xd0\x00"
+_PUBREC, _PUBCOMP = 5, 7
+
+
+def _pubrel(packet_id: int) -> bytes:
+    return b"\x62\x02" + packet_id.to_bytes(2, "big")
+
+
+class StoredMessage(OutgoingApplicationMessage):
+    """An outbound message from the user mailbox: ``on_ack`` removes it from the store."""
+
+    __slots__ = ("on_ack", "store_id")
+
+    def __init__(self, *args: Any, store_id: str, on_ack: Callable[[], None] | None = None) -> None:
+        super().__init__(*args)
+        self.store_id = store_id
+        self.on_ack = on_ack
+
+
+def _acknowledged(message: OutgoingApplicationMessage) -> None:
+    if isinstance(message, StoredMessage) and message.on_ack is not None:
+        on_ack, message.on_ack = message.on_ack, None
+        on_ack()
 
 
 def _check_filters(header: Any, filters: list[str]) -> None:
