@@ -10,8 +10,11 @@ by name:
 - ``@ws_class``: raw bytes for the WebSocket listener (:class:`WsInput`), handshake included.
 
 To add a class, write a ``build(draw) -> MqttInput | WsInput`` function with one of the
-decorators; its name is the class name. Strategies are built once, at import: building them
-inside ``draw`` would make hypothesis validate a new strategy for every input.
+decorators; its name is the class name. Make the strategies it draws from at module level
+(one made inside ``build`` is validated again for every input, which makes generation
+several times slower), and let what it draws depend on hypothesis's choices only (see
+:func:`fresh_client_id`). Big inputs come from a drawn seed (:func:`noise`): hypothesis
+keeps every drawn byte.
 
 Everything a feed or subscriber could mistake for data carries a marker: hostile ticks have
 ``last`` 666, hostile client ids put :data:`INJECTED` after a CR/LF.
@@ -138,13 +141,13 @@ def connect(
     properties: bytes | None = None,
 ) -> bytes:
     """A CONNECT as asked, however wrong; ``flags`` replaces the computed flag byte and
-    ``properties`` makes it MQTT 5 shaped (empty payload properties are added)."""
+    ``properties`` (the encoded property block) makes it MQTT 5 shaped, will properties too."""
     computed = 0x02 if clean else 0
-    v5 = b"\x00" if properties is not None else b""
-    payload = v5 + mqtt_str(client_id) if properties is not None else mqtt_str(client_id)
+    payload = mqtt_str(client_id)
     if will is not None:
         computed |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
-        payload += v5 + mqtt_str(will[0]) + mqtt_str(will[1])
+        will_properties = b"\x00" if properties is not None else b""
+        payload += will_properties + mqtt_str(will[0]) + mqtt_str(will[1])
     if username is not None:
         computed |= 0x80
         payload += mqtt_str(username)

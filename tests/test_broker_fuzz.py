@@ -2,22 +2,26 @@
 
 One broker subprocess (JWT auth, TCP and WebSocket listeners, HTTP) serves a feed-role paho
 client over TCP publishing valid ticks at ``FEED_RATE_HZ`` to one topic, and a
-subscriber-role paho client over WebSocket that checks every tick it gets: the feed's ticks
-in order, none lost, none from anyone else (hostile ticks are marked), ``seq`` the previous
-one + 1, and never ``MAX_SILENCE_S`` without one. A probe thread asks ``GET /healthz`` every
-``HEALTH_INTERVAL_S`` with a ``HEALTH_TIMEOUT_S`` timeout and samples the broker's RSS and
-CPU; the broker's log is scanned for client text that starts a line or carries ESC/NUL.
+subscriber-role paho client over WebSocket that checks every message it gets: the feed's
+ticks in order, none lost, none from anyone else (hostile ticks are marked), ``seq`` the
+previous one + 1, never ``MAX_SILENCE_S`` without one, and nothing on its own ``user/``
+topics. A probe thread asks ``GET /healthz`` every ``HEALTH_INTERVAL_S`` with a
+``HEALTH_TIMEOUT_S`` timeout and samples the broker's RSS and CPU.
 
-Meanwhile hypothesis (derandomized, no database, no shrinking) generates ``EXAMPLES`` batches
-of ``BATCH`` hostile inputs per transport (tests/hostile.py has the input classes), each
-sent on a fresh short-lived connection, at most ``CONCURRENCY`` at a time. After each batch
-the invariants are checked. Broken service (``/healthz`` unanswered, the broker gone, RSS
-over ``RSS_MARGIN_BYTES`` above its baseline, the subscriber disconnected or starved) stops
-the run at once; wrong data (foreign or lost ticks, seq gaps) and log problems are collected
-and reported at the end. Then the broker gets SIGTERM and must exit 0.
+Hypothesis (derandomized, no database, no shrinking) generates batches of at least
+``PER_TRANSPORT`` hostile inputs per transport, every input class equally represented
+(tests/hostile.py has the classes), as many batches as give each transport
+``MIN_PER_TRANSPORT``. Each input is sent on a fresh short-lived connection, at most
+``CONCURRENCY`` at a time. After each batch the service is checked: ``/healthz``
+unanswered, the broker gone, RSS over ``RSS_MARGIN_BYTES`` above its baseline, or the
+subscriber disconnected or starved stops the run at once. Wrong data (foreign or lost
+ticks, seq gaps), client text in the log (a line started by it, raw ESC or NUL) and
+connections still open after the run are collected and reported at the end. Then the broker
+gets SIGTERM and must exit 0.
 
-``BRIDGE_FUZZ_ONLY`` / ``BRIDGE_FUZZ_EXCLUDE`` (comma-separated class names) narrow the run
-when checking a fix; a narrowed run says so in its report and line.
+A failure names the broker log and, when the service broke, a file with the inputs of the
+last batches. ``BRIDGE_FUZZ_ONLY`` / ``BRIDGE_FUZZ_EXCLUDE`` (comma-separated class names)
+narrow the run when checking a fix; a narrowed run says so in its report.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -62,7 +65,7 @@ from tests.hostile import (
 PER_TRANSPORT = 40  # hostile connections per transport per hypothesis example, at least
 MIN_PER_TRANSPORT = 5_000  # examples: as many as this takes (114 for the full set)
 CONCURRENCY = 64  # hostile connections open at once
-CONNECT_TIMEOUT_S = 2.0
+DIAL_TIMEOUT_S = 2.0  # to open a hostile connection
 IO_TIMEOUT_S = 2.0
 FEED_RATE_HZ = 50
 FEED_BASE = 1_000_000  # the feed's n-th tick has last = FEED_BASE + n (hostile ticks: 666)
@@ -71,8 +74,7 @@ HEALTH_INTERVAL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
 # Measured on 2 shared cores: a run adds 15-25 MB to a ~70 MB broker.
 RSS_MARGIN_BYTES = 100 * 2**20
-CONNECT_TIMEOUT_BROKER_S = 5  # the config's broker.connect_timeout_s
-STOP_TIMEOUT_S = 15.0  # graceful stop; the config's broker.drain_timeout_s is 2
+BROKER_CONNECT_TIMEOUT_S = 5  # the config's broker.connect_timeout_s
 
 
 class Stop(Exception):
@@ -95,7 +97,7 @@ async def send_one(hostile: Hostile, port: int, limit: asyncio.Semaphore, stats:
     async with limit:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT_S
+                asyncio.open_connection("127.0.0.1", port), DIAL_TIMEOUT_S
             )
         except (OSError, TimeoutError):
             stats.connect_failures += 1
@@ -135,7 +137,8 @@ async def send_batch(batch: list[Hostile], ports: dict[Transport, int], stats: S
 
 
 class TickWatch:
-    """The subscriber's view: the feed's ticks in order, seq +1 each time, never silent for long."""
+    """The subscriber's view: the feed's ticks in order, seq +1 each time, never silent for long;
+    nothing else, on the watched topic or on the subscriber's own ``user/`` topics."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -147,37 +150,39 @@ class TickWatch:
         self.last_arrival = time.monotonic()
         self.max_silence = 0.0
         self.problems: list[str] = []
-        client.paho.on_message = lambda _c, _u, msg: self._on_message(bytes(msg.payload))
+        client.paho.on_message = lambda _c, _u, msg: self._on_message(msg.topic, bytes(msg.payload))
 
-    def _on_message(self, payload: bytes) -> None:
-        now = time.monotonic()
+    def _on_message(self, topic: str, payload: bytes) -> None:
         with self._lock:
-            self.max_silence = max(self.max_silence, now - self.last_arrival)
-            self.last_arrival = now
-            self.received += 1
-            try:
-                tick = json.loads(payload)
-                n = int(tick["last"]) - FEED_BASE
-            except (ValueError, KeyError, TypeError):
-                return self._problem(f"the subscriber got a payload that is no tick: {payload[:200]!r}")
-            if n < 0:
-                return self._problem(f"the subscriber got a tick the feed never sent: {payload[:300]!r}")
-            seq = tick.get("seq")
-            if not isinstance(seq, int):
-                self._problem(f"a feed tick without a seq: {payload[:300]!r}")
-            elif self.last_seq is not None and seq != self.last_seq + 1:
-                self._problem(f"seq gap: {self.last_seq} then {seq}")
-            if self.last_n is not None and n != self.last_n + 1:
-                self._problem(f"feed ticks lost or reordered: tick {self.last_n} then {n}")
-            if isinstance(seq, int):
-                self.first_seq = seq if self.first_seq is None else self.first_seq
-                self.last_seq = seq
-            self.last_n = n
-            return None
+            problem = self._take(topic, payload)
+            if problem is not None and len(self.problems) < 10:
+                self.problems.append(problem)
 
-    def _problem(self, text: str) -> None:
-        if len(self.problems) < 10:
-            self.problems.append(text)
+    def _take(self, topic: str, payload: bytes) -> str | None:
+        if topic != WATCHED:
+            return f"the subscriber got a message on {topic}, where no one may send: {payload[:200]!r}"
+        try:
+            tick = json.loads(payload)
+            n = int(tick["last"]) - FEED_BASE
+        except (ValueError, KeyError, TypeError):
+            return f"the subscriber got a payload that is no tick: {payload[:200]!r}"
+        if n < 0:
+            return f"the subscriber got a tick the feed never sent: {payload[:300]!r}"
+        now = time.monotonic()
+        self.max_silence = max(self.max_silence, now - self.last_arrival)
+        self.last_arrival = now
+        self.received += 1
+        seq, previous_seq, previous_n = tick.get("seq"), self.last_seq, self.last_n
+        self.last_n = n
+        if not isinstance(seq, int):
+            return f"a feed tick without a seq: {payload[:300]!r}"
+        self.first_seq = seq if self.first_seq is None else self.first_seq
+        self.last_seq = seq
+        if previous_seq is not None and seq != previous_seq + 1:
+            return f"seq gap: {previous_seq} then {seq}"
+        if previous_n is not None and n != previous_n + 1:
+            return f"feed ticks lost or reordered: tick {previous_n} then {n}"
+        return None
 
     def restart_clock(self) -> None:
         with self._lock:
@@ -329,7 +334,7 @@ def _config(path: Path) -> Path:
         "feeds": [],
         "store": {"path": str(path.parent / "fuzz.sqlite3")},
         "auth": {"keys": [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]},
-        "broker": {"drain_timeout_s": 2, "connect_timeout_s": CONNECT_TIMEOUT_BROKER_S},
+        "broker": {"drain_timeout_s": 2, "connect_timeout_s": BROKER_CONNECT_TIMEOUT_S},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -342,16 +347,18 @@ def _open_connections(http_port: int) -> dict[str, int]:
     return {name: int(float(value)) for name, value in found}
 
 
-def _stop(broker: Proc) -> int | None:
-    """SIGTERM, then the exit code; None (after SIGKILL) if it does not exit in time."""
-    if broker.popen.poll() is None:
-        broker.popen.send_signal(signal.SIGTERM)
-    try:
-        return broker.popen.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        broker.popen.kill()
-        broker.popen.wait()
-        return None
+def _leftover_connections(http_port: int) -> list[str]:
+    """Once the hostile clients are gone, only the test's subscriber (ws) and feed (tcp) are
+    left: a socket without CONNECT is closed after connect_timeout_s, a gone client at once."""
+    began = time.monotonic()
+    while (open_now := _open_connections(http_port)) != {"ws": 1, "tcp": 1}:
+        waited = time.monotonic() - began
+        if waited > 2 * BROKER_CONNECT_TIMEOUT_S:
+            return [
+                f"{waited:.0f}s after the run, connections still open: {open_now} (the test's own: 1 each)"
+            ]
+        threading.Event().wait(0.2)
+    return []
 
 
 @dataclass
@@ -405,7 +412,8 @@ def test_broker_survives_hostile_inputs(
     stats = SendStats()
     history: deque[Batch] = deque(maxlen=4)  # the last batches, for the failure report
     batch_count = 0
-    broken: list[str] = []
+    broken: list[str] = []  # service broke: the run stops
+    leaks: list[str] = []
     baseline_rss = 0
     began = time.monotonic()
 
@@ -443,7 +451,7 @@ def test_broker_survives_hostile_inputs(
 
     try:
         subscriber.connect(keepalive=10)
-        assert subscriber.subscribe(WATCHED) == [0]
+        assert subscriber.subscribe([(WATCHED, 0), (f"user/{WATCH_USER}/#", 0)]) == [0, 0]
         feed_client.connect(keepalive=10)
         feed.start()
         wait_until(lambda: watch.received >= FEED_RATE_HZ, what="a second of ticks")
@@ -456,14 +464,7 @@ def test_broker_survives_hostile_inputs(
         if not broken:
             feed.stop()
             wait_until(lambda: watch.last_n == feed.sent - 1, what="the feed's last tick at the subscriber")
-            leftover = _open_connections(http_port)
-            if leftover != {"ws": 1, "tcp": 1}:  # each hostile socket is closed within connect_timeout_s
-                deadline = time.monotonic() + 2 * CONNECT_TIMEOUT_BROKER_S
-                while (leftover := _open_connections(http_port)) != {"ws": 1, "tcp": 1}:
-                    if time.monotonic() > deadline:
-                        broken.append(f"connections left open after the run (ours: 1 each): {leftover}")
-                        break
-                    probe.stopping.wait(0.2)
+            leaks.extend(_leftover_connections(http_port))
     finally:
         wall = time.monotonic() - began
         feed.stop()
@@ -471,9 +472,12 @@ def test_broker_survives_hostile_inputs(
         subscriber.close()
         feed_client.close()
         stopping = time.monotonic()
-        code = _stop(broker)
+        try:
+            code: int | None = broker.stop()  # SIGTERM; SIGKILL after 20 s
+        except subprocess.TimeoutExpired:
+            code = None
         stop_s = time.monotonic() - stopping
-        problems = list(dict.fromkeys([*broken, *watch.problems, *logs.scan()]))
+        problems = list(dict.fromkeys([*broken, *leaks, *watch.problems, *logs.scan()]))
         report = (
             f"broker fuzz{narrowed}: {stats.connections['tcp']} TCP connections ({stats.units['tcp']} packets), "
             f"{stats.connections['ws']} WebSocket ({stats.units['ws']} frames and handshakes), "
