@@ -82,7 +82,7 @@ from bridge.limits import (
 )
 from bridge.logs import CLIENT, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
-from bridge.offline import ReplayResult, SnapshotWriter, open_store, replay
+from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
@@ -132,7 +132,7 @@ class _Connection:
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     task: asyncio.Task[Any] | None = None  # the one serving this connection
-    more: bool = False  # a message reached the mailbox while its replay was running
+    wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
     outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
     # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
     # so no new tick overtakes them ([MQTT-4.6.0-1]).
@@ -1307,8 +1307,8 @@ class MarketBroker(Broker):
             connection.replay = asyncio.create_task(
                 self._replay_offline(connection), name=f"replay:{connection.client_id}"
             )
-        else:
-            connection.more = True
+        elif connection.wake is not None:
+            connection.wake.set()  # the running replay sends it without waiting for acks
 
     def _user_targets(self, user: str, topic: str) -> tuple[list[tuple[Session, int]], bool]:
         """Connected sessions subscribed to ``topic`` (best QoS each), and whether the user
@@ -1364,23 +1364,18 @@ class MarketBroker(Broker):
                 matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
             )
 
-        result = ReplayResult()
+        if connection.wake is None:
+            connection.wake = LeanEvent()
         try:
-            while True:
-                # ``more``: a message was stored while this round was already past it.
-                connection.more = False
-                round_ = await replay(
-                    self.store,
-                    connection.user,
-                    send=partial(self._send_stored, handler),
-                    accepts=accepts,
-                    window=self.bridge_config.store.replay_window,
-                    clock=self._clock,
-                )
-                result.replayed += round_.replayed
-                result.expired += round_.expired
-                if not (round_.complete and connection.more):
-                    break
+            result = await replay(
+                self.store,
+                connection.user,
+                send=partial(self._send_stored, handler),
+                accepts=accepts,
+                window=self.bridge_config.store.replay_window,
+                clock=self._clock,
+                wake=connection.wake,
+            )
         except StoreError as exc:
             log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
             return
@@ -1400,6 +1395,9 @@ class MarketBroker(Broker):
         session = handler.session
         if session is None:
             return False
+        assert isinstance(handler, MarketProtocolHandler)
+        if message.id in handler.settled_ids:
+            return True  # acknowledged after a reconnect re-sent it, before this replay got here
         qos = min(message.qos, self._best_qos(session, message.topic))
         in_flight = next(
             (
@@ -1412,7 +1410,6 @@ class MarketBroker(Broker):
         try:
             if in_flight is not None and in_flight.packet_id is not None:
                 # Re-sent at reconnect with its original packet id: wait for that one's ack.
-                assert isinstance(handler, MarketProtocolHandler)
                 await handler.await_puback(in_flight.packet_id)
                 return True
             packet_id = session.next_packet_id if qos > QOS_0 else None

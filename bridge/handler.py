@@ -293,7 +293,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(PubackPacket.build(packet_id))  # the sending task takes it on
         elif message is not None:
-            _acknowledged(message)  # re-sent after a reconnect: no task waits for it
+            self._acknowledged(message)  # re-sent after a reconnect: no task waits for it
         else:
             log.debug("PUBACK for unknown packet id %d", packet_id)
             return
@@ -320,7 +320,23 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(PubcompPacket.build(packet_id))
         elif message is not None:
-            _acknowledged(message)
+            self._acknowledged(message)
+
+    def _acknowledged(self, message: OutgoingApplicationMessage) -> None:
+        if isinstance(message, StoredMessage):
+            # The mailbox's replay may be about to send it again: it checks this first.
+            self.settled_ids.add(message.store_id)
+            if message.on_ack is not None:
+                on_ack, message.on_ack = message.on_ack, None
+                on_ack()
+
+    @property
+    def settled_ids(self) -> set[str]:
+        """Mailbox messages acknowledged on this connection with no task waiting for them."""
+        settled: set[str] | None = self.__dict__.get("_settled_ids")
+        if settled is None:
+            settled = self.__dict__["_settled_ids"] = set()
+        return settled
 
     async def _send_control(self, packet: bytes) -> None:
         if self.outbox is not None:
@@ -505,12 +521,6 @@ class StoredMessage(OutgoingApplicationMessage):
         super().__init__(*args)
         self.store_id = store_id
         self.on_ack = on_ack
-
-
-def _acknowledged(message: OutgoingApplicationMessage) -> None:
-    if isinstance(message, StoredMessage) and message.on_ack is not None:
-        on_ack, message.on_ack = message.on_ack, None
-        on_ack()
 
 
 def _check_filters(header: Any, filters: list[str]) -> None:

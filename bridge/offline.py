@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from bridge.config import StoreConfig
 from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError
@@ -47,39 +48,70 @@ async def replay(
     accepts: Callable[[str], bool],
     window: int,
     clock: Callable[[], float],
+    wake: asyncio.Event | None = None,
 ) -> ReplayResult:
-    """Deliver ``user``'s queue in priority order, ``window`` messages in flight at a time.
+    """Deliver ``user``'s queue in priority order with up to ``window`` messages in flight.
 
+    A sliding window: as soon as one message is acknowledged, or ``wake`` says a new one
+    was stored, the next ones go out; one unacknowledged message never holds up the rest.
     ``send`` returns True once the client acknowledged (PUBACK); only then is the message
     removed, so anything unacknowledged when the connection drops is delivered again next
     time (``sent`` > 0, so with DUP). Messages for topics the session does not take
-    (``accepts``) stay in the store for another session of the same user.
+    (``accepts``) stay in the store for another session of the same user. Returns when the
+    queue is empty and nothing is in flight, or when a send fails (the connection is gone).
     """
     result = ReplayResult()
     skipped: set[str] = set()
-    while True:
-        pending = await store.pending(user, now=clock(), limit=window, exclude=skipped)
-        result.expired += pending.expired
-        batch = []
-        for message in pending.messages:
-            if accepts(message.topic):
-                batch.append(message)
-            else:
-                skipped.add(message.id)
-        if not pending.messages:
-            result.complete = True
-            return result
-        if not batch:
-            continue
-        await store.mark_sent(user, [m.id for m in batch])
-        # Sent together (pipelined), acknowledged one by one.
-        outcomes = await asyncio.gather(*(send(m) for m in batch), return_exceptions=True)
-        for message, outcome in zip(batch, outcomes, strict=True):
-            if outcome is True:
+    in_flight: dict[asyncio.Task[bool], OfflineMessage] = {}
+    try:
+        while True:
+            if wake is not None:
+                wake.clear()
+            room = window - len(in_flight)
+            exhausted = False
+            while room > 0:
+                pending = await store.pending(
+                    user, now=clock(), limit=room, exclude=skipped | {m.id for m in in_flight.values()}
+                )
+                result.expired += pending.expired
+                if not pending.messages:
+                    exhausted = True
+                    break
+                batch = [m for m in pending.messages if accepts(m.topic)]
+                skipped.update(m.id for m in pending.messages if not accepts(m.topic))
+                if batch:
+                    await store.mark_sent(user, [m.id for m in batch])
+                    for message in batch:
+                        in_flight[asyncio.ensure_future(send(message))] = message
+                    room -= len(batch)
+            if not in_flight:
+                if exhausted and (wake is None or not wake.is_set()):
+                    result.complete = True
+                    return result
+                continue
+            waits: set[asyncio.Future[Any]] = set(in_flight)
+            woken = asyncio.ensure_future(wake.wait()) if wake is not None else None
+            if woken is not None:
+                waits.add(woken)
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if woken is not None:
+                    woken.cancel()
+            for finished in done:
+                if finished is woken:
+                    continue
+                task = cast("asyncio.Task[bool]", finished)
+                message = in_flight.pop(task)
+                if task.cancelled() or task.exception() is not None or task.result() is not True:
+                    return result  # not acknowledged: the connection is gone, the rest stays
                 await store.ack(user, message.id)
                 result.replayed += 1
-        if not all(outcome is True for outcome in outcomes):
-            return result
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
 
 class SnapshotWriter:

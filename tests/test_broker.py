@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
@@ -1089,3 +1090,98 @@ def test_a_restarted_broker_keeps_only_the_most_recent_sessions_of_a_user(tmp_pa
         stored = _stored_disconnect(running, user)
         assert set(stored) == {"d-unknown", "d-new"}
         assert stored["d-unknown"] == pytest.approx(now, abs=30)
+
+
+# --- a client that vanishes at any point of its connect leaves nothing behind ----------------
+
+
+def _cut_and_close(port: int, transport: Transport, data: bytes) -> None:
+    if transport == "tcp":
+        sock = _raw(port)
+        sock.sendall(data)
+    else:
+        sock = raw_ws(port)
+        sock.sendall(masked_frame(data))
+    sock.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_client_closing_at_any_point_of_its_connect_leaves_no_connection(
+    broker: BrokerThread, clients: ClientFactory, transport: Transport
+) -> None:
+    """Was: ten phones that sent CONNECT and vanished held the user's ten slots for good."""
+    user = unique("ghost")
+    connect = connect_packet(
+        user, clean=False, username=user.encode(), password=token_for(user, "subscriber").encode()
+    )
+    subscribe = subscribe_packet(1, f"user/{user}/#", 1)
+    stream = connect + subscribe
+    # Every prefix of the connect sequence (CONNECT, then a SUBSCRIBE), on its own socket.
+    for cut in range(1, len(stream) + 1):
+        _cut_and_close(broker.port(transport), transport, stream[:cut])
+    running = broker.broker
+
+    def settled() -> bool:
+        return (running.stats.connections, running.limits.total, len(running._connections)) == (
+            0,
+            0,
+            0,
+        ) and not any(session.transitions.is_connected() for session, _ in running.sessions.values())
+
+    wait_until(lambda: broker.call(settled), what="every connection released")
+    # Not locked out: the user's next CONNECT is accepted, on the same persistent session.
+    back = clients(
+        broker.port(transport),
+        transport=transport,
+        client_id=user,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    back.connect()
+
+
+# --- anonymous persistent sessions and QoS 2 to users ----------------------------------------
+
+
+def test_anonymous_persistent_sessions_are_kept(clients: ClientFactory) -> None:
+    """Was: amqtt's monitor deleted disconnected anonymous sessions within ~1 s."""
+    config = bridge_config(auth={"enabled": False})
+    with BrokerThread(config) as running:
+        client_id = unique("anon")
+        first = clients(running.tcp_port, anonymous=True, client_id=client_id, clean_session=False)
+        first.connect()
+        assert first.subscribe("status/#", qos=1) == [1]
+        first.close()
+        wait_until(
+            lambda: client_id not in running.call(lambda: dict(running.broker._connections)), what="gone"
+        )
+        # Past the monitor's 1 s period: the session is still there (polled, not slept on).
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            assert client_id in running.call(lambda: dict(running.broker.sessions)), "session deleted"
+            threading.Event().wait(0.1)
+        publisher = clients(running.tcp_port, anonymous=True)
+        publisher.connect()
+        publisher.publish("status/a", b"while away", qos=1)
+        back = clients(running.tcp_port, anonymous=True, client_id=client_id, clean_session=False)
+        back.connect()
+        assert back.session_present
+        assert back.expect(1)[0].payload == b"while away"
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+def test_qos2_messages_to_a_user_granted_qos2_arrive_at_qos2(
+    broker: BrokerThread, clients: ClientFactory, clean: bool
+) -> None:
+    user = unique("bob")
+    bob = clients(
+        broker.tcp_port, role="subscriber", username=user, client_id=unique("phone"), clean_session=clean
+    )
+    bob.connect()
+    assert bob.subscribe(f"user/{user}/#", qos=2) == [2]
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    service.publish(f"user/{user}/alerts", b"exactly once", qos=2)
+    (message,) = bob.expect(1)
+    assert (message.payload, message.qos) == (b"exactly once", 2)  # [MQTT-3.8.4-6]

@@ -29,11 +29,13 @@ from tests.conftest import (
     connect_packet,
     make_tick,
     persistent_client,
+    subscribe_packet,
     token_for,
     unique,
     wait_until,
 )
 from tests.redis_server import RedisProcess
+from tests.test_handler import RawClient, _subscribe_raw, puback_packet
 
 ClientFactory = Callable[..., Client]
 
@@ -439,3 +441,91 @@ def test_messages_racing_a_disconnect_are_not_lost(broker: BrokerThread, clients
         while early | late != wanted:
             late.add(back.messages.get(timeout=DEADLINE_S).payload)
         assert early | late == wanted
+
+
+# --- the mailbox: a persistent user's message is stored first and leaves only on PUBACK ------
+
+
+def test_an_online_phone_that_does_not_ack_gets_its_messages_again_with_their_ids(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    user = unique("alice")  # RawClient logs in as user = client id
+    phone = RawClient(broker.tcp_port, role="subscriber", client_id=user, clean=False)
+    _subscribe_raw(phone, f"user/{user}/#", 1)
+    service = clients(broker.tcp_port, role="service")
+    service.connect()
+    for index in range(3):
+        service.publish(f"user/{user}/fills", envelope(f"fill{index}"), qos=1)  # PUBACK: stored
+    first = [phone.read() for _ in range(3)]
+    assert [(p.payload, p.dup) for p in first] == [(f"fill{i}".encode(), False) for i in range(3)]
+    assert _queue(broker, user)[0] == 3  # delivered, not acknowledged: still in the mailbox
+    phone.close()
+
+    back = RawClient(broker.tcp_port, role="subscriber", client_id=user, clean=False)
+    again = [back.read() for _ in range(3)]
+    assert [(p.payload, p.dup, p.packet_id) for p in again] == [(p.payload, True, p.packet_id) for p in first]
+    back.send(b"".join(puback_packet(p.packet_id or 0) for p in again))
+    wait_until(lambda: _queue(broker, user)[0] == 0, what="acknowledged messages removed")
+    assert back.ping() == []  # not sent a third time by the replay
+    back.close()
+
+
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_sigkill_with_an_online_unacknowledging_user_loses_nothing_acknowledged(
+    procs: Callable[..., Proc],
+    clients: ClientFactory,
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Was: the service got 10 PUBACKs, the phone held the 10 unacknowledged, kill -9: 0 of 10."""
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    env = {
+        "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
+        "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
+        "MARKET_BRIDGE_HTTP__PORT": "0",
+        "MARKET_BRIDGE_FEEDS": "[]",
+    }
+    if kind == "redis":
+        env["MARKET_BRIDGE_STORE__REDIS_URL"] = request.getfixturevalue("redis_url")
+    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
+    key = SigningKey("dev", secret, "HS256")
+
+    def token(sub: str, role: Role) -> str:
+        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=600)
+
+    def start() -> tuple[Proc, int]:
+        proc = procs("run", env=env)
+        return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+
+    first, port = start()
+    user, phone_id = unique("alice"), unique("phone")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    sock.sendall(
+        connect_packet(
+            phone_id, clean=False, username=user.encode(), password=token(user, "subscriber").encode()
+        )
+        + subscribe_packet(1, f"user/{user}/#", 1)
+    )
+    service = clients(port, username="svc", password=token("svc", "service"))
+    service.connect()
+    for index in range(10):
+        service.publish(f"user/{user}/fills", f"fill{index}".encode(), qos=1)  # each PUBACKed
+    received = b""
+    deadline = time.monotonic() + DEADLINE_S
+    while received.count(b"/fills") < 10 and time.monotonic() < deadline:
+        received += sock.recv(65536)
+    assert received.count(b"/fills") == 10  # on the phone, none acknowledged
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(DEADLINE_S)
+    sock.close()
+
+    second, port = start()
+    back = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    back.connect()
+    got = back.expect(10)
+    assert [m.payload for m in got] == [f"fill{i}".encode() for i in range(10)]
+    assert all(m.dup for m in got)  # delivered before, maybe seen: DUP ([MQTT-3.3.1-1])
+    assert second.stop() == 0
