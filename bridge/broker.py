@@ -1412,7 +1412,7 @@ class MarketBroker(Broker):
                 # Re-sent at reconnect with its original packet id: wait for that one's ack.
                 await handler.await_puback(in_flight.packet_id)
                 return True
-            packet_id = session.next_packet_id if qos > QOS_0 else None
+            packet_id = _mailbox_packet_id(session, message.id) if qos > QOS_0 else None
             payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
             outgoing = StoredMessage(packet_id, message.topic, qos, payload, False, store_id=message.id)
             if message.sent > 0 and qos > QOS_0:
@@ -1891,6 +1891,19 @@ class MarketBroker(Broker):
             )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+
+def _mailbox_packet_id(session: Session, store_id: str) -> int:
+    """A stored message's packet id, derived from its store id: the same on every delivery,
+    after a reconnect or a restart ([MQTT-4.4.0-1]), unless another message in flight holds
+    it (then a fresh one; the message still carries DUP)."""
+    try:
+        preferred = int(store_id) % 65535 + 1
+    except ValueError:
+        return session.next_packet_id
+    if preferred in session.inflight_out or preferred in session.inflight_in:
+        return session.next_packet_id
+    return preferred
 
 
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
