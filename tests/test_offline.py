@@ -545,3 +545,36 @@ def _read_publishes(sock: socket.socket, count: int) -> list[Packet]:
         buffer.extend(chunk)
         found.extend(p for p in split_packets(buffer) if p.kind == 3)
     return found
+
+
+def test_a_qos2_mailbox_message_half_done_at_disconnect_does_not_delay_the_next_connect(
+    clients: ClientFactory,
+) -> None:
+    """Was: PUBREC then a disconnect made the next CONNECT wait for amqtt's PUBCOMP timeout."""
+    config = bridge_config(broker={"takeover_timeout_s": 60})
+    with BrokerThread(config) as running:
+        user = unique("alice")
+        phone = RawClient(running.tcp_port, role="subscriber", client_id=user, clean=False)
+        _subscribe_raw(phone, f"user/{user}/#", 2)
+        phone.close()
+        service = clients(running.tcp_port, role="service")
+        service.connect()
+        service.publish(f"user/{user}/fills", b"fill", qos=2)  # stored: the phone is away
+
+        back = RawClient(running.tcp_port, role="subscriber", client_id=user, clean=False)
+        (publish,) = _read_publishes(back.sock, 1)
+        assert (publish.qos, publish.payload) == (2, b"fill")
+        assert publish.packet_id is not None
+        back.send(b"\x50\x02" + publish.packet_id.to_bytes(2, "big"))  # PUBREC
+        assert back.read().first == 0x62  # PUBREL
+        back.close()  # before PUBCOMP
+
+        # Within the test's deadline, far below the 60 s takeover timeout.
+        again = RawClient(running.tcp_port, role="subscriber", client_id=user, clean=False)
+        assert again.session_present
+        pubrel = again.read()
+        assert (pubrel.first, pubrel.packet_id) == (0x62, publish.packet_id)
+        again.send(b"\x70\x02" + publish.packet_id.to_bytes(2, "big"))  # PUBCOMP
+        wait_until(lambda: _queue(running, user)[0] == 0, what="completed message removed")
+        assert again.ping() == []
+        again.close()
