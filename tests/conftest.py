@@ -104,17 +104,27 @@ def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 0) -> bytes:
     return _packet(0x82, packet_id.to_bytes(2, "big") + _mqtt_str(topic_filter.encode()) + bytes([qos]))
 
 
-def _mqtt_str(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
+def mqtt_str(data: bytes) -> bytes:
+    """An MQTT length-prefixed string (the length wraps: callers make bad ones on purpose)."""
+    return (len(data) & 0xFFFF).to_bytes(2, "big") + data
 
 
-def _packet(first_byte: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
+def varint(value: int) -> bytes:
+    """An MQTT remaining length, however large (tests make oversized ones on purpose)."""
+    out = bytearray()
     while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first_byte]) + bytes(encoded) + body
+        byte, value = value % 128, value // 128
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + varint(len(body)) + body
+
+
+_mqtt_str = mqtt_str
+_packet = packet
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE_S, what: str = "condition") -> None:

@@ -36,7 +36,7 @@ from typing import Literal, TypeVar
 from hypothesis import strategies as st
 
 from bridge.auth import SigningKey, mint_token
-from tests.conftest import token_for
+from tests.conftest import mqtt_str, packet, token_for, varint
 
 __all__ = [
     "HANDSHAKE",
@@ -105,24 +105,6 @@ BAD_TOKENS: list[bytes] = [
 ]
 
 # ---------------------------------------------------------------------------- MQTT encoding
-
-
-def mqtt_str(data: bytes) -> bytes:
-    return (len(data) & 0xFFFF).to_bytes(2, "big") + data
-
-
-def varint(value: int) -> bytes:
-    """An MQTT remaining length (however large: callers make oversized ones on purpose)."""
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + varint(len(body)) + body
 
 
 def connect(

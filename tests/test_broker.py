@@ -37,6 +37,7 @@ from tests.conftest import (
     subscribe_packet,
     token_for,
     unique,
+    varint,
     wait_until,
 )
 from tests.test_streams import raw_ws
@@ -568,16 +569,7 @@ def _mqtt5_connect(user: str) -> bytes:
         + len(token).to_bytes(2, "big")
         + token
     )
-    return b"\x10" + _varint(len(body)) + body
-
-
-def _varint(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
+    return b"\x10" + varint(len(body)) + body
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

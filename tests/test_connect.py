@@ -18,21 +18,12 @@ from bridge.connect import (
     read_connect,
 )
 from bridge.errors import ProtocolError
+from tests.conftest import mqtt_str, packet, varint
 
 BUDGET = 4096
 
 
-def _s(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def _varint(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
+_s = mqtt_str
 
 
 def body(
@@ -48,8 +39,8 @@ def body(
     return _s(name) + bytes([level, flags]) + keep_alive.to_bytes(2, "big") + rest
 
 
-def packet(data: bytes, first: int = 0x10) -> bytes:
-    return bytes([first]) + _varint(len(data)) + data
+def connect_bytes(data: bytes) -> bytes:
+    return packet(0x10, data)
 
 
 VALID = [
@@ -131,7 +122,7 @@ def test_a_non_connect_first_packet_is_refused_from_its_first_byte() -> None:
 
 def test_mqtt5_is_refused_from_the_level_byte_whatever_follows() -> None:
     # An MQTT 5 CONNECT: properties, credentials... none of it needs to arrive, or be 3.1.1.
-    head = packet(body(0xC2, level=5, payload=b"\x00" * 100))[:11]
+    head = connect_bytes(body(0xC2, level=5, payload=b"\x00" * 100))[:11]
     with pytest.raises(ConnectRefused) as caught:
         connect_preamble(head, BUDGET)
     assert caught.value.code == CONNACK_BAD_PROTOCOL
@@ -140,7 +131,7 @@ def test_mqtt5_is_refused_from_the_level_byte_whatever_follows() -> None:
 
 
 def test_an_oversized_connect_is_refused_from_its_length() -> None:
-    head = b"\x10" + _varint(BUDGET + 1)
+    head = b"\x10" + varint(BUDGET + 1)
     with pytest.raises(ConnectRefused) as caught:
         connect_preamble(head, BUDGET)
     assert (caught.value.code, caught.value.reason) == (5, "too_large")
@@ -150,12 +141,12 @@ def test_an_oversized_connect_is_refused_from_its_length() -> None:
 
 def test_unknown_protocol_names_close() -> None:
     with pytest.raises(ProtocolError) as caught:
-        connect_preamble(packet(body(name=b"HTTP")), BUDGET)
+        connect_preamble(connect_bytes(body(name=b"HTTP")), BUDGET)
     assert caught.value.reason == "bad_protocol"
 
 
 def test_read_connect_returns_what_came_after_it() -> None:
-    first = packet(body())
+    first = connect_bytes(body())
     extra = b"\x82\x06\x00\x01\x00\x01a\x00"
 
     async def run() -> tuple[Connect, bytes] | None:

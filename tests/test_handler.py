@@ -605,14 +605,20 @@ def _subscribe_raw(client: RawClient, topic_filter: str, qos: int) -> None:
     assert (suback.first, suback.body) == (0x90, b"\x00\x01" + bytes([qos]))
 
 
-def test_unacknowledged_qos1_and_qos2_are_resent_with_their_ids_and_dup_on_reconnect(
-    broker: BrokerThread, clients: ClientFactory
-) -> None:
+def _persistent_phone(broker: BrokerThread, clients: ClientFactory) -> tuple[str, RawClient, Client]:
+    """A raw persistent session on ``status/#`` at QoS 2, and a connected publisher."""
     client_id = unique("phone")
     phone = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
     _subscribe_raw(phone, "status/#", 2)
     publisher = clients(broker.tcp_port)
     publisher.connect()
+    return client_id, phone, publisher
+
+
+def test_unacknowledged_qos1_and_qos2_are_resent_with_their_ids_and_dup_on_reconnect(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    client_id, phone, publisher = _persistent_phone(broker, clients)
     publisher.publish("status/a", b"one", qos=1)
     publisher.publish("status/b", b"two", qos=2)
     one, two = phone.read(), phone.read()
@@ -649,11 +655,7 @@ def test_unacknowledged_qos1_and_qos2_are_resent_with_their_ids_and_dup_on_recon
 def test_a_qos2_message_not_yet_received_is_resent_as_a_publish(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
-    client_id = unique("phone")
-    phone = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
-    _subscribe_raw(phone, "status/#", 2)
-    publisher = clients(broker.tcp_port)
-    publisher.connect()
+    client_id, phone, publisher = _persistent_phone(broker, clients)
     publisher.publish("status/c", b"three", qos=2)
     first = phone.read()
     phone.close()  # neither PUBREC nor anything else

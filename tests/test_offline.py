@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -328,24 +328,7 @@ def test_sigkill_restart_loses_nothing_stored(
     request: pytest.FixtureRequest,
 ) -> None:
     """Kill -9 the broker process, start it again: queue, subscriptions and snapshots are back."""
-    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
-    env = {
-        "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
-        "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
-        "MARKET_BRIDGE_HTTP__PORT": "0",
-        "MARKET_BRIDGE_FEEDS": "[]",
-    }
-    if kind == "redis":
-        env["MARKET_BRIDGE_STORE__REDIS_URL"] = request.getfixturevalue("redis_url")
-    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
-    key = SigningKey("dev", secret, "HS256")
-
-    def token(sub: str, role: Role) -> str:
-        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=600)
-
-    def start() -> tuple[Proc, int]:
-        proc = procs("run", env=env)
-        return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+    env, token, start = _processes(procs, tmp_path, kind, request)
 
     first, port = start()
     user, phone_id = unique("alice"), unique("phone")
@@ -479,24 +462,7 @@ def test_sigkill_with_an_online_unacknowledging_user_loses_nothing_acknowledged(
     request: pytest.FixtureRequest,
 ) -> None:
     """Was: the service got 10 PUBACKs, the phone held the 10 unacknowledged, kill -9: 0 of 10."""
-    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
-    env = {
-        "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
-        "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
-        "MARKET_BRIDGE_HTTP__PORT": "0",
-        "MARKET_BRIDGE_FEEDS": "[]",
-    }
-    if kind == "redis":
-        env["MARKET_BRIDGE_STORE__REDIS_URL"] = request.getfixturevalue("redis_url")
-    secret = (tmp_path / DEV_SECRET_PATH).read_text().strip().encode()
-    key = SigningKey("dev", secret, "HS256")
-
-    def token(sub: str, role: Role) -> str:
-        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=600)
-
-    def start() -> tuple[Proc, int]:
-        proc = procs("run", env=env)
-        return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+    _, token, start = _processes(procs, tmp_path, kind, request)
 
     first, port = start()
     user, phone_id = unique("alice"), unique("phone")
@@ -578,3 +544,33 @@ def test_a_qos2_mailbox_message_half_done_at_disconnect_does_not_delay_the_next_
         wait_until(lambda: _queue(running, user)[0] == 0, what="completed message removed")
         assert again.ping() == []
         again.close()
+
+
+class _Start(Protocol):
+    def __call__(self) -> tuple[Proc, int]: ...
+
+
+def _processes(
+    procs: Callable[..., Proc], tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> tuple[dict[str, str], Callable[[str, Role], str], _Start]:
+    """``market-bridge run`` on free ports with the dev key and the ``kind`` store: its
+    environment, a token minter for that key, and a start() giving (process, TCP port)."""
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    env = {
+        "MARKET_BRIDGE_LISTENERS__TCP__PORT": "0",
+        "MARKET_BRIDGE_LISTENERS__WS__PORT": "0",
+        "MARKET_BRIDGE_HTTP__PORT": "0",
+        "MARKET_BRIDGE_FEEDS": "[]",
+    }
+    if kind == "redis":
+        env["MARKET_BRIDGE_STORE__REDIS_URL"] = request.getfixturevalue("redis_url")
+    key = SigningKey("dev", (tmp_path / DEV_SECRET_PATH).read_text().strip().encode(), "HS256")
+
+    def token(sub: str, role: Role) -> str:
+        return mint_token(key, sub=sub, role=role, now=time.time(), ttl_s=600)
+
+    def start() -> tuple[Proc, int]:
+        proc = procs("run", env=env)
+        return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
+
+    return env, token, start
