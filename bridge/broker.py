@@ -99,6 +99,7 @@ from bridge.store import (
     Snapshot,
     StoreError,
 )
+from bridge.store_guard import GuardedStore
 from bridge.streams import ChunkReader, TcpReader, WsReader
 from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
@@ -193,8 +194,9 @@ class MarketBroker(Broker):
         store: OfflineStore | None = None,
     ) -> None:
         self.bridge_config = config
-        # Opened at start from config.store unless given (then the caller owns it).
-        self.store: OfflineStore | None = store
+        # Opened at start from config.store unless given (then the caller owns it); every
+        # call with a deadline either way (bridge/store_guard.py).
+        self.store: GuardedStore | None = None if store is None else self._guarded(store)
         self._owns_store = store is None
         self._clock = clock
         auth = config.auth
@@ -257,6 +259,12 @@ class MarketBroker(Broker):
         tick_fields = self._tz_fields & set(Tick.model_fields)
         self._tick_fast_tz = tick_fields <= {"ts"}
         self._tick_ts_field = "ts" in tick_fields
+
+    def _guarded(self, store: OfflineStore) -> GuardedStore:
+        if isinstance(store, GuardedStore):
+            return store
+        cfg = self.bridge_config.store
+        return GuardedStore(store, call_timeout_s=cfg.call_timeout_s, quick_timeout_s=cfg.quick_timeout_s)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -345,8 +353,8 @@ class MarketBroker(Broker):
             await self._snapshots.flush()
             self._snapshots = None
         if self.store is not None and self._owns_store:
-            await self.store.close()
-            self.store = None
+            store, self.store = self.store, None
+            await self._store_call("close the store", store.close())
 
     async def _close_servers(self) -> None:
         for server in self._servers.values():

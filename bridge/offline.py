@@ -14,22 +14,31 @@ from pathlib import Path
 
 from bridge.config import StoreConfig
 from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError
+from bridge.store_guard import GuardedStore
 
 __all__ = ["ReplayResult", "SnapshotWriter", "open_store", "replay"]
 
 log = logging.getLogger(__name__)
 
 
-async def open_store(config: StoreConfig) -> OfflineStore:
-    """Redis when ``redis_url`` is set, otherwise the embedded SQLite file."""
+async def open_store(config: StoreConfig) -> GuardedStore:
+    """Redis when ``redis_url`` is set, otherwise the embedded SQLite file; every call with a
+    deadline (:class:`~bridge.store_guard.GuardedStore`), and the store's own timeouts set to it."""
     limits = QueueLimits(config.queue_max_messages, config.queue_max_bytes)
+    store: OfflineStore
     if config.redis_url:
         from bridge.redis_store import RedisStore  # noqa: PLC0415 - only needed with Redis
 
-        return await RedisStore.open(config.redis_url, limits)
-    from bridge.sqlite_store import SqliteStore  # noqa: PLC0415 - only needed without Redis
+        store = await RedisStore.open(config.redis_url, limits, timeout_s=config.call_timeout_s)
+        name = store.name
+    else:
+        from bridge.sqlite_store import SqliteStore  # noqa: PLC0415 - only needed without Redis
 
-    return await SqliteStore.open(Path(config.path), limits)
+        store = await SqliteStore.open(Path(config.path), limits, busy_timeout_s=config.call_timeout_s)
+        name = f"sqlite store {config.path}"
+    return GuardedStore(
+        store, name=name, call_timeout_s=config.call_timeout_s, quick_timeout_s=config.quick_timeout_s
+    )
 
 
 @dataclass
