@@ -81,7 +81,7 @@ from bridge.limits import (
     SubscribeRefusal,
     subscribe_refusal,
 )
-from bridge.logs import CLIENT, HandshakeLog, clip
+from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
@@ -746,7 +746,12 @@ class MarketBroker(Broker):
             try:
                 override = await self.store.get_user_tz(user)
             except StoreError as exc:
-                log.warning("time zone override for %s unavailable (%s): using the token's", clip(user), exc)
+                log.warning(
+                    "time zone override for %s unavailable (%s): using the token's",
+                    clip(user),
+                    exc,
+                    extra=STORE,
+                )
         return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -1058,7 +1063,7 @@ class MarketBroker(Broker):
             purged = await self.store.purge_orphaned_queue(user)
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("store: could not purge the offline queue of %s: %s", user, exc)
+            log.error("store: could not purge the offline queue of %s: %s", clip(user), exc, extra=STORE)
             return
         self.stats.offline_purged += purged
         if purged:
@@ -1092,6 +1097,7 @@ class MarketBroker(Broker):
                 clip(client_session.client_id),
                 clip(message.topic),
                 exc,
+                extra=STORE,
             )
             return True
         finally:
@@ -1367,6 +1373,7 @@ class MarketBroker(Broker):
                 clip(topic),
                 clip(failure, 200),
                 exc,
+                extra=STORE,
             )
 
     async def _replay_offline(self, connection: _Connection) -> None:
@@ -1390,17 +1397,18 @@ class MarketBroker(Broker):
                 clock=self._clock,
             )
         except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
+            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc, extra=STORE)
             return
         self.stats.offline_replayed += result.replayed
         self.stats.offline_expired += result.expired
         if result.replayed or result.expired:
             log.info(
-                "replayed %d offline message(s) to %s in %.3fs (%d expired)",
+                "replayed %d offline message(s) to %s in %.3fs (%d expired, %d store bookkeeping failures)",
                 result.replayed,
                 clip(connection.client_id),
                 self._clock() - started,
                 result.expired,
+                result.bookkeeping_failures,
             )
 
     async def _send_stored(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> bool:
@@ -1464,7 +1472,7 @@ class MarketBroker(Broker):
             await call
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("store: could not %s: %s", what, exc)
+            log.error("store: could not %s: %s", what, exc, extra=STORE)
 
     async def user_subscriptions(self, user: str) -> dict[str, dict[str, int]]:
         """client id -> {filter: QoS} for ``user``'s persistent sessions (from the store)."""

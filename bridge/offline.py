@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.config import StoreConfig
-from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError
+from bridge.logs import STORE, clip
+from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError, StoreUnavailable
 from bridge.store_guard import GuardedStore
 
 __all__ = ["ReplayResult", "SnapshotWriter", "open_store", "replay"]
@@ -46,6 +47,8 @@ class ReplayResult:
     replayed: int = 0
     expired: int = 0
     complete: bool = False  # False: stopped early (disconnect, no PUBACK); the rest stays stored
+    # mark_sent / ack calls the store failed; delivery went on without them (at-least-once).
+    bookkeeping_failures: int = 0
 
 
 async def replay(
@@ -63,32 +66,68 @@ async def replay(
     removed, so anything unacknowledged when the connection drops is delivered again next
     time (``sent`` > 0, so with DUP). Messages for topics the session does not take
     (``accepts``) stay in the store for another session of the same user.
+
+    What is stored is delivered even when the store cannot keep its books (a full disk, Redis
+    over ``maxmemory``): a failed ``mark_sent`` only means no DUP next time, a failed ``ack``
+    that the message comes again next time (at-least-once); the replay goes on and logs the
+    first such failure once. It stops only when the queue cannot be read, or an ``ack`` finds
+    the store unreachable (the next read would too).
     """
     result = ReplayResult()
-    skipped: set[str] = set()
+    exclude: set[str] = set()  # for another session, or delivered but still stored
     while True:
-        pending = await store.pending(user, now=clock(), limit=window, exclude=skipped)
+        pending = await store.pending(user, now=clock(), limit=window, exclude=exclude)
         result.expired += pending.expired
         batch = []
         for message in pending.messages:
             if accepts(message.topic):
                 batch.append(message)
             else:
-                skipped.add(message.id)
+                exclude.add(message.id)
         if not pending.messages:
             result.complete = True
             return result
         if not batch:
             continue
-        await store.mark_sent(user, [m.id for m in batch])
+        try:
+            await store.mark_sent(user, [m.id for m in batch])
+        except StoreError as exc:
+            _bookkeeping_failed(result, user, "mark_sent", exc)
         # Sent together (pipelined), acknowledged one by one.
         outcomes = await asyncio.gather(*(send(m) for m in batch), return_exceptions=True)
         for message, outcome in zip(batch, outcomes, strict=True):
-            if outcome is True:
+            if outcome is not True:
+                continue
+            result.replayed += 1
+            try:
                 await store.ack(user, message.id)
-                result.replayed += 1
+            except StoreUnavailable as exc:
+                log.warning(
+                    "offline replay to %s stopped after %d message(s): %s; the rest stays stored",
+                    clip(user),
+                    result.replayed,
+                    exc,
+                    extra=STORE,
+                )
+                return result  # this one comes again too: it is still stored
+            except StoreError as exc:
+                exclude.add(message.id)
+                _bookkeeping_failed(result, user, "ack", exc)
         if not all(outcome is True for outcome in outcomes):
             return result
+
+
+def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: StoreError) -> None:
+    if not result.bookkeeping_failures:
+        log.warning(
+            "offline replay to %s goes on without the store's bookkeeping (%s failed: %s);"
+            " delivered messages may come again",
+            clip(user),
+            operation,
+            exc,
+            extra=STORE,
+        )
+    result.bookkeeping_failures += 1
 
 
 class SnapshotWriter:
@@ -122,6 +161,6 @@ class SnapshotWriter:
             self.failures += 1
             # Keep what was not written, unless a newer tick for the topic came meanwhile.
             self._dirty = {**batch, **self._dirty}
-            log.warning("could not save %d snapshots (will retry): %s", len(batch), exc)
+            log.warning("could not save %d snapshots (will retry): %s", len(batch), exc, extra=STORE)
             return False
         return True

@@ -41,8 +41,9 @@ over their queue keys and ``mb:user:{user}:sessions``, which share the user's ha
 zones: hash user -> zone.
 
 Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
-:class:`~bridge.store.StoreUnavailable`; any other Redis error -> :class:`~bridge.store.StoreError`.
-Messages name the server by its URL with the password redacted. The connection pool reconnects by itself, so after Redis comes back
+:class:`~bridge.store.StoreUnavailable`; any other Redis error (e.g. ``OOM`` over
+``maxmemory``) -> :class:`~bridge.store.StoreError`. Messages name the server by its URL with
+the password redacted. The connection pool reconnects by itself, so after Redis comes back
 the same store works. Connecting, reading a reply and waiting for a pooled connection each
 give up after ``timeout_s`` (``store.call_timeout_s``); a refused or reset connection is
 retried twice, a timeout is not (it would only stretch a hang past the caller's deadline).
@@ -235,6 +236,12 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return count
 """
 
+# KEYS: the queue's order and bytes keys. Read-only, so it answers even when Redis is over
+# maxmemory, where a MULTI/EXEC of the same two reads would be refused.
+_QUEUE_SIZE = """
+return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+
 # KEYS: one session hash. ARGV: disconnected_at ('' clears it). 1 if the session exists.
 _SET_DISCONNECTED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -301,6 +308,7 @@ class RedisStore:
         self._mark_sent = client.register_script(_MARK_SENT)
         self._purge_orphaned = client.register_script(_PURGE_ORPHANED)
         self._set_disconnected = client.register_script(_SET_DISCONNECTED)
+        self._queue_size = client.register_script(_QUEUE_SIZE)
 
     @classmethod
     async def open(
@@ -410,11 +418,8 @@ class RedisStore:
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         with self._errors("queue_size"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zcard(keys.queue_order(user))
-                pipe.get(keys.queue_bytes(user))
-                count, total = await pipe.execute()
-        return int(count), int(total or 0)
+            count, total = await self._queue_size(keys=[keys.queue_order(user), keys.queue_bytes(user)])
+        return int(count), int(total)
 
     async def purge_orphaned_queue(self, user: str) -> int:
         with self._errors("purge_orphaned_queue"):

@@ -374,17 +374,22 @@ class SqliteStore:
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         """Remove ``user``'s expired messages (``expires_at <= now``), then up to ``limit`` others.
 
-        Order: priority descending, arrival ascending; ids in ``exclude`` are skipped.
+        Order: priority descending, arrival ascending; ids in ``exclude`` are skipped. If the
+        file cannot be written (full disk, read-only), the expired ones are only skipped
+        (``expired`` 0): what is stored can still be delivered.
         """
         async with self._locked("pending") as db:
-            expired = await _changes(
-                db, "DELETE FROM messages WHERE user = ? AND expires_at <= ?", (user, now)
-            )
+            try:
+                expired = await _changes(
+                    db, "DELETE FROM messages WHERE user = ? AND expires_at <= ?", (user, now)
+                )
+            except sqlite3.Error:
+                expired = 0  # the next pending that can write removes (and counts) them
             rows = await db.execute_fetchall(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE user = ? AND id NOT IN (SELECT value FROM json_each(?))"
+                " WHERE user = ? AND expires_at > ? AND id NOT IN (SELECT value FROM json_each(?))"
                 " ORDER BY priority DESC, id LIMIT ?",
-                (user, _row_ids(exclude), max(limit, 0)),
+                (user, now, _row_ids(exclude), max(limit, 0)),
             )
         return Pending(messages=tuple(_message(row) for row in rows), expired=max(expired, 0))
 
