@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import ssl
 import time
 import weakref
@@ -278,6 +279,11 @@ class MarketBroker(Broker):
             await self.shutdown()
 
     async def start(self) -> None:
+        """Start, or raise what stopped it: a :class:`MarketBridgeError` (a taken port, a store
+        that cannot be opened) says what failed in one line, so amqtt's "Broker startup failed"
+        record with its traceback is not logged for one."""
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(_expected_startup_failure)
         try:
             await super().start()
         except BrokerError as exc:
@@ -287,6 +293,8 @@ class MarketBroker(Broker):
             if isinstance(cause, MarketBridgeError):
                 raise cause from None
             raise
+        finally:
+            amqtt_log.removeFilter(_expected_startup_failure)
 
     async def shutdown(self) -> None:
         for connection in list(self._connections.values()):
@@ -472,7 +480,10 @@ class MarketBroker(Broker):
         log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
 
     async def _bind(self, name: str, listener: ListenerConfig) -> Any:
-        ssl_context = _ssl_context(listener.tls) if listener.tls else None
+        try:
+            ssl_context = _ssl_context(listener.tls) if listener.tls else None
+        except (OSError, ValueError) as exc:
+            raise ListenerError(name, listener.host, listener.port, f"TLS certificate or key: {exc}") from exc
         try:
             if isinstance(listener, WsListenerConfig):
                 return await websockets.serve(
@@ -496,7 +507,9 @@ class MarketBroker(Broker):
                 reuse_address=True,
             )
         except OSError as exc:
-            raise ListenerError(name, listener.host, listener.port, exc.strerror or str(exc)) from exc
+            # asyncio's strerror repeats the address: "error while attempting to bind on ...".
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenerError(name, listener.host, listener.port, reason) from exc
 
     # ------------------------------------------------------------------ connections
 
@@ -1879,6 +1892,12 @@ class MarketBroker(Broker):
             )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+
+def _expected_startup_failure(record: logging.LogRecord) -> bool:
+    """Filter for amqtt's broker logger: drop its "Broker startup failed" traceback when the
+    cause is one of ours, which says in one line what failed (the CLI prints it)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], MarketBridgeError))
 
 
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:
