@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import ssl
 import time
 import weakref
@@ -80,7 +81,7 @@ from bridge.limits import (
     SubscribeRefusal,
     subscribe_refusal,
 )
-from bridge.logs import CLIENT, HandshakeLog, clip
+from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
@@ -99,6 +100,7 @@ from bridge.store import (
     Snapshot,
     StoreError,
 )
+from bridge.store_guard import GuardedStore
 from bridge.streams import ChunkReader, TcpReader, WsReader
 from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
@@ -194,8 +196,9 @@ class MarketBroker(Broker):
         store: OfflineStore | None = None,
     ) -> None:
         self.bridge_config = config
-        # Opened at start from config.store unless given (then the caller owns it).
-        self.store: OfflineStore | None = store
+        # Opened at start from config.store unless given (then the caller owns it); every
+        # call with a deadline either way (bridge/store_guard.py).
+        self.store: GuardedStore | None = None if store is None else self._guarded(store)
         self._owns_store = store is None
         self._clock = clock
         auth = config.auth
@@ -259,6 +262,12 @@ class MarketBroker(Broker):
         self._tick_fast_tz = tick_fields <= {"ts"}
         self._tick_ts_field = "ts" in tick_fields
 
+    def _guarded(self, store: OfflineStore) -> GuardedStore:
+        if isinstance(store, GuardedStore):
+            return store
+        cfg = self.bridge_config.store
+        return GuardedStore(store, call_timeout_s=cfg.call_timeout_s, quick_timeout_s=cfg.quick_timeout_s)
+
     # ------------------------------------------------------------------ lifecycle
 
     @asynccontextmanager
@@ -271,6 +280,11 @@ class MarketBroker(Broker):
             await self.shutdown()
 
     async def start(self) -> None:
+        """Start, or raise what stopped it: a :class:`MarketBridgeError` (a taken port, a store
+        that cannot be opened) says what failed in one line, so amqtt's "Broker startup failed"
+        record with its traceback is not logged for one."""
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(_expected_startup_failure)
         try:
             await super().start()
         except BrokerError as exc:
@@ -280,6 +294,8 @@ class MarketBroker(Broker):
             if isinstance(cause, MarketBridgeError):
                 raise cause from None
             raise
+        finally:
+            amqtt_log.removeFilter(_expected_startup_failure)
 
     async def shutdown(self) -> None:
         for connection in list(self._connections.values()):
@@ -346,8 +362,8 @@ class MarketBroker(Broker):
             await self._snapshots.flush()
             self._snapshots = None
         if self.store is not None and self._owns_store:
-            await self.store.close()
-            self.store = None
+            store, self.store = self.store, None
+            await self._store_call("close the store", store.close())
 
     async def _session_monitor(self) -> None:
         """amqtt's monitor deletes every disconnected anonymous session after ~1 s: with
@@ -470,7 +486,10 @@ class MarketBroker(Broker):
         log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
 
     async def _bind(self, name: str, listener: ListenerConfig) -> Any:
-        ssl_context = _ssl_context(listener.tls) if listener.tls else None
+        try:
+            ssl_context = _ssl_context(listener.tls) if listener.tls else None
+        except (OSError, ValueError) as exc:
+            raise ListenerError(name, listener.host, listener.port, f"TLS certificate or key: {exc}") from exc
         try:
             if isinstance(listener, WsListenerConfig):
                 return await websockets.serve(
@@ -494,7 +513,9 @@ class MarketBroker(Broker):
                 reuse_address=True,
             )
         except OSError as exc:
-            raise ListenerError(name, listener.host, listener.port, exc.strerror or str(exc)) from exc
+            # asyncio's strerror repeats the address: "error while attempting to bind on ...".
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenerError(name, listener.host, listener.port, reason) from exc
 
     # ------------------------------------------------------------------ connections
 
@@ -744,7 +765,12 @@ class MarketBroker(Broker):
             try:
                 override = await self.store.get_user_tz(user)
             except StoreError as exc:
-                log.warning("time zone override for %s unavailable (%s): using the token's", clip(user), exc)
+                log.warning(
+                    "time zone override for %s unavailable (%s): using the token's",
+                    clip(user),
+                    exc,
+                    extra=STORE,
+                )
         return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -1056,7 +1082,7 @@ class MarketBroker(Broker):
             purged = await self.store.purge_orphaned_queue(user)
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("store: could not purge the offline queue of %s: %s", user, exc)
+            log.error("store: could not purge the offline queue of %s: %s", clip(user), exc, extra=STORE)
             return
         self.stats.offline_purged += purged
         if purged:
@@ -1090,6 +1116,7 @@ class MarketBroker(Broker):
                 clip(client_session.client_id),
                 clip(message.topic),
                 exc,
+                extra=STORE,
             )
             return True
         finally:
@@ -1377,17 +1404,18 @@ class MarketBroker(Broker):
                 wake=connection.wake,
             )
         except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc)
+            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc, extra=STORE)
             return
         self.stats.offline_replayed += result.replayed
         self.stats.offline_expired += result.expired
         if result.replayed or result.expired:
             log.info(
-                "replayed %d offline message(s) to %s in %.3fs (%d expired)",
+                "replayed %d offline message(s) to %s in %.3fs (%d expired, %d store bookkeeping failures)",
                 result.replayed,
                 clip(connection.client_id),
                 self._clock() - started,
                 result.expired,
+                result.bookkeeping_failures,
             )
 
     async def _send_stored(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> bool:
@@ -1484,7 +1512,7 @@ class MarketBroker(Broker):
             await call
         except StoreError as exc:
             self.stats.store_errors += 1
-            log.error("store: could not %s: %s", what, exc)
+            log.error("store: could not %s: %s", what, exc, extra=STORE)
 
     async def user_subscriptions(self, user: str) -> dict[str, dict[str, int]]:
         """client id -> {filter: QoS} for ``user``'s persistent sessions (from the store)."""
@@ -1904,6 +1932,12 @@ def _mailbox_packet_id(session: Session, store_id: str) -> int:
     if preferred in session.inflight_out or preferred in session.inflight_in:
         return session.next_packet_id
     return preferred
+
+
+def _expected_startup_failure(record: logging.LogRecord) -> bool:
+    """Filter for amqtt's broker logger: drop its "Broker startup failed" traceback when the
+    cause is one of ours, which says in one line what failed (the CLI prints it)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], MarketBridgeError))
 
 
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:

@@ -352,6 +352,22 @@ class StoreConfig(_Strict):
     snapshot_flush_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     # Offline replay: messages in flight (awaiting PUBACK) per connection.
     replay_window: Annotated[int, Field(ge=1, le=1000)] = 20
+    # Deadline for every store call (bridge/store_guard.py): past it the caller gets
+    # StoreUnavailable, whatever the store is doing. Also Redis's socket timeouts and
+    # SQLite's busy timeout.
+    call_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # The shorter deadline of calls on a hot path: the time zone lookup at CONNECT (past it
+    # the token's zone applies) and the /readyz probe (past it: not ready).
+    quick_timeout_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+    @model_validator(mode="after")
+    def _quick_is_quicker(self) -> Self:
+        if self.quick_timeout_s > self.call_timeout_s:
+            raise ValueError(
+                f"quick_timeout_s ({self.quick_timeout_s:g}) must not exceed call_timeout_s"
+                f" ({self.call_timeout_s:g})"
+            )
+        return self
 
 
 class TopicRewriteRule(_Strict):

@@ -2,7 +2,9 @@
 
 - ``GET /healthz``: the process is alive (200).
 - ``GET /readyz``: 200 when listeners are up and the store answers; 503 with the reason
-  otherwise, and from the first moment of a graceful stop.
+  otherwise: the store does not answer within ``store.quick_timeout_s``, or refused a call
+  in the last 30 s (a full disk, Redis over ``maxmemory``), and from the first moment of a
+  graceful stop.
 - ``GET /metrics``: Prometheus text (bridge/metrics.py).
 - ``/admin/...``: an ``admin``-role JWT as ``Authorization: Bearer <token>``, checked with
   the broker's own keys; no/invalid token 401, another role 403. OpenAPI at ``/openapi.json``
@@ -34,7 +36,7 @@ from bridge.config import redacted
 from bridge.errors import ListenerError, MessageError
 from bridge.keys import load_keyring
 from bridge.metrics import MetricsRegistry
-from bridge.store import Priority, StoreError, StoreUnavailable
+from bridge.store import Priority, StoreError
 
 __all__ = ["HttpServer", "build_app"]
 
@@ -140,9 +142,13 @@ def build_app(broker: MarketBroker) -> FastAPI:
             reason = "store is not open"
         else:
             try:
-                await broker.store.ping()
+                await broker.store.ping()  # within store.quick_timeout_s
             except StoreError as exc:
                 reason = f"store unreachable: {exc}"
+            else:
+                failure = broker.store.failure()
+                if failure is not None:
+                    reason = f"store failing: {failure.operation} failed: {failure.error}"
         if reason is not None:
             return JSONResponse({"status": "unready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -171,7 +177,7 @@ def build_app(broker: MarketBroker) -> FastAPI:
     async def subscriptions(user: str, _: Admin) -> dict[str, dict[str, int]]:
         try:
             result: dict[str, dict[str, int]] = await broker.user_subscriptions(user)
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             raise HTTPException(503, str(exc)) from None
         return result
 
@@ -179,14 +185,20 @@ def build_app(broker: MarketBroker) -> FastAPI:
         "/admin/users/{user}/messages",
         tags=["admin"],
         status_code=202,
-        responses={503: {"description": "the store is unavailable: nothing was stored"}},
+        responses={
+            503: {
+                "description": "the store is unavailable or failing (e.g. a full disk): nothing was"
+                " reported stored (a store that missed its deadline may still store it: send again"
+                " and it may arrive twice)"
+            }
+        },
     )
     async def send(user: str, body: MessageBody, _: Admin) -> dict[str, Any]:
         try:
             result = await broker.send_to_user(
                 user, body.topic, body.data(), priority=Priority[body.priority], ttl_s=body.ttl_s
             )
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             raise HTTPException(503, str(exc)) from None
         except MessageError as exc:
             raise HTTPException(422, exc.detail) from None
@@ -204,7 +216,7 @@ def build_app(broker: MarketBroker) -> FastAPI:
             await broker.set_user_tz(user, body.tz)
         except MessageError as exc:
             raise HTTPException(422, exc.detail) from None
-        except StoreUnavailable as exc:
+        except StoreError as exc:
             raise HTTPException(503, str(exc)) from None
         return {"user": user, "tz": body.tz}
 

@@ -8,7 +8,7 @@
   text quoting client input) *before* it goes into a log call's arguments: a 60 KB topic
   costs about 100 characters.
 - :class:`RateLimitFilter`, on the handler :func:`setup_logging` installs: records marked
-  ``extra=CLIENT`` and every record of the third-party ``amqtt`` and ``websockets`` loggers
+  ``extra=CLIENT`` or ``extra=STORE`` and every record of the third-party ``amqtt`` and ``websockets`` loggers
   pass ``burst`` times per ``interval_s`` per (logger, message template); the rest are
   counted, and one line per template and interval says how many were suppressed. The
   broker calls :func:`flush` periodically so that line comes out when a flood stops.
@@ -38,6 +38,7 @@ __all__ = [
     "CLIENT",
     "MAX_MESSAGE_CHARS",
     "QUIET_LOGGERS",
+    "STORE",
     "HandshakeLog",
     "JsonFormatter",
     "PlainFormatter",
@@ -51,6 +52,9 @@ __all__ = [
 
 # ``log.info(..., extra=CLIENT)``: caused by a client, so a client can repeat it: rate-limited.
 CLIENT: Final[Mapping[str, object]] = MappingProxyType({"client_fault": True})
+# ``log.error(..., extra=STORE)``: a store fault, repeated by every call while it lasts (a
+# full disk, a hung Redis): rate-limited the same way.
+STORE: Final[Mapping[str, object]] = MappingProxyType({"store_fault": True})
 # Longest message a record may have in the output (before ``…(+N chars)``).
 MAX_MESSAGE_CHARS: Final = 2048
 
@@ -185,7 +189,7 @@ _limiters: weakref.WeakSet[RateLimitFilter] = weakref.WeakSet()
 class RateLimitFilter(logging.Filter):
     """Per (logger, message template), ``burst`` client-caused records per ``interval_s``.
 
-    Limited: records logged with ``extra=CLIENT`` and every record of the ``amqtt`` and
+    Limited: records logged with ``extra=CLIENT`` or ``extra=STORE`` and every record of the ``amqtt`` and
     ``websockets`` loggers; others always pass. Past ``burst`` in an interval a record is
     counted and dropped; when the interval ends (on the key's next record, or :meth:`flush`)
     one line says how many: ``suppressed 2,990 similar messages in 10s: <template>``.
@@ -304,7 +308,7 @@ class RateLimitFilter(logging.Filter):
 def _limited(record: logging.LogRecord) -> bool:
     if getattr(record, "rate_limit_summary", False):
         return False
-    if getattr(record, "client_fault", False):
+    if getattr(record, "client_fault", False) or getattr(record, "store_fault", False):
         return True
     name = record.name
     return any(name == prefix or name.startswith(prefix + ".") for prefix in _LIMITED)

@@ -116,6 +116,16 @@ class _BrokerCollector(Collector):
         sessions.add_metric(["expired"], stats.sessions_expired)
         yield sessions
         yield CounterMetricFamily("mb_store_errors", "Store operations that failed", value=stats.store_errors)
+        store = self._broker.store
+        calls = CounterMetricFamily(
+            "mb_store_call_failures",
+            "Store calls past their deadline (timeout) or answered with an error (refused: a full"
+            " disk, Redis over maxmemory, a read-only file)",
+            labels=["kind"],
+        )
+        calls.add_metric(["timeout"], store.timeouts if store is not None else 0)
+        calls.add_metric(["refused"], store.failures if store is not None else 0)
+        yield calls
         yield CounterMetricFamily("mb_ticks_accepted", "Valid ticks accepted", value=stats.ticks_accepted)
         yield CounterMetricFamily(
             "mb_tz_rewrites", "Timestamp rewrites (one per message and zone)", value=stats.tz_rewrites

@@ -41,8 +41,12 @@ over their queue keys and ``mb:user:{user}:sessions``, which share the user's ha
 zones: hash user -> zone.
 
 Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
-:class:`~bridge.store.StoreUnavailable`; any other Redis error -> :class:`~bridge.store.StoreError`.
-The connection pool reconnects by itself, so after Redis comes back the same store works.
+:class:`~bridge.store.StoreUnavailable`; any other Redis error (e.g. ``OOM`` over
+``maxmemory``) -> :class:`~bridge.store.StoreError`. Messages name the server by its URL with
+the password redacted. The connection pool reconnects by itself, so after Redis comes back
+the same store works. Connecting, reading a reply and waiting for a pooled connection each
+give up after ``timeout_s`` (``store.call_timeout_s``); a refused or reset connection is
+retried twice, a timeout is not (it would only stretch a hang past the caller's deadline).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from bridge import redis_keys as keys
+from bridge.config import redact_url
 from bridge.store import (
     EnqueueResult,
     NewMessage,
@@ -78,12 +83,10 @@ __all__ = ["RedisStore"]
 log = logging.getLogger(__name__)
 
 PRIORITY_SPAN = 2**40  # seq must stay below this; scores stay below 2**53 (exact in Lua)
-CONNECT_TIMEOUT_S = 2.0
-SOCKET_TIMEOUT_S = 2.0
-RETRIES = 2
+TIMEOUT_S = 2.0  # connect, read a reply, wait for a pooled connection (store.call_timeout_s)
+RETRIES = 2  # after a refused or reset connection, not after a timeout
 HEALTH_CHECK_INTERVAL_S = 15
 MAX_CONNECTIONS = 64
-POOL_WAIT_S = 5.0  # waiting for a free pooled connection; then StoreUnavailable
 
 # Shared Lua: KEYS = order, msgs, expiry, sent, bytes (bridge.redis_keys.queue_keys).
 _LUA_COMMON = """
@@ -233,6 +236,12 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return count
 """
 
+# KEYS: the queue's order and bytes keys. Read-only, so it answers even when Redis is over
+# maxmemory, where a MULTI/EXEC of the same two reads would be refused.
+_QUEUE_SIZE = """
+return {redis.call('ZCARD', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+
 # KEYS: one session hash. ARGV: disconnected_at ('' clears it). 1 if the session exists.
 _SET_DISCONNECTED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -286,9 +295,11 @@ def _text(value: bytes | str) -> str:
 class RedisStore:
     """Offline queues, sessions, snapshots and time zones in Redis; see the module docstring."""
 
-    def __init__(self, client: aioredis.Redis, limits: QueueLimits) -> None:
+    def __init__(self, client: aioredis.Redis, limits: QueueLimits, *, url: str = "") -> None:
         """Use :meth:`open`, which checks that Redis answers."""
         self.limits = limits
+        # How errors name the server: its URL, password redacted.
+        self.name = f"redis store {redact_url(url)}" if url else "redis store"
         self._redis = client
         self._closed = False
         self._enqueue = client.register_script(_ENQUEUE)
@@ -297,13 +308,17 @@ class RedisStore:
         self._mark_sent = client.register_script(_MARK_SENT)
         self._purge_orphaned = client.register_script(_PURGE_ORPHANED)
         self._set_disconnected = client.register_script(_SET_DISCONNECTED)
+        self._queue_size = client.register_script(_QUEUE_SIZE)
 
     @classmethod
-    async def open(cls, url: str, limits: QueueLimits | None = None) -> RedisStore:
+    async def open(
+        cls, url: str, limits: QueueLimits | None = None, *, timeout_s: float = TIMEOUT_S
+    ) -> RedisStore:
         """Connect to ``url`` (``redis://``, ``rediss://`` or ``unix://``) and ping it.
 
         Raises :class:`StoreUnavailable` if Redis does not answer, :class:`StoreError` if the
-        URL is invalid.
+        URL is invalid. ``timeout_s`` bounds connecting, each reply and the wait for a pooled
+        connection.
         """
         try:
             # A bounded pool that makes a burst wait for a connection: the default pool
@@ -311,17 +326,21 @@ class RedisStore:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=MAX_CONNECTIONS,
-                timeout=POOL_WAIT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES),
+                timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                retry=Retry(
+                    ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+                    RETRIES,
+                    supported_errors=(redis_errors.ConnectionError,),
+                ),
                 health_check_interval=HEALTH_CHECK_INTERVAL_S,
                 client_name="market-bridge",
             )
             client = aioredis.Redis.from_pool(pool)
         except ValueError as exc:
-            raise StoreError(f"invalid redis url: {exc}") from exc
-        store = cls(client, limits or QueueLimits())
+            raise StoreError(f"invalid redis url {redact_url(url)}: {exc}") from exc
+        store = cls(client, limits or QueueLimits(), url=url)
         try:
             await store.ping()
         except BaseException:
@@ -333,14 +352,14 @@ class RedisStore:
     def _errors(self, operation: str) -> Iterator[None]:
         if self._closed:
             error = StoreUnavailable if operation == "ping" else StoreError
-            raise error(f"redis store: {operation}: the store is closed")
+            raise error(f"{self.name}: {operation}: the store is closed")
         try:
             yield
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             # BusyLoadingError (Redis replaying its AOF) is a ConnectionError too.
-            raise StoreUnavailable(f"redis store is unreachable ({operation}): {exc}") from exc
+            raise StoreUnavailable(f"{self.name} is unreachable ({operation}): {exc}") from exc
         except redis_errors.RedisError as exc:
-            raise StoreError(f"redis store failed ({operation}): {exc}") from exc
+            raise StoreError(f"{self.name} failed ({operation}): {exc}") from exc
 
     async def ping(self) -> None:
         with self._errors("ping"):
@@ -399,11 +418,8 @@ class RedisStore:
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         with self._errors("queue_size"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zcard(keys.queue_order(user))
-                pipe.get(keys.queue_bytes(user))
-                count, total = await pipe.execute()
-        return int(count), int(total or 0)
+            count, total = await self._queue_size(keys=[keys.queue_order(user), keys.queue_bytes(user)])
+        return int(count), int(total)
 
     async def purge_orphaned_queue(self, user: str) -> int:
         with self._errors("purge_orphaned_queue"):

@@ -47,7 +47,7 @@ from bridge.store import (
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
-BUSY_TIMEOUT_MS: Final = 5000
+BUSY_TIMEOUT_S: Final = 5.0  # waiting for another process's lock on the file
 
 # Each entry upgrades the schema by one version; never edit a shipped entry, append one.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -198,16 +198,30 @@ def _row_ids(message_ids: Iterable[str]) -> str:
 class SqliteStore:
     """:class:`~bridge.store.OfflineStore` on one SQLite file; see the module docstring."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, limits: QueueLimits) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        limits: QueueLimits,
+        *,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+    ) -> None:
         """Use :meth:`open`."""
         self._db: aiosqlite.Connection | None = db
         self.path = path
         self.limits = limits
+        self.busy_timeout_s = busy_timeout_s
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path, limits: QueueLimits) -> SqliteStore:
-        """Open (creating it and its directories if needed) and migrate the store at ``path``."""
+    async def open(
+        cls, path: Path, limits: QueueLimits, *, busy_timeout_s: float = BUSY_TIMEOUT_S
+    ) -> SqliteStore:
+        """Open (creating it and its directories if needed) and migrate the store at ``path``.
+
+        ``busy_timeout_s``: how long a statement waits for another process's lock on the file
+        (e.g. ``market-bridge tz --set`` while the broker runs) before failing.
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -219,7 +233,7 @@ class SqliteStore:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store {path}: cannot open: {exc}") from exc
-        store = cls(db, path, limits)
+        store = cls(db, path, limits, busy_timeout_s=busy_timeout_s)
         try:
             await store._setup()
         except BaseException:
@@ -230,7 +244,7 @@ class SqliteStore:
     async def _setup(self) -> None:
         db = self._conn("open")
         try:
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout_s * 1000)}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
@@ -360,17 +374,22 @@ class SqliteStore:
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         """Remove ``user``'s expired messages (``expires_at <= now``), then up to ``limit`` others.
 
-        Order: priority descending, arrival ascending; ids in ``exclude`` are skipped.
+        Order: priority descending, arrival ascending; ids in ``exclude`` are skipped. If the
+        file cannot be written (full disk, read-only), the expired ones are only skipped
+        (``expired`` 0): what is stored can still be delivered.
         """
         async with self._locked("pending") as db:
-            expired = await _changes(
-                db, "DELETE FROM messages WHERE user = ? AND expires_at <= ?", (user, now)
-            )
+            try:
+                expired = await _changes(
+                    db, "DELETE FROM messages WHERE user = ? AND expires_at <= ?", (user, now)
+                )
+            except sqlite3.Error:
+                expired = 0  # the next pending that can write removes (and counts) them
             rows = await db.execute_fetchall(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                " WHERE user = ? AND id NOT IN (SELECT value FROM json_each(?))"
+                " WHERE user = ? AND expires_at > ? AND id NOT IN (SELECT value FROM json_each(?))"
                 " ORDER BY priority DESC, id LIMIT ?",
-                (user, _row_ids(exclude), max(limit, 0)),
+                (user, now, _row_ids(exclude), max(limit, 0)),
             )
         return Pending(messages=tuple(_message(row) for row in rows), expired=max(expired, 0))
 

@@ -6,9 +6,12 @@ Never a fake: the store's Lua scripts and reconnect behaviour are what is under 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ def _free_port() -> int:
 
 
 class RedisProcess:
-    """``start()``/``stop()``/``kill()`` a redis-server; data survives restarts (AOF, fsync always)."""
+    """``start()``/``stop()``/``kill()``/``paused()`` a redis-server; data survives restarts (AOF, fsync always)."""
 
     def __init__(self, workdir: Path, port: int | None = None, *, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
@@ -79,6 +82,17 @@ class RedisProcess:
             time.sleep(0.02)
         self.stop()
         pytest.fail(f"redis-server did not start on port {self.port}")
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """A hung Redis for the block: SIGSTOPped, so connections open (the kernel accepts
+        them) but nothing is answered; SIGCONT afterwards, whatever happens."""
+        assert self.proc is not None, "not started"
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -393,6 +393,19 @@ def test_port_in_use_fails_startup_naming_the_listener() -> None:
         holder.close()
 
 
+def test_an_unusable_tls_certificate_fails_startup_naming_the_listener(tmp_path: Path) -> None:
+    junk = tmp_path / "cert.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    tls = {"certfile": str(junk), "keyfile": str(junk)}
+    config = bridge_config(listeners={"ws": {"port": 0}, "tcp": {"port": 0, "tls": tls}})
+    thread = BrokerThread(config)
+    with pytest.raises(ListenerError) as info:
+        thread.__enter__()
+    thread.stop()
+    assert info.value.listener == "tcp"
+    assert info.value.reason.startswith("TLS certificate or key: ")
+
+
 def test_listeners_are_independent(clients: ClientFactory) -> None:
     config = bridge_config(listeners={"ws": {"enabled": False}, "tcp": {"port": 0}})
     with BrokerThread(config) as running:

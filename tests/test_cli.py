@@ -49,15 +49,74 @@ def test_demo_serves_simulated_ticks_over_tcp_and_websocket(
     assert (tmp_path / DEV_SECRET_PATH).stat().st_mode & 0o777 == 0o600
 
 
-def test_run_fails_fast_naming_a_port_in_use(procs: Callable[..., Proc], tmp_path: Path) -> None:
+INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ")
+
+
+def _failed_to_start(proc: Proc) -> str:
+    """Exit code 1, and one line saying why: no traceback, nothing else but INFO logs."""
+    assert proc.popen.wait(DEADLINE_S) == 1
+    assert proc.stop() == 1  # collects the rest of the output
+    output = "\n".join(proc.lines)
+    assert "Traceback" not in output, output
+    said = [line for line in proc.lines if not INFO_LINE.match(line)]
+    assert len(said) == 1, output
+    assert said[0].startswith("market-bridge: "), output
+    return said[0]
+
+
+@pytest.mark.parametrize(
+    ("listener", "variable"),
+    [
+        ("tcp", "MARKET_BRIDGE_LISTENERS__TCP__PORT"),
+        ("ws", "MARKET_BRIDGE_LISTENERS__WS__PORT"),
+        ("http", "MARKET_BRIDGE_HTTP__PORT"),
+    ],
+)
+def test_run_fails_fast_naming_a_port_in_use(
+    procs: Callable[..., Proc], tmp_path: Path, listener: str, variable: str
+) -> None:
     generate_dev_secret(tmp_path / DEV_SECRET_PATH)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        proc = procs("run", env={**EPHEMERAL, "MARKET_BRIDGE_LISTENERS__TCP__PORT": str(taken)})
-        assert proc.popen.wait(DEADLINE_S) == 1
-        proc.wait_for_line(rf"listener 'tcp' cannot bind 127\.0\.0\.1:{taken}")
+        proc = procs("run", env={**EPHEMERAL, variable: str(taken)})
+        line = _failed_to_start(proc)
+    assert (
+        line == f"market-bridge: listener '{listener}' cannot bind 127.0.0.1:{taken}: Address already in use"
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # closed on return: nothing listens there
+
+
+@pytest.mark.parametrize("problem", ["redis_unreachable", "path_under_a_file", "corrupt_file"])
+def test_run_names_a_store_it_cannot_open_in_one_line(
+    procs: Callable[..., Proc], tmp_path: Path, problem: str
+) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    if problem == "redis_unreachable":
+        port = _closed_port()
+        setting = ("MARKET_BRIDGE_STORE__REDIS_URL", f"redis://:s3cret-pw@127.0.0.1:{port}/0")
+        expected = rf"redis store redis://:\*\*\*@127\.0\.0\.1:{port}/0 is unreachable \(ping\): .*(refused|Connect call failed)"
+    elif problem == "path_under_a_file":
+        (tmp_path / "not-a-dir").write_text("a regular file\n")  # chmod cannot stop root; this does
+        path = tmp_path / "not-a-dir" / "bridge.sqlite3"
+        setting = ("MARKET_BRIDGE_STORE__PATH", str(path))
+        expected = rf"sqlite store {re.escape(str(path))}: cannot create its directory: .*File exists"
+    else:
+        path = tmp_path / "corrupt.sqlite3"
+        path.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 32)
+        setting = ("MARKET_BRIDGE_STORE__PATH", str(path))
+        expected = rf"sqlite store {re.escape(str(path))}: cannot open: file is not a database"
+    proc = procs("run", env={**EPHEMERAL, setting[0]: setting[1]})
+    line = _failed_to_start(proc)
+    print(line)
+    assert re.search(expected, line), line
+    assert "s3cret" not in "\n".join(proc.lines)
 
 
 def test_bad_config_fails_naming_the_field_and_file(tmp_path: Path, procs: Callable[..., Proc]) -> None:

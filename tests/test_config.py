@@ -328,6 +328,8 @@ def test_env_name_is_case_insensitive(tmp_path: Path, monkeypatch: pytest.Monkey
         ("MARKET_BRIDGE_LISTENERS__TCP__BOGUS", "1", "listeners.tcp.bogus"),
         ("MARKET_BRIDGE_FEEDS", '[{"kind": "nope"}]', "feeds.0"),
         ("MARKET_BRIDGE_FEEDS", '[{"kind": "simulator", "markets": ["BTCZAR"]}]', "feeds.0.markets"),
+        ("MARKET_BRIDGE_STORE__CALL_TIMEOUT_S", "0", "store.call_timeout_s"),
+        ("MARKET_BRIDGE_STORE__QUICK_TIMEOUT_S", "5", "store"),  # more than call_timeout_s
     ],
 )
 def test_bad_env_value_names_the_variable(

@@ -79,6 +79,59 @@ def test_readyz_follows_redis_going_away_and_coming_back(tmp_path: Path) -> None
         redis.stop()
 
 
+def test_readyz_and_admin_api_answer_in_time_while_redis_is_hung(
+    tmp_path: Path, clients: ClientFactory
+) -> None:
+    """A SIGSTOPped Redis answers nothing: readiness says so within a second, a message that
+    must be stored gets its 503 at store.call_timeout_s, and all is well after SIGCONT."""
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        config = bridge_config(store={"redis_url": redis.url})
+        deadline = config.store.call_timeout_s
+        with (
+            BrokerThread(config, http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=30) as http,
+        ):
+            user, phone_id = unique("alice"), unique("phone")
+            phone = persistent_client(clients, running.tcp_port, user, phone_id)
+            phone.connect()
+            phone.subscribe(f"user/{user}/#", qos=1)
+            phone.close()
+            wait_until(
+                lambda: phone_id not in running.call(lambda: dict(running.broker._connections)),
+                what="offline",
+            )
+            message = {"topic": "alerts", "payload": "during"}
+            with redis.paused():
+                started = time.monotonic()
+                unready = http.get("/readyz")
+                readyz_s = time.monotonic() - started
+                started = time.monotonic()
+                refused = http.post(f"/admin/users/{user}/messages", headers=_admin(), json=message)
+                post_s = time.monotonic() - started
+            print(f"redis hung: /readyz answered in {readyz_s:.2f}s, admin POST in {post_s:.2f}s")
+            assert unready.status_code == 503
+            assert "did not answer ping" in unready.json()["reason"]
+            assert readyz_s < 1.0
+            assert (refused.status_code, refused.json()["error"]) == (503, "unavailable")
+            assert "did not answer enqueue" in refused.json()["detail"]
+            assert deadline - 0.1 < post_s < deadline + 1.5
+
+            assert _metric(http.get("/metrics").text, "mb_store_call_failures_total", kind="timeout") >= 2
+
+            # Recovered without a restart.
+            wait_until(lambda: http.get("/readyz").status_code == 200, what="ready again")
+            accepted = http.post(
+                f"/admin/users/{user}/messages",
+                headers=_admin(),
+                json={"topic": "alerts", "payload": "after"},
+            )
+            assert (accepted.status_code, accepted.json()["stored"]) == (202, True)
+    finally:
+        redis.stop()
+
+
 def test_readyz_turns_503_as_soon_as_draining_starts(broker: BrokerThread, http: httpx.Client) -> None:
     broker.run(broker.broker.drain(1.0))
     unready = http.get("/readyz")

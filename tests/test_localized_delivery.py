@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BrokerThread, Client, bridge_config, make_tick, token_for, unique, wait_until
+from tests.conftest import (
+    BrokerThread,
+    Client,
+    Transport,
+    bridge_config,
+    make_tick,
+    token_for,
+    unique,
+    wait_until,
+)
+from tests.redis_server import RedisProcess
 
 ClientFactory = Callable[..., Client]
 ZONES = {"Africa/Lagos": "+01:00", "Africa/Nairobi": "+03:00", "Africa/Cairo": "+02:00"}
@@ -136,6 +148,48 @@ def test_store_override_beats_the_token_claim(broker: BrokerThread, clients: Cli
     broker.run(broker.broker.set_user_tz(user, None))
     _feed(broker, clients).publish("market/luno/BTC-ZAR", make_tick().encode())
     assert json.loads(sub.expect(1)[0].payload)["ts"] == LOCAL["Africa/Lagos"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+def test_connect_while_redis_is_hung_gets_the_token_zone_at_once(
+    tmp_path: Path, clients: ClientFactory, transport: Transport
+) -> None:
+    """The zone override is looked up at CONNECT within store.quick_timeout_s: a hung Redis
+    costs a connecting client that much, and it gets its token's zone."""
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        with BrokerThread(bridge_config(store={"redis_url": redis.url})) as running:
+            user = unique("alice")
+            running.run(running.broker.set_user_tz(user, "Africa/Nairobi"))
+            running.run(running.broker.publish_tick(make_tick()))
+
+            def connect() -> tuple[Client, float]:
+                sub = clients(
+                    running.port(transport),
+                    transport=transport,
+                    username=user,
+                    password=token_for(user, "subscriber", tz="Africa/Lagos"),
+                )
+                started = time.monotonic()
+                sub.connect()
+                return sub, time.monotonic() - started
+
+            with redis.paused():
+                sub, took = connect()
+                sub.subscribe("market/#")
+                snapshot = json.loads(sub.expect(1)[0].payload)
+            print(f"redis hung: CONNECT over {transport} took {took:.2f}s")
+            assert took < 1.5
+            assert (snapshot["ts"], snapshot["tz"]) == (LOCAL["Africa/Lagos"], "Africa/Lagos")
+            sub.close()
+
+            # Redis answers again: the next CONNECT finds the override.
+            again, _ = connect()
+            again.subscribe("market/#")
+            assert json.loads(again.expect(1)[0].payload)["tz"] == "Africa/Nairobi"
+    finally:
+        redis.stop()
 
 
 def test_token_without_tz_gets_the_configured_default(broker: BrokerThread, clients: ClientFactory) -> None:

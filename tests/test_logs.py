@@ -31,6 +31,7 @@ from bridge.logs import (
     CLIENT,
     MAX_MESSAGE_CHARS,
     QUIET_LOGGERS,
+    STORE,
     HandshakeLog,
     JsonFormatter,
     PlainFormatter,
@@ -338,6 +339,30 @@ def test_third_party_records_are_limited_per_logger_and_template(name: str) -> N
     assert sink.messages() == ["suppressed 2 similar messages in 10s: 'opening handshake failed'"]
     assert sink.records[0].name == name
     assert sink.records[0].levelno == logging.INFO
+
+
+def test_store_faults_are_limited_like_client_faults() -> None:
+    """A full disk fails every write the same way: extra=STORE lines are limited per template."""
+    clock = FakeClock()
+    limiter, sink = limited(clock, burst=2)
+    fault = "could not take %s's message on %s: %s"
+    for n in range(5):
+        made = record(
+            fault, f"svc-{n}", "user/kim/a", "database or disk is full", level=logging.ERROR, client=False
+        )
+        made.__dict__.update(STORE)
+        sink.handle(made)
+    plain = record(fault, "svc", "user/kim/a", "x", level=logging.ERROR, client=False)
+    sink.handle(plain)  # unmarked: always passes
+    clock.advance(10)
+    limiter.flush()
+    assert [m.split(":")[0] for m in sink.messages()] == [
+        "could not take svc-0's message on user/kim/a",
+        "could not take svc-1's message on user/kim/a",
+        "could not take svc's message on user/kim/a",
+        "suppressed 3 similar messages in 10s",
+    ]
+    assert sink.records[-1].levelno == logging.ERROR
 
 
 def test_summary_takes_the_highest_suppressed_level() -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
+import re
 import signal
 import socket
 import threading
@@ -12,12 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import pytest
 
 from bridge.auth import Role, SigningKey, mint_token
-from bridge.config import DEV_SECRET_PATH, BridgeConfig
+from bridge.config import DEV_SECRET_PATH, BridgeConfig, LoggingConfig
 from bridge.errors import MessageError
 from bridge.keys import generate_dev_secret
+from bridge.logs import log_handler
 from bridge.offline import open_store
 from bridge.store import Priority, StoreUnavailable
 from tests.conftest import (
@@ -35,6 +40,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.redis_server import RedisProcess
+from tests.store_faults import Fault, set_fault
 from tests.test_handler import Packet, RawClient, _subscribe_raw, puback_packet, split_packets
 
 ClientFactory = Callable[..., Client]
@@ -574,3 +580,82 @@ def _processes(
         return proc, int(proc.wait_for_line(r"listener tcp bound to 127\.0\.0\.1:(\d+)").group(1))
 
     return env, token, start
+
+
+@pytest.mark.parametrize(
+    ("kind", "fault"), [("embedded", "full"), ("embedded", "read_only"), ("redis", "full")]
+)
+def test_a_store_that_cannot_write_still_replays_what_it_holds(
+    tmp_path: Path, clients: ClientFactory, caplog: pytest.LogCaptureFixture, kind: str, fault: Fault
+) -> None:
+    """A full disk (or Redis at maxmemory, or a file system gone read-only): what is stored is
+    still delivered, readiness says why the store is failing, and the log stays short."""
+    caplog.set_level(logging.INFO)
+    out = io.StringIO()
+    handler = log_handler(LoggingConfig(), stream=out, clock=lambda: 0.0)  # one rate-limit window
+    logging.getLogger().addHandler(handler)
+    redis = RedisProcess(tmp_path / "redis") if kind == "redis" else None
+    try:
+        if redis is not None:
+            redis.start()
+        config = bridge_config(store={"redis_url": redis.url}) if redis is not None else bridge_config()
+        with (
+            BrokerThread(config, http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=30) as http,
+        ):
+            user, phone_id = unique("alice"), unique("phone")
+            _go_offline(running, clients, user, phone_id)
+            for index in range(39):
+                running.run(running.broker.send_to_user(user, "alerts", b"alert %d" % index))
+            store = running.broker.store
+            assert store is not None
+            running.run(set_fault(store, fault))
+
+            # A service keeps trying to send more (big enough to need new pages): each try is
+            # refused, without PUBACK, and the service's connection closed so it sends again.
+            attempts = 25
+            for _ in range(attempts):
+                service = clients(running.tcp_port, role="service")
+                service.connect()
+                service.paho.publish(f"user/{user}/alerts", b"x" * 8192, qos=1)
+                assert service.disconnected.wait(DEADLINE_S)
+            admin = {"Authorization": f"Bearer {token_for(unique('ops'), 'admin')}"}
+            refused = http.post(
+                f"/admin/users/{user}/messages",
+                headers=admin,
+                json={"topic": "alerts", "payload": "x" * 8192},
+            )
+            assert (refused.status_code, refused.json()["error"]) == (503, "unavailable")
+            unready = http.get("/readyz")
+            reason = unready.json()["reason"]
+            print(f"{kind} {fault}: /readyz {unready.status_code} {reason}")
+            assert unready.status_code == 503
+            assert reason.startswith("store failing: enqueue failed: ")
+            assert re.search(r"disk is full|maxmemory" if fault == "full" else "readonly", reason), reason
+
+            phone = _come_back(running, clients, user, phone_id)
+            assert [m.payload for m in phone.expect(39)] == [b"alert %d" % index for index in range(39)]
+            # Acknowledged ones leave the store if it can still delete; a read-only one keeps
+            # them, and they come again next time (at-least-once).
+            left = 39 if fault == "read_only" else 0
+            wait_until(
+                lambda: running.call(lambda: running.broker.stats.offline_replayed) == 39, what="replay done"
+            )
+            assert _queue(running, user)[0] == left
+    finally:
+        logging.getLogger().removeHandler(handler)
+        if redis is not None:
+            redis.stop()
+
+    lines = out.getvalue().splitlines()
+    refusals = [line for line in lines if "could not take" in line and "suppressed" not in line]
+    summaries = re.findall(r"suppressed (\d+) similar messages in \d+s: .*could not take", out.getvalue())
+    faulty = [line for line in lines if re.search(r"disk is full|readonly|maxmemory", line)]
+    print(f"{kind} {fault}: {len(faulty)} log lines name the fault, {summaries} more summarised")
+    assert len(refusals) == 10  # the rate limit's burst; one line per try before
+    assert summaries == [str(attempts - 10)]
+    # The 10 refusals, and one line per other thing that failed: marking the session
+    # connected and (at shutdown) disconnected, the replay's bookkeeping.
+    assert len(faulty) <= 13, "\n".join(faulty)
+    bookkeeping = [line for line in lines if "without the store's bookkeeping" in line]
+    assert len(bookkeeping) == (0 if fault == "full" and kind == "embedded" else 1), bookkeeping
