@@ -21,7 +21,8 @@ The rules (pure; the broker's :class:`~bridge.offline.SeqReserver` does the writ
   written, which no feed comes near: otherwise ticks keep flowing whatever the store does.
 - Reservations are raised ahead: when a topic passes half its block, the next write sets
   ``reserved = last + block``, the block sized to last :data:`AHEAD_S` at the topic's recent
-  rate (between :data:`MIN_BLOCK` and :data:`MAX_BLOCK`). Every :data:`RENEW_S` all of them
+  rate (measured over at least :data:`RATE_WINDOW_S`; between :data:`MIN_BLOCK` and
+  :data:`MAX_BLOCK`). Every :data:`RENEW_S` all of them
   are rewritten with a fresh ``at``, which keeps the jump after a crash small.
 - Topics the store holds nothing for start after the reservation of :data:`NEW_TOPICS`
   (``""``), which every write renews. A new topic is in every write until one holding it is
@@ -44,6 +45,7 @@ __all__ = [
     "MIN_BLOCK",
     "NEW_TOPICS",
     "OVERRUN_PER_S",
+    "RATE_WINDOW_S",
     "RENEW_S",
     "ReservedSequencer",
     "SeqReservation",
@@ -58,6 +60,7 @@ MIN_BLOCK: Final = 65_536
 AHEAD_S: Final = 60.0  # a block lasts this long at the topic's recent rate
 MAX_BLOCK: Final = OVERRUN_PER_S * 60
 RENEW_S: Final = 1.0  # every reservation is rewritten (fresh ``at``) this often
+RATE_WINDOW_S: Final = 1.0  # a block adapts to the rate measured over at least this long
 # A store written before reservations existed holds only snapshots, written up to
 # store.snapshot_flush_s (at most 60 s) behind: skip what that could have missed.
 LEGACY_GAP: Final = OVERRUN_PER_S * 60
@@ -126,7 +129,7 @@ class _Topic:
     block: int
     # Past half its block, or not yet in a confirmed write: the next write raises it.
     due: bool = False
-    mark: tuple[int, float] | None = None  # (last, time) at the last raise: the rate since
+    mark: tuple[int, float] | None = None  # (last, time) the rate is measured from
 
     def tighten(self, reserved: int, at: float, overrun_per_s: int) -> None:
         """A write that may land promises ``(reserved, at)``: keep the tighter limit."""
@@ -274,10 +277,12 @@ class ReservedSequencer:
                 continue
             if state.due:
                 last = self._last_of(topic)
-                if state.mark is not None and now > state.mark[1]:
+                if state.mark is None:
+                    state.mark = (last, now)
+                elif now - state.mark[1] >= RATE_WINDOW_S:
                     rate = (last - state.mark[0]) / (now - state.mark[1])
                     state.block = block_for(rate, min_block=self._min_block, max_block=self._max_block)
-                state.mark = (last, now)
+                    state.mark = (last, now)
                 state.reserved = max(state.reserved, last + state.block)
             state.tighten(state.reserved, now, self._overrun_per_s)
             batch.append(SeqReservation(topic, state.reserved, now))

@@ -282,9 +282,10 @@ def test_reservation_is_raised_a_block_ahead_once_half_of_it_is_used() -> None:
     run.take(BTC_ZAR, 100)
     assert run.wakes == 2  # one wake per crossing
     batch = run.write()
-    # Raised by a block sized on the rate since the last raise: ~3,300/s for 10 s.
+    # Raised by a block sized on the rate since the topic appeared (the first raise came too
+    # soon after to measure one): ~3,300/s for 10 s.
     last = run.seq.last(BTC_ZAR)
-    block = block_for((last - 1) / 10.0)
+    block = block_for(last / 10.0)
     assert block > MIN_BLOCK
     assert SeqReservation(BTC_ZAR, last + block, clock()) in batch
     assert store.held[BTC_ZAR] == SeqReservation(BTC_ZAR, last + block, clock())
@@ -359,13 +360,13 @@ def test_a_write_that_may_have_landed_limits_what_follows_it() -> None:
     # Reported failed but landed (a timeout hid it): a restart sees its `at`, not the older one.
     run.write(outcome="hidden")
     raised = store.held[BTC_ZAR]
-    assert (raised.at, raised.reserved) == (clock(), 65 + 384)  # 6.4 ticks/s for 60 s
+    assert (raised.at, raised.reserved) == (clock(), 65 + 390)  # 6.5 ticks/s for 60 s
     got = [n for n in run.take(BTC_ZAR, 500) if n]
-    assert got == list(range(66, 65 + 384 + 1))  # what that write reserves, no more
-    assert (run.seq.overrun, run.seq.refused) == (384, 500 - 384)
+    assert got == list(range(66, 65 + 390 + 1))  # what that write reserves, no more
+    assert (run.seq.overrun, run.seq.refused) == (390, 500 - 390)
     clock.now += 0.001
     assert (
-        Run(store, clock, min_block=SMALL_BLOCK, overrun_per_s=SLOW_OVERRUN).seq.next(BTC_ZAR) == 65 + 384 + 2
+        Run(store, clock, min_block=SMALL_BLOCK, overrun_per_s=SLOW_OVERRUN).seq.next(BTC_ZAR) == 65 + 390 + 2
     )
 
 
