@@ -153,8 +153,10 @@ class SeqReserver:
         loop = asyncio.get_running_loop()
         renewed = loop.time()
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation.
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, renewed + self._renew_s - loop.time()))
+                async with asyncio.timeout(max(0.0, renewed + self._renew_s - loop.time())):
+                    await self._wake.wait()
             self._wake.clear()
             renew = loop.time() >= renewed + self._renew_s
             if renew:
