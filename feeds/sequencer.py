@@ -22,8 +22,8 @@ The rules (pure; the broker's :class:`~bridge.offline.SeqReserver` does the writ
 - Reservations are raised ahead: when a topic passes half its block, the next write sets
   ``reserved = last + block``, the block sized to last :data:`AHEAD_S` at the topic's recent
   rate (measured over at least :data:`RATE_WINDOW_S`; between :data:`MIN_BLOCK` and
-  :data:`MAX_BLOCK`). Every :data:`RENEW_S` all of them
-  are rewritten with a fresh ``at``, which keeps the jump after a crash small.
+  :data:`MAX_BLOCK`). Every :data:`RENEW_S` all of them are rewritten with a fresh ``at``,
+  which keeps the jump after a crash small.
 - Topics the store holds nothing for start after the reservation of :data:`NEW_TOPICS`
   (``""``), which every write renews. A new topic is in every write until one holding it is
   confirmed; until then the :data:`NEW_TOPICS` reservation covers it.
@@ -176,7 +176,6 @@ class ReservedSequencer:
         self._topics: dict[str, _Topic] = {}
         self._base = 0  # new topics start after this
         self._running = False
-        self.started = False
         self.refused = 0  # numbers refused: past every allowance the store may hold
         self.overrun = 0  # numbers handed out past the reservation (within the allowance)
         self.resumed_unclean = 0  # topics that skipped ahead at start (their last stop was not clean)
@@ -261,7 +260,7 @@ class ReservedSequencer:
             )
             for topic, seq in {**last, NEW_TOPICS: self._base}.items()
         }
-        self.started = self._running = True
+        self._running = True
         return self.plan(now, renew=True)
 
     def plan(self, now: float, *, renew: bool) -> list[SeqReservation]:
