@@ -20,7 +20,9 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
   sends no CONNECT is closed after ``connect_timeout_s``.
 - Retained messages go only to the subscriber's own new subscriptions, once per topic.
 - Publishes to ``market/...`` are validated ticks; the broker stamps ``seq`` per topic and
-  keeps the last valid tick per topic as the retained snapshot.
+  keeps the last valid tick per topic as the retained snapshot. ``seq`` never goes backwards
+  or repeats across restarts, even ``kill -9``: it stays within reservations the store holds
+  (feeds/sequencer.py), written before listeners start and kept ahead in the background.
 - Fan-out looks filters up in a :class:`~bridge.topics.TopicIndex`, delivers at
   min(publish QoS, subscription QoS), and bounds amqtt's in-memory offline queue.
 """
@@ -83,7 +85,7 @@ from bridge.limits import (
 )
 from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
-from bridge.offline import SnapshotWriter, open_store, replay
+from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
 from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
@@ -107,7 +109,7 @@ from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
 from bridge.ws_connection import MqttWsConnection, connection_class
 from bridge.ws_slim import slim as slim_websocket
-from feeds.sequencer import Sequencer
+from feeds.sequencer import ReservedSequencer
 from feeds.tick import MARKET_PREFIX, Tick
 
 __all__ = ["MarketBroker", "SendResult"]
@@ -235,7 +237,9 @@ class MarketBroker(Broker):
         self._expiry_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._client_tasks: set[asyncio.Task[Any]] = set()  # one per open socket
-        self._sequencer = Sequencer()
+        self._sequencer = ReservedSequencer(clock=clock, on_due=self._seq_due)
+        self._reserver: SeqReserver | None = None
+        self._reserver_task: asyncio.Task[None] | None = None
         self.draining = False
         # What a client may send before its CONNECT is accepted: the CONNECT, whose size is
         # a few KB of fixed fields and will plus the largest token and topic.
@@ -345,7 +349,8 @@ class MarketBroker(Broker):
             await self._snapshots.flush()
 
     async def _close_store(self) -> None:
-        """Stop the background tasks, flush snapshots a last time, close a store we opened."""
+        """Stop the background tasks, flush snapshots a last time, save the exact last seq
+        per topic (so a clean restart continues without a gap), close a store we opened."""
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             await asyncio.gather(self._expiry_task, return_exceptions=True)
@@ -361,6 +366,12 @@ class MarketBroker(Broker):
         if self._snapshots is not None:
             await self._snapshots.flush()
             self._snapshots = None
+        if self._reserver_task is not None:
+            self._reserver_task.cancel()
+            await asyncio.gather(self._reserver_task, return_exceptions=True)
+            self._reserver_task = None
+        if self.store is not None:
+            await self._release_seq(self.store)
         if self.store is not None and self._owns_store:
             store, self.store = self.store, None
             await self._store_call("close the store", store.close())
@@ -410,6 +421,8 @@ class MarketBroker(Broker):
         await self._restore()
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
+        self._reserver = SeqReserver(self.store, self._sequencer, clock=self._clock)
+        self._reserver_task = asyncio.create_task(self._reserver.run(), name="seq-reserver")
         self._flush_task = asyncio.create_task(self._flush_outboxes(), name="outbox-flusher")
         self._expiry_task = asyncio.create_task(self._expire_sessions_periodically(), name="session-expiry")
         listeners = self.bridge_config.listeners
@@ -478,12 +491,45 @@ class MarketBroker(Broker):
             self.stats.offline_purged += await self.store.purge_orphaned_queue(owner)
         if gone or over:
             log.info("deleted %d expired and %d over-the-cap persistent sessions", len(gone), len(over))
-        for snapshot in await self.store.load_snapshots():
+        snapshots = await self.store.load_snapshots()
+        for snapshot in snapshots:
             self._retained_messages[snapshot.topic] = RetainedApplicationMessage(
                 None, snapshot.topic, snapshot.payload, QOS_0
             )
-            self._sequencer.resume(snapshot.topic, snapshot.seq)
         log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
+        await self._reserve_seq(self.store, {s.topic: s.seq for s in snapshots})
+
+    async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None:
+        """Continue each topic's seq after anything an earlier run may have sent, and reserve
+        the next block in the store, before anyone can publish (a failure fails the start)."""
+        startup = self._sequencer.start(await store.load_seq_reservations(), snapshots, self._clock())
+        await store.reserve_seq(startup)
+        self._sequencer.confirmed(startup)
+        if self._sequencer.resumed_unclean:
+            log.warning(
+                "seq: %d of %d topics skip ahead (the last stop was not clean): subscribers see a gap",
+                self._sequencer.resumed_unclean,
+                len(self._sequencer),
+            )
+        else:
+            log.info("seq: %d topics continue where they were", len(self._sequencer))
+
+    async def _release_seq(self, store: OfflineStore) -> None:
+        """No more numbers after this; the exact last per topic, written as clean."""
+        last = self._sequencer.release(self._clock())
+        if not last:
+            return
+        try:
+            await store.release_seq(last)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.warning(
+                "could not save the last seq of %d topics (the next start skips ahead): %s", len(last), exc
+            )
+
+    def _seq_due(self) -> None:
+        if self._reserver is not None:
+            self._reserver.wake()
 
     async def _bind(self, name: str, listener: ListenerConfig) -> Any:
         try:
@@ -1524,9 +1570,13 @@ class MarketBroker(Broker):
         await self.publish_tick(tick)
 
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
-        """Sequence, snapshot and fan out a validated tick; returns it as sent."""
+        """Sequence, snapshot and fan out a validated tick; returns it as sent (``seq`` 0: dropped,
+        no number could be given safely)."""
         if qos > QOS_1:
             seq = self._sequencer.next(tick.topic)
+            if not seq:
+                self.stats.publishes_dropped["seq_unreserved"] += 1
+                return tick.with_seq(0)
             data = tick.encode(seq)
             self._remember(tick.topic, data, seq)
             await self._broadcast_message(None, tick.topic, data, qos)
@@ -1542,10 +1592,17 @@ class MarketBroker(Broker):
             self._snapshots.mark(Snapshot(topic, data, seq))
 
     def _publish_tick_now(self, tick: Tick, qos: int) -> int:
-        """The hot path, without awaiting: stamp, snapshot, queue on every subscriber's batch."""
+        """The hot path, without awaiting: stamp, snapshot, queue on every subscriber's batch.
+
+        Returns the seq, or 0 when the tick was dropped: no number is safe to give (past its
+        reservation faster than feeds.sequencer.OVERRUN_PER_S while the store is down).
+        """
         started = time.perf_counter()
         topic = tick.topic
         seq = self._sequencer.next(topic)
+        if not seq:
+            self.stats.publishes_dropped["seq_unreserved"] += 1
+            return 0
         head = tick.wire_head()
         second, ms = LocalClock.split(tick.ts)
         ts = self._clock_tz.utc_at(second, ms)

@@ -1,4 +1,5 @@
-"""Offline delivery mechanics the broker drives: queue replay and snapshot write-behind.
+"""Offline delivery mechanics the broker drives: queue replay, snapshot write-behind and
+keeping the seq reservations ahead of the sequencer.
 
 Both talk only to the :class:`~bridge.store.OfflineStore` contract and to callables the
 broker hands in, so they run (and are tested) without amqtt.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -17,8 +19,9 @@ from bridge.config import StoreConfig
 from bridge.logs import STORE, clip
 from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError, StoreUnavailable
 from bridge.store_guard import GuardedStore
+from feeds.sequencer import RENEW_S, ReservedSequencer
 
-__all__ = ["ReplayResult", "SnapshotWriter", "open_store", "replay"]
+__all__ = ["ReplayResult", "SeqReserver", "SnapshotWriter", "open_store", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +197,70 @@ class SnapshotWriter:
             self._dirty = {**batch, **self._dirty}
             log.warning("could not save %d snapshots (will retry): %s", len(batch), exc, extra=STORE)
             return False
+        return True
+
+
+class SeqReserver:
+    """Writes the sequencer's reservations: at once when a topic needs more numbers (``wake``),
+    and all of them every ``renew_s`` (see :mod:`feeds.sequencer`).
+
+    Ticks never wait for it. If the store is down, it retries every ``renew_s``; meanwhile the
+    sequencer keeps handing out numbers within the allowance the last writes give it.
+    """
+
+    def __init__(
+        self,
+        store: OfflineStore,
+        sequencer: ReservedSequencer,
+        *,
+        clock: Callable[[], float],
+        renew_s: float = RENEW_S,
+    ) -> None:
+        self._store = store
+        self._sequencer = sequencer
+        self._clock = clock
+        self._renew_s = renew_s
+        self._wake = asyncio.Event()
+        self.writes = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        """A topic needs a write (called from the hot path: cheap, no await)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, renewed + self._renew_s - loop.time())):
+                    await self._wake.wait()
+            self._wake.clear()
+            renew = loop.time() >= renewed + self._renew_s
+            if renew:
+                renewed = loop.time()
+            if not await self.write(renew=renew):
+                await asyncio.sleep(self._renew_s)  # the store is down: do not spin on it
+
+    async def write(self, *, renew: bool) -> bool:
+        """One write: the due reservations, or every one with ``renew``. False if it failed."""
+        batch = self._sequencer.plan(self._clock(), renew=renew)
+        if not batch:
+            return True
+        try:
+            await self._store.reserve_seq(batch)
+        except StoreError as exc:
+            self.failures += 1
+            log.warning(
+                "could not reserve seq numbers for %d topics (will retry; %d past their reservation,"
+                " %d refused so far): %s",
+                len(batch),
+                self._sequencer.overrun,
+                self._sequencer.refused,
+                exc,
+            )
+            return False
+        self.writes += 1
+        self._sequencer.confirmed(batch)
         return True

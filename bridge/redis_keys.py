@@ -19,6 +19,9 @@ Key                             Type        Holds
 ``mb:sessions``                 set         client ids of every persistent session
 ``mb:user:{<user>}:sessions``   set         client ids of the sessions ``user`` owns
 ``mb:snapshots``                hash        market topic -> ``b"<seq>:" + payload``
+``mb:seq_reserved``             hash        market topic (``""``: every other topic) ->
+                                            ``"<reserved> <at> <clean 0|1>"``, the seq
+                                            reservation (see :mod:`feeds.sequencer`)
 ``mb:user_tz``                  hash        user -> IANA time zone override
 ==============================  ==========  ================================================
 
@@ -41,6 +44,7 @@ __all__ = [
     "queue_messages",
     "queue_order",
     "queue_sent",
+    "seq_reservations",
     "session",
     "sessions_index",
     "snapshots",
@@ -105,6 +109,10 @@ def user_sessions(user: str) -> str:
 
 def snapshots() -> str:
     return f"{PREFIX}snapshots"
+
+
+def seq_reservations() -> str:
+    return f"{PREFIX}seq_reserved"
 
 
 def user_tz() -> str:

@@ -38,7 +38,9 @@ Sessions: hash ``mb:session:{cid}`` (``owner``, ``subscriptions`` as JSON, and
 previous owner). ``disconnected_at`` alone is set by a one-key script per session (never
 creating a half session). Purging a user's queue once they own no session is one script
 over their queue keys and ``mb:user:{user}:sessions``, which share the user's hash slot. Snapshots: hash topic -> ``b"<seq>:" + payload``. Time
-zones: hash user -> zone.
+zones: hash user -> zone. Seq reservations: hash topic -> ``"<reserved> <at> <clean>"``; a
+reservation is one script over that hash (it keeps the larger values, compared exactly: as
+decimal strings for ``reserved``, which may pass Lua's 2**53), a release one HSET.
 
 Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
 :class:`~bridge.store.StoreUnavailable`; any other Redis error (e.g. ``OOM`` over
@@ -72,6 +74,7 @@ from bridge.store import (
     Pending,
     Priority,
     QueueLimits,
+    SeqReservation,
     SessionRecord,
     Snapshot,
     StoreError,
@@ -253,6 +256,26 @@ end
 return 1
 """
 
+# KEYS: the seq reservations hash. ARGV: topic, reserved, at (repr), ... per topic.
+# Keeps the larger reserved and at of what is stored and what is given; clears clean.
+_RESERVE_SEQ = """
+local function greater(a, b)  -- decimal integers without sign or leading zeros
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+for i = 1, #ARGV, 3 do
+  local topic, reserved, at = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[1], topic)
+  if old then
+    local old_reserved, old_at = string.match(old, '^(%d+) (%S+) ')
+    if old_reserved and greater(old_reserved, reserved) then reserved = old_reserved end
+    if old_at and tonumber(old_at) > tonumber(at) then at = old_at end
+  end
+  redis.call('HSET', KEYS[1], topic, reserved .. ' ' .. at .. ' 0')
+end
+return 0
+"""
+
 
 def _encode(message: NewMessage, *, created_at: float, expires_at: float) -> bytes:
     topic = message.topic.encode()
@@ -309,6 +332,7 @@ class RedisStore:
         self._purge_orphaned = client.register_script(_PURGE_ORPHANED)
         self._set_disconnected = client.register_script(_SET_DISCONNECTED)
         self._queue_size = client.register_script(_QUEUE_SIZE)
+        self._reserve_seq = client.register_script(_RESERVE_SEQ)
 
     @classmethod
     async def open(
@@ -527,6 +551,33 @@ class RedisStore:
             seq, _, payload = value.partition(b":")
             snapshots.append(Snapshot(topic=topic.decode(), payload=payload, seq=int(seq)))
         return snapshots
+
+    # -- seq reservations -------------------------------------------------------------------
+
+    async def reserve_seq(self, reservations: Collection[SeqReservation]) -> None:
+        if not reservations:
+            return
+        args: list[str | int] = []
+        for r in reservations:
+            args += [r.topic, r.reserved, repr(float(r.at))]
+        with self._errors("reserve_seq"):
+            await self._reserve_seq(keys=[keys.seq_reservations()], args=args)
+
+    async def release_seq(self, reservations: Collection[SeqReservation]) -> None:
+        if not reservations:
+            return
+        mapping = {r.topic: f"{r.reserved} {float(r.at)!r} 1" for r in reservations}
+        with self._errors("release_seq"):
+            await self._redis.hset(keys.seq_reservations(), mapping=mapping)  # type: ignore[arg-type]
+
+    async def load_seq_reservations(self) -> list[SeqReservation]:
+        with self._errors("load_seq_reservations"):
+            rows = cast("dict[bytes, bytes]", await self._redis.hgetall(keys.seq_reservations()))
+        reservations = []
+        for topic, value in sorted(rows.items()):
+            reserved, at, clean = value.split(b" ")
+            reservations.append(SeqReservation(topic.decode(), int(reserved), float(at), clean == b"1"))
+        return reservations
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         with self._errors("set_user_tz"):

@@ -16,6 +16,8 @@ writes, migrations in :data:`_MIGRATIONS` run in order on open):
   :meth:`SqliteStore.queue_size` and the overflow check need no scan.
 - ``sessions`` (``disconnected_at`` NULL while connected; added in version 2),
   ``snapshots``, ``user_tz``.
+- ``seq_reservations`` (version 3): per market topic (and ``""`` for the others) the seq
+  reservation, ``clean`` 1 when written at a clean stop.
 
 All SQL of the SQLite store lives in this module.
 """
@@ -39,6 +41,7 @@ from bridge.store import (
     Pending,
     Priority,
     QueueLimits,
+    SeqReservation,
     SessionRecord,
     Snapshot,
     StoreError,
@@ -106,6 +109,16 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE TABLE user_tz (user TEXT PRIMARY KEY, tz TEXT NOT NULL)",
     ),
     ("ALTER TABLE sessions ADD COLUMN disconnected_at REAL",),
+    (
+        """
+        CREATE TABLE seq_reservations (
+            topic TEXT PRIMARY KEY,
+            reserved INTEGER NOT NULL,
+            at REAL NOT NULL,
+            clean INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -478,6 +491,34 @@ class SqliteStore:
         async with self._locked("load_snapshots") as db:
             rows = await db.execute_fetchall("SELECT topic, payload, seq FROM snapshots ORDER BY topic")
         return [Snapshot(topic=row[0], payload=bytes(row[1]), seq=int(row[2])) for row in rows]
+
+    async def reserve_seq(self, reservations: Collection[SeqReservation]) -> None:
+        if not reservations:
+            return
+        async with self._transaction("reserve_seq") as db:
+            await db.executemany(
+                "INSERT INTO seq_reservations (topic, reserved, at, clean) VALUES (?, ?, ?, 0)"
+                " ON CONFLICT (topic) DO UPDATE SET reserved = MAX(reserved, excluded.reserved),"
+                " at = MAX(at, excluded.at), clean = 0",
+                [(r.topic, r.reserved, r.at) for r in reservations],
+            )
+
+    async def release_seq(self, reservations: Collection[SeqReservation]) -> None:
+        if not reservations:
+            return
+        async with self._transaction("release_seq") as db:
+            await db.executemany(
+                "INSERT INTO seq_reservations (topic, reserved, at, clean) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (topic) DO UPDATE SET reserved = excluded.reserved, at = excluded.at, clean = 1",
+                [(r.topic, r.reserved, r.at) for r in reservations],
+            )
+
+    async def load_seq_reservations(self) -> list[SeqReservation]:
+        async with self._locked("load_seq_reservations") as db:
+            rows = await db.execute_fetchall(
+                "SELECT topic, reserved, at, clean FROM seq_reservations ORDER BY topic"
+            )
+        return [SeqReservation(str(r[0]), int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         async with self._locked("set_user_tz") as db:

@@ -24,6 +24,14 @@ it was last disconnected (None while connected) so expiry survives a restart. A 
 offline queue exists only to be replayed to one of their persistent sessions:
 :meth:`OfflineStore.purge_orphaned_queue` removes it once they own none.
 
+Seq reservations (both stores; the rules they serve are in :mod:`feeds.sequencer`): one
+:class:`SeqReservation` per market topic, plus one for ``feeds.sequencer.NEW_TOPICS`` (``""``).
+:meth:`OfflineStore.reserve_seq` keeps, per topic, the larger ``reserved`` and the larger
+``at`` of what it held and what it is given, and clears ``clean``: a late or repeated write
+never lowers a reservation. :meth:`OfflineStore.release_seq` writes exactly what it is given
+with ``clean`` set (a clean stop: ``reserved`` is the last seq handed out). Each call is
+atomic: all of its topics or none.
+
 All times are epoch seconds passed in by the caller (no clock inside the store).
 """
 
@@ -35,6 +43,7 @@ from enum import IntEnum
 from typing import Protocol
 
 from bridge.errors import MarketBridgeError
+from feeds.sequencer import SeqReservation
 
 __all__ = [
     "EnqueueResult",
@@ -44,6 +53,7 @@ __all__ = [
     "Pending",
     "Priority",
     "QueueLimits",
+    "SeqReservation",
     "SessionRecord",
     "Snapshot",
     "StoreError",
@@ -172,6 +182,14 @@ class OfflineStore(Protocol):
     async def save_snapshots(self, snapshots: Collection[Snapshot]) -> None: ...
 
     async def load_snapshots(self) -> list[Snapshot]: ...
+
+    async def reserve_seq(self, reservations: Collection[SeqReservation]) -> None:
+        """Per topic keep the larger ``reserved`` and ``at``, clear ``clean``; atomic."""
+
+    async def release_seq(self, reservations: Collection[SeqReservation]) -> None:
+        """Write these exactly, ``clean`` set (given ``clean`` is ignored); atomic."""
+
+    async def load_seq_reservations(self) -> list[SeqReservation]: ...
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         """Override (or with None, clear) the user's time zone."""

@@ -37,6 +37,7 @@ from bridge.store import (
     NewMessage,
     OfflineStore,
     Pending,
+    SeqReservation,
     SessionRecord,
     Snapshot,
     StoreError,
@@ -185,6 +186,17 @@ class GuardedStore:
 
     async def load_snapshots(self) -> list[Snapshot]:
         return await self._call("load_snapshots", self.inner.load_snapshots(), self.call_timeout_s)
+
+    async def reserve_seq(self, reservations: Collection[SeqReservation]) -> None:
+        await self._call("reserve_seq", self.inner.reserve_seq(reservations), self.call_timeout_s)
+
+    async def release_seq(self, reservations: Collection[SeqReservation]) -> None:
+        await self._call("release_seq", self.inner.release_seq(reservations), self.call_timeout_s)
+
+    async def load_seq_reservations(self) -> list[SeqReservation]:
+        return await self._call(
+            "load_seq_reservations", self.inner.load_seq_reservations(), self.call_timeout_s
+        )
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         await self._call("set_user_tz", self.inner.set_user_tz(user, tz), self.call_timeout_s)

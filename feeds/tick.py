@@ -9,7 +9,8 @@ Wire form (JSON object, keys in this order, compact separators)::
 - prices and volume: non-negative decimal *strings*; a JSON number is refused (floats lose cents).
 - ``ts``: ISO-8601 with an explicit offset; stored and sent as UTC with milliseconds and ``Z``.
 - ``seq``: per-topic, strictly increasing; the broker re-stamps it (it is the sequencer), so
-  subscribers see 1, 2, 3, ... per topic whatever feeds restart.
+  subscribers see 1, 2, 3, ... per topic whatever feeds restart, and never a number twice
+  whatever the broker does (after a crash it skips ahead: feeds.sequencer).
 - topic: ``market/<exchange>/<pair>``, e.g. ``market/luno/BTC-ZAR``.
 """
 

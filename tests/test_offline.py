@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,8 +23,11 @@ from bridge.config import DEV_SECRET_PATH, BridgeConfig, LoggingConfig
 from bridge.errors import MessageError
 from bridge.keys import generate_dev_secret
 from bridge.logs import log_handler
-from bridge.offline import open_store
-from bridge.store import Priority, StoreUnavailable
+from bridge.offline import SeqReserver, open_store
+from bridge.redis_store import RedisStore
+from bridge.sqlite_store import SqliteStore
+from bridge.store import OfflineStore, Priority, QueueLimits, SeqReservation, StoreUnavailable
+from feeds.sequencer import MIN_BLOCK, NEW_TOPICS, ReservedSequencer
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -375,12 +378,13 @@ def test_sigkill_restart_loses_nothing_stored(
     )
     orders = [m.payload.decode() for m in got if m.topic.startswith("user/")]
     assert orders == ["m1", "m3", "m4", "m2", "m0"]
-    # Sequencing continues after the restart instead of starting over.
+    # Sequencing continues after the restart, past the whole block reserved before the kill:
+    # a forward gap (resync from the snapshot), never a number sent before.
     feed = clients(port, username="feeder", password=token("feeder", "feed"))
     feed.connect()
     feed.publish("market/valr/ETH-ZAR", make_tick("valr", "ETH-ZAR", last="3").encode())
     live = back.expect(1)[0]
-    assert json.loads(live.payload)["seq"] == 3
+    assert json.loads(live.payload)["seq"] > 2 + MIN_BLOCK
     assert second.stop() == 0
 
 
@@ -655,7 +659,101 @@ def test_a_store_that_cannot_write_still_replays_what_it_holds(
     assert len(refusals) == 10  # the rate limit's burst; one line per try before
     assert summaries == [str(attempts - 10)]
     # The 10 refusals, and one line per other thing that failed: marking the session
-    # connected and (at shutdown) disconnected, the replay's bookkeeping.
-    assert len(faulty) <= 13, "\n".join(faulty)
+    # connected and (at shutdown) disconnected, the replay's bookkeeping, saving the last seq.
+    assert len(faulty) <= 14, "\n".join(faulty)
     bookkeeping = [line for line in lines if "without the store's bookkeeping" in line]
     assert len(bookkeeping) == (0 if fault == "full" and kind == "embedded" else 1), bookkeeping
+
+
+# --- SeqReserver: keeps the store's seq reservations ahead of the sequencer -----------------
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, within: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _held(store: OfflineStore, topic: str) -> SeqReservation | None:
+    return next((r for r in await store.load_seq_reservations() if r.topic == topic), None)
+
+
+async def test_seq_reserver_writes_a_new_topic_at_once_and_renews_them_all(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "store.sqlite3", QueueLimits())
+    sequencer = ReservedSequencer(clock=time.time)
+    reserver = SeqReserver(store, sequencer, clock=time.time, renew_s=3600)
+    sequencer.on_due = reserver.wake
+    startup = sequencer.start([], {}, time.time())
+    await store.reserve_seq(startup)
+    sequencer.confirmed(startup)
+    task = asyncio.create_task(reserver.run())
+    try:
+        btc = unique("market/luno/BTC-ZAR")
+        assert [sequencer.next(btc) for _ in range(3)] == [1, 2, 3]
+        # Written on the wake from the hot path, not an hour later at the renewal.
+        await _until(lambda: _has(store, btc), "the new topic's reservation")
+        held = await _held(store, btc)
+        assert held == SeqReservation(btc, 3 + MIN_BLOCK, held.at if held else 0.0)
+        assert reserver.writes == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    before = await _held(store, btc)
+    assert before is not None
+    renewing = SeqReserver(store, sequencer, clock=lambda: time.time() + 60, renew_s=0.01)
+    task = asyncio.create_task(renewing.run())
+    try:
+        await _until(lambda: _renewed(store, btc, before.at), "the renewal")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+    assert {r.topic for r in sequencer.plan(time.time(), renew=True)} == {NEW_TOPICS, btc}
+
+
+async def _has(store: OfflineStore, topic: str) -> bool:
+    return await _held(store, topic) is not None
+
+
+async def _renewed(store: OfflineStore, topic: str, after: float) -> bool:
+    held = await _held(store, topic)
+    return held is not None and held.at > after
+
+
+async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_numbers(tmp_path: Path) -> None:
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    store = await RedisStore.open(redis.url)
+    try:
+        sequencer = ReservedSequencer(clock=time.time)
+        reserver = SeqReserver(store, sequencer, clock=time.time, renew_s=0.05)
+        sequencer.on_due = reserver.wake
+        startup = sequencer.start([], {}, time.time())
+        await store.reserve_seq(startup)
+        sequencer.confirmed(startup)
+        task = asyncio.create_task(reserver.run())
+        try:
+            redis.stop()
+            eth = unique("market/valr/ETH-ZAR")
+            # Within the new topics' reservation: numbered at once, the store down or not.
+            assert [sequencer.next(eth) for _ in range(5)] == [1, 2, 3, 4, 5]
+            await _until(lambda: _failed(reserver), "a failed write")
+            redis.start()
+            await _until(lambda: _has(store, eth), "the reservation once Redis is back", DEADLINE_S * 2)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        held = await _held(store, eth)
+        assert held is not None
+        assert held.reserved >= 5 + MIN_BLOCK
+        assert (sequencer.refused, sequencer.overrun) == (0, 0)
+    finally:
+        await store.close()
+        redis.stop()
+
+
+async def _failed(reserver: SeqReserver) -> bool:
+    return reserver.failures > 0

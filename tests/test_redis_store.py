@@ -23,6 +23,7 @@ from bridge.store import (
     NewMessage,
     Priority,
     QueueLimits,
+    SeqReservation,
     SessionRecord,
     Snapshot,
     StoreError,
@@ -70,6 +71,7 @@ async def test_every_key_has_the_prefix_and_a_users_queue_shares_one_slot(
         await store.save_session(SessionRecord(client_id=f"c-{user}", owner=user, subscriptions={"a/#": 1}))
         await store.set_user_tz(user, "Africa/Lagos")
     await store.save_snapshots([Snapshot(topic="market/luno/BTC-ZAR", payload=b"{}", seq=7)])
+    await store.reserve_seq([SeqReservation("market/luno/BTC-ZAR", 65_543, NOW)])
 
     found = await all_keys(raw)
     assert found
@@ -84,6 +86,7 @@ async def test_every_key_has_the_prefix_and_a_users_queue_shares_one_slot(
         redis_keys.message_seq(),
         redis_keys.sessions_index(),
         redis_keys.snapshots(),
+        redis_keys.seq_reservations(),
         redis_keys.user_tz(),
     }
     assert expected_globals <= set(found)

@@ -30,6 +30,7 @@ from bridge.store import (
     OfflineStore,
     Priority,
     QueueLimits,
+    SeqReservation,
     SessionRecord,
     Snapshot,
 )
@@ -533,6 +534,71 @@ async def test_snapshots_upsert_keeps_the_latest(store: OfflineStore) -> None:
     assert got == sorted([Snapshot(btc, b"two", 2), Snapshot(eth, b"e1", 7)], key=lambda s: s.topic)
 
 
+# --- seq reservations ----------------------------------------------------------------------
+
+BIG = 2**63 - 1  # a Tick's largest seq: above 2**53, so exact only if compared as integers
+
+# (held before, reserved, at) -> what reserve_seq leaves: the larger reserved and at, never clean.
+RESERVE_CASES = [
+    (None, (100, 10.0), (100, 10.0)),
+    ((100, 10.0, False), (200, 20.0), (200, 20.0)),
+    ((300, 10.0, False), (200, 20.0), (300, 20.0)),  # a smaller reservation never lowers it
+    ((300, 30.0, False), (400, 20.0), (400, 30.0)),  # a late write never moves `at` back
+    ((300, 30.0, False), (200, 20.0), (300, 30.0)),  # a stale write changes nothing
+    ((50, 5.0, True), (40, 6.0), (50, 6.0)),  # a clean release is no longer clean
+    ((BIG - 1, 1.5, False), (BIG - 2, 1.25), (BIG - 1, 1.5)),
+    ((BIG - 2, 1.5, False), (BIG, 1.25), (BIG, 1.5)),
+    ((9_007_199_254_740_993, 1.0, False), (9_007_199_254_740_992, 2.0), (9_007_199_254_740_993, 2.0)),
+    ((99, 1.0, False), (100, 1.0), (100, 1.0)),  # longer decimal is larger
+    ((1000, 1.0, False), (999, 1.0), (1000, 1.0)),
+]
+
+
+@pytest.mark.parametrize(("held", "given", "expected"), RESERVE_CASES)
+async def test_reserve_seq_keeps_the_larger_reservation_and_time(
+    store: OfflineStore,
+    held: tuple[int, float, bool] | None,
+    given: tuple[int, float],
+    expected: tuple[int, float],
+) -> None:
+    topic = unique("market/luno/BTC-ZAR")
+    if held is not None:
+        await store.release_seq([SeqReservation(topic, held[0], held[1])])
+        if not held[2]:
+            await store.reserve_seq([SeqReservation(topic, held[0], held[1])])
+    await store.reserve_seq([SeqReservation(topic, *given)])
+    assert await store.load_seq_reservations() == [SeqReservation(topic, *expected, clean=False)]
+
+
+async def test_seq_reservations_of_many_topics_are_written_together(store: OfflineStore) -> None:
+    assert await store.load_seq_reservations() == []
+    topics = ["", "market/luno/BTC-ZAR", "market/valr/ETH-ZAR", "market/quidax/USDT-NGN"]
+    await store.reserve_seq([SeqReservation(t, 1000 * (i + 1), 100.25) for i, t in enumerate(topics)])
+    await store.reserve_seq([SeqReservation(topics[1], 5000, 101.5)])
+    await store.reserve_seq([])
+    assert await store.load_seq_reservations() == [
+        SeqReservation("", 1000, 100.25),
+        SeqReservation("market/luno/BTC-ZAR", 5000, 101.5),
+        SeqReservation("market/quidax/USDT-NGN", 4000, 100.25),
+        SeqReservation("market/valr/ETH-ZAR", 3000, 100.25),
+    ]
+
+
+async def test_release_seq_writes_exactly_and_clean(store: OfflineStore) -> None:
+    btc, eth = "market/luno/BTC-ZAR", "market/valr/ETH-ZAR"
+    await store.reserve_seq([SeqReservation(btc, 70_000, 50.0), SeqReservation(eth, 80_000, 50.0)])
+    # A clean stop lowers the reservation to the last seq handed out (and may move `at` back).
+    await store.release_seq([SeqReservation(btc, 4242, 49.0), SeqReservation("", 17, 49.0, clean=False)])
+    await store.release_seq([])
+    assert await store.load_seq_reservations() == [
+        SeqReservation("", 17, 49.0, clean=True),
+        SeqReservation(btc, 4242, 49.0, clean=True),
+        SeqReservation(eth, 80_000, 50.0, clean=False),
+    ]
+    await store.reserve_seq([SeqReservation(btc, 4242 + 65_536, 60.0)])
+    assert (await store.load_seq_reservations())[1] == SeqReservation(btc, 4242 + 65_536, 60.0)
+
+
 async def test_user_tz_set_get_clear(store: OfflineStore) -> None:
     user, other = unique(), unique()
     assert await store.get_user_tz(user) is None
@@ -567,6 +633,9 @@ async def test_everything_survives_reopen(store: OfflineStore, backend: Backend)
     await store.save_session(session)
     snapshot = Snapshot(unique("market/x"), b"tick", 42)
     await store.save_snapshots([snapshot])
+    reservations = [SeqReservation("", 65_536, 1.5), SeqReservation(snapshot.topic, 65_578, 2.25)]
+    await store.reserve_seq(reservations)
+    await store.release_seq([SeqReservation("market/y/A-B", 7, 3.0)])
     await store.set_user_tz(user, "Africa/Cairo")
     await backend.close(store)
 
@@ -576,6 +645,10 @@ async def test_everything_survives_reopen(store: OfflineStore, backend: Backend)
     assert await reopened.queue_size(user) == (2, 30)
     assert await reopened.user_sessions(user) == [session]
     assert snapshot in await reopened.load_snapshots()
+    assert await reopened.load_seq_reservations() == [
+        *reservations,
+        SeqReservation("market/y/A-B", 7, 3.0, clean=True),
+    ]
     assert await reopened.get_user_tz(user) == "Africa/Cairo"
     # New ids after reopen do not collide with the old ones (nor with acked ones).
     fresh = await stored(reopened, user, msg("fresh"))
