@@ -293,7 +293,7 @@ async def open_client(
 
 
 class TickMaker:
-    """Valid ~200-byte ticks (feeds/tick.py) as PUBLISH packets, the send time in ``volume_24h``."""
+    """Valid ~200-byte ticks (bridge/core/tick.py) as PUBLISH packets, the send time in ``volume_24h``."""
 
     _TEMPLATE = (
         b'{"exchange":"%s","pair":"%s","bid":"1712345.12","ask":"1712987.55","last":"%d",'

@@ -11,7 +11,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bridge.auth import Claims, Role
-from bridge.topics import is_valid_filter, is_valid_topic, matches
+from bridge.core.topics import (
+    MARKET_PREFIX,
+    SERVICE_PREFIX,
+    USER_PREFIX,
+    is_valid_filter,
+    is_valid_topic,
+    matches,
+)
 
 __all__ = ["ALLOW_ALL", "ROLE_DEFAULTS", "Acl", "acl_for", "filter_covers"]
 
@@ -79,10 +86,10 @@ ALLOW_ALL = Acl(subscribe=("#",), publish=("#",))
 
 # (subscribe, publish) per role; '{sub}' is replaced by the token's subject.
 ROLE_DEFAULTS: Mapping[Role, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "subscriber": (("market/#", "user/{sub}/#"), ()),
-    "feed": (("market/#",), ("market/#",)),
+    "subscriber": ((f"{MARKET_PREFIX}#", f"{USER_PREFIX}{{sub}}/#"), ()),
+    "feed": ((f"{MARKET_PREFIX}#",), (f"{MARKET_PREFIX}#",)),
     # Services hear back on service/<sub>/... (e.g. evictions from a full user queue).
-    "service": (("service/{sub}/#",), ("user/+/#",)),
+    "service": ((f"{SERVICE_PREFIX}{{sub}}/#",), (f"{USER_PREFIX}+/#",)),
     "admin": (("#",), ("#",)),
 }
 

@@ -25,9 +25,9 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from bridge.core.ratelimit import MAX_RATE, MIN_RATE, valid_rate
+from bridge.core.topics import is_valid_filter
 from bridge.errors import AuthError
-from bridge.ratelimit import MAX_RATE, MIN_RATE, valid_rate
-from bridge.topics import is_valid_filter
 
 if TYPE_CHECKING:
     from bridge.config import AuthConfig

@@ -22,8 +22,8 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
 - Publishes to ``market/...`` are validated ticks; the broker stamps ``seq`` per topic and
   keeps the last valid tick per topic as the retained snapshot. ``seq`` never goes backwards
   or repeats across restarts, even ``kill -9``: it stays within reservations the store holds
-  (feeds/sequencer.py), written before listeners start and kept ahead in the background.
-- Fan-out looks filters up in a :class:`~bridge.topics.TopicIndex`, delivers at
+  (bridge/core/sequencer.py), written before listeners start and kept ahead in the background.
+- Fan-out looks filters up in a :class:`~bridge.core.topics.TopicIndex`, delivers at
   min(publish QoS, subscription QoS), and bounds amqtt's in-memory offline queue.
 """
 
@@ -68,8 +68,35 @@ from bridge.acl import ALLOW_ALL, Acl, acl_for
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
-from bridge.connect import ConnectRefused, read_connect
-from bridge.envelope import open_envelope
+from bridge.core.connect import ConnectRefused, read_connect
+from bridge.core.connection import Event, State, advance
+from bridge.core.envelope import open_envelope
+from bridge.core.ratelimit import subscriber_gate
+from bridge.core.sequencer import ReservedSequencer
+from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
+from bridge.core.store import (
+    EnqueueResult,
+    NewMessage,
+    OfflineMessage,
+    OfflineStore,
+    Priority,
+    SessionRecord,
+    Snapshot,
+    StoreError,
+)
+from bridge.core.tick import Tick
+from bridge.core.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
+from bridge.core.topics import (
+    MARKET_PREFIX,
+    SERVICE_PREFIX,
+    USER_PREFIX,
+    TopicIndex,
+    is_valid_filter,
+    is_valid_topic,
+    matches,
+    topic_class,
+)
+from bridge.core.wire import publish_qos0, ws_binary_frame
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.fanout import FanOut, Target
 from bridge.handler import MarketProtocolHandler, StoredMessage
@@ -87,30 +114,13 @@ from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
 from bridge.outbox import Batcher, Outbox
-from bridge.ratelimit import subscriber_gate
 from bridge.session import MarketSession
 from bridge.session import install as install_light_sessions
-from bridge.session_limits import SessionRefusal, expired, make_room, trim
-from bridge.stats import BrokerStats, topic_class
-from bridge.store import (
-    EnqueueResult,
-    NewMessage,
-    OfflineMessage,
-    OfflineStore,
-    Priority,
-    SessionRecord,
-    Snapshot,
-    StoreError,
-)
+from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.streams import ChunkReader, TcpReader, WsReader
-from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
-from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
-from bridge.wire import publish_qos0, ws_binary_frame
 from bridge.ws_connection import MqttWsConnection, connection_class
 from bridge.ws_slim import slim as slim_websocket
-from feeds.sequencer import ReservedSequencer
-from feeds.tick import MARKET_PREFIX, Tick
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -119,7 +129,6 @@ log = logging.getLogger(__name__)
 install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
-USER_PREFIX = "user/"
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -138,9 +147,10 @@ class _Connection:
     task: asyncio.Task[Any] | None = None  # the one serving this connection
     wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
     outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
-    # In fan-out plans only once CONNACK and the resends of unacknowledged messages are out,
-    # so no new tick overtakes them ([MQTT-4.6.0-1]).
-    live: bool = False
+    # Where it is in its life (bridge/core/connection.py). LIVE, and so in fan-out plans, only
+    # once CONNACK and the resends of unacknowledged messages are out, so no new tick
+    # overtakes them ([MQTT-4.6.0-1]).
+    state: State = State.ADMITTED
     done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
 
 
@@ -305,6 +315,7 @@ class MarketBroker(Broker):
         for connection in list(self._connections.values()):
             # Clean close: no will for clients we are closing ourselves.
             connection.session.will_flag = False
+            connection.handler.end_reason = connection.handler.end_reason or "shutdown"
         persistent = [c.client_id for c in self._connections.values() if not c.session.clean_session]
         if persistent and self.store is not None:
             # Their connections end here: a restarted broker counts their expiry from now.
@@ -766,7 +777,7 @@ class MarketBroker(Broker):
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
             )
             await handler.start()
-            connection.live = True
+            connection.state, _ = advance(connection.state, Event.CONNACK_SENT)
             self._fanout.invalidate()
             await self._publish_session_retained_messages(session)
             if session.parent:
@@ -786,6 +797,7 @@ class MarketBroker(Broker):
             log.info(
                 "disconnected %s (user %s): %s", clip(client_id), clip(user), handler.end_reason or "closed"
             )
+            connection.state, _ = advance(connection.state, _end_event(handler))
             await self._release(connection)
 
     def _client_message_loop(
@@ -915,6 +927,7 @@ class MarketBroker(Broker):
         live = self._connections.get(client_id)
         if live is not None:
             log.info("client %s connected again: taking over its connection", clip(client_id))
+            live.handler.end_reason = live.handler.end_reason or "taken_over"
             await live.handler.handle_connection_closed()
             try:
                 await asyncio.wait_for(live.done.wait(), self.bridge_config.broker.takeover_timeout_s)
@@ -953,6 +966,11 @@ class MarketBroker(Broker):
 
     async def _release(self, connection: _Connection) -> None:
         """Leave the session disconnected, whatever ended the connection (idempotent)."""
+        if connection.state is State.CLOSED:
+            return
+        if connection.state is not State.DRAINING:
+            # Released from outside its own task (a takeover that timed out).
+            connection.state, _ = advance(connection.state, Event.CLOSED_BY_BROKER)
         client_id = connection.client_id
         if self._connections.get(client_id) is connection:
             del self._connections[client_id]
@@ -979,6 +997,7 @@ class MarketBroker(Broker):
         elif left and stored is not None and stored[0] is session:
             # Saved with its disconnect time (unless evicted meanwhile), for a restarted broker.
             await self._persist_session(session)
+        connection.state, _ = advance(connection.state, Event.RELEASED)
         connection.done.set()
 
     async def _delete_session(self, client_id: str) -> None:
@@ -1245,6 +1264,8 @@ class MarketBroker(Broker):
             and isinstance(disconnect_waiter.result(), DisconnectPacket)
         )
         will = client_session.will_flag and abnormal
+        if not abnormal and isinstance(handler, MarketProtocolHandler):
+            handler.goodbye = True
         client_session.will_flag = False
         if will:
             await self._publish_will(client_session)
@@ -1301,7 +1322,7 @@ class MarketBroker(Broker):
             ],
         }
         payload = json.dumps(notice, separators=(",", ":")).encode()
-        await self._broadcast_message(None, f"service/{service}/evictions", payload, QOS_1)
+        await self._broadcast_message(None, f"{SERVICE_PREFIX}{service}/evictions", payload, QOS_1)
 
     async def send_to_user(
         self,
@@ -1374,7 +1395,7 @@ class MarketBroker(Broker):
     def _pump(self, session: Session) -> None:
         """Make a live mailbox session's replay deliver what was just stored."""
         connection = self._connections.get(session.client_id or "")
-        if connection is None or connection.session is not session or not connection.live:
+        if connection is None or connection.session is not session or connection.state is not State.LIVE:
             return  # not yet live: its replay starts once it is
         if connection.replay is None or connection.replay.done():
             connection.replay = asyncio.create_task(
@@ -1595,7 +1616,7 @@ class MarketBroker(Broker):
         """The hot path, without awaiting: stamp, snapshot, queue on every subscriber's batch.
 
         Returns the seq, or 0 when the tick was dropped: no number is safe to give (past its
-        reservation faster than feeds.sequencer.OVERRUN_PER_S while the store is down).
+        reservation faster than bridge.core.sequencer.OVERRUN_PER_S while the store is down).
         """
         started = time.perf_counter()
         topic = tick.topic
@@ -1700,7 +1721,7 @@ class MarketBroker(Broker):
         connection = self._connections.get(session.client_id or "")
         if connection is None or connection.session is not session:
             return Target(None, session.attributes.get(_TZ), sub_qos)  # amqtt's path
-        if not connection.live:
+        if connection.state is not State.LIVE:
             return None  # a resumed session gets the snapshots right after
         return Target(connection.outbox, session.attributes.get(_TZ), sub_qos)
 
@@ -1976,6 +1997,21 @@ class MarketBroker(Broker):
             )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+
+# How a connection ended, from its handler: what the broker ended itself owes no will.
+_BROKER_ENDS = frozenset({"token_expired", "taken_over", "shutdown"})
+
+
+def _end_event(handler: MarketProtocolHandler) -> Event:
+    reason = handler.end_reason
+    if reason is None or reason == "closed_before_connack":
+        return Event.DISCONNECT_PACKET if handler.goodbye else Event.SOCKET_CLOSED
+    if reason == "keepalive":
+        return Event.TIMEOUT
+    if reason in _BROKER_ENDS:
+        return Event.CLOSED_BY_BROKER
+    return Event.PROTOCOL_ERROR  # a ProtocolError's reason, or a failed hand-off
 
 
 def _mailbox_packet_id(session: Session, store_id: str) -> int:

@@ -33,13 +33,13 @@ from bridge.config import (
     load_config,
     redacted,
 )
+from bridge.core.timezones import is_valid_zone
 from bridge.errors import ConfigError, MarketBridgeError
 from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.offline import open_store
 from bridge.runtime import build_feed, pump, run, serve
-from bridge.timezones import is_valid_zone
 from feeds.publisher import MqttTickPublisher
 
 __all__ = ["connect_banner", "main"]

@@ -31,9 +31,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from bridge.core.ratelimit import MAX_RATE, MIN_RATE
+from bridge.core.topics import is_valid_filter
 from bridge.errors import ConfigError
-from bridge.ratelimit import MAX_RATE, MIN_RATE
-from bridge.topics import is_valid_filter
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

@@ -9,7 +9,7 @@ Tree::
     ├── AuthError            a client's credentials are refused (the client's fault)
     ├── MessageError         a message cannot be accepted: bad address or envelope (sender)
     ├── ProtocolError        a client broke MQTT framing: its connection is closed
-    ├── StoreError           the offline store failed (bridge.store)
+    ├── StoreError           the offline store failed (bridge.core.store)
     │   └── StoreUnavailable the store cannot be reached right now (retry later)
     └── FeedError            a feed cannot produce ticks
         ├── ExchangeError    the exchange answered with an error body or status (remote)

@@ -3,7 +3,7 @@
 amqtt's reader decodes one packet per event-loop iteration (reading the fixed header a
 byte at a time) and starts a task for each. A feed writing hundreds of ticks per ``send()``
 then costs hundreds of iterations and tasks, and nothing downstream can batch. This
-handler reads whatever the socket has, splits it into packets (:mod:`bridge.framing`) and:
+handler reads whatever the socket has, splits it into packets (:mod:`bridge.core.framing`) and:
 
 - hands market PUBLISHes (QoS 0/1) straight to the broker's ``ingest``, synchronously, so
   one chunk's ticks fan out in one step and each subscriber connection is written once;
@@ -42,14 +42,14 @@ from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
 
 from bridge.config import RateLimitConfig
+from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
+from bridge.core.ratelimit import PublishBucket, publisher_bucket
+from bridge.core.topics import MARKET_PREFIX
 from bridge.errors import ProtocolError
-from bridge.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.lean import LeanEvent, LeanQueue
 from bridge.logs import CLIENT, clip
 from bridge.outbox import Outbox
-from bridge.ratelimit import PublishBucket, publisher_bucket
 from bridge.streams import ChunkReader
-from feeds.tick import MARKET_PREFIX
 
 __all__ = ["Ingest", "MarketProtocolHandler"]
 
@@ -65,6 +65,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     """amqtt's handler with an owned read path, keep-alive, and a way for the broker to end it."""
 
     end_reason: str | None = None
+    goodbye = False  # the client sent DISCONNECT (no will)
     ingest: Ingest | None = None
     outbox: Outbox | None = None
     max_packet: int = _DEFAULT_MAX_PACKET

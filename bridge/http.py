@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.broker import MarketBroker
 from bridge.config import redacted
+from bridge.core.store import Priority, StoreError
 from bridge.errors import ListenerError, MessageError
 from bridge.keys import load_keyring
 from bridge.metrics import MetricsRegistry
-from bridge.store import Priority, StoreError
 
 __all__ = ["HttpServer", "build_app"]
 

@@ -1,7 +1,7 @@
 """Offline delivery mechanics the broker drives: queue replay, snapshot write-behind and
 keeping the seq reservations ahead of the sequencer.
 
-Both talk only to the :class:`~bridge.store.OfflineStore` contract and to callables the
+Both talk only to the :class:`~bridge.core.store.OfflineStore` contract and to callables the
 broker hands in, so they run (and are tested) without amqtt.
 """
 
@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any, cast
 
 from bridge.config import StoreConfig
+from bridge.core.sequencer import RENEW_S, ReservedSequencer
+from bridge.core.store import (
+    OfflineMessage,
+    OfflineStore,
+    QueueLimits,
+    Snapshot,
+    StoreError,
+    StoreUnavailable,
+)
 from bridge.logs import STORE, clip
-from bridge.store import OfflineMessage, OfflineStore, QueueLimits, Snapshot, StoreError, StoreUnavailable
 from bridge.store_guard import GuardedStore
-from feeds.sequencer import RENEW_S, ReservedSequencer
 
 __all__ = ["ReplayResult", "SeqReserver", "SnapshotWriter", "open_store", "replay"]
 
@@ -202,7 +209,7 @@ class SnapshotWriter:
 
 class SeqReserver:
     """Writes the sequencer's reservations: at once when a topic needs more numbers (``wake``),
-    and all of them every ``renew_s`` (see :mod:`feeds.sequencer`).
+    and all of them every ``renew_s`` (see :mod:`bridge.core.sequencer`).
 
     Ticks never wait for it. If the store is down, it retries every ``renew_s``; meanwhile the
     sequencer keeps handing out numbers within the allowance the last writes give it.

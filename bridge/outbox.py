@@ -27,8 +27,8 @@ from amqtt.mqtt.constants import QOS_1
 from amqtt.session import OutgoingApplicationMessage, Session
 from websockets.protocol import State
 
-from bridge.ratelimit import TopicGate
-from bridge.wire import ws_binary_frame
+from bridge.core.ratelimit import TopicGate
+from bridge.core.wire import ws_binary_frame
 
 __all__ = ["Batcher", "Outbox", "Qos1Publish"]
 

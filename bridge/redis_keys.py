@@ -21,7 +21,7 @@ Key                             Type        Holds
 ``mb:snapshots``                hash        market topic -> ``b"<seq>:" + payload``
 ``mb:seq_reserved``             hash        market topic (``""``: every other topic) ->
                                             ``"<reserved> <at> <clean 0|1>"``, the seq
-                                            reservation (see :mod:`feeds.sequencer`)
+                                            reservation (see :mod:`bridge.core.sequencer`)
 ``mb:user_tz``                  hash        user -> IANA time zone override
 ==============================  ==========  ================================================
 

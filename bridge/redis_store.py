@@ -1,4 +1,4 @@
-"""The Redis :class:`~bridge.store.OfflineStore`: several broker nodes can share one Redis.
+"""The Redis :class:`~bridge.core.store.OfflineStore`: several broker nodes can share one Redis.
 
 Keys are listed (with their types) in :mod:`bridge.redis_keys`.
 
@@ -43,8 +43,8 @@ reservation is one script over that hash (it keeps the larger values, compared e
 decimal strings for ``reserved``, which may pass Lua's 2**53), a release one HSET.
 
 Failures: Redis unreachable (connection refused/reset, timeouts, still loading its AOF) ->
-:class:`~bridge.store.StoreUnavailable`; any other Redis error (e.g. ``OOM`` over
-``maxmemory``) -> :class:`~bridge.store.StoreError`. Messages name the server by its URL with
+:class:`~bridge.core.store.StoreUnavailable`; any other Redis error (e.g. ``OOM`` over
+``maxmemory``) -> :class:`~bridge.core.store.StoreError`. Messages name the server by its URL with
 the password redacted. The connection pool reconnects by itself, so after Redis comes back
 the same store works. Connecting, reading a reply and waiting for a pooled connection each
 give up after ``timeout_s`` (``store.call_timeout_s``); a refused or reset connection is
@@ -67,7 +67,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from bridge import redis_keys as keys
 from bridge.config import redact_url
-from bridge.store import (
+from bridge.core.store import (
     EnqueueResult,
     NewMessage,
     OfflineMessage,

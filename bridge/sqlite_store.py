@@ -1,4 +1,4 @@
-"""The embedded :class:`~bridge.store.OfflineStore`: one SQLite file on disk (aiosqlite).
+"""The embedded :class:`~bridge.core.store.OfflineStore`: one SQLite file on disk (aiosqlite).
 
 Used when no Redis URL is configured. One connection per store; every operation runs
 under one :class:`asyncio.Lock`, and every change is either one statement or one
@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from bridge.store import (
+from bridge.core.store import (
     EnqueueResult,
     NewMessage,
     OfflineMessage,
@@ -209,7 +209,7 @@ def _row_ids(message_ids: Iterable[str]) -> str:
 
 
 class SqliteStore:
-    """:class:`~bridge.store.OfflineStore` on one SQLite file; see the module docstring."""
+    """:class:`~bridge.core.store.OfflineStore` on one SQLite file; see the module docstring."""
 
     def __init__(
         self,

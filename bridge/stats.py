@@ -10,7 +10,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["BrokerStats", "Histogram", "topic_class"]
+__all__ = ["BrokerStats", "Histogram"]
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.0001,
@@ -26,17 +26,6 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.25,
     1.0,
 )
-
-
-def topic_class(topic: str) -> str:
-    """The label for per-topic metrics: bounded (never the topic itself)."""
-    if topic.startswith("market/"):
-        return "market"
-    if topic.startswith("user/"):
-        return "user"
-    if topic.startswith("service/"):
-        return "service"
-    return "other"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Deadlines and failure tracking around any :class:`~bridge.store.OfflineStore`.
+"""Deadlines and failure tracking around any :class:`~bridge.core.store.OfflineStore`.
 
 :func:`bridge.offline.open_store` returns a :class:`GuardedStore`, and the broker wraps a
 store it is given in one, so every store call the bridge makes goes through here:
@@ -6,7 +6,7 @@ store it is given in one, so every store call the bridge makes goes through here
 - **A deadline on every call**: ``store.call_timeout_s`` (2 s), and ``store.quick_timeout_s``
   (0.5 s) for the two calls on a hot path, :meth:`GuardedStore.ping` (``/readyz``) and
   :meth:`GuardedStore.get_user_tz` (every CONNECT, which then uses the token's zone). Past it
-  the caller gets :class:`~bridge.store.StoreUnavailable`, the error it already handles for a
+  the caller gets :class:`~bridge.core.store.StoreUnavailable`, the error it already handles for a
   store that is down, however the store is stuck: a SIGSTOPped or overloaded Redis, a
   stalled disk, an SQLite file locked by another process.
 - **The call itself is not cut short**: it runs on in its own task and a late result is
@@ -17,7 +17,7 @@ store it is given in one, so every store call the bridge makes goes through here
   lingers is bounded by the store's own timeouts (Redis socket timeouts, SQLite busy
   timeout), which :func:`~bridge.offline.open_store` sets to the same ``call_timeout_s``.
 - **Refusals are remembered**: a call the store answered with an error (not
-  :class:`~bridge.store.StoreUnavailable`: a full disk, Redis over ``maxmemory``, a read-only
+  :class:`~bridge.core.store.StoreUnavailable`: a full disk, Redis over ``maxmemory``, a read-only
   or corrupt file) is kept as :meth:`GuardedStore.failure` for :data:`FAILURE_HOLD_S`, so
   ``/readyz`` reports a store that cannot write even while its pings answer.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
 
-from bridge.store import (
+from bridge.core.store import (
     EnqueueResult,
     NewMessage,
     OfflineStore,
@@ -67,7 +67,7 @@ class StoreFailure:
 
 
 class GuardedStore:
-    """An :class:`~bridge.store.OfflineStore` whose calls have deadlines; see the module docstring."""
+    """An :class:`~bridge.core.store.OfflineStore` whose calls have deadlines; see the module docstring."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """What a feed is and where its ticks go.
 
-A feed is an async iterable of :class:`~feeds.tick.Tick` (seq left at 0; whoever publishes
+A feed is an async iterable of :class:`~bridge.core.tick.Tick` (seq left at 0; whoever publishes
 stamps it). A sink takes ticks: in the broker process it is the broker itself, in a
 stand-alone ``market-bridge feed`` it is an MQTT publisher.
 """
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from feeds.tick import Tick
+from bridge.core.tick import Tick
 
 __all__ = ["Clock", "Feed", "Sleep", "TickSink", "utc_now"]
 

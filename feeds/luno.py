@@ -1,4 +1,4 @@
-"""Luno ticker bodies -> :class:`~feeds.tick.Tick` (pure: no I/O).
+"""Luno ticker bodies -> :class:`~bridge.core.tick.Tick` (pure: no I/O).
 
 Endpoints: ``GET /api/1/ticker?pair=XBTZAR`` (one market) and ``GET /api/1/tickers``
 (``{"tickers": [...]}``). Field mapping: ``bid``/``ask`` as is, ``last_trade`` -> ``last``,
@@ -17,10 +17,10 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from bridge.core.tick import Tick
 from bridge.errors import AdapterError, ExchangeError
 from feeds.pairs import canonical_pair
 from feeds.parsing import load_json, normalise_decimal, shape_error, utc_from_millis
-from feeds.tick import Tick
 
 __all__ = [
     "EXCHANGE",

@@ -1,4 +1,4 @@
-"""Turning exchange values into :class:`~feeds.tick.Tick` values, shared by every adapter.
+"""Turning exchange values into :class:`~bridge.core.tick.Tick` values, shared by every adapter.
 
 Prices arrive as decimal strings (``"12579999.00000000"``); a Tick wants one canonical
 spelling per value (``"12579999"``), so payloads compare byte-wise. The rule lives here only.

@@ -25,10 +25,10 @@ from typing import Final
 
 import httpx
 
+from bridge.core.tick import Tick
 from bridge.errors import AdapterError, ExchangeError, FeedError
 from feeds import luno, quidax, valr
 from feeds.base import Clock, Sleep, utc_now
-from feeds.tick import Tick
 
 __all__ = [
     "LUNO",

@@ -20,9 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.core.sequencer import Sequencer
+from bridge.core.tick import Tick
 from bridge.errors import ConfigError
-from feeds.sequencer import Sequencer
-from feeds.tick import Tick
 
 __all__ = ["BrokerUrl", "MqttTickPublisher", "parse_broker_url"]
 

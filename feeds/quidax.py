@@ -1,4 +1,4 @@
-"""Quidax ticker bodies -> :class:`~feeds.tick.Tick` (pure: no I/O).
+"""Quidax ticker bodies -> :class:`~bridge.core.tick.Tick` (pure: no I/O).
 
 Endpoints: ``GET /api/v1/markets/tickers/btcngn`` (one market) and
 ``GET /api/v1/markets/tickers`` (all markets, ``data`` keyed by market). Both wrap the
@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from bridge.core.tick import Tick
 from bridge.errors import AdapterError, ExchangeError
 from feeds.pairs import canonical_pair
 from feeds.parsing import load_json, normalise_decimal, shape_error, utc_from_millis
-from feeds.tick import Tick
 
 __all__ = [
     "EXCHANGE",

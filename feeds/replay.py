@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from bridge.core.tick import Tick
 from bridge.errors import FeedError, TickError
 from feeds.base import Sleep
-from feeds.tick import Tick
 
 __all__ = ["ReplayFeed", "write_ndjson"]
 

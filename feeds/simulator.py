@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Final
 
+from bridge.core.tick import Tick
 from bridge.errors import FeedError
 from feeds.base import Clock, Sleep, utc_now
 from feeds.pairs import split_pair
-from feeds.tick import Tick
 
 __all__ = ["DEFAULT_MARKETS", "SimulatorFeed"]
 

@@ -1,4 +1,4 @@
-"""VALR market-summary bodies -> :class:`~feeds.tick.Tick` (pure: no I/O).
+"""VALR market-summary bodies -> :class:`~bridge.core.tick.Tick` (pure: no I/O).
 
 Endpoints: ``GET /v1/public/BTCZAR/marketsummary`` (one market, an object) and
 ``GET /v1/public/marketsummary`` (all markets, a list of the same objects). Field mapping:
@@ -20,10 +20,10 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
 
+from bridge.core.tick import Tick
 from bridge.errors import AdapterError, ExchangeError
 from feeds.pairs import canonical_pair
 from feeds.parsing import load_json, normalise_decimal, shape_error
-from feeds.tick import Tick
 
 __all__ = [
     "EXCHANGE",

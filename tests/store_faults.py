@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from bridge.core.store import OfflineStore
 from bridge.redis_store import RedisStore
 from bridge.sqlite_store import SqliteStore
-from bridge.store import OfflineStore
 from bridge.store_guard import GuardedStore
 
 __all__ = ["Fault", "set_fault"]

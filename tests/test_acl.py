@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for, filter_covers
 from bridge.auth import ROLES, Claims, Role
-from bridge.topics import is_valid_filter, matches
+from bridge.core.topics import is_valid_filter, matches
 
 # --- filter_covers: table -----------------------------------------------------------------------
 

@@ -20,10 +20,10 @@ from websockets.exceptions import InvalidStatus
 from bench.mqttws import masked_frame
 from bridge.auth import Role
 from bridge.broker import MarketBroker
+from bridge.core.store import QueueLimits, SessionRecord
 from bridge.errors import ListenerError
 from bridge.metrics import MetricsRegistry
 from bridge.sqlite_store import SqliteStore
-from bridge.store import QueueLimits, SessionRecord
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

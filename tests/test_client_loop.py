@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.core.wire import publish_qos0
 from bridge.lean import LeanEvent
-from bridge.wire import publish_qos0
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

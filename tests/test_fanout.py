@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.connection import Connection
 
-from bridge.wire import remaining_length
+from bridge.core.wire import remaining_length
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

@@ -2,7 +2,7 @@
 
 Feeds here are raw sockets, so a test decides exactly how packets are cut into writes; the
 subscribers that only need to receive are paho clients. Outbound packets are parsed by a
-small reader written here, not by bridge.framing (that has its own pure tests).
+small reader written here, not by bridge.core.framing (that has its own pure tests).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from bridge.auth import Role
-from feeds.tick import Tick
+from bridge.core.tick import Tick
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -50,7 +50,7 @@ PINGRESP = (0xD0, b"")
 def publish_packet(
     topic: str, payload: bytes, *, qos: int = 0, packet_id: int | None = None, retain: bool = False
 ) -> bytes:
-    """A PUBLISH as amqtt encodes it (an independent encoder, not bridge.wire)."""
+    """A PUBLISH as amqtt encodes it (an independent encoder, not bridge.core.wire)."""
     return bytes(PublishPacket.build(topic, payload, packet_id, False, qos, retain).to_bytes())
 
 

@@ -20,14 +20,14 @@ import pytest
 
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH, BridgeConfig, LoggingConfig
+from bridge.core.sequencer import MIN_BLOCK, NEW_TOPICS, ReservedSequencer
+from bridge.core.store import OfflineStore, Priority, QueueLimits, SeqReservation, StoreUnavailable
 from bridge.errors import MessageError
 from bridge.keys import generate_dev_secret
 from bridge.logs import log_handler
 from bridge.offline import SeqReserver, open_store
 from bridge.redis_store import RedisStore
 from bridge.sqlite_store import SqliteStore
-from bridge.store import OfflineStore, Priority, QueueLimits, SeqReservation, StoreUnavailable
-from feeds.sequencer import MIN_BLOCK, NEW_TOPICS, ReservedSequencer
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bridge.core.tick import Tick
 from bridge.errors import AdapterError, ExchangeError
 from feeds.base import Feed
 from feeds.poller import (
@@ -33,7 +34,6 @@ from feeds.poller import (
     failure_reason,
     retry_after_seconds,
 )
-from feeds.tick import Tick
 
 DATA = Path(__file__).parent / "data" / "exchanges"
 NOW = datetime(2026, 11, 30, 11, 0, tzinfo=UTC)

@@ -18,8 +18,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from bridge import redis_keys
-from bridge.redis_store import RedisStore
-from bridge.store import (
+from bridge.core.store import (
     NewMessage,
     Priority,
     QueueLimits,
@@ -29,6 +28,7 @@ from bridge.store import (
     StoreError,
     StoreUnavailable,
 )
+from bridge.redis_store import RedisStore
 from tests.redis_server import RedisProcess
 
 NOW = 1_764_500_000.0

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.core.tick import Tick
 from bridge.errors import FeedError
 from feeds.replay import ReplayFeed, write_ndjson
-from feeds.tick import Tick
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 SAMPLE = Path(__file__).resolve().parent.parent / "config" / "replay-sample.ndjson"

@@ -24,10 +24,10 @@ import pytest
 from bridge import runtime
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH
+from bridge.core.sequencer import MIN_BLOCK, OVERRUN_PER_S, RENEW_S
 from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
 from bridge.runtime import FD_HEADROOM, raise_open_files_limit
-from feeds.sequencer import MIN_BLOCK, OVERRUN_PER_S, RENEW_S
 from tests.conftest import DEADLINE_S, Client, Proc, connect_packet, make_tick, subscribe_packet, unique
 from tests.test_handler import publish_packet, split_packets
 

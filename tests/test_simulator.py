@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from bridge.core.tick import Tick
 from bridge.errors import FeedError
 from feeds.simulator import DEFAULT_MARKETS, SimulatorFeed
-from feeds.tick import Tick
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 

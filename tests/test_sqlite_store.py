@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.core.store import NewMessage, Priority, QueueLimits, SessionRecord, Snapshot, StoreError
 from bridge.sqlite_store import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from bridge.store import NewMessage, Priority, QueueLimits, SessionRecord, Snapshot, StoreError
 
 LIMITS = QueueLimits(max_messages=50, max_bytes=64 * 1024)
 

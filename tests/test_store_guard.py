@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import StoreConfig
-from bridge.offline import open_store
-from bridge.redis_store import RedisStore
-from bridge.sqlite_store import SqliteStore
-from bridge.store import (
+from bridge.core.store import (
     NewMessage,
     OfflineStore,
     QueueLimits,
@@ -27,6 +24,9 @@ from bridge.store import (
     StoreError,
     StoreUnavailable,
 )
+from bridge.offline import open_store
+from bridge.redis_store import RedisStore
+from bridge.sqlite_store import SqliteStore
 from bridge.store_guard import FAILURE_HOLD_S, GuardedStore
 from tests.redis_server import RedisProcess
 from tests.store_faults import set_fault

@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from bridge.core.framing import packet_extent
 from bridge.errors import ProtocolError
-from bridge.framing import packet_extent
 
 __all__ = [
     "CONNACK_BAD_CLIENT_ID",

@@ -10,7 +10,7 @@ Wire form (JSON object, keys in this order, compact separators)::
 - ``ts``: ISO-8601 with an explicit offset; stored and sent as UTC with milliseconds and ``Z``.
 - ``seq``: per-topic, strictly increasing; the broker re-stamps it (it is the sequencer), so
   subscribers see 1, 2, 3, ... per topic whatever feeds restart, and never a number twice
-  whatever the broker does (after a crash it skips ahead: feeds.sequencer).
+  whatever the broker does (after a crash it skips ahead: bridge.core.sequencer).
 - topic: ``market/<exchange>/<pair>``, e.g. ``market/luno/BTC-ZAR``.
 """
 
@@ -22,10 +22,10 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from bridge.core.topics import MARKET_PREFIX
 from bridge.errors import TickError
 
 __all__ = [
-    "MARKET_PREFIX",
     "MAX_TICK_BYTES",
     "Tick",
     "format_ts",
@@ -33,7 +33,6 @@ __all__ = [
     "parse_market_topic",
 ]
 
-MARKET_PREFIX: Final = "market/"
 MAX_TICK_BYTES: Final = 4096
 PRICE_FIELDS: Final = ("bid", "ask", "last", "volume_24h")
 

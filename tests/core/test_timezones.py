@@ -1,4 +1,4 @@
-"""bridge.timezones: timestamps rewritten to the subscriber's zone, same instants, idempotent."""
+"""bridge.core.timezones: timestamps rewritten to the subscriber's zone, same instants, idempotent."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from bridge.timezones import (
+from bridge.core.tick import Tick, format_ts
+from bridge.core.timezones import (
     DEFAULT_FIELDS,
     LOCAL_SUFFIX,
     LocalClock,
@@ -22,7 +23,6 @@ from bridge.timezones import (
     rewrite,
     zone,
 )
-from feeds.tick import Tick, format_ts
 from tests.conftest import BrokerThread, Client, bridge_config, make_tick, token_for, unique
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

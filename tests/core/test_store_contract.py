@@ -1,4 +1,4 @@
-"""One contract suite for every :class:`~bridge.store.OfflineStore` (see bridge/store.py).
+"""One contract suite for every :class:`~bridge.core.store.OfflineStore` (see bridge/core/store.py).
 
 Each test runs against the SQLite store (a fresh file) and the Redis store (the session's
 real redis-server, flushed per test). Times are passed in, so nothing sleeps.
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sqlite_store import SqliteStore
-from bridge.store import (
+from bridge.core.store import (
     EnqueueResult,
     NewMessage,
     OfflineMessage,
@@ -34,6 +33,7 @@ from bridge.store import (
     SessionRecord,
     Snapshot,
 )
+from bridge.sqlite_store import SqliteStore
 from tests.conftest import unique
 
 LIMITS = QueueLimits(max_messages=50, max_bytes=64 * 1024)

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.core.store import Priority
 from bridge.errors import MessageError
-from bridge.store import Priority
 
 __all__ = ["ENVELOPE_KEY", "Envelope", "EnvelopeError", "open_envelope"]
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.core.tick import MAX_TICK_BYTES, Tick, format_ts, market_topic, parse_market_topic
 from bridge.errors import TickError
-from feeds.tick import MAX_TICK_BYTES, Tick, format_ts, market_topic, parse_market_topic
 
 VALID: dict[str, Any] = {
     "exchange": "luno",

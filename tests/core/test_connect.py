@@ -1,4 +1,4 @@
-"""bridge.connect: the CONNECT is read and checked before anything about the client is believed."""
+"""bridge.core.connect: the CONNECT is read and checked before anything about the client is believed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bridge.connect import (
+from bridge.core.connect import (
     CONNACK_BAD_CLIENT_ID,
     CONNACK_BAD_PROTOCOL,
     MAX_CLIENT_ID_BYTES,

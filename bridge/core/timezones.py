@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bridge.topics import is_valid_filter, matches
+from bridge.core.topics import is_valid_filter, matches
 
 __all__ = [
     "DEFAULT_FIELDS",
@@ -223,7 +223,7 @@ class LocalClock:
     The broker's hot path: a tick's ``ts`` in each subscriber zone, per tick. The zone's
     conversion is done once per (zone, second) and cached; the milliseconds are appended.
     ``local_ms(moment, tz)`` equals ``rewrite``'s output for that instant written with a
-    fraction (a property test holds them to it); ``utc_ms`` equals ``feeds.tick.format_ts``.
+    fraction (a property test holds them to it); ``utc_ms`` equals ``bridge.core.tick.format_ts``.
     """
 
     __slots__ = ("_seconds",)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feeds.sequencer import (
+from bridge.core.sequencer import (
     AHEAD_S,
     LEGACY_GAP,
     MAX_BLOCK,

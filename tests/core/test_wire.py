@@ -8,8 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from bridge.topics import is_valid_topic
-from bridge.wire import publish_qos0, publish_qos1_parts, remaining_length, ws_binary_frame, ws_frame_header
+from bridge.core.topics import is_valid_topic
+from bridge.core.wire import (
+    publish_qos0,
+    publish_qos1_parts,
+    remaining_length,
+    ws_binary_frame,
+    ws_frame_header,
+)
 
 
 @pytest.mark.parametrize(

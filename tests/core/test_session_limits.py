@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.session_limits import SESSION_LIMIT, SessionRefusal, SessionTimes, expired, make_room, trim
+from bridge.core.session_limits import SESSION_LIMIT, SessionRefusal, SessionTimes, expired, make_room, trim
 
 MAKE_ROOM_CASES: list[tuple[str, SessionTimes, int, list[str] | None]] = [
     ("no sessions yet", {}, 3, []),

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.envelope import Envelope, EnvelopeError, open_envelope
-from bridge.store import Priority
+from bridge.core.envelope import Envelope, EnvelopeError, open_envelope
+from bridge.core.store import Priority
 
 DEFAULT_TTL, MAX_TTL = 3600.0, 86400.0
 

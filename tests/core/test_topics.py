@@ -1,4 +1,4 @@
-"""bridge.topics: MQTT 3.1.1 topic/filter validation, matching, and the TopicIndex trie."""
+"""bridge.core.topics: MQTT 3.1.1 topic/filter validation, matching, and the TopicIndex trie."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
+from bridge.core.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 
 # --- is_valid_topic ---------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ it was last disconnected (None while connected) so expiry survives a restart. A 
 offline queue exists only to be replayed to one of their persistent sessions:
 :meth:`OfflineStore.purge_orphaned_queue` removes it once they own none.
 
-Seq reservations (both stores; the rules they serve are in :mod:`feeds.sequencer`): one
-:class:`SeqReservation` per market topic, plus one for ``feeds.sequencer.NEW_TOPICS`` (``""``).
+Seq reservations (both stores; the rules they serve are in :mod:`bridge.core.sequencer`): one
+:class:`SeqReservation` per market topic, plus one for ``bridge.core.sequencer.NEW_TOPICS`` (``""``).
 :meth:`OfflineStore.reserve_seq` keeps, per topic, the larger ``reserved`` and the larger
 ``at`` of what it held and what it is given, and clears ``clean``: a late or repeated write
 never lowers a reservation. :meth:`OfflineStore.release_seq` writes exactly what it is given
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
+from bridge.core.sequencer import SeqReservation
 from bridge.errors import MarketBridgeError
-from feeds.sequencer import SeqReservation
 
 __all__ = [
     "EnqueueResult",

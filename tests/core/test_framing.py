@@ -14,9 +14,9 @@ from amqtt.mqtt.publish import PublishPacket
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.core.framing import PacketSplitter, Publish, check_header, parse_publish, puback
+from bridge.core.wire import remaining_length
 from bridge.errors import ProtocolError
-from bridge.framing import PacketSplitter, Publish, check_header, parse_publish, puback
-from bridge.wire import remaining_length
 
 MAX = 1 << 28  # nothing is too large unless a test says so
 

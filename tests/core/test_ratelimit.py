@@ -1,4 +1,4 @@
-"""bridge.ratelimit: the publish token bucket, the per-topic gate and the outbox it drives,
+"""bridge.core.ratelimit: the publish token bucket, the per-topic gate and the outbox it drives,
 and which limits a connection gets from the config and its token.
 
 Times and rates are binary fractions (0.125, 0.25, 4/s...) so exact boundaries are exact.
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from bridge.auth import Claims, Role
 from bridge.config import RateLimitConfig, TopicRatesConfig
-from bridge.ratelimit import (
+from bridge.core.ratelimit import (
     MAX_RATE,
     MIN_RATE,
     PublishBucket,

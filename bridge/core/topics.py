@@ -6,9 +6,34 @@ a published topic costs O(levels x matching branches), not O(all filters) as in 
 
 from __future__ import annotations
 
-__all__ = ["TopicIndex", "is_valid_filter", "is_valid_topic", "matches"]
+__all__ = [
+    "MARKET_PREFIX",
+    "SERVICE_PREFIX",
+    "USER_PREFIX",
+    "TopicIndex",
+    "is_valid_filter",
+    "is_valid_topic",
+    "matches",
+    "topic_class",
+]
+
+# The topic tree, owned here: market data, messages for one user, notices for a service.
+MARKET_PREFIX = "market/"  # market/<exchange>/<PAIR>
+USER_PREFIX = "user/"  # user/<sub>/<anything>
+SERVICE_PREFIX = "service/"  # service/<sub>/<anything>
 
 _MAX_TOPIC_BYTES = 65535
+
+
+def topic_class(topic: str) -> str:
+    """The label for per-topic metrics: bounded (never the topic itself)."""
+    if topic.startswith(MARKET_PREFIX):
+        return "market"
+    if topic.startswith(USER_PREFIX):
+        return "user"
+    if topic.startswith(SERVICE_PREFIX):
+        return "service"
+    return "other"
 
 
 def is_valid_topic(topic: str) -> bool:
