@@ -40,6 +40,7 @@ from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.offline import open_store
 from bridge.runtime import build_feed, pump, run, serve
+from feeds.poller import FEED_KINDS, POLLED_EXCHANGES
 from feeds.publisher import MqttTickPublisher
 
 __all__ = ["connect_banner", "main"]
@@ -236,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--pub-acl", nargs="*", help="topic filters the user may publish to")
 
     feed = commands.add_parser("feed", help="run one feed on its own, publishing over MQTT")
-    feed.add_argument("kind", choices=["simulator", "replay", "luno", "valr", "quidax"])
+    feed.add_argument("kind", choices=FEED_KINDS)
     feed.add_argument(
         "--broker", default="mqtt://127.0.0.1:1883", help="mqtt://, mqtts://, ws:// or wss:// URL"
     )
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "feed":
             if args.kind == "replay" and args.path is None:
                 raise ConfigError("--path", "replay needs an NDJSON file")
-            if args.kind in ("luno", "valr", "quidax") and not args.base_url:
+            if args.kind in POLLED_EXCHANGES and not args.base_url:
                 raise ConfigError("--base-url", f"{args.kind} needs the exchange's API base URL")
             setup_logging(LoggingConfig())
             asyncio.run(_feed(args))

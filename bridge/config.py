@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from bridge.core.ratelimit import MAX_RATE, MIN_RATE
 from bridge.core.topics import is_valid_filter
 from bridge.errors import ConfigError
+from feeds.poller import FEED_KINDS
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -180,6 +181,8 @@ class ReplayFeedConfig(_Strict):
 
 
 class PollerFeedConfig(_Strict):
+    # Pydantic needs the names spelled out to tell feeds apart; a test holds them equal to
+    # feeds.poller.POLLED_EXCHANGES, the list every other place reads.
     kind: Literal["luno", "valr", "quidax"]
     base_url: AnyHttpUrl
     # Exchange symbols as the exchange spells them; empty polls the all-tickers endpoint.
@@ -508,7 +511,7 @@ def load_config(path: Path | str | None = None) -> BridgeConfig:
         raise ConfigError(field, "not valid JSON", source) from None
 
 
-_FEED_KINDS = frozenset({"simulator", "replay", "luno", "valr", "quidax"})
+_FEED_KINDS = frozenset(FEED_KINDS)
 
 
 # What a redacted secret reads as (SecretStr fields show pydantic's "**********").

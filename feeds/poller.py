@@ -31,7 +31,9 @@ from feeds import luno, quidax, valr
 from feeds.base import Clock, Sleep, utc_now
 
 __all__ = [
+    "FEED_KINDS",
     "LUNO",
+    "POLLED_EXCHANGES",
     "QUIDAX",
     "SPECS",
     "VALR",
@@ -80,7 +82,10 @@ def _spec(module: ModuleType) -> ExchangeSpec:
 LUNO: Final = _spec(luno)
 VALR: Final = _spec(valr)
 QUIDAX: Final = _spec(quidax)
+# The one list of exchanges polled over REST: the config's feed kinds and the CLI read it.
 SPECS: Final[Mapping[str, ExchangeSpec]] = {spec.name: spec for spec in (LUNO, VALR, QUIDAX)}
+POLLED_EXCHANGES: Final = tuple(SPECS)
+FEED_KINDS: Final = ("simulator", "replay", *POLLED_EXCHANGES)
 
 
 class RateLimiter:

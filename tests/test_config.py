@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import get_args
 from urllib.parse import quote
 
 import pytest
@@ -28,6 +29,7 @@ from bridge.config import (
 )
 from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
+from feeds.poller import FEED_KINDS, POLLED_EXCHANGES, SPECS
 
 AUTH_OFF = "MARKET_BRIDGE_AUTH__ENABLED"
 
@@ -692,3 +694,9 @@ def test_redacted_config_hides_every_secret_and_keeps_the_rest() -> None:
     plain["store"]["redis_url"] = shown["store"]["redis_url"]
     plain["feeds"][0]["base_url"] = shown["feeds"][0]["base_url"]
     assert shown == plain
+
+
+def test_the_polled_exchanges_have_one_list() -> None:
+    """The config's feed kinds are spelled out for pydantic; they must be the registry's."""
+    assert get_args(PollerFeedConfig.model_fields["kind"].annotation) == POLLED_EXCHANGES == tuple(SPECS)
+    assert set(FEED_KINDS) == {"simulator", "replay", *POLLED_EXCHANGES}
