@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bridge.auth import Claims, Role
+from bridge.core.tick import Tick
 from bridge.core.topics import (
     MARKET_PREFIX,
     SERVICE_PREFIX,
@@ -19,8 +20,9 @@ from bridge.core.topics import (
     is_valid_topic,
     matches,
 )
+from bridge.errors import TickError
 
-__all__ = ["ALLOW_ALL", "ROLE_DEFAULTS", "Acl", "acl_for", "filter_covers"]
+__all__ = ["ALLOW_ALL", "ROLE_DEFAULTS", "Acl", "acl_for", "filter_covers", "will_refusal"]
 
 _SUB_PLACEHOLDER = "{sub}"
 
@@ -124,3 +126,22 @@ def acl_for(claims: Claims) -> Acl:
     subscribe = claims.sub_acl if claims.sub_acl is not None else default_sub
     publish = claims.pub_acl if claims.pub_acl is not None else default_pub
     return Acl(subscribe=_expand(subscribe, claims.sub), publish=_expand(publish, claims.sub))
+
+
+def will_refusal(acl: Acl, topic: str, payload: bytes, *, max_topic_bytes: int) -> str | None:
+    """Why a CONNECT's will may not be published (None: it may). A will is a PUBLISH the
+    client makes in advance, so it is held to every rule a PUBLISH is: a topic name (no
+    wildcards, no ``$``), at most ``max_topic_bytes``, allowed by the ACL, and on
+    ``market/...`` a valid tick. Never raises."""
+    if not is_valid_topic(topic) or topic.startswith("$"):
+        return f"will topic {topic[:64]!r} is not a topic name"
+    if len(topic.encode("utf-8", "surrogatepass")) > max_topic_bytes:
+        return "will topic too long"
+    if not acl.may_publish(topic):
+        return f"may not publish its will on {topic[:64]!r}"
+    if topic.startswith(MARKET_PREFIX):
+        try:
+            Tick.decode(payload, topic=topic)
+        except TickError as exc:
+            return f"will on {topic[:64]!r} is not a valid tick ({exc.reason})"
+    return None

@@ -64,7 +64,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from bridge.acl import ALLOW_ALL, Acl, acl_for
+from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
 from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
@@ -632,24 +632,6 @@ class MarketBroker(Broker):
         session.ssl_object = writer.get_ssl_info()
         return session
 
-    def _will_problem(self, session: Session, acl: Acl) -> str | None:
-        """Why this CONNECT's will may not be published (None: it may). A will is a PUBLISH
-        the client makes in advance, so it is held to every rule a PUBLISH is, and checked
-        now, while the client can still be told."""
-        topic = session.will_topic or ""
-        if not is_valid_topic(topic) or topic.startswith("$"):
-            return f"will topic {topic[:64]!r} is not a topic name"
-        if len(topic.encode()) > self.bridge_config.limits.max_topic_bytes:
-            return "will topic too long"
-        if not acl.may_publish(topic):
-            return f"may not publish its will on {topic[:64]!r}"
-        if topic.startswith(MARKET_PREFIX):
-            try:
-                Tick.decode(bytes(session.will_message or b""), topic=topic)
-            except TickError as exc:
-                return f"will on {topic[:64]!r} is not a valid tick ({exc.reason})"
-        return None
-
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
@@ -701,7 +683,14 @@ class MarketBroker(Broker):
         claims = decision if isinstance(decision, Claims) else None
         user = claims.sub if claims is not None else (incoming.username or client_id)
         acl = acl_for(claims) if claims is not None else ALLOW_ALL
-        if incoming.will_flag and (problem := self._will_problem(incoming, acl)) is not None:
+        if incoming.will_flag and (
+            problem := will_refusal(
+                acl,
+                incoming.will_topic or "",
+                bytes(incoming.will_message or b""),
+                max_topic_bytes=self._max_topic,
+            )
+        ):
             # Refused now rather than dropped later: the client learns at once that its will
             # would never be published, and nothing it may not publish ever is.
             await self._refuse(writer, NOT_AUTHORIZED, "will_refused", f"client {client_id!r}: {problem}")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.acl import ALLOW_ALL, Acl, acl_for, filter_covers
+from bridge.acl import ALLOW_ALL, Acl, acl_for, filter_covers, will_refusal
 from bridge.auth import ROLES, Claims, Role
 from bridge.core.topics import is_valid_filter, matches
 
@@ -354,3 +354,33 @@ def test_unknown_role_gets_nothing() -> None:
     # Only reachable by skipping validation; the cast is the point of the test.
     claims = Claims.model_construct(sub="alice", role=cast(Role, "root"), exp=0.0)
     assert acl_for(claims) == Acl(subscribe=(), publish=())
+
+
+_TICK = b'{"exchange":"luno","pair":"BTC-ZAR","bid":"1","ask":"2","last":"1","volume_24h":"1","ts":"2026-11-30T11:00:00.000Z","seq":9}'
+WILLS = [
+    # (role, topic, payload, refused because ... or None)
+    ("feed", "market/luno/BTC-ZAR", _TICK, None),
+    ("feed", "market/luno/BTC-ZAR", b"not json", "not a valid tick"),
+    ("feed", "market/valr/BTC-ZAR", _TICK, "not a valid tick"),  # the tick is for another topic
+    ("feed", "market/#", _TICK, "not a topic name"),
+    ("feed", "market/+/BTC-ZAR", _TICK, "not a topic name"),
+    ("feed", "", _TICK, "not a topic name"),
+    ("subscriber", "market/luno/BTC-ZAR", _TICK, "may not publish"),
+    ("subscriber", "user/bob/alerts", b"locked", "may not publish"),
+    ("service", "user/bob/alerts", b"gone", None),
+    ("service", "market/luno/BTC-ZAR", _TICK, "may not publish"),
+    ("admin", "$SYS/broker/uptime", b"0", "not a topic name"),
+    ("admin", "status/" + "x" * 250, b"0", "too long"),
+    ("admin", "status/" + "x" * 240, b"0", None),
+]
+
+
+@pytest.mark.parametrize(("role", "topic", "payload", "refused"), WILLS)
+def test_a_will_is_held_to_the_rules_of_a_publish(
+    role: Role, topic: str, payload: bytes, refused: str | None
+) -> None:
+    found = will_refusal(acl_for(_claims(role)), topic, payload, max_topic_bytes=256)
+    assert (found is None) is (refused is None), found
+    if refused is not None:
+        assert found is not None
+        assert refused in found
