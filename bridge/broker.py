@@ -645,7 +645,10 @@ class MarketBroker(Broker):
             self._client_tasks.add(task)
         try:
             await self._serve(listener_name, reader, writer)
-        except (ConnectionError, ConnectionClosed) as exc:
+        except (ConnectionError, ConnectionClosed, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not _writer_closed(writer):
+                log.exception("connection on %s failed", listener_name)
+                return
             log.info(
                 "connection on %s lost: %s", listener_name, clip(exc or type(exc).__name__, 200), extra=CLIENT
             )
@@ -754,7 +757,9 @@ class MarketBroker(Broker):
         try:
             try:
                 await handler.mqtt_connack_authorize(True)
-            except (ConnectionError, ConnectionClosed):
+            except (ConnectionError, ConnectionClosed, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and not _writer_closed(writer):
+                    raise  # not uvloop's "handler is closed": our bug
                 # Gone between CONNECT and CONNACK (a phone switching networks): still an
                 # accepted session that ended without DISCONNECT, so its will is published.
                 handler.end_reason = "closed_before_connack"
@@ -2026,6 +2031,15 @@ def _log_connected(client_id: str, user: str, peer: object, listener_name: str) 
     # Not inlined in _serve: logging materializes its caller's frame object, and for a
     # coroutine that then waits out the whole connection that object lives as long (~270 B).
     log.info("connected %s (user %s) from %s on %s", clip(client_id), clip(user), peer, listener_name)
+
+
+def _writer_closed(writer: WriterAdapter) -> bool:
+    """The peer's transport is gone (uvloop raises RuntimeError writing to one, asyncio does not)."""
+    if isinstance(writer, StreamWriterAdapter):
+        return writer._writer.transport.is_closing()
+    if isinstance(writer, WebSocketsWriter):
+        return writer._protocol.transport.is_closing()
+    return False
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

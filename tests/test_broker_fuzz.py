@@ -477,7 +477,12 @@ def test_broker_survives_hostile_inputs(
         except subprocess.TimeoutExpired:
             code = None
         stop_s = time.monotonic() - stopping
-        problems = list(dict.fromkeys([*broken, *leaks, *watch.problems, *logs.scan()]))
+        # Client input never makes the broker log a traceback (only our own bugs do).
+        log_problems = logs.scan()
+        tracebacks = [
+            f"{count} traceback(s) ending {line!r}" for line, count in logs.exceptions.most_common(3)
+        ]
+        problems = list(dict.fromkeys([*broken, *leaks, *watch.problems, *log_problems, *tracebacks]))
         report = (
             f"broker fuzz{narrowed}: {stats.connections['tcp']} TCP connections ({stats.units['tcp']} packets), "
             f"{stats.connections['ws']} WebSocket ({stats.units['ws']} frames and handshakes), "
