@@ -104,6 +104,7 @@ from bridge.store import (
 from bridge.store_guard import GuardedStore
 from bridge.streams import ChunkReader, TcpReader, WsReader
 from bridge.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
+from bridge.token_cache import TokenCache
 from bridge.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
 from bridge.wire import publish_qos0, ws_binary_frame
 from bridge.ws_connection import MqttWsConnection, connection_class
@@ -203,14 +204,14 @@ class MarketBroker(Broker):
         self._owns_store = store is None
         self._clock = clock
         auth = config.auth
+        # One per broker, bound to its keys and policy: a reconnect verifies a token once.
+        self.tokens: TokenCache | None = None
         if auth.enabled:
-            policy = TokenPolicy.from_config(auth)
+            self.tokens = TokenCache(
+                load_keyring(auth), TokenPolicy.from_config(auth), max_entries=auth.token_cache_size
+            )
             plugins: dict[str, Any] = {
-                "broker_plugins.jwt_auth.JwtAuthPlugin": {
-                    "keys": load_keyring(auth),
-                    "policy": policy,
-                    "clock": clock,
-                }
+                "broker_plugins.jwt_auth.JwtAuthPlugin": {"tokens": self.tokens, "clock": clock}
             }
         else:
             log.warning("auth is disabled: any client may connect and do anything")
