@@ -8,8 +8,11 @@ algorithm. Prints one JSON line per algorithm.
 at a time), each with its own HS256 token, CONNECT, SUBSCRIBE ``market/#`` and receive
 ``--retained`` snapshots, and stay connected; then all disconnect and the same clients
 reconnect with the same tokens (a reconnect storm). One JSON line per phase: broker CPU per
-connection (from the first CONNECT to the last snapshot delivered) and connections per
-second. (Idle-connection memory is the ``idle`` scenario of bench/run.py.)
+connection (from the first CONNECT to the last snapshot delivered), connections per second,
+and broker CPU per disconnect (from the clients' DISCONNECT until the broker is idle).
+``--token-cache-size 0`` runs it without the token cache; ``--profile DIR`` samples the
+broker with py-spy over each phase. (Idle-connection memory is the ``idle`` scenario of
+bench/run.py.)
 """
 
 from __future__ import annotations
@@ -134,23 +137,33 @@ def storm(
     retained: int = 100,
     workers: int = 2,
     concurrency: int = 50,
+    token_cache_size: int | None = None,
     profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """The first connect and the reconnect storm (same clients, same tokens), one result each.
 
+    ``token_cache_size``: ``auth.token_cache_size`` (None: the default; 0: no cache).
     ``profile_dir``: py-spy samples of the broker over each measured window, into
     ``<phase>.txt`` there (``python -m bench.profile`` reads them).
     """
     results = []
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    with running("market-bridge", max_connections=connections + 100) as broker:
+    extra = {} if token_cache_size is None else {"auth": {"token_cache_size": token_cache_size}}
+    with running("market-bridge", max_connections=connections + 100, extra=extra) as broker:
         asyncio.run(publish_retained(broker, retained))
         credentials = broker.subscribers("storm", connections)
         for phase in ("first", "reconnect"):
             profile = None if profile_dir is None else profile_dir / f"{phase}.txt"
             result = _storm_phase(broker, credentials, retained, workers, concurrency, profile)
-            results.append({"scenario": f"connect_storm_{phase}", "broker": broker.kind, **result})
+            results.append(
+                {
+                    "scenario": f"connect_storm_{phase}",
+                    "broker": broker.kind,
+                    "token_cache_size": token_cache_size,
+                    **result,
+                }
+            )
     return results
 
 
@@ -200,6 +213,8 @@ def _storm_phase(
         received = fleet.received(slots)
         fleet.control.stop.set()
         fleet.collect("done", names, timeout=60)
+    settle([broker.process.pid])  # every client has disconnected: the broker's share of that
+    disconnect_cpu = broker.cpu_s() - cpu0 - cpu
     gen = sum(gen1[p] - gen0.get(p, 0.0) for p in gen1)
     return {
         "transport": "ws",
@@ -211,6 +226,7 @@ def _storm_phase(
         "connections_per_s": round(connections / wall),
         "broker_cpu_ms_per_connection": round(cpu / connections * 1000, 3),
         "broker_cpu_cores": round(cpu / wall, 2),
+        "broker_cpu_ms_per_disconnect": round(disconnect_cpu / connections * 1000, 3),
         "generator_cpu_cores": round(gen / wall, 2),
         "generator_processes": workers,
         "concurrency": concurrency * workers,
@@ -226,6 +242,7 @@ def main() -> None:
     parser.add_argument("--storm", type=int, metavar="N", help="WebSocket connect storm of N clients instead")
     parser.add_argument("--retained", type=int, default=100, help="retained snapshots (--storm)")
     parser.add_argument("--workers", type=int, default=2, help="generator processes (--storm)")
+    parser.add_argument("--token-cache-size", type=int, help="auth.token_cache_size (--storm; 0: no cache)")
     parser.add_argument("--profile", type=Path, help="directory for py-spy samples of each phase (--storm)")
     args = parser.parse_args()
     raise_nofile_limit()
@@ -235,6 +252,7 @@ def main() -> None:
             retained=args.retained,
             workers=args.workers,
             concurrency=args.concurrency,
+            token_cache_size=args.token_cache_size,
             profile_dir=args.profile,
         )
     else:
