@@ -16,6 +16,9 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
 - ``retained`` [market-bridge]: SUBSCRIBE to the last of 500 retained snapshots.
 - ``stalled`` [market-bridge]: one subscriber stops reading; healthy ones vs a run without it.
 - ``connect`` [market-bridge]: connect rate with HS256 and RS256 tokens (bench/connect.py).
+- ``storm`` [market-bridge]: WebSocket connect storm, each client with its own token
+  subscribing ``market/#`` with 100 retained snapshots, then the same clients reconnecting
+  (bench/connect.py ``storm``; 10,000 clients, quick 1,000).
 - ``offline`` [market-bridge]: offline backlog stored and replayed (bench/offline.py).
 
 Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
@@ -41,7 +44,18 @@ from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, runnin
 from bench.loadgen import raise_nofile_limit
 from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
 
-SCENARIOS = ("ceiling", "qos0", "qos1", "paced", "idle", "retained", "stalled", "connect", "offline")
+SCENARIOS = (
+    "ceiling",
+    "qos0",
+    "qos1",
+    "paced",
+    "idle",
+    "retained",
+    "stalled",
+    "connect",
+    "storm",
+    "offline",
+)
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
 
@@ -256,6 +270,14 @@ def main() -> None:
             except Exception as exc:
                 report.emit(
                     "connect_rate", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
+                )
+        if "storm" in chosen:
+            try:
+                for result in connect.storm(connections=1000 if quick else 10_000):
+                    report.emit(result.pop("scenario"), result)
+            except Exception as exc:
+                report.emit(
+                    "connect_storm", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
                 )
         if "offline" in chosen:
             try:

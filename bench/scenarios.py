@@ -30,7 +30,7 @@ from bench import mqttws
 from bench.brokers import RunningBroker
 from bench.loadgen import ClientsSpec, Fleet, PublisherSpec, TickMaker, cpu_seconds, open_client, spread
 
-__all__ = ["FanoutOptions", "ScenarioError", "fanout", "idle", "retained_snapshot"]
+__all__ = ["FanoutOptions", "ScenarioError", "fanout", "idle", "publish_retained", "retained_snapshot"]
 
 TOPICS = tuple(
     f"market/luno/{base}-ZAR" for base in ("BTC", "ETH", "SOL", "XRP", "USDT", "USDC", "ADA", "DOT")
@@ -338,7 +338,8 @@ def retained_snapshot(broker: RunningBroker, topics: int = 500) -> dict[str, Any
     return asyncio.run(_retained(broker, topics))
 
 
-async def _retained(broker: RunningBroker, count: int) -> dict[str, Any]:
+async def publish_retained(broker: RunningBroker, count: int) -> None:
+    """``count`` retained snapshots on ``market/luno/T<i>-ZAR``, acknowledged, then a settle."""
     # Pair names must pass feeds/pairs.py: BASE and QUOTE are 2-10 of [A-Z0-9].
     names = [f"market/luno/T{i}-ZAR" for i in range(count)]
     publisher = await open_client(broker.tcp, broker.feed())
@@ -349,6 +350,10 @@ async def _retained(broker: RunningBroker, count: int) -> dict[str, Any]:
     finally:
         publisher.close()
     await asyncio.sleep(1.0)  # acknowledged is not necessarily retained yet: let the broker settle
+
+
+async def _retained(broker: RunningBroker, count: int) -> dict[str, Any]:
+    await publish_retained(broker, count)
     # Cold: the first subscriber in its zone (every snapshot localised and encoded for it);
     # warm: a second one in the same zone, as most of a busy broker's subscribers are.
     suback_ms, all_ms, received = await _snapshot_once(broker, "snapshot", count)

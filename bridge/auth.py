@@ -2,6 +2,8 @@
 
 No I/O and no clock: keys arrive loaded (``bridge.keys``), ``now`` is passed in. The
 result is :class:`Claims` or an :class:`~bridge.errors.AuthError` with a stable reason.
+``decide_verified`` decides the same and keeps what a later decision on the same token
+needs (:class:`Verified`: the claims and the time claims), for ``bridge.token_cache``.
 
 Reasons: missing_token, too_large, malformed, bad_alg, unknown_kid, bad_signature,
 missing_claim, expired, not_yet_valid, bad_audience, bad_issuer, bad_claims,
@@ -41,7 +43,9 @@ __all__ = [
     "SigningKey",
     "TokenPolicy",
     "VerificationKey",
+    "Verified",
     "decide_auth",
+    "decide_verified",
     "mint_token",
 ]
 
@@ -265,6 +269,38 @@ def _check_times(payload: dict[str, Any], now: float, leeway: float) -> AuthErro
     return None
 
 
+def _time_claims(payload: dict[str, Any]) -> dict[str, float]:
+    """exp, and nbf and iat when present, as floats (``_check_times`` has passed them)."""
+    times: dict[str, float] = {}
+    for name in ("exp", "nbf", "iat"):
+        if name in payload and (value := _number(payload[name])) is not None:
+            times[name] = value
+    return times
+
+
+def _username_mismatch(username: str | None) -> AuthError:
+    return AuthError("username_mismatch", f"username {_clip(username)} is not the token's sub")
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A token whose every check passed once: what is left to decide depends on ``now`` and
+    the username only (its bytes, key, signature, aud, iss and claims cannot change)."""
+
+    claims: Claims
+    # exp, and nbf and iat when the token has them: finite numbers.
+    times: dict[str, float]
+
+    def admit(self, username: str | None, now: float, leeway_s: float) -> Claims | AuthError:
+        """The claims if the token is valid at ``now`` and ``username`` is its sub, as ``decide_auth``
+        decides it: expired past exp + leeway, not_yet_valid before nbf / iat - leeway."""
+        if (problem := _check_times(self.times, now, leeway_s)) is not None:
+            return problem
+        if username != self.claims.sub:
+            return _username_mismatch(username)
+        return self.claims
+
+
 def _claims(payload: dict[str, Any]) -> Claims | AuthError:
     try:
         return Claims.model_validate(payload)
@@ -280,6 +316,15 @@ def decide_auth(
     token: str | bytes | None, username: str | None, now: float, keys: KeyRing, policy: TokenPolicy
 ) -> Claims | AuthError:
     """Claims of a valid token whose ``sub`` is ``username``, else why not. Never raises."""
+    decision = decide_verified(token, username, now, keys, policy)
+    return decision.claims if isinstance(decision, Verified) else decision
+
+
+def decide_verified(
+    token: str | bytes | None, username: str | None, now: float, keys: KeyRing, policy: TokenPolicy
+) -> Verified | AuthError:
+    """``decide_auth``, keeping the token's time claims: :meth:`Verified.admit` decides the same
+    token again at another ``now`` without verifying it again. Never raises."""
     if token is None or (isinstance(token, str | bytes) and len(token) == 0):
         return AuthError("missing_token", "no token given (the token is the MQTT password)")
     if not isinstance(token, str | bytes):
@@ -332,8 +377,8 @@ def decide_auth(
     if isinstance(claims, AuthError):
         return claims
     if username != claims.sub:
-        return AuthError("username_mismatch", f"username {_clip(username)} is not the token's sub")
-    return claims
+        return _username_mismatch(username)
+    return Verified(claims, _time_claims(payload))
 
 
 def mint_token(

@@ -253,6 +253,8 @@ class AuthConfig(_Strict):
     leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0
     require_iat: bool = False
     max_token_bytes: Annotated[int, Field(ge=256, le=65536)] = 8192
+    # Verified tokens remembered (bridge/token_cache.py), least recently used evicted; 0: none.
+    token_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
     # Zone for users whose token has no tz claim.
     default_tz: str = "UTC"
 

@@ -35,7 +35,6 @@ from bridge.broker import MarketBroker
 from bridge.config import redacted
 from bridge.core.store import Priority, StoreError
 from bridge.errors import ListenerError, MessageError
-from bridge.keys import load_keyring
 from bridge.metrics import MetricsRegistry
 
 __all__ = ["HttpServer", "build_app"]
@@ -103,9 +102,11 @@ def build_app(broker: MarketBroker) -> FastAPI:
     """The app for one broker."""
     config = broker.bridge_config
     metrics = MetricsRegistry(broker)
-    keys = load_keyring(config.auth) if config.auth.enabled else None
-    # The broker's own policy: the admin API must not accept a token MQTT would refuse.
-    policy = TokenPolicy.from_config(config.auth)
+    # The broker's own keys and policy: the admin API must not accept a token MQTT would refuse.
+    # Not its token cache: require_admin runs in a worker thread, and the cache is the loop's.
+    tokens = broker.tokens
+    keys = tokens.keys if tokens is not None else None
+    policy = tokens.policy if tokens is not None else TokenPolicy.from_config(config.auth)
     app = FastAPI(title="market-bridge", version="0.1.0", summary="Health, metrics and admin API")
     app.state.metrics = metrics
     app.state.keys = keys

@@ -70,6 +70,20 @@ class _BrokerCollector(Collector):
         yield CounterMetricFamily(
             "mb_token_expiries", "Connections closed at token exp", value=stats.token_expiries
         )
+        tokens = self._broker.tokens
+        cache = CounterMetricFamily(
+            "mb_token_cache",
+            "CONNECT tokens decided from the token cache (hit) or verified in full (miss)",
+            labels=["outcome"],
+        )
+        cache.add_metric(["hit"], tokens.hits if tokens is not None else 0)
+        cache.add_metric(["miss"], tokens.misses if tokens is not None else 0)
+        yield cache
+        yield GaugeMetricFamily(
+            "mb_token_cache_entries",
+            "Verified tokens remembered",
+            value=len(tokens) if tokens is not None else 0,
+        )
         yield CounterMetricFamily(
             "mb_keepalive_timeouts", "Connections dropped by keep-alive", value=stats.keepalive_timeouts
         )

@@ -29,7 +29,9 @@ from bridge.auth import (
     SigningKey,
     TokenPolicy,
     VerificationKey,
+    Verified,
     decide_auth,
+    decide_verified,
     mint_token,
 )
 from bridge.config import AuthConfig, KeyConfig
@@ -397,26 +399,26 @@ def test_token_without_kid_uses_the_only_key(keys: Keys) -> None:
 
 
 # exp=NOW+delta etc.; the boundary is exactly at ``now == exp + leeway`` (accepted).
-@pytest.mark.parametrize(
-    ("claim", "value", "now", "leeway", "reason"),
-    [
-        ("exp", NOW - LEEWAY, NOW, LEEWAY, None),
-        ("exp", NOW - LEEWAY - 1, NOW, LEEWAY, "expired"),
-        ("exp", NOW, NOW + LEEWAY, LEEWAY, None),
-        ("exp", NOW, NOW + LEEWAY + 0.001, LEEWAY, "expired"),
-        ("exp", NOW, NOW, 0.0, None),
-        ("exp", NOW, NOW + 0.001, 0.0, "expired"),
-        ("exp", NOW + 0.5, NOW + 0.25, 0.0, None),  # a fractional exp is honoured
-        ("nbf", NOW + LEEWAY, NOW, LEEWAY, None),
-        ("nbf", NOW + LEEWAY + 1, NOW, LEEWAY, "not_yet_valid"),
-        ("nbf", NOW, NOW - LEEWAY, LEEWAY, None),
-        ("nbf", NOW, NOW - LEEWAY - 0.001, LEEWAY, "not_yet_valid"),
-        ("iat", NOW + LEEWAY, NOW, LEEWAY, None),
-        ("iat", NOW + LEEWAY + 1, NOW, LEEWAY, "not_yet_valid"),
-        ("iat", NOW, NOW, 0.0, None),
-        ("iat", NOW + 1, NOW, 0.0, "not_yet_valid"),
-    ],
-)
+LEEWAY_EDGES: list[tuple[str, float, float, float, str | None]] = [
+    ("exp", NOW - LEEWAY, NOW, LEEWAY, None),
+    ("exp", NOW - LEEWAY - 1, NOW, LEEWAY, "expired"),
+    ("exp", NOW, NOW + LEEWAY, LEEWAY, None),
+    ("exp", NOW, NOW + LEEWAY + 0.001, LEEWAY, "expired"),
+    ("exp", NOW, NOW, 0.0, None),
+    ("exp", NOW, NOW + 0.001, 0.0, "expired"),
+    ("exp", NOW + 0.5, NOW + 0.25, 0.0, None),  # a fractional exp is honoured
+    ("nbf", NOW + LEEWAY, NOW, LEEWAY, None),
+    ("nbf", NOW + LEEWAY + 1, NOW, LEEWAY, "not_yet_valid"),
+    ("nbf", NOW, NOW - LEEWAY, LEEWAY, None),
+    ("nbf", NOW, NOW - LEEWAY - 0.001, LEEWAY, "not_yet_valid"),
+    ("iat", NOW + LEEWAY, NOW, LEEWAY, None),
+    ("iat", NOW + LEEWAY + 1, NOW, LEEWAY, "not_yet_valid"),
+    ("iat", NOW, NOW, 0.0, None),
+    ("iat", NOW + 1, NOW, 0.0, "not_yet_valid"),
+]
+
+
+@pytest.mark.parametrize(("claim", "value", "now", "leeway", "reason"), LEEWAY_EDGES)
 def test_leeway_boundaries(
     keys: Keys, claim: str, value: float, now: float, leeway: float, reason: str | None
 ) -> None:
@@ -428,6 +430,38 @@ def test_leeway_boundaries(
     else:
         assert isinstance(result, AuthError)
         assert result.reason == reason
+
+
+@pytest.mark.parametrize(("claim", "value", "now", "leeway", "reason"), LEEWAY_EDGES)
+def test_verified_admits_at_another_time_as_decide_auth_would(
+    keys: Keys, claim: str, value: float, now: float, leeway: float, reason: str | None
+) -> None:
+    """decide_verified keeps the time claims: admit() at ``now`` gives decide_auth's answer there."""
+    base = claims(iat=DROP, exp=NOW + 3600)
+    base[claim] = value
+    token, policy = hs(base), TokenPolicy(leeway_s=leeway)
+    verified = decide_verified(
+        token, "alice", value - 1 if claim == "exp" else value + 1, keys.ring(), policy
+    )
+    assert isinstance(verified, Verified), verified
+    assert verified.times == {name: float(base[name]) for name in ("exp", "nbf", "iat") if name in base}
+    for username in ("alice", "bob"):
+        admitted = verified.admit(username, now, leeway)
+        direct = decide_auth(token, username, now, keys.ring(), policy)
+        assert type(admitted) is type(direct)
+        if isinstance(admitted, AuthError):
+            assert isinstance(direct, AuthError)
+            assert (admitted.reason, admitted.detail) == (direct.reason, direct.detail)
+        else:
+            assert admitted is verified.claims
+    admitted = verified.admit("alice", now, leeway)
+    assert (admitted.reason if isinstance(admitted, AuthError) else None) == reason
+
+
+def test_decide_verified_refuses_as_decide_auth(keys: Keys) -> None:
+    for username, reason in (("bob", "username_mismatch"), ("alice", None)):
+        verified = decide_verified(hs(claims()), username, NOW, keys.ring(), TokenPolicy())
+        assert (verified.reason if isinstance(verified, AuthError) else None) == reason
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from bridge.broker import MarketBroker
 from bridge.core.store import QueueLimits, SessionRecord
 from bridge.errors import ListenerError
 from bridge.metrics import MetricsRegistry
+from bridge.session import MarketSession
 from bridge.sqlite_store import SqliteStore
 from tests.conftest import (
     DEADLINE_S,
@@ -802,6 +804,49 @@ def test_resubscribing_replaces_the_qos_at_the_cap(clients: ClientFactory, trans
             pub.publish("market/luno/BTC-ZAR", make_tick().encode(), qos=1)
             (live,) = sub.expect(1)
             assert (live.retain, live.qos) == (False, qos)
+
+
+def test_a_new_subscription_costs_the_same_however_many_share_its_filter(broker: BrokerThread) -> None:
+    """Subscribing a session to a filter does not search the filter's other subscribers (with
+    10,000 on ``market/#`` that search was most of a connect's CPU): counted in Python calls
+    made, not timed. A repeated filter still replaces the one entry it has."""
+    topic_filter = f"market/{unique('x')}/#"
+
+    async def subscribe(client_id: str, qos: int = 0) -> tuple[int, int]:
+        session = _session(client_id)
+        calls = 0
+
+        def count(_frame: object, event: str, _arg: object) -> None:
+            nonlocal calls
+            calls += event == "call"  # generator resumptions included
+
+        sys.setprofile(count)
+        try:
+            code, _ = await broker.broker._subscribe((topic_filter, qos), session)
+        finally:
+            sys.setprofile(None)
+        return code, calls
+
+    async def crowd(count: int) -> None:
+        for index in range(count):
+            await broker.broker._subscribe((topic_filter, 0), _session(f"crowd-{index}"))
+
+    broker.run(subscribe("first"))  # the filter's first subscriber also creates its index entry
+    code, alone = broker.run(subscribe("second"))
+    broker.run(crowd(1000))
+    crowded_code, crowded = broker.run(subscribe("last"))
+    assert (code, crowded_code) == (0, 0)
+    assert crowded == alone
+    assert broker.run(subscribe("last", 1))[0] == 1  # repeated: replaces its QoS, no second entry
+    entries = broker.call(lambda: [(s.client_id, q) for s, q in broker.broker._subscriptions[topic_filter]])
+    assert len(entries) == 1003
+    assert entries[-1] == ("last", 1)
+
+
+def _session(client_id: str) -> MarketSession:
+    session = MarketSession()
+    session.client_id = client_id
+    return session
 
 
 # ---------------------------------------------------------------- persistent session cap and expiry

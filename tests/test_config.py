@@ -68,6 +68,7 @@ def assert_defaults(config: BridgeConfig) -> None:
     assert config.feeds == []
     assert config.logging.level == "INFO"
     assert config.logging.json_format is False
+    assert config.auth.token_cache_size == 10_000
 
 
 # --- good files -------------------------------------------------------------------------------
@@ -425,6 +426,16 @@ SECRET = "s" * 40
             "IANA",
         ),
         (f"{{keys: [{{algorithms: [HS256], secret: {SECRET}}}], leeway_s: 3600}}", "auth.leeway_s", "300"),
+        (
+            f"{{keys: [{{algorithms: [HS256], secret: {SECRET}}}], token_cache_size: -1}}",
+            "auth.token_cache_size",
+            "0",
+        ),
+        (
+            f"{{keys: [{{algorithms: [HS256], secret: {SECRET}}}], token_cache_size: 1000001}}",
+            "auth.token_cache_size",
+            "1000000",
+        ),
     ],
 )
 def test_bad_auth_section(

@@ -165,6 +165,13 @@ def test_metrics_change_as_traffic_flows(
     assert _metric(after, "mb_messages_out_total", topic_class="market") == 1
     assert _metric(after, "mb_drops_total", reason="invalid_tick:not_json") == 1
     assert _metric(after, "mb_refusals_total", reason="malformed") == 1
+    # Three tokens verified in full; the two accepted are remembered, the garbage is not.
+    assert (
+        _metric(after, "mb_token_cache_total", outcome="miss")
+        - _metric(before, "mb_token_cache_total", outcome="miss")
+        == 3
+    )
+    assert _metric(after, "mb_token_cache_entries") - _metric(before, "mb_token_cache_entries") == 2
     assert _metric(after, "mb_fanout_seconds_count") >= 1
     assert "mb_event_loop_lag_seconds_bucket" in after
     for sample in (

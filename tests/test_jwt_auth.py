@@ -417,6 +417,41 @@ def test_persistent_session_is_bound_to_its_user_after_disconnect(
     assert back.expect(1)[0].topic == "market/luno/BTC-ZAR"
 
 
+class Clock:
+    """The broker's clock: wall time plus an offset the test moves."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.parametrize(("cache_size", "verified_in_full"), [(10_000, 1), (0, 4)])
+def test_a_token_seen_before_is_not_verified_again_yet_never_accepted_past_exp_or_for_another_user(
+    clients: ClientFactory, cache_size: int, verified_in_full: int
+) -> None:
+    clock = Clock()
+    keys = [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]
+    config = bridge_config(auth={"keys": keys, "leeway_s": 0, "token_cache_size": cache_size})
+    with BrokerThread(config, clock=clock) as running:
+        user = unique("storm")
+        token = token_for(user, "subscriber", ttl_s=600)
+        for _ in range(2):  # a reconnect with the same token
+            client = clients(running.tcp_port, username=user, password=token)
+            client.connect()
+            client.close()
+        clients(running.tcp_port, username=unique("other"), password=token).connect(expect=NOT_AUTHORIZED)
+        clock.offset = 601  # past exp (leeway 0): refused, cached or not
+        clients(running.tcp_port, username=user, password=token).connect(expect=NOT_AUTHORIZED)
+        tokens = running.broker.tokens
+        assert tokens is not None
+        counts = running.call(lambda: (tokens.hits, tokens.misses, len(tokens)))
+        refusals = running.call(lambda: dict(running.broker.stats.refusals))
+    assert counts == (4 - verified_in_full, verified_in_full, 0)  # the expired token was dropped
+    assert refusals == {"username_mismatch": 1, "expired": 1}
+
+
 def test_signing_key_in_conftest_matches_the_config() -> None:
     # Guards the fixtures themselves: the test key is what bridge_config trusts.
     keys = bridge_config().auth.keys
