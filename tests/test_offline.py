@@ -464,12 +464,14 @@ def test_an_online_phone_that_does_not_ack_gets_its_messages_again_with_their_id
     back.close()
 
 
+@pytest.mark.parametrize("qos", [1, 2])
 @pytest.mark.parametrize("kind", ["embedded", "redis"])
 def test_sigkill_with_an_online_unacknowledging_user_loses_nothing_acknowledged(
     procs: Callable[..., Proc],
     clients: ClientFactory,
     tmp_path: Path,
     kind: str,
+    qos: int,
     request: pytest.FixtureRequest,
 ) -> None:
     """Was: the service got 10 PUBACKs, the phone held the 10 unacknowledged, kill -9: 0 of 10."""
@@ -482,12 +484,12 @@ def test_sigkill_with_an_online_unacknowledging_user_loses_nothing_acknowledged(
         connect_packet(
             phone_id, clean=False, username=user.encode(), password=token(user, "subscriber").encode()
         )
-        + subscribe_packet(1, f"user/{user}/#", 1)
+        + subscribe_packet(1, f"user/{user}/#", qos)
     )
     service = clients(port, username="svc", password=token("svc", "service"))
     service.connect()
     for index in range(10):
-        service.publish(f"user/{user}/fills", f"fill{index}".encode(), qos=1)  # each PUBACKed
+        service.publish(f"user/{user}/fills", f"fill{index}".encode(), qos=qos)  # each acknowledged
     before = _read_publishes(sock, 10)  # on the phone, none acknowledged
     first.popen.send_signal(signal.SIGKILL)
     first.popen.wait(DEADLINE_S)
@@ -503,8 +505,9 @@ def test_sigkill_with_an_online_unacknowledging_user_loses_nothing_acknowledged(
     after = _read_publishes(back, 10)
     assert [p.payload for p in after] == [f"fill{i}".encode() for i in range(10)]
     # The same packet ids as before the crash, with DUP ([MQTT-4.4.0-1], [MQTT-3.3.1-1]).
-    assert [(p.packet_id, p.dup) for p in after] == [(p.packet_id, True) for p in before]
-    back.sendall(b"".join(puback_packet(p.packet_id or 0) for p in after))
+    assert [(p.packet_id, p.dup, p.qos) for p in after] == [(p.packet_id, True, qos) for p in before]
+    if qos == 1:
+        back.sendall(b"".join(puback_packet(p.packet_id or 0) for p in after))
     back.close()
     assert second.stop() == 0
 
