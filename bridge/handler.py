@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter
-from amqtt.errors import MQTTError
+from amqtt.errors import MQTTError, ProtocolHandlerError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
 from amqtt.mqtt.constants import QOS_2
@@ -40,6 +40,7 @@ from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
+from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
 from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
@@ -241,7 +242,9 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if name is None:
             return None
         handle: Callable[[Any], Coroutine[Any, Any, None]] = getattr(self, name)
-        return asyncio.create_task(handle(packet))
+        task = asyncio.create_task(handle(packet))
+        task.add_done_callback(_settled_quietly)
+        return task
 
     def _publish_bucket(self) -> PublishBucket | None:
         bucket = self._bucket
@@ -503,6 +506,18 @@ _HANDLERS = {
     13: "handle_pingresp",
     DISCONNECT: "handle_disconnect",
 }
+
+
+def _settled_quietly(task: asyncio.Task[None]) -> None:
+    """amqtt's packet handlers end with an error when their connection goes mid-packet
+    ("Packet handling was cancelled"): the client's doing, not ours, so it is noted at debug
+    level instead of asyncio's "Task exception was never retrieved" with a traceback."""
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    if isinstance(exc, ProtocolHandlerError | ConnectionError | ConnectionClosed):
+        log.debug("packet handler ended with its connection: %r", exc)
+    else:
+        log.error("packet handler failed", exc_info=exc)  # our bug (or amqtt's)
 
 
 _PINGRESP = b"\xd0\x00"

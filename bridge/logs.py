@@ -60,8 +60,9 @@ MAX_MESSAGE_CHARS: Final = 2048
 
 # Third-party loggers that narrate every packet at INFO; ours say what matters.
 QUIET_LOGGERS = ("amqtt", "transitions", "websockets", "httpx", "httpcore")
-# Third-party loggers whose records are all rate-limited: they quote client input freely.
-_LIMITED = ("amqtt", "websockets")
+# Third-party loggers whose records are all rate-limited: they quote client input freely, or
+# repeat per client action (asyncio warns on every write to a socket a client has closed).
+_LIMITED = ("amqtt", "websockets", "asyncio")
 _ELLIPSIS = "\u2026"
 
 # What would end, rewrite or reorder a line on a terminal or in a log viewer: C0 (also tab),

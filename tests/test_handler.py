@@ -7,6 +7,7 @@ small reader written here, not by bridge.core.framing (that has its own pure tes
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import select
@@ -669,3 +670,20 @@ def test_a_qos2_message_not_yet_received_is_resent_as_a_publish(
     back.send(b"\x70\x02" + again.packet_id.to_bytes(2, "big"))  # PUBCOMP
     assert back.ping() == []
     back.close()
+
+
+def test_an_amqtt_packet_task_ending_with_its_connection_logs_no_traceback(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: "Task exception was never retrieved ... Packet handling was cancelled" (ERROR)."""
+    for _ in range(60):
+        client = RawClient(broker.tcp_port, role="admin")
+        # A QoS 1 PUBLISH on a non-market topic goes to amqtt's handler task; closing at once
+        # cuts that task's PUBACK write.
+        client.send(publish_packet("status/x", b"x", qos=1, packet_id=1) * 50)
+        client.close()
+    wait_until(lambda: broker.call(lambda: broker.broker.stats.connections) == 0, what="all gone")
+    broker.call(gc.collect)  # the "never retrieved" report comes when the task is collected
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]

@@ -322,7 +322,7 @@ def test_rate_limit(steps: list[Step]) -> None:
         assert shown == expected
 
 
-@pytest.mark.parametrize("name", ["amqtt", "amqtt.broker", "websockets.server", "websockets"])
+@pytest.mark.parametrize("name", ["amqtt", "amqtt.broker", "websockets.server", "websockets", "asyncio"])
 def test_third_party_records_are_limited_per_logger_and_template(name: str) -> None:
     clock = FakeClock()
     limiter, sink = limited(clock)
