@@ -412,6 +412,15 @@ def persistent_client(
     )
 
 
+def go_offline(broker: BrokerThread, clients: Callable[..., Client], user: str, client_id: str) -> None:
+    """A persistent session for ``user`` subscribed to its own topics, then disconnected."""
+    phone = persistent_client(clients, broker.tcp_port, user, client_id)
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+    phone.close()
+    wait_until(lambda: client_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
+
+
 @pytest.fixture
 def clients() -> Iterator[Callable[..., Client]]:
     """Clients that log in with a fresh token (role ``admin`` unless told) unless given credentials."""

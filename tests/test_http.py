@@ -20,6 +20,7 @@ from tests.conftest import (
     BrokerThread,
     Client,
     bridge_config,
+    go_offline,
     make_tick,
     persistent_client,
     token_for,
@@ -94,14 +95,7 @@ def test_readyz_and_admin_api_answer_in_time_while_redis_is_hung(
             httpx.Client(base_url=running.http_url, timeout=30) as http,
         ):
             user, phone_id = unique("alice"), unique("phone")
-            phone = persistent_client(clients, running.tcp_port, user, phone_id)
-            phone.connect()
-            phone.subscribe(f"user/{user}/#", qos=1)
-            phone.close()
-            wait_until(
-                lambda: phone_id not in running.call(lambda: dict(running.broker._connections)),
-                what="offline",
-            )
+            go_offline(running, clients, user, phone_id)
             message = {"topic": "alerts", "payload": "during"}
             with redis.paused():
                 started = time.monotonic()
@@ -340,14 +334,7 @@ def test_send_message_is_503_when_the_store_is_down(tmp_path: Path, clients: Cli
             httpx.Client(base_url=running.http_url, timeout=20) as http,
         ):
             user, phone_id = unique("alice"), unique("phone")
-            phone = persistent_client(clients, running.tcp_port, user, phone_id)
-            phone.connect()
-            phone.subscribe(f"user/{user}/#", qos=1)
-            phone.close()
-            wait_until(
-                lambda: phone_id not in running.call(lambda: dict(running.broker._connections)),
-                what="offline",
-            )
+            go_offline(running, clients, user, phone_id)
             redis.stop()
             response = http.post(
                 f"/admin/users/{user}/messages", headers=_admin(), json={"topic": "a", "payload": "x"}

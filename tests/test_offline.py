@@ -35,6 +35,7 @@ from tests.conftest import (
     Proc,
     bridge_config,
     connect_packet,
+    go_offline,
     make_tick,
     persistent_client,
     subscribe_packet,
@@ -82,15 +83,6 @@ def envelope(payload: str, priority: str = "NORMAL", ttl_s: float = 600) -> byte
     return json.dumps({"mb_envelope": 1, "payload": payload, "priority": priority, "ttl_s": ttl_s}).encode()
 
 
-def _go_offline(broker: BrokerThread, clients: ClientFactory, user: str, client_id: str) -> None:
-    """A persistent session for ``user`` subscribed to its own topics, then disconnected."""
-    phone = persistent_client(clients, broker.tcp_port, user, client_id)
-    phone.connect()
-    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
-    phone.close()
-    wait_until(lambda: client_id not in broker.call(lambda: dict(broker.broker._connections)), what="offline")
-
-
 def _come_back(broker: BrokerThread, clients: ClientFactory, user: str, client_id: str) -> Client:
     phone = clients(
         broker.ws_port,
@@ -112,7 +104,7 @@ def _queue(broker: BrokerThread, user: str) -> tuple[int, int]:
 
 def test_queued_messages_arrive_by_priority_then_fifo(broker: BrokerThread, clients: ClientFactory) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     service = clients(broker.tcp_port, role="service")
     service.connect()
     sent = [("n1", "NORMAL"), ("l1", "LOW"), ("u1", "URGENT"), ("h1", "HIGH"), ("u2", "URGENT")]
@@ -133,7 +125,7 @@ def test_expired_messages_are_dropped_and_counted(
     broker: BrokerThread, clients: ClientFactory, clock: Clock
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     service = clients(broker.tcp_port, role="service")
     service.connect()
     service.publish(f"user/{user}/a", envelope("stale", ttl_s=60), qos=1)
@@ -149,7 +141,7 @@ def test_full_queue_evicts_lowest_priority_oldest_and_tells_the_service(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     service_user = unique("svc")
     service = clients(broker.tcp_port, username=service_user, password=token_for(service_user, "service"))
     service.connect()
@@ -171,7 +163,7 @@ def test_message_leaves_the_store_only_after_puback_and_is_redelivered_with_dup(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     service = clients(broker.tcp_port, role="service")
     service.connect()
     for index in range(3):
@@ -224,7 +216,7 @@ def test_send_to_user_from_python_stores_for_an_offline_user(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     result = broker.run(broker.broker.send_to_user(user, f"user/{user}/notices", b"kyc ok", ttl_s=60))
     assert result.delivered == 0
     assert result.stored is not None
@@ -241,7 +233,7 @@ def test_send_to_user_refuses_bad_addresses(broker: BrokerThread, topic: str) ->
 
 def test_malformed_envelope_is_refused_and_never_stored(broker: BrokerThread, clients: ClientFactory) -> None:
     user, phone_id = unique("alice"), unique("phone")
-    _go_offline(broker, clients, user, phone_id)
+    go_offline(broker, clients, user, phone_id)
     service = clients(broker.tcp_port, role="service")
     service.connect()
     service.publish(f"user/{user}/a", b'{"mb_envelope": 1, "priority": "SOON", "payload": "x"}', qos=1)
@@ -291,7 +283,7 @@ def test_redis_outage_keeps_ticks_flowing_and_send_fails_clearly(
         config = bridge_config(store={"redis_url": redis.url})
         with BrokerThread(config) as running:
             user, phone_id = unique("alice"), unique("phone")
-            _go_offline(running, clients, user, phone_id)
+            go_offline(running, clients, user, phone_id)
             before = running.run(running.broker.send_to_user(user, "a", b"before outage"))
             assert before.stored is not None
 
@@ -612,7 +604,7 @@ def test_a_store_that_cannot_write_still_replays_what_it_holds(
             httpx.Client(base_url=running.http_url, timeout=30) as http,
         ):
             user, phone_id = unique("alice"), unique("phone")
-            _go_offline(running, clients, user, phone_id)
+            go_offline(running, clients, user, phone_id)
             for index in range(39):
                 running.run(running.broker.send_to_user(user, "alerts", b"alert %d" % index))
             store = running.broker.store
