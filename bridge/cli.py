@@ -21,7 +21,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridge.auth import ROLES, Claims, Role, mint_token
-from bridge.broker import MarketBroker
 from bridge.config import (
     DEFAULT_CONFIG_PATH,
     DEV_SECRET_PATH,
@@ -34,6 +33,7 @@ from bridge.config import (
     redacted,
 )
 from bridge.core.timezones import is_valid_zone
+from bridge.edge.broker import MarketBroker
 from bridge.errors import ConfigError, MarketBridgeError
 from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key

@@ -31,9 +31,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
-from bridge.broker import MarketBroker
 from bridge.config import redacted
 from bridge.core.store import Priority, StoreError
+from bridge.edge.broker import MarketBroker
 from bridge.errors import ListenerError, MessageError
 from bridge.metrics import MetricsRegistry
 

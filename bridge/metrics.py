@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from bridge.stats import Histogram
 
 if TYPE_CHECKING:
-    from bridge.broker import MarketBroker
+    from bridge.edge.broker import MarketBroker
 
 __all__ = ["LoopLagMonitor", "MetricsRegistry"]
 

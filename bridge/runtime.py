@@ -14,8 +14,8 @@ import resource
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
-from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
+from bridge.edge.broker import MarketBroker
 from bridge.errors import ConfigError, FeedError
 from bridge.http import HttpServer
 from feeds.base import Feed, TickSink

@@ -32,9 +32,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.auth import Role, SigningKey, mint_token
-from bridge.broker import MarketBroker
 from bridge.config import BridgeConfig
 from bridge.core.tick import Tick
+from bridge.edge.broker import MarketBroker
 from bridge.http import HttpServer
 from bridge.runtime import loop_factory
 from tests.redis_server import RedisProcess

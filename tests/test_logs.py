@@ -74,7 +74,7 @@ class FakeClock:
 def record(
     msg: str = "client %s may not publish to %s",
     *args: object,
-    name: str = "bridge.broker",
+    name: str = "bridge.edge.broker",
     level: int = logging.INFO,
     client: bool = True,
     exc_info: Any = None,
@@ -169,9 +169,11 @@ def test_clip_is_bounded_and_unambiguous(value: str, limit: int) -> None:
 
 def test_plain_formatter_one_record_one_line_traceback_kept() -> None:
     formatter = PlainFormatter()
-    line = formatter.format(record("connected %s", "evil\n2026-01-01 00:00:00,000 INFO    bridge.broker: x"))
+    line = formatter.format(
+        record("connected %s", "evil\n2026-01-01 00:00:00,000 INFO    bridge.edge.broker: x")
+    )
     assert "\n" not in line
-    assert line.endswith("connected evil\\n2026-01-01 00:00:00,000 INFO    bridge.broker: x")
+    assert line.endswith("connected evil\\n2026-01-01 00:00:00,000 INFO    bridge.edge.broker: x")
     try:
         raise RuntimeError("our own bug")
     except RuntimeError:
@@ -543,7 +545,7 @@ def assert_one_line_per_record(out: Output) -> None:
         assert LINE_START.match(line), f"not a record of its own: {line!r}"
 
 
-EVIL_ID = "evil\r\n2026-01-01 00:00:00,000 INFO    bridge.broker: connected admin\x1b[31m\u2028\u202e"
+EVIL_ID = "evil\r\n2026-01-01 00:00:00,000 INFO    bridge.edge.broker: connected admin\x1b[31m\u2028\u202e"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])

@@ -43,9 +43,9 @@ from tests.conftest import (
     unique,
     wait_until,
 )
+from tests.edge.test_handler import Packet, RawClient, _subscribe_raw, puback_packet, split_packets
 from tests.redis_server import RedisProcess
 from tests.store_faults import Fault, set_fault
-from tests.test_handler import Packet, RawClient, _subscribe_raw, puback_packet, split_packets
 
 ClientFactory = Callable[..., Client]
 

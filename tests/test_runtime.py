@@ -29,7 +29,7 @@ from bridge.errors import ConfigError
 from bridge.keys import generate_dev_secret
 from bridge.runtime import FD_HEADROOM, raise_open_files_limit
 from tests.conftest import DEADLINE_S, Client, Proc, connect_packet, make_tick, subscribe_packet, unique
-from tests.test_handler import publish_packet, split_packets
+from tests.edge.test_handler import publish_packet, split_packets
 
 ClientFactory = Callable[..., Client]
 EPHEMERAL = {

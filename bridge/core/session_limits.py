@@ -2,7 +2,7 @@
 
 A user's persistent sessions are given as ``client id -> disconnected_at`` (epoch seconds),
 None for one that is connected or being connected: such a session is never chosen. The
-broker (bridge/broker.py) does the deleting; the rules are here:
+broker (bridge/edge/broker.py) does the deleting; the rules are here:
 
 - ``limits.max_sessions_per_user``: a new persistent session past the cap replaces the
   user's longest-disconnected one(s) (:func:`make_room`); if the connected ones alone fill

@@ -58,3 +58,16 @@ def test_the_feeds_load_no_broker() -> None:
 def test_feeds_use_only_the_core_and_the_error_root(path: Path) -> None:
     ours = {name for name in _imports(path) if name.split(".")[0] == "bridge"}
     assert all(name.startswith("bridge.core") or name == "bridge.errors" for name in ours), ours
+
+
+OUTSIDE_EDGE = sorted(
+    p
+    for p in [*(ROOT / "bridge").rglob("*.py"), *(ROOT / "feeds").glob("*.py")]
+    if "edge" not in p.relative_to(ROOT / "bridge" if p.is_relative_to(ROOT / "bridge") else ROOT).parts
+)
+
+
+@pytest.mark.parametrize("path", OUTSIDE_EDGE, ids=[str(p.relative_to(ROOT)) for p in OUTSIDE_EDGE])
+def test_only_the_edge_package_imports_amqtt(path: Path) -> None:
+    """amqtt is confined to ``bridge.edge``: nothing else names it."""
+    assert not {name for name in _imports(path) if name.split(".")[0] == "amqtt"}

@@ -28,7 +28,7 @@ from tests.conftest import (
     unique,
     wait_until,
 )
-from tests.test_handler import (
+from tests.edge.test_handler import (
     Packet,
     RawClient,
     puback_packet,

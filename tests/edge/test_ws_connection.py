@@ -1,4 +1,4 @@
-"""bridge.ws_connection: what a WebSocket client can make the broker hold is bounded.
+"""bridge.edge.ws_connection: what a WebSocket client can make the broker hold is bounded.
 
 Before these bounds one connection that never sent CONNECT and never read grew the broker
 by 120 MB with 1M pings (security issue, finding 3).
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from bench.mqttws import masked_frame
-from bridge.ws_connection import PREAUTH_PINGS
+from bridge.edge.ws_connection import PREAUTH_PINGS
 from tests.conftest import DEADLINE_S, BrokerThread, authed_connect, bridge_config, unique, wait_until
-from tests.test_streams import closed_by_peer, raw_ws
+from tests.edge.test_streams import closed_by_peer, raw_ws
 
 OP_BINARY, OP_PING = 0x2, 0x9
 

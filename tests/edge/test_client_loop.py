@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from bridge.core.wire import publish_qos0
-from bridge.lean import LeanEvent
+from bridge.edge.lean import LeanEvent
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

@@ -67,7 +67,6 @@ from websockets.http11 import Request, Response
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
 from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
-from bridge.client_loop import client_message_loop
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import ConnectRefused, read_connect
 from bridge.core.connection import Event, State, advance
@@ -98,11 +97,18 @@ from bridge.core.topics import (
     topic_class,
 )
 from bridge.core.wire import publish_qos0, ws_binary_frame
+from bridge.edge.client_loop import client_message_loop
+from bridge.edge.fanout import FanOut, Target
+from bridge.edge.handler import MarketProtocolHandler, StoredMessage
+from bridge.edge.lean import LeanEvent
+from bridge.edge.outbox import Batcher, Outbox
+from bridge.edge.session import MarketSession
+from bridge.edge.session import install as install_light_sessions
+from bridge.edge.streams import ChunkReader, TcpReader, WsReader
+from bridge.edge.ws_connection import MqttWsConnection, connection_class
+from bridge.edge.ws_slim import slim as slim_websocket
 from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
-from bridge.fanout import FanOut, Target
-from bridge.handler import MarketProtocolHandler, StoredMessage
 from bridge.keys import load_keyring
-from bridge.lean import LeanEvent
 from bridge.limits import (
     ConnectionLimits,
     Lease,
@@ -114,15 +120,9 @@ from bridge.limits import (
 from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
-from bridge.outbox import Batcher, Outbox
-from bridge.session import MarketSession
-from bridge.session import install as install_light_sessions
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
-from bridge.streams import ChunkReader, TcpReader, WsReader
 from bridge.token_cache import TokenCache
-from bridge.ws_connection import MqttWsConnection, connection_class
-from bridge.ws_slim import slim as slim_websocket
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -799,7 +799,7 @@ class MarketBroker(Broker):
     def _client_message_loop(
         self, client_session: Session, handler: BrokerProtocolHandler
     ) -> Coroutine[Any, Any, None]:
-        # One parked future per idle connection instead of amqtt's four tasks (bridge/client_loop.py);
+        # One parked future per idle connection instead of amqtt's four tasks (bridge/edge/client_loop.py);
         # the coroutine is returned, not awaited here: one frame less per connection.
         return client_message_loop(self, client_session, handler)
 

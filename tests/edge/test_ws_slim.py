@@ -8,7 +8,7 @@ import websockets.sync.client
 from websockets.asyncio.server import ServerConnection
 
 from bridge.core.wire import publish_qos0
-from bridge.lean import SmallDeque
+from bridge.edge.lean import SmallDeque
 from tests.conftest import BrokerThread, authed_connect, subscribe_packet, unique, wait_until
 
 

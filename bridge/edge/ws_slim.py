@@ -4,7 +4,7 @@ websockets 15 keeps, for each connection's lifetime, the handshake request and r
 with their headers (~3 KB), and two deques (760 bytes each while empty: frames waiting to
 be read, writers waiting for the buffer to drain). Once the connection is open, :func:`slim`
 drops the headers and the response, and swaps the deques for lists
-(:class:`~bridge.lean.SmallDeque`). The request object itself stays: websockets tells the
+(:class:`~bridge.edge.lean.SmallDeque`). The request object itself stays: websockets tells the
 handshake from later frames by ``connection.request is None``.
 """
 
@@ -14,7 +14,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.protocol import State
 
-from bridge.lean import SmallDeque
+from bridge.edge.lean import SmallDeque
 
 __all__ = ["slim"]
 

@@ -10,7 +10,7 @@ Session, two per broker handler), almost always empty: ~12 KB of an idle connect
 swapped: waiters in a list (there is rarely more than one), items in a deque created on the
 first ``put`` and dropped when the queue drains. Same API, same ``isinstance``; only the
 containers behind the hooks asyncio itself uses (``_init``/``_put``/``_get``, ``_queue``,
-the ``_getters``/``_putters``/``_waiters`` lists) change, and tests/test_lean.py runs both
+the ``_getters``/``_putters``/``_waiters`` lists) change, and tests/edge/test_lean.py runs both
 classes through their blocking, cancelling and bounded paths so a Python upgrade that moves
 those internals fails there.
 """

@@ -1,4 +1,4 @@
-"""bridge.streams: the broker's own readers, against a live broker on real sockets.
+"""bridge.edge.streams: the broker's own readers, against a live broker on real sockets.
 
 The critical case: amqtt's WebSocket reader spun forever on one empty binary frame sent
 before CONNECT, freezing every connection of the broker (issue: security, finding 1).

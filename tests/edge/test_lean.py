@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bridge.lean import LeanEvent, LeanQueue
+from bridge.edge.lean import LeanEvent, LeanQueue
 
 
 def _idle_bytes(queue: asyncio.Queue[int]) -> int:

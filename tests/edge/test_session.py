@@ -8,9 +8,9 @@ import pytest
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import ApplicationMessage
 
-from bridge.handler import MarketProtocolHandler
-from bridge.lean import LeanQueue
-from bridge.session import MarketSession, install
+from bridge.edge.handler import MarketProtocolHandler
+from bridge.edge.lean import LeanQueue
+from bridge.edge.session import MarketSession, install
 
 
 def test_states_and_callbacks_follow_amqtt() -> None:

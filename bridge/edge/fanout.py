@@ -22,7 +22,7 @@ from typing import Any
 from amqtt.mqtt.constants import QOS_0
 
 from bridge.core.wire import publish_qos0, publish_qos1_parts, ws_binary_frame
-from bridge.outbox import Outbox, Qos1Publish
+from bridge.edge.outbox import Outbox, Qos1Publish
 
 __all__ = ["FanOut", "Plan", "Target"]
 

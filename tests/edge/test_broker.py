@@ -20,11 +20,11 @@ from websockets.exceptions import InvalidStatus
 
 from bench.mqttws import masked_frame
 from bridge.auth import Role
-from bridge.broker import MarketBroker
 from bridge.core.store import QueueLimits, SessionRecord
+from bridge.edge.broker import MarketBroker
+from bridge.edge.session import MarketSession
 from bridge.errors import ListenerError
 from bridge.metrics import MetricsRegistry
-from bridge.session import MarketSession
 from bridge.sqlite_store import SqliteStore
 from tests.conftest import (
     DEADLINE_S,
@@ -42,7 +42,7 @@ from tests.conftest import (
     varint,
     wait_until,
 )
-from tests.test_streams import raw_ws
+from tests.edge.test_streams import raw_ws
 
 TRANSPORTS: list[Transport] = ["tcp", "websockets"]
 ClientFactory = Callable[..., Client]
@@ -660,7 +660,7 @@ def _market(exchange: str) -> str:
 def test_filters_past_the_cap_are_refused_and_held_ones_replaced(
     clients: ClientFactory, transport: Transport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bridge.broker")
+    caplog.set_level(logging.INFO, logger="bridge.edge.broker")
     with _capped_broker(max_subscriptions_per_connection=5) as running:
         topics = [_market(f"x{i}") for i in range(8)]
         sub = clients(running.port(transport), transport=transport)
@@ -719,7 +719,7 @@ def test_a_flood_of_filters_holds_only_the_cap_and_others_keep_their_ticks(
     broker: BrokerThread, clients: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The attack in #11: one connection subscribing tens of thousands of filters."""
-    caplog.set_level(logging.INFO, logger="bridge.broker")
+    caplog.set_level(logging.INFO, logger="bridge.edge.broker")
     victim = clients(broker.ws_port, transport="websockets")
     victim.connect()
     victim.subscribe("market/luno/BTC-ZAR")

@@ -46,11 +46,11 @@ from bridge.config import RateLimitConfig
 from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.core.ratelimit import PublishBucket, publisher_bucket
 from bridge.core.topics import MARKET_PREFIX
+from bridge.edge.lean import LeanEvent, LeanQueue
+from bridge.edge.outbox import Outbox
+from bridge.edge.streams import ChunkReader
 from bridge.errors import ProtocolError
-from bridge.lean import LeanEvent, LeanQueue
 from bridge.logs import CLIENT, clip
-from bridge.outbox import Outbox
-from bridge.streams import ChunkReader
 
 __all__ = ["Ingest", "MarketProtocolHandler"]
 
@@ -81,7 +81,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/lean.py).
+        # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/edge/lean.py).
         self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
         self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
         self._reader_stopped = LeanEvent()

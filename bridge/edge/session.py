@@ -4,7 +4,7 @@ amqtt builds a `transitions.Machine` for every session (new -> connected <-> dis
 about 1 ms of CPU per CONNECT and several KB of memory per connection, for three states.
 :class:`SessionState` keeps amqtt's interface (``state``, ``connect()``, ``disconnect()``,
 ``is_connected()``) and its enter callbacks. The session's two message queues are
-:class:`~bridge.lean.LeanQueue` (~6 KB less per connection while they are empty). The
+:class:`~bridge.edge.lean.LeanQueue` (~6 KB less per connection while they are empty). The
 broker-side handler creates :class:`MarketSession` (see :func:`install`).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import ApplicationMessage, Session
 
-from bridge.lean import LeanQueue
+from bridge.edge.lean import LeanQueue
 
 __all__ = ["MarketSession", "SessionState", "install"]
 

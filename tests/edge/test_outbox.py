@@ -27,7 +27,7 @@ from tests.conftest import (
     unique,
     wait_until,
 )
-from tests.test_handler import RawClient, publish_packet
+from tests.edge.test_handler import RawClient, publish_packet
 
 ClientFactory = Callable[..., Client]
 HIGH_WATER = 4096

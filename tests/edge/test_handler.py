@@ -395,7 +395,7 @@ def test_malformed_packet_closes_only_that_connection(
     reason: str,
     ticks_first: int,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bridge.handler")
+    caplog.set_level(logging.INFO, logger="bridge.edge.handler")
     will_topic = unique("status")
     watcher = clients(broker.tcp_port)
     watcher.connect()

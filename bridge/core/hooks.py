@@ -1,0 +1,136 @@
+"""Named hooks: where policy attaches to the broker, instead of overriding its internals.
+
+Modelled on gmqtt/EMQX hooks (``OnBasicAuth``, ``OnSubscribe``, ``OnMsgArrived``,
+``OnDeliver``). A plugin (``broker_plugins/``) is any object with some of the methods below;
+:class:`Hooks` keeps, per hook name, the plugins that have it, in registration order, and
+the broker calls the hook, never the plugin. A new policy is a new plugin.
+
+Hooks are synchronous and must not do I/O: they run on the connect and delivery paths, once
+per CONNECT, SUBSCRIBE filter, PUBLISH or (zone, message). State a plugin needs (keys, a
+store) is given to it when it is built. The types here are the contract; the broker owns
+what happens around each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "HOOK_NAMES",
+    "Admitted",
+    "ConnectRequest",
+    "Hooks",
+    "OnConnect",
+    "OnDeliver",
+    "OnPublish",
+    "OnSubscribe",
+    "Refused",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """What a CONNECT asks for, as read off the wire (nothing trusted yet)."""
+
+    client_id: str
+    username: str | None
+    password: bytes | None
+    clean_session: bool
+    listener: str
+    peer: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """on_connect's yes: who the client is and what it may do (``policy`` is the plugin's)."""
+
+    user: str
+    claims: Any = None  # the verified token's claims, or None without auth
+    policy: Any = None  # the plugin's per-connection decision (an ACL), read by its other hooks
+    zone: str | None = None  # IANA zone for on_deliver, None: as published (UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """on_connect's no: a CONNACK return code and a reason for logs and metrics."""
+
+    code: int
+    reason: str
+    detail: str
+
+
+@runtime_checkable
+class OnConnect(Protocol):
+    def on_connect(self, request: ConnectRequest) -> Admitted | Refused | None:
+        """Decide a CONNECT; None: no opinion (the next plugin decides)."""
+
+
+@runtime_checkable
+class OnSubscribe(Protocol):
+    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+        """The QoS to grant (at most ``qos``), or 0x80 to refuse this filter."""
+
+
+@runtime_checkable
+class OnPublish(Protocol):
+    def on_publish(self, admitted: Admitted, topic: str) -> bool:
+        """May this connection publish to ``topic``?"""
+
+
+@runtime_checkable
+class OnDeliver(Protocol):
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        """The payload as subscribers in ``zone`` get it: called once per (message, zone)."""
+
+
+HOOK_NAMES = ("on_connect", "on_subscribe", "on_publish", "on_deliver")
+
+
+class Hooks:
+    """The plugins attached to each named hook, called in registration order."""
+
+    def __init__(self, plugins: Iterable[object] = ()) -> None:
+        self.connect: list[OnConnect] = []
+        self.subscribe: list[OnSubscribe] = []
+        self.publish: list[OnPublish] = []
+        self.deliver: list[OnDeliver] = []
+        for plugin in plugins:
+            self.register(plugin)
+
+    def register(self, plugin: object) -> None:
+        if not any(callable(getattr(plugin, name, None)) for name in HOOK_NAMES):
+            raise TypeError(f"{type(plugin).__name__} has none of the hooks {HOOK_NAMES}")
+        if isinstance(plugin, OnConnect):
+            self.connect.append(plugin)
+        if isinstance(plugin, OnSubscribe):
+            self.subscribe.append(plugin)
+        if isinstance(plugin, OnPublish):
+            self.publish.append(plugin)
+        if isinstance(plugin, OnDeliver):
+            self.deliver.append(plugin)
+
+    def on_connect(self, request: ConnectRequest) -> Admitted | Refused | None:
+        for plugin in self.connect:
+            decision = plugin.on_connect(request)
+            if decision is not None:
+                return decision
+        return None
+
+    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+        granted = qos
+        for plugin in self.subscribe:
+            granted = plugin.on_subscribe(admitted, topic_filter, granted)
+            if granted == 0x80:
+                break
+        return granted
+
+    def on_publish(self, admitted: Admitted, topic: str) -> bool:
+        return all(plugin.on_publish(admitted, topic) for plugin in self.publish)
+
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        for plugin in self.deliver:
+            payload = plugin.on_deliver(payload, zone, topic)
+        return payload

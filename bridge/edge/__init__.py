@@ -1,0 +1,15 @@
+"""The amqtt edge: the only package that imports amqtt (and websockets' server side).
+
+It adapts amqtt 0.12.1's ``Broker`` (listeners, sessions, protocol handler) to the core in
+:mod:`bridge.core`; the core never imports or calls back into it. What amqtt still does for
+us, in one place:
+
+- ``Broker`` start/shutdown bookkeeping and its ``_servers`` table (listeners are ours);
+- ``Session`` objects as the per-client-id record of subscriptions and QoS 2 state;
+- ``BrokerProtocolHandler``'s packet encoders for CONNACK/SUBACK/UNSUBACK and its QoS 2
+  inbound flow;
+- the ``plugins_manager`` event bus (client connected/disconnected, subscribed).
+
+Everything else on the connection path (reading, CONNECT, admission, fan-out, outbound QoS
+1/2, keep-alive) is ours.
+"""

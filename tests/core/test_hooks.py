@@ -1,0 +1,86 @@
+"""The hook registry: plugins attach by method name and are called in registration order."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.core.hooks import Admitted, ConnectRequest, Hooks, Refused
+
+REQUEST = ConnectRequest("c1", "alice", b"t", True, "ws", "127.0.0.1:1", 0.0)
+ALICE = Admitted("alice")
+
+
+class Yes:
+    def on_connect(self, request: ConnectRequest) -> Admitted:
+        return Admitted(request.username or "")
+
+
+class No:
+    def on_connect(self, request: ConnectRequest) -> Refused:
+        return Refused(5, "not_authorized", "no")
+
+
+class Abstain:
+    def on_connect(self, request: ConnectRequest) -> None:
+        return None
+
+
+class CapQos1:
+    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+        return min(qos, 1)
+
+
+class DenyUser:
+    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+        return 0x80 if topic_filter.startswith("user/") else qos
+
+    def on_publish(self, admitted: Admitted, topic: str) -> bool:
+        return not topic.startswith("user/")
+
+
+class Upper:
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        return payload.upper()
+
+
+class Suffix:
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        return payload + (zone or "UTC").encode()
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        ([], None),
+        ([Abstain()], None),
+        ([Yes()], ALICE),
+        ([Abstain(), No(), Yes()], Refused(5, "not_authorized", "no")),
+        ([Yes(), No()], ALICE),
+    ],
+)
+def test_on_connect_first_opinion_wins(plugins: list[object], expected: object) -> None:
+    assert Hooks(plugins).on_connect(REQUEST) == expected
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "qos", "granted"),
+    [("market/#", 2, 1), ("market/#", 0, 0), ("user/bob/#", 1, 0x80)],
+)
+def test_on_subscribe_chains_grants(topic_filter: str, qos: int, granted: int) -> None:
+    assert Hooks([CapQos1(), DenyUser()]).on_subscribe(ALICE, topic_filter, qos) == granted
+
+
+@pytest.mark.parametrize(("topic", "allowed"), [("market/luno/XBTZAR", True), ("user/bob/x", False)])
+def test_on_publish_needs_every_plugin(topic: str, allowed: bool) -> None:
+    assert Hooks([DenyUser()]).on_publish(ALICE, topic) is allowed
+    assert Hooks().on_publish(ALICE, topic) is True
+
+
+def test_on_deliver_runs_in_registration_order() -> None:
+    assert Hooks([Upper(), Suffix()]).on_deliver(b"x", "Africa/Lagos", "t") == b"XAfrica/Lagos"
+    assert Hooks([Suffix(), Upper()]).on_deliver(b"x", None, "t") == b"XUTC"
+
+
+def test_a_plugin_without_hooks_is_refused() -> None:
+    with pytest.raises(TypeError, match="none of the hooks"):
+        Hooks([object()])
