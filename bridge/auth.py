@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from bridge.config import AuthConfig
 
 __all__ = [
-    "AUTH_DECISION",
     "ROLES",
     "Claims",
     "KeyRing",
@@ -48,9 +47,6 @@ __all__ = [
     "decide_verified",
     "mint_token",
 ]
-
-# Session attribute where the auth plugin leaves its decision for the broker.
-AUTH_DECISION = "market_bridge.auth"
 
 Role = Literal["subscriber", "feed", "service", "admin"]
 ROLES: tuple[Role, ...] = ("subscriber", "feed", "service", "admin")

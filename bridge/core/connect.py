@@ -27,8 +27,12 @@ from bridge.core.framing import packet_extent
 from bridge.errors import ProtocolError
 
 __all__ = [
+    "CONNACK_ACCEPTED",
     "CONNACK_BAD_CLIENT_ID",
+    "CONNACK_BAD_CREDENTIALS",
     "CONNACK_BAD_PROTOCOL",
+    "CONNACK_NOT_AUTHORIZED",
+    "CONNACK_SERVER_UNAVAILABLE",
     "MAX_CLIENT_ID_BYTES",
     "Connect",
     "ConnectRefused",
@@ -40,8 +44,12 @@ __all__ = [
 
 CONNECT_BYTE = 0x10  # type 1, flags 0 ([MQTT-2.2.2-2])
 PROTOCOL_LEVEL = 4  # MQTT 3.1.1
+# CONNACK return codes ([MQTT-3.2.2.3]).
+CONNACK_ACCEPTED = 0x00
 CONNACK_BAD_PROTOCOL = 0x01
 CONNACK_BAD_CLIENT_ID = 0x02
+CONNACK_SERVER_UNAVAILABLE = 0x03
+CONNACK_BAD_CREDENTIALS = 0x04
 CONNACK_NOT_AUTHORIZED = 0x05
 # Client ids appear in logs, metrics labels and store keys; MQTT 3.1.1 lets a server refuse
 # long ones ([MQTT-3.1.3-5] only promises 23 bytes). 256 covers UUIDs with any prefix.

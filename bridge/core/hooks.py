@@ -1,7 +1,9 @@
 """Named hooks: where policy attaches to the broker, instead of overriding its internals.
 
 Modelled on gmqtt/EMQX hooks (``OnBasicAuth``, ``OnSubscribe``, ``OnMsgArrived``,
-``OnDeliver``). A plugin (``broker_plugins/``) is any object with some of the methods below;
+``OnDeliver``), plus the lease hooks that hold connection limits (``on_lease`` when a
+connection is about to go live, ``on_release`` when it is gone). A plugin
+(``broker_plugins/``) is any object with some of the methods below;
 :class:`Hooks` keeps, per hook name, the plugins that have it, in registration order, and
 the broker calls the hook, never the plugin. A new policy is a new plugin.
 
@@ -17,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from bridge.core.connect import Will
+
 __all__ = [
     "HOOK_NAMES",
     "Admitted",
@@ -24,8 +28,11 @@ __all__ = [
     "Hooks",
     "OnConnect",
     "OnDeliver",
+    "OnLease",
     "OnPublish",
+    "OnRelease",
     "OnSubscribe",
+    "Principal",
     "Refused",
 ]
 
@@ -41,6 +48,7 @@ class ConnectRequest:
     listener: str
     peer: str
     now: float
+    will: Will | None = None  # a PUBLISH made in advance: held to the rules of one
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,20 @@ class Refused:
     detail: str
 
 
+class Principal(Protocol):
+    """Who a connection is, as its hooks read it: an :class:`Admitted`, or the connection's
+    context (``bridge.core.context``), which carries the same four fields."""
+
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def claims(self) -> Any: ...
+    @property
+    def policy(self) -> Any: ...
+    @property
+    def zone(self) -> str | None: ...
+
+
 @runtime_checkable
 class OnConnect(Protocol):
     def on_connect(self, request: ConnectRequest) -> Admitted | Refused | None:
@@ -70,13 +92,13 @@ class OnConnect(Protocol):
 
 @runtime_checkable
 class OnSubscribe(Protocol):
-    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+    def on_subscribe(self, admitted: Principal, topic_filter: str, qos: int) -> int:
         """The QoS to grant (at most ``qos``), or 0x80 to refuse this filter."""
 
 
 @runtime_checkable
 class OnPublish(Protocol):
-    def on_publish(self, admitted: Admitted, topic: str) -> bool:
+    def on_publish(self, admitted: Principal, topic: str) -> bool:
         """May this connection publish to ``topic``?"""
 
 
@@ -86,7 +108,21 @@ class OnDeliver(Protocol):
         """The payload as subscribers in ``zone`` get it: called once per (message, zone)."""
 
 
-HOOK_NAMES = ("on_connect", "on_subscribe", "on_publish", "on_deliver")
+@runtime_checkable
+class OnLease(Protocol):
+    def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
+        """Count a connection of ``user`` about to go live: a lease (opaque, given back to
+        ``on_release``), a refusal, or None (this plugin holds no limits). ``replacing`` is
+        the lease of the live connection it takes over, if any."""
+
+
+@runtime_checkable
+class OnRelease(Protocol):
+    def on_release(self, lease: object) -> None:
+        """The connection holding ``lease`` is gone (called once or more: must be idempotent)."""
+
+
+HOOK_NAMES = ("on_connect", "on_subscribe", "on_publish", "on_deliver", "on_lease", "on_release")
 
 
 class Hooks:
@@ -97,6 +133,8 @@ class Hooks:
         self.subscribe: list[OnSubscribe] = []
         self.publish: list[OnPublish] = []
         self.deliver: list[OnDeliver] = []
+        self.lease: list[OnLease] = []
+        self.release: list[OnRelease] = []
         for plugin in plugins:
             self.register(plugin)
 
@@ -111,6 +149,10 @@ class Hooks:
             self.publish.append(plugin)
         if isinstance(plugin, OnDeliver):
             self.deliver.append(plugin)
+        if isinstance(plugin, OnLease):
+            self.lease.append(plugin)
+        if isinstance(plugin, OnRelease):
+            self.release.append(plugin)
 
     def on_connect(self, request: ConnectRequest) -> Admitted | Refused | None:
         for plugin in self.connect:
@@ -119,7 +161,7 @@ class Hooks:
                 return decision
         return None
 
-    def on_subscribe(self, admitted: Admitted, topic_filter: str, qos: int) -> int:
+    def on_subscribe(self, admitted: Principal, topic_filter: str, qos: int) -> int:
         granted = qos
         for plugin in self.subscribe:
             granted = plugin.on_subscribe(admitted, topic_filter, granted)
@@ -127,10 +169,24 @@ class Hooks:
                 break
         return granted
 
-    def on_publish(self, admitted: Admitted, topic: str) -> bool:
+    def on_publish(self, admitted: Principal, topic: str) -> bool:
         return all(plugin.on_publish(admitted, topic) for plugin in self.publish)
 
     def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
         for plugin in self.deliver:
             payload = plugin.on_deliver(payload, zone, topic)
         return payload
+
+    def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
+        """The first plugin that holds limits decides (one lease per connection)."""
+        for plugin in self.lease:
+            decision = plugin.on_lease(user, replacing)
+            if decision is not None:
+                return decision
+        return None
+
+    def on_release(self, lease: object | None) -> None:
+        if lease is None:
+            return
+        for plugin in self.release:
+            plugin.on_release(lease)

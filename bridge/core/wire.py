@@ -7,7 +7,15 @@ subscriber of the same payload.
 
 from __future__ import annotations
 
-__all__ = ["publish_qos0", "publish_qos1_parts", "remaining_length", "ws_binary_frame", "ws_frame_header"]
+__all__ = [
+    "connack",
+    "publish_qos0",
+    "publish_qos1_parts",
+    "remaining_length",
+    "suback",
+    "ws_binary_frame",
+    "ws_frame_header",
+]
 
 
 def remaining_length(length: int) -> bytes:
@@ -20,6 +28,23 @@ def remaining_length(length: int) -> bytes:
         out.append(byte | (0x80 if length else 0))
         if not length:
             return bytes(out)
+
+
+# Every CONNACK there is: (session present, return code) -> packet ([MQTT-3.2]).
+_CONNACKS = {
+    (present, code): bytes((0x20, 2, int(present), code)) for present in (False, True) for code in range(6)
+}
+
+
+def connack(code: int, *, session_present: bool = False) -> bytes:
+    """A CONNACK; a refusal never says a session is present ([MQTT-3.2.2-4])."""
+    return _CONNACKS[(session_present and code == 0, code)]
+
+
+def suback(packet_id: int, codes: list[int]) -> bytes:
+    """A SUBACK: one return code (granted QoS or 0x80) per filter, in order ([MQTT-3.9])."""
+    body = packet_id.to_bytes(2, "big") + bytes(codes)
+    return b"\x90" + remaining_length(len(body)) + body
 
 
 def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:

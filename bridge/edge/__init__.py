@@ -6,9 +6,10 @@ us, in one place:
 
 - ``Broker`` start/shutdown bookkeeping and its ``_servers`` table (listeners are ours);
 - ``Session`` objects as the per-client-id record of subscriptions and QoS 2 state;
-- ``BrokerProtocolHandler``'s packet encoders for CONNACK/SUBACK/UNSUBACK and its QoS 2
-  inbound flow;
-- the ``plugins_manager`` event bus (client connected/disconnected, subscribed).
+- ``BrokerProtocolHandler``'s packet encoders for UNSUBACK (and CONNACK/SUBACK on a
+  connection without an outbox: permessage-deflate) and its QoS 2 inbound flow;
+- the ``plugins_manager`` event bus (client connected/disconnected, subscribed); admission
+  and permissions are the plugins on the named hooks (``bridge.core.hooks``), not amqtt's.
 
 Everything else on the connection path (reading, CONNECT, admission, fan-out, outbound QoS
 1/2, keep-alive) is ours.

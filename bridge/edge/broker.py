@@ -49,10 +49,8 @@ import websockets
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action
-from amqtt.contexts import ListenerConfig as AmqttListenerConfig
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -65,12 +63,19 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
-from bridge.auth import AUTH_DECISION, Claims, TokenPolicy
+from bridge.auth import Claims, TokenPolicy
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
-from bridge.core.connect import ConnectRefused, read_connect
+from bridge.core.connect import (
+    CONNACK_NOT_AUTHORIZED,
+    CONNACK_SERVER_UNAVAILABLE,
+    Connect,
+    ConnectRefused,
+    read_connect,
+)
 from bridge.core.connection import Event, State, advance
+from bridge.core.context import ConnectionContext
 from bridge.core.envelope import open_envelope
+from bridge.core.hooks import ConnectRequest, Hooks, Refused
 from bridge.core.ratelimit import subscriber_gate
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
@@ -96,33 +101,27 @@ from bridge.core.topics import (
     matches,
     topic_class,
 )
-from bridge.core.wire import publish_qos0, ws_binary_frame
+from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
 from bridge.edge.fanout import FanOut, Target
 from bridge.edge.handler import MarketProtocolHandler, StoredMessage
 from bridge.edge.lean import LeanEvent
 from bridge.edge.outbox import Batcher, Outbox
-from bridge.edge.session import MarketSession
+from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, TcpReader, WsReader
 from bridge.edge.ws_connection import MqttWsConnection, connection_class
 from bridge.edge.ws_slim import slim as slim_websocket
-from bridge.errors import AuthError, ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
+from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.keys import load_keyring
-from bridge.limits import (
-    ConnectionLimits,
-    Lease,
-    LimitRefusal,
-    LocalConnectionLimits,
-    SubscribeRefusal,
-    subscribe_refusal,
-)
+from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
+from broker_plugins.auth import AllowAll, JwtAuth
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -143,7 +142,7 @@ class _Connection:
     user: str
     session: Session
     handler: MarketProtocolHandler
-    lease: Lease
+    lease: object  # from the on_lease hook, given back by on_release
     expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     task: asyncio.Task[Any] | None = None  # the one serving this connection
@@ -154,25 +153,6 @@ class _Connection:
     # overtakes them ([MQTT-4.6.0-1]).
     state: State = State.ADMITTED
     done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
-
-
-# Session attributes the broker keeps per session (decided once at CONNECT).
-_OWNER = "market_bridge.owner"
-_ACL = "market_bridge.acl"
-_CLAIMS = "market_bridge.claims"
-_TZ = "market_bridge.tz"
-_DISCONNECTED_AT = "market_bridge.disconnected_at"  # persistent sessions only, while disconnected
-
-
-def session_acl(session: Session) -> Acl:
-    """The ACL computed at CONNECT; sessions made inside the broker may do anything."""
-    acl = session.attributes.get(_ACL)
-    return acl if isinstance(acl, Acl) else ALLOW_ALL
-
-
-def session_claims(session: Session) -> Claims | None:
-    claims = session.attributes.get(_CLAIMS)
-    return claims if isinstance(claims, Claims) else None
 
 
 class _TickParts:
@@ -216,30 +196,37 @@ class MarketBroker(Broker):
         self._owns_store = store is None
         self._clock = clock
         auth = config.auth
+        self.limits: ConnectionLimits = limits or LocalConnectionLimits(
+            config.limits.max_connections_per_user, config.limits.max_connections
+        )
         # One per broker, bound to its keys and policy: a reconnect verifies a token once.
+        # The admin API reads its keys and policy from here (one policy for every door).
         self.tokens: TokenCache | None = None
+        auth_plugin: JwtAuth | AllowAll
         if auth.enabled:
             self.tokens = TokenCache(
                 load_keyring(auth), TokenPolicy.from_config(auth), max_entries=auth.token_cache_size
             )
-            plugins: dict[str, Any] = {
-                "broker_plugins.jwt_auth.JwtAuthPlugin": {"tokens": self.tokens, "clock": clock}
-            }
+            auth_plugin = JwtAuth(self.tokens, self.limits, max_topic_bytes=config.limits.max_topic_bytes)
         else:
             log.warning("auth is disabled: any client may connect and do anything")
-            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+            auth_plugin = AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+        # Admission and permissions are decided by the plugins on the named hooks, never by
+        # amqtt's plugin manager (its auth and topic plugins are not called).
+        self.hooks = Hooks([auth_plugin])
         amqtt_config: dict[str, Any] = {
             # amqtt insists on a 'default' listener; ours are started by _start_listeners.
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
-            # Always explicit: an absent 'plugins' gives amqtt's anonymous-allowed defaults,
-            # and no topic plugin: ACLs are decided once per session, not per message.
-            "plugins": plugins,
+            # Always explicit: an absent 'plugins' gives amqtt's anonymous-allowed defaults.
+            "plugins": {},
         }
         super().__init__(amqtt_config)
         self.stats = BrokerStats()
-        self.limits: ConnectionLimits = limits or LocalConnectionLimits(
-            config.limits.max_connections_per_user, config.limits.max_connections
-        )
+        # user -> their zone override from the store ("" for none), so a CONNECT does not wait
+        # on the store: bounded, oldest dropped first; set_user_tz keeps it right.
+        self._user_zones: dict[str, str] = {}
+        # Connects since the last summary line (one INFO line per interval, not per connect).
+        self._connects_logged = 0
         self._index = TopicIndex()
         self._session_filters: dict[str, set[str]] = {}
         self._connections: dict[str, _Connection] = {}
@@ -422,7 +409,7 @@ class MarketBroker(Broker):
                 "user": c.user,
                 "remote": f"{c.session.remote_address}:{c.session.remote_port}",
                 "clean_session": bool(c.session.clean_session),
-                "tz": c.session.attributes.get(_TZ),
+                "tz": context_of(c.session).zone,
             }
             for c in self._connections.values()
         ]
@@ -486,8 +473,9 @@ class MarketBroker(Broker):
                 continue
             handler, session = self.create_offline_session(record.client_id)
             session.clean_session = False
-            session.attributes[_OWNER] = record.owner
-            session.attributes[_DISCONNECTED_AT] = times[record.client_id]
+            context = context_of(session)
+            context.user = record.owner
+            context.disconnected_at = times[record.client_id]
             self._sessions[record.client_id] = (session, handler)
             self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
             for topic_filter, qos in record.subscriptions.items():
@@ -590,8 +578,8 @@ class MarketBroker(Broker):
 
     async def _read_connect(
         self, listener_name: str, peer: object, reader: ChunkReader, writer: WriterAdapter
-    ) -> Session | None:
-        """The client's CONNECT as an amqtt session (not yet authenticated), or None: closed."""
+    ) -> tuple[Connect, Session] | None:
+        """The client's CONNECT, and as an amqtt session (not yet authenticated), or None: closed."""
         timeout = self.bridge_config.broker.connect_timeout_s
         try:
             read = await asyncio.wait_for(read_connect(reader.read_chunk, self._connect_budget), timeout)
@@ -617,11 +605,7 @@ class MarketBroker(Broker):
         session.client_id = connect.client_id or gen_client_id()
         session.clean_session = connect.clean_session
         session.keep_alive = connect.keep_alive
-        session.username = connect.username
-        # amqtt's auth plugin interface takes the password as text; a token is ASCII.
-        session.password = (
-            connect.password.decode("utf-8", "replace") if connect.password is not None else None
-        )
+        session.username = connect.username  # the password (token) is never kept on the session
         if connect.will is not None:
             will = connect.will
             session.will_flag = True
@@ -632,7 +616,7 @@ class MarketBroker(Broker):
         if isinstance(peer, tuple):
             session.remote_address, session.remote_port = peer[0], peer[1]
         session.ssl_object = writer.get_ssl_info()
-        return session
+        return connect, session
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -666,40 +650,38 @@ class MarketBroker(Broker):
     async def _serve(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         peer = writer.get_peer_info()
         assert isinstance(reader, ChunkReader)
-        incoming = await self._read_connect(listener_name, peer, reader, writer)
-        if incoming is None:
+        read = await self._read_connect(listener_name, peer, reader, writer)
+        if read is None:
             return
+        connect, incoming = read
         handler = MarketProtocolHandler(self.plugins_manager)
         # [MQTT-3.1.2-24]: no packet within 1.5 x keep-alive means the client is gone.
         incoming.keep_alive = math.ceil(incoming.keep_alive * 1.5)
         client_id = incoming.client_id
         assert client_id is not None
 
-        # Authenticate first: a refused CONNECT must not touch any session.
-        authenticated = await self._authenticate(incoming, AmqttListenerConfig())
-        decision = incoming.attributes.pop(AUTH_DECISION, None)
-        incoming.password = None  # the token is not kept past this point
-        if not authenticated:
-            reason = decision.reason if isinstance(decision, AuthError) else "not_authorized"
-            detail = decision.detail if isinstance(decision, AuthError) else "refused by auth plugin"
-            code = BAD_USERNAME_PASSWORD if reason == "missing_token" else NOT_AUTHORIZED
-            await self._refuse(writer, code, reason, f"client {clip(client_id)} from {peer}: {detail}")
+        # Admission first (the on_connect hook): a refused CONNECT must not touch any session.
+        request = ConnectRequest(
+            client_id,
+            connect.username,
+            connect.password,
+            connect.clean_session,
+            listener_name,
+            str(peer),
+            self._clock(),
+            connect.will,
+        )
+        admitted = self.hooks.on_connect(request)
+        if admitted is None:
+            admitted = Refused(CONNACK_NOT_AUTHORIZED, "not_authorized", "no plugin admitted it")
+        if isinstance(admitted, Refused):
+            detail = admitted.detail
+            if admitted.reason != "will_refused":
+                detail = f"client {clip(client_id)} from {peer}: {detail}"
+            await self._refuse(writer, admitted.code, admitted.reason, detail)
             return
-        claims = decision if isinstance(decision, Claims) else None
-        user = claims.sub if claims is not None else (incoming.username or client_id)
-        acl = acl_for(claims) if claims is not None else ALLOW_ALL
-        if incoming.will_flag and (
-            problem := will_refusal(
-                acl,
-                incoming.will_topic or "",
-                bytes(incoming.will_message or b""),
-                max_topic_bytes=self._max_topic,
-            )
-        ):
-            # Refused now rather than dropped later: the client learns at once that its will
-            # would never be published, and nothing it may not publish ever is.
-            await self._refuse(writer, NOT_AUTHORIZED, "will_refused", f"client {client_id!r}: {problem}")
-            return
+        user = admitted.user
+        claims = admitted.claims if isinstance(admitted.claims, Claims) else None
 
         lock = self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:
@@ -707,23 +689,24 @@ class MarketBroker(Broker):
             if owner is not None and owner != user:
                 await self._refuse(
                     writer,
-                    NOT_AUTHORIZED,
+                    CONNACK_NOT_AUTHORIZED,
                     "client_id_owned",
                     f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
             live = self._connections.get(client_id)
-            lease = self.limits.acquire(user, replacing=live.lease if live is not None else None)
-            if isinstance(lease, LimitRefusal):
-                await self._refuse(writer, SERVER_UNAVAILABLE, lease.reason, f"{clip(user)}: {lease.detail}")
+            lease = self.hooks.on_lease(user, live.lease if live is not None else None)
+            if isinstance(lease, Refused):
+                await self._refuse(writer, lease.code, lease.reason, lease.detail)
                 return
             if not await self._claim_session(writer, incoming, user, lease):
                 return
             session = await self._adopt_session(incoming)
-            zone = await self._zone_for(user, claims)
-            session.attributes.update({_OWNER: user, _ACL: acl, _CLAIMS: claims, _TZ: zone})
+            context = context_of(session)
+            context.admit(admitted)
+            context.zone = await self._zone_for(user, claims, admitted.zone)
             if session.parent:
-                self._drop_subscriptions_outside(session, acl)
+                self._drop_subscriptions_outside(session, context)
             handler.attach(session, reader, writer)
             session.transitions.connect()
             self._sessions[client_id] = (session, handler)
@@ -758,7 +741,15 @@ class MarketBroker(Broker):
         _log_connected(client_id, user, peer, listener_name)
         try:
             try:
-                await handler.mqtt_connack_authorize(True)
+                outbox = connection.outbox
+                if outbox is not None:
+                    # Prebuilt bytes, written now: nothing amqtt sends later overtakes it.
+                    outbox.push_control(connack(0, session_present=bool(session.parent)))
+                    outbox.flush()
+                    if _writer_closed(writer):
+                        raise ConnectionError("closed before CONNACK")
+                else:
+                    await handler.mqtt_connack_authorize(True)
             except (ConnectionError, ConnectionClosed, RuntimeError) as exc:
                 if isinstance(exc, RuntimeError) and not _writer_closed(writer):
                     raise  # not uvloop's "handler is closed": our bug
@@ -808,35 +799,53 @@ class MarketBroker(Broker):
         self.stats.refusals[reason] += 1
         log.info("refused (%s): %s", reason, detail, extra=CLIENT)
         with suppress(Exception):
-            await ConnackPacket.build(0, code).to_stream(writer)
+            writer.write(connack(code))
+            await writer.drain()
 
-    async def _zone_for(self, user: str, claims: Claims | None) -> str | None:
+    async def _zone_for(self, user: str, claims: Claims | None, claimed: str | None) -> str | None:
         """The user's zone, decided once per connection: store override, token claim, default."""
         if not self._tz_enabled:
             return None
         override = None
         if self.store is not None and claims is not None:
-            try:
-                override = await self.store.get_user_tz(user)
-            except StoreError as exc:
-                log.warning(
-                    "time zone override for %s unavailable (%s): using the token's",
-                    clip(user),
-                    exc,
-                    extra=STORE,
-                )
-        return override or (claims.tz if claims is not None else None) or self.bridge_config.auth.default_tz
+            override = await self._zone_override(user)
+        return override or claimed or self.bridge_config.auth.default_tz
+
+    async def _zone_override(self, user: str) -> str | None:
+        """The store's zone for ``user``, from memory after the first look (a storm of
+        reconnects does not queue on the store); only this broker writes it (set_user_tz)."""
+        cached = self._user_zones.get(user)
+        if cached is not None:
+            return cached or None
+        assert self.store is not None
+        try:
+            override = await self.store.get_user_tz(user)
+        except StoreError as exc:
+            log.warning(
+                "time zone override for %s unavailable (%s): using the token's",
+                clip(user),
+                exc,
+                extra=STORE,
+            )
+            return None  # not remembered: asked again at the next CONNECT
+        if len(self._user_zones) >= self.bridge_config.limits.max_connections:
+            del self._user_zones[next(iter(self._user_zones))]  # bounded: the oldest goes
+        self._user_zones[user] = override or ""
+        return override
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         """Override (None: clear) a user's zone in the store and for their live connections."""
         if tz is not None and not is_valid_zone(tz):
             raise MessageError("bad_tz", f"{tz!r} is not an IANA time zone")
         assert self.store is not None
+        self._user_zones.pop(user, None)
         await self.store.set_user_tz(user, tz)
+        self._user_zones.pop(user, None)  # a CONNECT may have read the old one meanwhile
         for connection in self._connections.values():
             if connection.user == user:
-                claims = session_claims(connection.session)
-                connection.session.attributes[_TZ] = await self._zone_for(user, claims)
+                context = context_of(connection.session)
+                claims = context.claims if isinstance(context.claims, Claims) else None
+                context.zone = await self._zone_for(user, claims, claims.tz if claims is not None else None)
         self._fanout.invalidate()
 
     def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
@@ -887,8 +896,7 @@ class MarketBroker(Broker):
         if live is not None:
             return live.user
         stored = self._sessions.get(client_id)
-        owner = stored[0].attributes.get(_OWNER) if stored is not None else None
-        return owner if isinstance(owner, str) else None
+        return context_of(stored[0]).user if stored is not None else None
 
     def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> asyncio.TimerHandle:
         loop = asyncio.get_running_loop()
@@ -902,10 +910,10 @@ class MarketBroker(Broker):
             handler.session.will_flag = False
         handler.end("token_expired")
 
-    def _drop_subscriptions_outside(self, session: Session, acl: Acl) -> None:
+    def _drop_subscriptions_outside(self, session: Session, context: ConnectionContext) -> None:
         """A persistent session resumed with a new token keeps only what that token allows."""
         for topic_filter in list(self._session_filters.get(session.client_id or "", ())):
-            if not acl.may_subscribe(topic_filter):
+            if self.hooks.on_subscribe(context, topic_filter, QOS_2) == _SUBACK_FAILURE:
                 log.info(
                     "dropping %s's subscription %s: not allowed by the new token",
                     clip(session.client_id),
@@ -955,7 +963,9 @@ class MarketBroker(Broker):
         session.remote_port = incoming.remote_port
         session.clean_session = False
         session.parent = 1
-        if session.attributes.pop(_DISCONNECTED_AT, None) is not None and self.store is not None:
+        context = context_of(session)
+        was_disconnected, context.disconnected_at = context.disconnected_at is not None, None
+        if was_disconnected and self.store is not None:
             # In use again: a broker that stops without saying must not expire it from then.
             await self._store_call("mark session connected", self.store.set_disconnected([client_id], None))
         return session
@@ -977,14 +987,15 @@ class MarketBroker(Broker):
             connection.expiry.cancel()
         if connection.replay is not None:
             connection.replay.cancel()
-        self.limits.release(connection.lease)
+        self.hooks.on_release(connection.lease)
         session = connection.session
         registered = self._sessions.get(client_id, (None, None))[1] is connection.handler
         if session.transitions.is_connected() and registered:
             session.transitions.disconnect()
-        left = registered and not session.clean_session and _DISCONNECTED_AT not in session.attributes
+        context = context_of(session)
+        left = registered and not session.clean_session and context.disconnected_at is None
         if left:
-            session.attributes[_DISCONNECTED_AT] = self._clock()  # its expiry counts from here
+            context.disconnected_at = self._clock()  # its expiry counts from here
         with suppress(Exception):
             await connection.handler.stop()
         stored = self._sessions.get(client_id)
@@ -999,14 +1010,16 @@ class MarketBroker(Broker):
     async def _delete_session(self, client_id: str) -> None:
         stored = self._sessions.get(client_id)
         if stored is not None and not stored[0].clean_session:
-            owner = stored[0].attributes.get(_OWNER)
-            if isinstance(owner, str):
+            owner = context_of(stored[0]).user
+            if owner is not None:
                 self._forget_session(owner, client_id)
         await super()._delete_session(client_id)
 
     # ------------------------------------------------------------------ session cap and expiry
 
-    async def _claim_session(self, writer: WriterAdapter, incoming: Session, user: str, lease: Lease) -> bool:
+    async def _claim_session(
+        self, writer: WriterAdapter, incoming: Session, user: str, lease: object
+    ) -> bool:
         """Count a new persistent session of ``user`` against ``limits.max_sessions_per_user``.
 
         A clean session, or resuming one of the user's own, never counts. At the cap the
@@ -1030,8 +1043,8 @@ class MarketBroker(Broker):
             if live is not None:
                 live.lease = lease  # acquired as its replacement: it stays that connection's
             else:
-                self.limits.release(lease)
-            await self._refuse(writer, SERVER_UNAVAILABLE, room.reason, f"{user!r}: {room.detail}")
+                self.hooks.on_release(lease)
+            await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE, room.reason, f"{user!r}: {room.detail}")
             return False
         held.add(client_id)
         held.difference_update(room)  # before any await: no other CONNECT picks them as well
@@ -1048,7 +1061,7 @@ class MarketBroker(Broker):
 
     def _is_persistent_of(self, user: str, client_id: str) -> bool:
         stored = self._sessions.get(client_id)
-        return stored is not None and not stored[0].clean_session and stored[0].attributes.get(_OWNER) == user
+        return stored is not None and not stored[0].clean_session and context_of(stored[0]).user == user
 
     def _holds(self, user: str, client_id: str) -> bool:
         """Whether ``client_id`` is a persistent session of ``user``, or is being connected."""
@@ -1088,10 +1101,10 @@ class MarketBroker(Broker):
             ):
                 times[client_id] = None
                 continue
-            at = stored[0].attributes.get(_DISCONNECTED_AT)
-            if not isinstance(at, int | float):
-                at = stored[0].attributes[_DISCONNECTED_AT] = self._clock()
-            times[client_id] = at
+            context = context_of(stored[0])
+            if context.disconnected_at is None:
+                context.disconnected_at = self._clock()
+            times[client_id] = context.disconnected_at
         return times
 
     async def _drop_session(self, client_id: str) -> None:
@@ -1232,6 +1245,14 @@ class MarketBroker(Broker):
             await self.retain_message(client_session, topic, data, qos)
         return True
 
+    def _may_receive(self, session: Session) -> Callable[[str], bool]:
+        """Whether a stored or queued message on a topic may reach ``session``: the ACL is
+        checked at delivery too, so nothing leaks past it (a topic is a filter of itself)."""
+        context = context_of(session)
+        if not context.admitted:
+            return lambda topic: True
+        return lambda topic: self.hooks.on_subscribe(context, topic, QOS_0) != _SUBACK_FAILURE
+
     def _publish_allowed(self, session: Session, topic: str) -> bool:
         """Topic length and ACL: a refused PUBLISH is dropped and counted, the client kept."""
         if len(topic) > self._max_topic and len(topic.encode()) > self._max_topic:
@@ -1243,7 +1264,8 @@ class MarketBroker(Broker):
                 extra=CLIENT,
             )
             return False
-        if not session_acl(session).may_publish(topic):
+        context = context_of(session)
+        if context.admitted and not self.hooks.on_publish(context, topic):
             self.stats.publishes_dropped["acl"] += 1
             log.info("client %s may not publish to %s", clip(session.client_id), clip(topic), extra=CLIENT)
             return False
@@ -1303,7 +1325,7 @@ class MarketBroker(Broker):
             ttl_s=envelope.ttl_s,
             qos=max(qos, QOS_1),
         )
-        owner = sender.attributes.get(_OWNER)
+        owner = context_of(sender).user
         if result.evicted and isinstance(owner, str):
             await self._notify_evictions(owner, user, result.evicted)
 
@@ -1386,7 +1408,7 @@ class MarketBroker(Broker):
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
         """A session that takes ``user``'s messages from their mailbox (the store)."""
-        return not session.clean_session and session.attributes.get(_OWNER) == user
+        return not session.clean_session and context_of(session).user == user
 
     def _pump(self, session: Session) -> None:
         """Make a live mailbox session's replay deliver what was just stored."""
@@ -1424,7 +1446,7 @@ class MarketBroker(Broker):
             handler = self._get_handler(session)
             if handler is None:
                 continue
-            localized = self._localized(topic, payload, session.attributes.get(_TZ), variants)
+            localized = self._localized(topic, payload, context_of(session).zone, variants)
             task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos)))
             self.stats.messages_out["user"] += 1
             self._deliveries.add(task)
@@ -1446,11 +1468,11 @@ class MarketBroker(Broker):
     async def _replay_offline(self, connection: _Connection) -> None:
         assert self.store is not None
         session, handler = connection.session, connection.handler
-        acl = session_acl(session)
+        may_receive = self._may_receive(session)
         started = self._clock()
 
         def accepts(topic: str) -> bool:
-            return acl.may_receive(topic) and any(
+            return may_receive(topic) and any(
                 matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
             )
 
@@ -1504,7 +1526,7 @@ class MarketBroker(Broker):
                 await handler.await_puback(in_flight.packet_id)
                 return True
             packet_id = _mailbox_packet_id(session, message.id) if qos > QOS_0 else None
-            payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
+            payload = self._localized(message.topic, message.payload, context_of(session).zone, {})
             outgoing = StoredMessage(packet_id, message.topic, qos, payload, False, store_id=message.id)
             if message.sent > 0 and qos > QOS_0:
                 # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
@@ -1526,8 +1548,8 @@ class MarketBroker(Broker):
         reconnect re-sent it): remove it from the store now."""
         if self.store is None or handler.session is None:
             return
-        user = handler.session.attributes.get(_OWNER)
-        if isinstance(user, str):
+        user = context_of(handler.session).user
+        if user is not None:
             task = asyncio.create_task(
                 self._store_call("remove an acknowledged message", self._ack(user, message))
             )
@@ -1557,15 +1579,15 @@ class MarketBroker(Broker):
 
     async def _persist_session(self, session: Session) -> None:
         """Save a persistent session's subscriptions so a restarted broker has them."""
-        owner = session.attributes.get(_OWNER)
-        if self.store is None or session.clean_session or not isinstance(owner, str) or not session.client_id:
+        context = context_of(session)
+        owner = context.user
+        if self.store is None or session.clean_session or owner is None or not session.client_id:
             return
-        at = session.attributes.get(_DISCONNECTED_AT)
         record = SessionRecord(
             session.client_id,
             owner,
             dict(self._granted_filters(session)),
-            disconnected_at=float(at) if isinstance(at, int | float) else None,
+            disconnected_at=context.disconnected_at,
         )
         await self._store_call("save session", self.store.save_session(record))
 
@@ -1640,7 +1662,7 @@ class MarketBroker(Broker):
 
         sent = self._fanout.deliver(plan, topic, qos, localize)
         for session, sub_qos in plan.slow:
-            self._deliver_via_amqtt(session, topic, localize(session.attributes.get(_TZ)), min(qos, sub_qos))
+            self._deliver_via_amqtt(session, topic, localize(context_of(session).zone), min(qos, sub_qos))
         self.stats.deliveries += sent
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
@@ -1716,10 +1738,10 @@ class MarketBroker(Broker):
             return None
         connection = self._connections.get(session.client_id or "")
         if connection is None or connection.session is not session:
-            return Target(None, session.attributes.get(_TZ), sub_qos)  # amqtt's path
+            return Target(None, context_of(session).zone, sub_qos)  # amqtt's path
         if connection.state is not State.LIVE:
             return None  # a resumed session gets the snapshots right after
-        return Target(connection.outbox, session.attributes.get(_TZ), sub_qos)
+        return Target(connection.outbox, context_of(session).zone, sub_qos)
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -1756,7 +1778,11 @@ class MarketBroker(Broker):
             return _SUBACK_FAILURE, refusal
         if not is_valid_filter(topic_filter):
             return _SUBACK_FAILURE, None  # [MQTT-4.7.1]: a bad filter is refused, never granted
-        if not session_acl(session).may_subscribe(topic_filter):
+        context = context_of(session)
+        if (
+            context.admitted
+            and self.hooks.on_subscribe(context, topic_filter, subscription[1]) == _SUBACK_FAILURE
+        ):
             # Denied for this filter only; the rest of the SUBSCRIBE goes on.
             self.stats.subscribes_denied += 1
             log.info(
@@ -1824,7 +1850,17 @@ class MarketBroker(Broker):
         if granted:
             # Durable before acknowledged: a SUBACK'd subscription survives a crash.
             await self._persist_session(client_session)
-        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
+        connection = self._connections.get(client_session.client_id or "")
+        outbox = (
+            connection.outbox if connection is not None and connection.session is client_session else None
+        )
+        if outbox is not None:
+            # Prebuilt bytes in this step's batch, with the QoS 0 snapshots after it: one write.
+            outbox.push_control(suback(subscriptions.packet_id, codes))
+            if any(code in (QOS_1, QOS_2) for code in codes):
+                outbox.flush()  # snapshots at QoS 1/2 are written by amqtt, after the SUBACK
+        else:
+            await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         for topic_filter, qos in granted:
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_SUBSCRIBED,
@@ -1851,7 +1887,7 @@ class MarketBroker(Broker):
         # whole snapshot is one frame and one write.
         connection = self._connections.get(session.client_id or "")
         outbox = connection.outbox if connection is not None and connection.session is session else None
-        zone = session.attributes.get(_TZ)
+        zone = context_of(session).zone
         packets: list[bytes] = []
         sends = []
         for topic, retained in list(self._retained_messages.items()):
@@ -1936,7 +1972,7 @@ class MarketBroker(Broker):
                     if qos in (QOS_1, QOS_2) and not target.clean_session and not market:
                         self._queue_offline(target, topic, data, qos)
                     continue
-                zone = target.attributes.get(_TZ)
+                zone = context_of(target).zone
                 connection = self._connections.get(target.client_id or "")
                 outbox = (
                     connection.outbox if connection is not None and connection.session is target else None
@@ -1981,12 +2017,12 @@ class MarketBroker(Broker):
         """Replay the offline queue, each message at its QoS, only what the session may receive."""
         handler = self._get_handler(session)
         queue = session.retained_messages
-        acl = session_acl(session)
+        may_receive = self._may_receive(session)
         sends = []
         while handler is not None and not queue.empty():
             message = queue.get_nowait()
-            if acl.may_receive(message.topic):
-                data = self._localized(message.topic, bytes(message.data), session.attributes.get(_TZ), {})
+            if may_receive(message.topic):
+                data = self._localized(message.topic, bytes(message.data), context_of(session).zone, {})
                 sends.append(handler.mqtt_publish(message.topic, data, message.qos, retain=False))
         for result in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(result, BaseException):

@@ -15,9 +15,10 @@ from typing import Any
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import ApplicationMessage, Session
 
+from bridge.core.context import ConnectionContext
 from bridge.edge.lean import LeanQueue
 
-__all__ = ["MarketSession", "SessionState", "install"]
+__all__ = ["MarketSession", "SessionState", "context_of", "install"]
 
 
 class SessionState:
@@ -51,6 +52,8 @@ class SessionState:
 class MarketSession(Session):
     def __init__(self) -> None:
         super().__init__()
+        # What the broker decided about this session (owner, claims, ACL, zone, ...), typed.
+        self.context = ConnectionContext()
         # amqtt's Session builds two asyncio.Queue objects; an idle connection needs neither.
         self.retained_messages: LeanQueue[ApplicationMessage] = LeanQueue()
         self.delivered_message_queue: LeanQueue[ApplicationMessage] = LeanQueue()
@@ -62,6 +65,15 @@ class MarketSession(Session):
 
     def _init_states(self) -> None:
         self.transitions = SessionState(self)  # type: ignore[assignment]
+
+
+def context_of(session: Session) -> ConnectionContext:
+    """The session's context; one is made for a session amqtt built itself (never admitted)."""
+    context = getattr(session, "context", None)
+    if not isinstance(context, ConnectionContext):
+        context = ConnectionContext()
+        session.context = context  # type: ignore[attr-defined]
+    return context
 
 
 def install() -> None:

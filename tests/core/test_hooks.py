@@ -38,6 +38,22 @@ class DenyUser:
         return not topic.startswith("user/")
 
 
+class Counting:
+    """Holds at most one connection per user; on_release gives the slot back."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, object] = {}
+
+    def on_lease(self, user: str, replacing: object | None) -> object | Refused:
+        if user in self.held and self.held[user] is not replacing:
+            return Refused(3, "user_limit", f"{user} holds one")
+        lease = self.held[user] = object()
+        return lease
+
+    def on_release(self, lease: object) -> None:
+        self.held = {user: held for user, held in self.held.items() if held is not lease}
+
+
 class Upper:
     def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
         return payload.upper()
@@ -84,3 +100,24 @@ def test_on_deliver_runs_in_registration_order() -> None:
 def test_a_plugin_without_hooks_is_refused() -> None:
     with pytest.raises(TypeError, match="none of the hooks"):
         Hooks([object()])
+
+
+def test_on_lease_first_holder_decides_and_release_frees() -> None:
+    counting = Counting()
+    hooks = Hooks([Abstain(), counting])
+    first = hooks.on_lease("alice", None)
+    assert not isinstance(first, Refused)
+    assert first is not None
+    assert hooks.on_lease("alice", None) == Refused(3, "user_limit", "alice holds one")
+    second = hooks.on_lease("alice", first)  # a takeover transfers the slot
+    assert not isinstance(second, Refused)
+    assert second is not first
+    hooks.on_release(first)  # the old connection's late release frees nothing
+    assert isinstance(hooks.on_lease("alice", None), Refused)
+    hooks.on_release(second)
+    hooks.on_release(None)
+    assert not isinstance(hooks.on_lease("alice", None), Refused)
+
+
+def test_without_a_lease_plugin_nothing_is_counted() -> None:
+    assert Hooks([Yes()]).on_lease("alice", None) is None

@@ -1,4 +1,5 @@
-"""The layers hold: the core imports no amqtt (nor websockets), the feeds nothing of the broker."""
+"""The layers hold: the core imports no amqtt (nor websockets), the feeds nothing of the broker,
+the plugins no amqtt (they attach to the core's named hooks)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CORE = sorted((ROOT / "bridge" / "core").glob("*.py"))
 FEEDS = sorted((ROOT / "feeds").glob("*.py"))
+PLUGINS = sorted((ROOT / "broker_plugins").glob("*.py"))
 EDGE = ("amqtt", "websockets", "paho")
 
 
@@ -62,7 +64,7 @@ def test_feeds_use_only_the_core_and_the_error_root(path: Path) -> None:
 
 OUTSIDE_EDGE = sorted(
     p
-    for p in [*(ROOT / "bridge").rglob("*.py"), *(ROOT / "feeds").glob("*.py")]
+    for p in [*(ROOT / "bridge").rglob("*.py"), *(ROOT / "feeds").glob("*.py"), *PLUGINS]
     if "edge" not in p.relative_to(ROOT / "bridge" if p.is_relative_to(ROOT / "bridge") else ROOT).parts
 )
 
@@ -71,3 +73,10 @@ OUTSIDE_EDGE = sorted(
 def test_only_the_edge_package_imports_amqtt(path: Path) -> None:
     """amqtt is confined to ``bridge.edge``: nothing else names it."""
     assert not {name for name in _imports(path) if name.split(".")[0] == "amqtt"}
+
+
+def test_the_plugins_load_no_amqtt() -> None:
+    """Transitively too: a plugin is a thin adapter over pure code on the core's hooks."""
+    assert PLUGINS
+    loaded = _loaded_edge([f"broker_plugins.{p.stem}" for p in PLUGINS if p.stem != "__init__"])
+    assert "amqtt" not in loaded, loaded

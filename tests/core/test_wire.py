@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.suback import SubackPacket
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 from bridge.core.topics import is_valid_topic
 from bridge.core.wire import (
+    connack,
     publish_qos0,
     publish_qos1_parts,
     remaining_length,
+    suback,
     ws_binary_frame,
     ws_frame_header,
 )
@@ -104,3 +108,16 @@ def test_ws_frame_header(size: int, header: bytes) -> None:
     if size <= 70_000:
         data = bytes(size)
         assert Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[]) == header + data
+
+
+@pytest.mark.parametrize("code", range(6))
+@pytest.mark.parametrize("present", [False, True])
+def test_connack_matches_amqtt(code: int, present: bool) -> None:
+    # A refusal never says a session is present ([MQTT-3.2.2-4]).
+    expected = ConnackPacket.build(int(present and code == 0), code).to_bytes()
+    assert connack(code, session_present=present) == bytes(expected)
+
+
+@given(st.integers(1, 65535), st.lists(st.sampled_from([0, 1, 2, 0x80]), min_size=1, max_size=300))
+def test_suback_matches_amqtt(packet_id: int, codes: list[int]) -> None:
+    assert suback(packet_id, codes) == bytes(SubackPacket.build(packet_id, codes).to_bytes())

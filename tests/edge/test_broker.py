@@ -22,7 +22,7 @@ from bench.mqttws import masked_frame
 from bridge.auth import Role
 from bridge.core.store import QueueLimits, SessionRecord
 from bridge.edge.broker import MarketBroker
-from bridge.edge.session import MarketSession
+from bridge.edge.session import MarketSession, context_of
 from bridge.errors import ListenerError
 from bridge.metrics import MetricsRegistry
 from bridge.sqlite_store import SqliteStore
@@ -913,7 +913,7 @@ def _sessions_held(running: BrokerThread, user: str) -> set[str]:
         return {
             client_id
             for client_id, (session, _) in running.broker.sessions.items()
-            if not session.clean_session and session.attributes.get("market_bridge.owner") == user
+            if not session.clean_session and context_of(session).user == user
         }
 
     return running.call(read)

@@ -6,11 +6,13 @@ from typing import Any, cast
 
 import pytest
 from amqtt.mqtt.protocol import broker_handler
-from amqtt.session import ApplicationMessage
+from amqtt.session import ApplicationMessage, Session
 
+from bridge.core.context import ConnectionContext
+from bridge.core.hooks import Admitted
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.lean import LeanQueue
-from bridge.edge.session import MarketSession, install
+from bridge.edge.session import MarketSession, context_of, install
 
 
 def test_states_and_callbacks_follow_amqtt() -> None:
@@ -57,3 +59,26 @@ async def test_handler_queues_are_lean() -> None:
     handler = MarketProtocolHandler(cast(Any, None))
     assert isinstance(handler._pending_subscriptions, LeanQueue)
     assert isinstance(handler._pending_unsubscriptions, LeanQueue)
+
+
+def test_context_of_is_the_sessions_one_context() -> None:
+    session = MarketSession()
+    context = context_of(session)
+    assert context is session.context
+    assert context_of(session) is context
+    assert (context.user, context.admitted, context.disconnected_at) == (None, False, None)
+    context.admit(Admitted("alice", claims="c", policy="p", zone="Africa/Lagos"))
+    assert (context.user, context.claims, context.policy, context.zone, context.admitted) == (
+        "alice",
+        "c",
+        "p",
+        "Africa/Lagos",
+        True,
+    )
+
+
+def test_a_session_amqtt_built_gets_a_context_once() -> None:
+    session = Session()
+    context = context_of(session)
+    assert isinstance(context, ConnectionContext)
+    assert context_of(session) is context

@@ -1,0 +1,98 @@
+"""The auth plugin on the named hooks (bridge/core/hooks.py): who may connect, subscribe and
+publish, and how many connections each user and the broker may hold.
+
+A thin adapter over pure code: the token decision is :class:`~bridge.token_cache.TokenCache`
+(:func:`bridge.auth.decide_auth`, a token verified once is remembered until its ``exp``), the
+permissions :func:`bridge.acl.acl_for`, the will :func:`bridge.acl.will_refusal`, and the
+accounting :class:`~bridge.limits.ConnectionLimits`. No I/O, no clock (``now`` arrives in the
+request), no amqtt.
+
+- :class:`JwtAuth`: the token is the MQTT password and the username must be its ``sub``.
+  A missing token is CONNACK 4 (bad user name or password), any other refusal CONNACK 5 (not
+  authorized); the ACL decided at CONNECT is the connection's ``policy``.
+- :class:`AllowAll` (``auth.enabled: false``): anyone may connect and do anything; the will
+  and the connection limits are held to the same rules.
+"""
+
+from __future__ import annotations
+
+from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
+from bridge.core.connect import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
+from bridge.core.hooks import Admitted, ConnectRequest, Principal, Refused
+from bridge.errors import AuthError
+from bridge.limits import ConnectionLimits, Lease, LimitRefusal
+from bridge.logs import clip
+from bridge.token_cache import TokenCache
+
+__all__ = ["AllowAll", "JwtAuth"]
+
+_REFUSE = 0x80  # SUBACK failure
+
+
+class _Limits:
+    """The lease hooks over a :class:`ConnectionLimits` (per user and global counts)."""
+
+    def __init__(self, limits: ConnectionLimits, *, max_topic_bytes: int) -> None:
+        self.limits = limits
+        self.max_topic_bytes = max_topic_bytes
+
+    def on_lease(self, user: str, replacing: object | None) -> Lease | Refused:
+        lease = self.limits.acquire(user, replacing=replacing if isinstance(replacing, Lease) else None)
+        if isinstance(lease, LimitRefusal):
+            return Refused(CONNACK_SERVER_UNAVAILABLE, lease.reason, f"{clip(user)}: {lease.detail}")
+        return lease
+
+    def on_release(self, lease: object) -> None:
+        if isinstance(lease, Lease):
+            self.limits.release(lease)
+
+    def _will(self, request: ConnectRequest, acl: Acl) -> Refused | None:
+        will = request.will
+        if will is None:
+            return None
+        # Refused now rather than dropped later: the client learns at once that its will
+        # would never be published, and nothing it may not publish ever is.
+        problem = will_refusal(acl, will.topic, will.payload, max_topic_bytes=self.max_topic_bytes)
+        if problem is None:
+            return None
+        return Refused(CONNACK_NOT_AUTHORIZED, "will_refused", f"client {clip(request.client_id)}: {problem}")
+
+
+class JwtAuth(_Limits):
+    """CONNECT by JWT, SUBSCRIBE and PUBLISH by the token's ACL, connection limits."""
+
+    def __init__(self, tokens: TokenCache, limits: ConnectionLimits, *, max_topic_bytes: int) -> None:
+        super().__init__(limits, max_topic_bytes=max_topic_bytes)
+        self.tokens = tokens
+
+    def on_connect(self, request: ConnectRequest) -> Admitted | Refused:
+        decision = self.tokens.decide(request.password, request.username, request.now)
+        if isinstance(decision, AuthError):
+            code = CONNACK_BAD_CREDENTIALS if decision.reason == "missing_token" else CONNACK_NOT_AUTHORIZED
+            return Refused(code, decision.reason, decision.detail)
+        acl = acl_for(decision)
+        return self._will(request, acl) or Admitted(decision.sub, decision, acl, decision.tz)
+
+    def on_subscribe(self, admitted: Principal, topic_filter: str, qos: int) -> int:
+        # Fail closed: a connection without an ACL of ours may subscribe to nothing.
+        acl = admitted.policy
+        return qos if isinstance(acl, Acl) and acl.may_subscribe(topic_filter) else _REFUSE
+
+    def on_publish(self, admitted: Principal, topic: str) -> bool:
+        acl = admitted.policy
+        return isinstance(acl, Acl) and acl.may_publish(topic)
+
+
+class AllowAll(_Limits):
+    """``auth.enabled: false``: the user is the username (else the client id)."""
+
+    def on_connect(self, request: ConnectRequest) -> Admitted | Refused:
+        return self._will(request, ALLOW_ALL) or Admitted(
+            request.username or request.client_id, policy=ALLOW_ALL
+        )
+
+    def on_subscribe(self, admitted: Principal, topic_filter: str, qos: int) -> int:
+        return qos
+
+    def on_publish(self, admitted: Principal, topic: str) -> bool:
+        return True
