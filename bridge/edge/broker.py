@@ -1869,6 +1869,8 @@ class MarketBroker(Broker):
                 qos=qos,
             )
         await self._send_retained(client_session, handler, granted)
+        if outbox is not None:
+            outbox.flush()  # before the next packet's answer, which amqtt writes directly
 
     async def _handle_unsubscription(
         self, client_session: Session, handler: BrokerProtocolHandler, unsubscribe_waiter: asyncio.Future[Any]
