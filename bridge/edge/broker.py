@@ -229,6 +229,8 @@ class MarketBroker(Broker):
         self._connects_logged = 0
         self._index = TopicIndex()
         self._session_filters: dict[str, set[str]] = {}
+        # filter -> client id -> its place in amqtt's ``_subscriptions[filter]`` list.
+        self._slots: dict[str, dict[str, int]] = {}
         self._connections: dict[str, _Connection] = {}
         self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # user -> client ids of their persistent sessions, and of new ones being connected.
@@ -1818,7 +1820,9 @@ class MarketBroker(Broker):
             return _SUBACK_FAILURE
         max_qos = self.config.get("max-qos", qos)
         granted = min(qos, max_qos) if isinstance(max_qos, int) else qos
-        self._subscriptions.setdefault(topic_filter, []).append((session, granted))
+        entries = self._subscriptions.setdefault(topic_filter, [])
+        self._slots.setdefault(topic_filter, {})[session.client_id or ""] = len(entries)
+        entries.append((session, granted))
         return granted
 
     async def _handle_subscription(
@@ -1917,7 +1921,7 @@ class MarketBroker(Broker):
                 )
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
-        deleted = super()._del_subscription(a_filter, session)
+        deleted = self._remove_subscriber(a_filter, session)
         self._fanout.invalidate()
         if deleted and session.client_id is not None:
             filters = self._session_filters.get(session.client_id)
@@ -1929,6 +1933,33 @@ class MarketBroker(Broker):
             del self._subscriptions[a_filter]
             self._index.remove(a_filter)
         return deleted
+
+    def _remove_subscriber(self, a_filter: str, session: Session) -> int:
+        """amqtt's removal without its search through every subscriber of the filter (a
+        disconnect cost that grew with the number of clients on ``market/#``): the slot is
+        known, and the last entry moves into it (fan-out does not depend on their order)."""
+        entries = self._subscriptions.get(a_filter)
+        slots = self._slots.get(a_filter)
+        client_id = session.client_id or ""
+        index = slots.pop(client_id, None) if slots is not None else None
+        if (
+            entries is None
+            or index is None
+            or index >= len(entries)
+            or entries[index][0].client_id != client_id
+        ):
+            # Not placed by _add_new_subscription (or moved under us): amqtt's search.
+            deleted = super()._del_subscription(a_filter, session)
+            if entries is not None and slots is not None:
+                self._slots[a_filter] = {entry[0].client_id or "": i for i, entry in enumerate(entries)}
+            return deleted
+        last = entries.pop()
+        if index < len(entries):
+            entries[index] = last
+            slots[last[0].client_id or ""] = index  # type: ignore[index]
+        if not slots:
+            del self._slots[a_filter]
+        return 1
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         # Only this session's filters, not a scan of every filter on the broker.

@@ -843,6 +843,55 @@ def test_a_new_subscription_costs_the_same_however_many_share_its_filter(broker:
     assert entries[-1] == ("last", 1)
 
 
+class _CountedSession(MarketSession):
+    """Counts reads of its client id: what a search through a filter's subscribers does."""
+
+    reads = 0
+
+    @property
+    def client_id(self) -> str | None:
+        _CountedSession.reads += 1
+        return self._counted_id
+
+    @client_id.setter
+    def client_id(self, value: str | None) -> None:
+        self._counted_id = value
+
+
+def test_removing_a_subscription_costs_the_same_however_many_share_its_filter(broker: BrokerThread) -> None:
+    """A disconnect does not search the filter's other subscribers either (amqtt's removal was
+    linear in them, so a storm of disconnects was quadratic): counted in client id reads, not
+    timed. Every other subscriber stays, exactly once, at its QoS."""
+    topic_filter = f"market/{unique('x')}/#"
+    sessions: dict[str, MarketSession] = {}
+    for index in range(1000):
+        session = sessions[f"s-{index}"] = _CountedSession()
+        session.client_id = f"s-{index}"
+
+    async def subscribe_all() -> None:
+        for index, session in enumerate(sessions.values()):
+            await broker.broker._subscribe((topic_filter, index % 2), session)
+
+    def remove(client_id: str) -> tuple[int, int]:
+        session = sessions.pop(client_id)
+        before = _CountedSession.reads
+        deleted = broker.broker._del_subscription(topic_filter, session)
+        return deleted, _CountedSession.reads - before
+
+    broker.run(subscribe_all())
+    first = broker.call(lambda: remove("s-0"))
+    middle = broker.call(lambda: remove("s-500"))
+    last = broker.call(lambda: remove("s-999"))
+    assert first == middle == last
+    assert first[0] == 1
+    assert first[1] < 10
+    entries = broker.call(lambda: {s.client_id: q for s, q in broker.broker._subscriptions[topic_filter]})
+    assert len(broker.call(lambda: broker.broker._subscriptions[topic_filter])) == len(sessions) == 997
+    assert entries == {client_id: int(client_id[2:]) % 2 for client_id in sessions}
+    assert broker.call(lambda: remove("s-1"))[0] == 1
+    assert broker.call(lambda: broker.broker._del_subscription(topic_filter, _session("s-1"))) == 0
+
+
 def _session(client_id: str) -> MarketSession:
     session = MarketSession()
     session.client_id = client_id
