@@ -150,6 +150,37 @@ def test_store_override_beats_the_token_claim(broker: BrokerThread, clients: Cli
     assert json.loads(sub.expect(1)[0].payload)["ts"] == LOCAL["Africa/Lagos"]
 
 
+def test_a_reconnect_takes_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
+    broker: BrokerThread, clients: ClientFactory
+) -> None:
+    """The store is asked once per user (a reconnect storm does not queue on it); the admin
+    API's change reaches the next connection, and the live one, at once."""
+    user = unique("alice")
+    broker.run(broker.broker.publish_tick(make_tick()))
+
+    def zones() -> dict[str, tuple[str, float]]:
+        return broker.call(lambda: dict(broker.broker._user_zones))
+
+    def snapshot_zone() -> str:
+        sub = _subscriber(broker, clients, "Africa/Lagos", username=user)
+        sub.subscribe("market/luno/BTC-ZAR")
+        zone = str(json.loads(sub.expect(1)[0].payload)["tz"])
+        sub.close()
+        return zone
+
+    assert snapshot_zone() == "Africa/Lagos"
+    remembered = zones()[user]
+    assert remembered[0] == ""  # looked up: no override
+    assert snapshot_zone() == "Africa/Lagos"
+    assert zones()[user] == remembered  # the same entry: not looked up again
+    broker.run(broker.broker.set_user_tz(user, "Africa/Nairobi"))
+    assert user not in zones()
+    assert snapshot_zone() == "Africa/Nairobi"
+    assert zones()[user][0] == "Africa/Nairobi"
+    broker.run(broker.broker.set_user_tz(user, None))
+    assert snapshot_zone() == "Africa/Lagos"
+
+
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])
 def test_connect_while_redis_is_hung_gets_the_token_zone_at_once(
     tmp_path: Path, clients: ClientFactory, transport: Transport

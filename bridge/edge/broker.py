@@ -130,6 +130,8 @@ log = logging.getLogger(__name__)
 install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
+# How long a user's zone override is taken from memory before the store is asked again.
+_ZONE_TTL_S = 60.0
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -222,9 +224,11 @@ class MarketBroker(Broker):
         }
         super().__init__(amqtt_config)
         self.stats = BrokerStats()
-        # user -> their zone override from the store ("" for none), so a CONNECT does not wait
-        # on the store: bounded, oldest dropped first; set_user_tz keeps it right.
-        self._user_zones: dict[str, str] = {}
+        # user -> (their zone override from the store, "" for none; when to ask again), so a
+        # reconnect does not wait on the store: bounded, oldest dropped first; set_user_tz
+        # keeps it right, and a change made elsewhere (the CLI) is seen within the TTL.
+        self._user_zones: dict[str, tuple[str, float]] = {}
+        self._zone_writes = 0  # set_user_tz calls: a lookup that overlapped one is not kept
         # Connects since the last summary line (one INFO line per interval, not per connect).
         self._connects_logged = 0
         self._index = TopicIndex()
@@ -814,12 +818,14 @@ class MarketBroker(Broker):
         return override or claimed or self.bridge_config.auth.default_tz
 
     async def _zone_override(self, user: str) -> str | None:
-        """The store's zone for ``user``, from memory after the first look (a storm of
-        reconnects does not queue on the store); only this broker writes it (set_user_tz)."""
+        """The store's zone for ``user``, from memory for ``_ZONE_TTL_S`` after a look (a storm
+        of reconnects does not queue on the store); set_user_tz here is seen at once."""
         cached = self._user_zones.get(user)
-        if cached is not None:
-            return cached or None
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0] or None
         assert self.store is not None
+        writes = self._zone_writes
         try:
             override = await self.store.get_user_tz(user)
         except StoreError as exc:
@@ -830,9 +836,12 @@ class MarketBroker(Broker):
                 extra=STORE,
             )
             return None  # not remembered: asked again at the next CONNECT
+        if writes != self._zone_writes:
+            return override  # may predate the write: used once, not remembered
+        self._user_zones.pop(user, None)  # re-inserted last: the dict's order is its age
         if len(self._user_zones) >= self.bridge_config.limits.max_connections:
             del self._user_zones[next(iter(self._user_zones))]  # bounded: the oldest goes
-        self._user_zones[user] = override or ""
+        self._user_zones[user] = (override or "", now + _ZONE_TTL_S)
         return override
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -840,9 +849,14 @@ class MarketBroker(Broker):
         if tz is not None and not is_valid_zone(tz):
             raise MessageError("bad_tz", f"{tz!r} is not an IANA time zone")
         assert self.store is not None
+        self._zone_writes += 1
         self._user_zones.pop(user, None)
-        await self.store.set_user_tz(user, tz)
-        self._user_zones.pop(user, None)  # a CONNECT may have read the old one meanwhile
+        try:
+            await self.store.set_user_tz(user, tz)
+        finally:
+            # A lookup that overlapped the write is not remembered, nor one kept meanwhile.
+            self._zone_writes += 1
+            self._user_zones.pop(user, None)
         for connection in self._connections.values():
             if connection.user == user:
                 context = context_of(connection.session)
