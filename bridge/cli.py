@@ -185,7 +185,8 @@ async def _user_subscriptions(config: BridgeConfig, user: str) -> dict[str, dict
 
 
 async def _user_tz(config: BridgeConfig, user: str, zone: str | None, *, clear: bool) -> str | None:
-    """Connected clients pick a change up on their next connection (the admin API: at once)."""
+    """Connected clients pick a change up on their next connection once the broker's memory of
+    the old one (10 minutes at most) has gone; the admin API's change is seen at once."""
     store = await open_store(config.store)
     try:
         if zone is not None or clear:

@@ -131,7 +131,7 @@ install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
 # How long a user's zone override is taken from memory before the store is asked again.
-_ZONE_TTL_S = 60.0
+_ZONE_TTL_S = 600.0
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
