@@ -350,7 +350,7 @@ def test_sigkill_restart_loses_nothing_stored(
         # QoS 1: the PUBACK comes only once the message is stored.
         service.publish(f"user/{user}/orders", envelope(f"m{index}", priority), qos=1)
     # Let the snapshot writer run (1 s interval): ticks are written behind, not per tick.
-    first.wait_for_line(r"connected .*feeder")
+    first.wait_for_line(rf"disconnected .*\(user {re.escape(user)}\)")  # the phone's session is left
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline and not _snapshot_saved(tmp_path, kind, env):
         threading.Event().wait(0.1)
