@@ -689,7 +689,7 @@ class MarketBroker(Broker):
         user = admitted.user
         claims = admitted.claims if isinstance(admitted.claims, Claims) else None
 
-        lock = self._client_locks.setdefault(client_id, asyncio.Lock())
+        lock = self._client_locks.get(client_id) or self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:
             owner = self._owner_of(client_id)
             if owner is not None and owner != user:
@@ -750,7 +750,7 @@ class MarketBroker(Broker):
             try:
                 outbox = connection.outbox
                 if outbox is not None:
-                    # Prebuilt bytes, written now: nothing amqtt sends later overtakes it.
+                    # Prebuilt bytes, written now: nothing amqtt writes directly overtakes it.
                     outbox.push_control(connack(0, session_present=bool(session.parent)))
                     outbox.flush()
                     if _writer_closed(writer):
