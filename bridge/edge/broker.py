@@ -9,8 +9,10 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
   takes over or leaves nothing. A client id belongs to the user (``sub``) whose session it
   holds. Connection limits (per user, global) refuse with CONNACK 3 at once. Takeover waits
   for the old connection to finish. A token's ``exp`` ends its connection.
-- Topic permissions (:mod:`bridge.acl`) are computed once per session from the token's
-  claims and checked at SUBSCRIBE, PUBLISH and offline replay; no per-message plugin calls.
+- Admission, topic permissions and connection limits are the plugins' on the named hooks
+  (:mod:`bridge.core.hooks`, ``broker_plugins/auth.py``), never amqtt's plugin manager: the
+  ACL is decided once at CONNECT, kept in the session's context (``context_of``) and checked
+  at SUBSCRIBE, PUBLISH and offline replay.
 - Whatever way a connection ends, its session is left disconnected (clean ones deleted).
 - Persistent sessions are bounded: at most ``limits.max_sessions_per_user`` per user (a new
   one replaces the longest-disconnected, or is refused with CONNACK 3 if all are in use), and
