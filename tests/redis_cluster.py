@@ -228,7 +228,12 @@ class RedisCluster:
                 continue
             for line in node.info("CLUSTER", "NODES").splitlines():
                 fields = line.split()
-                if len(fields) >= 4 and "myself" in fields[2] and "slave" in fields[2] and fields[3] == master_id:
+                if (
+                    len(fields) >= 4
+                    and "myself" in fields[2]
+                    and "slave" in fields[2]
+                    and fields[3] == master_id
+                ):
                     return node
         raise AssertionError(f"no live replica of {master.port}")
 

@@ -1,0 +1,381 @@
+"""Cross-node tick fan-out over Redis 7 sharded pub/sub.
+
+Topics hash into ``partitions`` channels (``{mb:p7}:ticks``, :func:`partition_of`); each lives
+on the shard owning its slot. Every tick published in one event-loop step (and those that
+arrive while the previous batch is in flight) goes to Redis as one script per partition, which
+numbers them (:mod:`bridge.cluster.seq`) and SPUBLISHes them as one message: Redis round trips
+per tick fall as load rises. Every node subscribes to every partition and hands each batch from
+*another* node to ``on_batch``, in seq order per topic, each tick once.
+
+Interface (what the broker calls)::
+
+    bus = TickBus(backbone, node_id="n1", partitions=16, on_batch=deliver)
+    await bus.start()            # returns once subscribed to every partition
+    seq = await bus.publish(topic, payload)   # the cluster-wide seq; local delivery is the
+                                              # caller's (its own batches are skipped)
+    bus.ready                    # subscribed everywhere right now
+    await bus.stop()
+
+``on_batch(batch)`` runs on the event loop for each received :class:`Batch`; it must not
+block (hand the ticks to the normal delivery pipeline). Pub/sub is at-most-once: while a
+shard fails over, its batches are lost (the subscriber resubscribes with backoff; snapshots
+in Redis carry the latest tick of every topic). A tick never arrives twice or out of order:
+entries at or below the last seq seen for their topic are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from bridge import redis_keys as keys
+from bridge.cluster.backbone import Backbone, Shard
+from bridge.cluster.seq import SeqLedger
+
+__all__ = [
+    "Batch",
+    "BatchError",
+    "Entry",
+    "ShardedSubscriber",
+    "TickBus",
+    "decode_batch",
+    "encode_batch",
+    "partition_of",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MB1"
+# How often a subscriber re-reads the slot map and PINGs its shards: a failover that moved a
+# partition without telling us (no SUNSUBSCRIBE reached us) is noticed within this time.
+CHECK_S = 1.0
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def partition_of(topic: str, partitions: int) -> int:
+    """Stable across nodes and restarts (not Python's salted ``hash``)."""
+    return zlib.crc32(topic.encode("utf-8", "surrogatepass")) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    topic: str
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    node: str
+    entries: list[Entry]
+
+
+class BatchError(ValueError):
+    """A message on a tick channel is not a batch (another writer, or a version skew)."""
+
+
+def _netstring(raw: bytes) -> bytes:
+    return b"%d:" % len(raw) + raw
+
+
+def encode_batch(node: str, entries: Sequence[Entry]) -> bytes:
+    """What :data:`bridge.cluster.seq.STAMP` builds in Lua; here for tests and tools."""
+    parts = [MAGIC, _netstring(node.encode())]
+    for entry in entries:
+        parts += [_netstring(entry.topic.encode()), _netstring(b"%d" % entry.seq), _netstring(entry.payload)]
+    return b"".join(parts)
+
+
+def decode_batch(raw: bytes) -> Batch:
+    if not raw.startswith(MAGIC):
+        raise BatchError("no MB1 header")
+    view = memoryview(raw)
+    pos = len(MAGIC)
+    fields: list[bytes] = []
+    end = len(raw)
+    while pos < end:
+        colon = raw.find(b":", pos, pos + 21)
+        if colon < 0 or not raw[pos:colon].isdigit():
+            raise BatchError(f"bad length at byte {pos}")
+        size = int(raw[pos:colon])
+        start = colon + 1
+        if start + size > end:
+            raise BatchError(f"truncated field at byte {pos}")
+        fields.append(bytes(view[start : start + size]))
+        pos = start + size
+    if not fields or (len(fields) - 1) % 3:
+        raise BatchError(f"{len(fields)} fields: not a node id and (topic, seq, payload) triples")
+    entries = []
+    for i in range(1, len(fields), 3):
+        if not fields[i + 1].isdigit():
+            raise BatchError("seq is not a number")
+        entries.append(Entry(fields[i].decode(errors="replace"), int(fields[i + 1]), fields[i + 2]))
+    return Batch(fields[0].decode(errors="replace"), entries)
+
+
+class ShardedSubscriber:
+    """SSUBSCRIBEs ``channels`` on the shards owning them and calls ``handler(channel, data)``
+    for each message; resubscribes (with backoff) when a slot moves, a shard fails over or a
+    connection drops. One plain connection and one reader task per shard."""
+
+    def __init__(
+        self, backbone: Backbone, channels: Sequence[str], handler: Callable[[str, bytes], None]
+    ) -> None:
+        self._backbone = backbone
+        self._channels = list(channels)
+        self._handler = handler
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self.resubscribes = 0  # times the subscriptions were rebuilt after the first
+
+    @property
+    def ready(self) -> bool:
+        return self._subscribed.is_set()
+
+    async def wait_ready(self) -> None:
+        await self._subscribed.wait()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="cluster-subscriber")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._subscribed.clear()
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        first = True
+        while True:
+            failed: BaseException | None = None
+            try:
+                if not first:
+                    self.resubscribes += 1
+                    await self._backbone.refresh()
+                first = False
+                await self._serve(self._backbone.owners(self._channels))
+                backoff = BACKOFF_MIN_S  # a clean change of layout: resubscribe at once
+            except* (RedisError, OSError) as group:
+                failed = group.exceptions[0]
+            if failed is not None:
+                self._subscribed.clear()
+                log.warning(
+                    "cluster subscriber: %s: %s; resubscribing in %.2f s",
+                    type(failed).__name__,
+                    failed,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _serve(self, layout: dict[Shard, list[list[str]]]) -> None:
+        """Subscribe per the layout and read until something changes; returns to resubscribe."""
+        clients: list[Redis] = []
+        pubsubs: list[PubSub] = []
+        changed = asyncio.Event()
+        confirmed: list[PubSub] = []
+
+        def on_confirmed(pubsub: PubSub) -> None:
+            confirmed.append(pubsub)
+            if len(confirmed) == len(pubsubs):
+                self._subscribed.set()
+
+        try:
+            for shard, groups in layout.items():
+                client = shard.open()
+                clients.append(client)
+                pubsub = client.pubsub()
+                pubsubs.append(pubsub)
+                for group in groups:
+                    await pubsub.ssubscribe(*group)
+            async with asyncio.TaskGroup() as tasks:
+                children = [
+                    tasks.create_task(self._read(pubsub, changed, on_confirmed)) for pubsub in pubsubs
+                ]
+                children.append(tasks.create_task(self._watch(layout, changed)))
+                await changed.wait()
+                for task in children:  # the readers block on their sockets until cancelled
+                    task.cancel()
+        finally:
+            self._subscribed.clear()
+            for pubsub in pubsubs:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            for client in clients:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+
+    async def _read(
+        self, pubsub: PubSub, changed: asyncio.Event, on_confirmed: Callable[[PubSub], None]
+    ) -> None:
+        pending = len(pubsub.shard_channels)  # SSUBSCRIBE confirmations to come
+        async for message in pubsub.listen():
+            kind = message["type"]
+            if kind == "smessage":
+                channel = message["channel"]
+                self._handler(channel.decode() if isinstance(channel, bytes) else channel, message["data"])
+            elif kind == "ssubscribe":
+                pending -= 1
+                if pending == 0:
+                    on_confirmed(pubsub)
+            elif kind == "sunsubscribe":
+                # The server dropped us: the slot moved (migration or failover).
+                changed.set()
+                return
+
+    async def _watch(self, layout: dict[Shard, list[list[str]]], changed: asyncio.Event) -> None:
+        expected = {shard.name: groups for shard, groups in layout.items()}
+        while not changed.is_set():
+            await asyncio.sleep(CHECK_S)
+            await self._backbone.refresh()
+            now = {shard.name: groups for shard, groups in self._backbone.owners(self._channels).items()}
+            if now != expected:
+                changed.set()
+
+
+class _Changed(Exception):
+    pass
+
+
+@dataclass
+class BusStats:
+    ticks_published: int = 0
+    batches_published: int = 0  # = Redis round trips for publishing (one script each)
+    publish_errors: int = 0
+    batches_received: int = 0
+    own_batches_skipped: int = 0
+    entries_delivered: int = 0
+    duplicates_dropped: int = 0
+    bad_messages: int = 0
+
+
+class TickBus:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        node_id: str,
+        partitions: int,
+        on_batch: Callable[[Batch], None],
+    ) -> None:
+        self.node_id = node_id
+        self.partitions = partitions
+        self._backbone = backbone
+        self._on_batch = on_batch
+        self._ledger: SeqLedger | None = None
+        self._pending: dict[int, list[tuple[str, bytes, asyncio.Future[int]]]] = {}
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        # Highest seq handed on per topic: a resubscribe overlap or a replayed message never
+        # delivers a tick twice or out of order. One int per topic seen.
+        self._last_seq: dict[str, int] = {}
+        self._subscriber = ShardedSubscriber(
+            backbone, [keys.partition_channel(p) for p in range(partitions)], self._received
+        )
+        self.stats = BusStats()
+
+    @property
+    def ready(self) -> bool:
+        return self._subscriber.ready
+
+    @property
+    def resubscribes(self) -> int:
+        return self._subscriber.resubscribes
+
+    @property
+    def ledger(self) -> SeqLedger:
+        if self._ledger is None:
+            raise RuntimeError("TickBus.start() first")
+        return self._ledger
+
+    async def start(self) -> None:
+        await self._backbone.connect()
+        self._ledger = SeqLedger(self._backbone.redis)
+        self._subscriber.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="cluster-bus-flush")
+        await self._subscriber.wait_ready()
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self._subscriber.stop()
+        for batch in self._pending.values():
+            for _, _, future in batch:
+                future.cancel()
+        self._pending.clear()
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+        """Queue a tick for this loop step's batch; the future gets its cluster-wide seq (or
+        the Redis error). Order per topic is the order of the calls."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(partition_of(topic, self.partitions), []).append((topic, payload, future))
+        self._wake.set()
+        return future
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Everything queued until now (this loop step, and whatever arrived while the
+            # previous batches were in flight) goes out as one script per partition.
+            pending, self._pending = self._pending, {}
+            await asyncio.gather(*(self._flush(p, batch) for p, batch in pending.items()))
+
+    async def _flush(self, partition: int, batch: list[tuple[str, bytes, asyncio.Future[int]]]) -> None:
+        ledger = self.ledger
+        try:
+            seqs = await ledger.stamp(
+                partition, self.node_id, [(topic, payload) for topic, payload, _ in batch]
+            )
+        except (RedisError, OSError) as exc:
+            self.stats.publish_errors += 1
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.stats.batches_published += 1
+        self.stats.ticks_published += len(batch)
+        for (_, _, future), seq in zip(batch, seqs, strict=True):
+            if not future.done():
+                future.set_result(seq)
+
+    def _received(self, channel: str, data: bytes) -> None:
+        try:
+            batch = decode_batch(data)
+        except BatchError as exc:
+            self.stats.bad_messages += 1
+            log.warning("cluster bus: dropped a message on %s: %s", channel, exc)
+            return
+        self.stats.batches_received += 1
+        if batch.node == self.node_id:
+            self.stats.own_batches_skipped += 1
+            return
+        fresh = []
+        last = self._last_seq
+        for entry in batch.entries:
+            if entry.seq <= last.get(entry.topic, 0):
+                self.stats.duplicates_dropped += 1
+                continue
+            last[entry.topic] = entry.seq
+            fresh.append(entry)
+        if not fresh:
+            return
+        self.stats.entries_delivered += len(fresh)
+        self._on_batch(Batch(batch.node, fresh) if len(fresh) != len(batch.entries) else batch)
