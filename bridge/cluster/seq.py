@@ -30,6 +30,7 @@ of asynchronous replication (``WAIT`` per batch would cost a replica round trip 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -139,9 +140,12 @@ class SeqLedger:
         return int(await self._put(keys=[keys.partition_snapshots(partition)], args=args))
 
     async def snapshots(self, partitions: Iterable[int]) -> list[Snapshot]:
-        result: list[Snapshot] = []
-        for partition in partitions:
-            self.round_trips += 1
-            rows = cast("dict[bytes, bytes]", await self._redis.hgetall(keys.partition_snapshots(partition)))
-            result += [decode_snapshot(topic.decode(), raw) for topic, raw in rows.items()]
-        return result
+        """Every stored snapshot of ``partitions`` (read concurrently, one HGETALL each)."""
+        names = [keys.partition_snapshots(p) for p in partitions]
+        self.round_trips += len(names)
+        tables = await asyncio.gather(*(self._redis.hgetall(name) for name in names))
+        return [
+            decode_snapshot(topic.decode(), raw)
+            for rows in cast("list[dict[bytes, bytes]]", tables)
+            for topic, raw in rows.items()
+        ]
