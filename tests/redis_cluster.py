@@ -246,11 +246,23 @@ class RedisCluster:
         self.wait_ok()
         return replica
 
-    def kill_master(self, master: ClusterNodeProcess) -> None:
-        """SIGKILL ``master``: its replica takes over after the node timeout."""
+    def kill_master(self, master: ClusterNodeProcess) -> ClusterNodeProcess:
+        """SIGKILL ``master``; returns its replica once the cluster has promoted it (after
+        the node timeout). ``restart(master)`` brings the killed one back."""
+        replica = self.replica_of(master)
         assert master.proc is not None
         master.proc.kill()
         master.proc.wait()
+        self._wait(lambda: replica.port in self._masters_seen_by(replica), "replica promoted")
+        self.wait_ok()
+        return replica
+
+    def restart(self, node: ClusterNodeProcess) -> None:
+        """Start a killed node again: it rejoins (as a replica of whoever took over)."""
+        assert not node.alive
+        self._spawn(node)
+        self._wait(lambda: node.info("PING").startswith("+PONG"), f"node {node.port} up")
+        self.wait_ok()
 
     def stop(self) -> None:
         for node in self.nodes:
