@@ -190,6 +190,7 @@ class ShardedSubscriber:
         def on_confirmed(pubsub: PubSub) -> None:
             confirmed.append(pubsub)
             if len(confirmed) == len(pubsubs):
+                log.info("cluster subscriber: subscribed on %d shard(s)", len(pubsubs))
                 self._subscribed.set()
 
         try:
@@ -232,6 +233,7 @@ class ShardedSubscriber:
                     on_confirmed(pubsub)
             elif kind == "sunsubscribe":
                 # The server dropped us: the slot moved (migration or failover).
+                log.info("cluster subscriber: %s unsubscribed by the server; resubscribing", message["channel"])
                 changed.set()
                 return
 
@@ -242,6 +244,7 @@ class ShardedSubscriber:
             await self._backbone.refresh()
             now = {shard.name: groups for shard, groups in self._backbone.owners(self._channels).items()}
             if now != expected:
+                log.info("cluster subscriber: the slot map changed; resubscribing")
                 changed.set()
 
 
