@@ -23,8 +23,8 @@ Key                             Type        Holds
                                             ``"<reserved> <at> <clean 0|1>"``, the seq
                                             reservation (see :mod:`bridge.core.sequencer`)
 ``mb:user_tz``                  hash        user -> IANA time zone override
-``{mb:p<n>}:seq``               hash        cluster: topic -> last seq of partition ``n``
-``{mb:p<n>}:snap``              hash        cluster: topic -> ``b"<seq>:" + payload``, the
+``mb:seq:{mb:p<n>}``            hash        cluster: topic -> last seq of partition ``n``
+``mb:snap:{mb:p<n>}``           hash        cluster: topic -> ``b"<seq>:" + payload``, the
                                             latest tick (never replaced by an older seq)
 ``{mb:p<n>}:ticks``             channel     cluster: sharded pub/sub, batches of partition
                                             ``n`` (see :mod:`bridge.cluster.bus`)
@@ -39,9 +39,9 @@ Key                             Type        Holds
                                             (close a taken-over connection)
 ==============================  ==========  ================================================
 
-The cluster's partition keys and channels put the whole name's owner in the tag
-(``{mb:p7}``): a partition's counter, snapshots and channel live on one shard, so one Lua
-script stamps, stores and publishes a batch atomically. Node ids are plain
+A cluster partition's counter, snapshots and channel share the tag ``{mb:p7}``, so they
+live on one shard and one Lua script stamps, stores and publishes a batch atomically
+(channels are not keys: they carry no prefix of their own). Node ids are plain
 (``[A-Za-z0-9_.-]``, checked by the config), so they need no escaping.
 
 The ``{...}`` parts are Redis Cluster hash tags: all keys of one user's queue hash to the
@@ -149,20 +149,20 @@ def user_tz() -> str:
 # -- cluster (bridge/cluster/) ------------------------------------------------------------------
 
 
-def _partition(partition: int, part: str) -> str:
-    return f"{{{PREFIX}p{partition}}}:{part}"
+def _partition_tag(partition: int) -> str:
+    return f"{{{PREFIX}p{partition}}}"
 
 
 def partition_seq(partition: int) -> str:
-    return _partition(partition, "seq")
+    return f"{PREFIX}seq:{_partition_tag(partition)}"
 
 
 def partition_snapshots(partition: int) -> str:
-    return _partition(partition, "snap")
+    return f"{PREFIX}snap:{_partition_tag(partition)}"
 
 
 def partition_channel(partition: int) -> str:
-    return _partition(partition, "ticks")
+    return f"{_partition_tag(partition)}:ticks"
 
 
 def lease_user(user: str) -> str:

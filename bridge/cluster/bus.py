@@ -233,7 +233,9 @@ class ShardedSubscriber:
                     on_confirmed(pubsub)
             elif kind == "sunsubscribe":
                 # The server dropped us: the slot moved (migration or failover).
-                log.info("cluster subscriber: %s unsubscribed by the server; resubscribing", message["channel"])
+                log.info(
+                    "cluster subscriber: %s unsubscribed by the server; resubscribing", message["channel"]
+                )
                 changed.set()
                 return
 
