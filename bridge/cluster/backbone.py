@@ -17,20 +17,31 @@ which partition and can resubscribe it alone when a slot moves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
-from redis.exceptions import SlotNotCoveredError
+from redis.exceptions import RedisError, SlotNotCoveredError
 
 from bridge.config import ClusterConfig
+from bridge.errors import ClusterUnavailable
 
-__all__ = ["Backbone", "Shard"]
+__all__ = ["Backbone", "Shard", "unavailable_as"]
 
 # Every call gets a deadline: a hung shard must surface as an error, never a stall.
 SOCKET_TIMEOUT_S = 2.0
+
+
+@contextlib.contextmanager
+def unavailable_as(operation: str) -> Iterator[None]:
+    """Redis and socket errors leave the cluster package as :class:`ClusterUnavailable`."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise ClusterUnavailable(operation, f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

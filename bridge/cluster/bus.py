@@ -4,23 +4,33 @@ Topics hash into ``partitions`` channels (``{mb:p7}:ticks``, :func:`partition_of
 on the shard owning its slot. Every tick published in one event-loop step (and those that
 arrive while the previous batch is in flight) goes to Redis as one script per partition, which
 numbers them (:mod:`bridge.cluster.seq`) and SPUBLISHes them as one message: Redis round trips
-per tick fall as load rises. Every node subscribes to every partition and hands each batch from
-*another* node to ``on_batch``, in seq order per topic, each tick once.
+per tick fall as load rises. Every node subscribes to every partition.
+
+``on_batch`` is the node's one entry to local delivery, for every tick of the cluster: batches
+from other nodes as they arrive on the channels, and this node's own as soon as their seqs
+come back from the script (the copy that comes back on the channel is skipped: ``node`` in
+the batch says whose it is). Because both go through one ordered path, every node delivers a
+topic in strictly increasing seq order, each tick at most once: an entry at or below the last
+seq delivered for its topic is dropped. That only happens when two nodes publish the same
+topic within one Redis round trip: the older tick is dropped where the newer was already
+delivered (latest-value semantics, like the broker's conflation).
 
 Interface (what the broker calls)::
 
     bus = TickBus(backbone, node_id="n1", partitions=16, on_batch=deliver)
     await bus.start()            # returns once subscribed to every partition
-    seq = await bus.publish(topic, payload)   # the cluster-wide seq; local delivery is the
-                                              # caller's (its own batches are skipped)
+    bus.publish(topic, payload)  # -> Future[int]: the cluster-wide seq, or ClusterUnavailable
     bus.ready                    # subscribed everywhere right now
     await bus.stop()
 
-``on_batch(batch)`` runs on the event loop for each received :class:`Batch`; it must not
-block (hand the ticks to the normal delivery pipeline). Pub/sub is at-most-once: while a
-shard fails over, its batches are lost (the subscriber resubscribes with backoff; snapshots
-in Redis carry the latest tick of every topic). A tick never arrives twice or out of order:
-entries at or below the last seq seen for their topic are dropped.
+``on_batch(batch)`` runs on the event loop; it must not block (hand the ticks to the normal
+delivery pipeline, which applies the time zone once per zone). An exception in it is logged
+and counted, never fatal to the bus. Pub/sub is at-most-once: while a shard fails over, its
+batches are lost (the subscriber resubscribes with backoff; the snapshots in Redis hold the
+latest tick of every topic). While Redis cannot be reached, ``publish`` fails (the future
+raises :class:`~bridge.errors.ClusterUnavailable`) and nothing is delivered for those ticks;
+a fallback to local-only delivery is the broker's to decide. At most :data:`MAX_PENDING`
+ticks wait for Redis; beyond that ``publish`` fails at once rather than grow memory.
 """
 
 from __future__ import annotations
@@ -39,8 +49,12 @@ from redis.exceptions import RedisError
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, Shard
 from bridge.cluster.seq import SeqLedger
+from bridge.errors import ClusterMessageError, ClusterUnavailable
 
 __all__ = [
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_TICKS",
+    "MAX_PENDING",
     "Batch",
     "BatchError",
     "Entry",
@@ -59,6 +73,12 @@ MAGIC = b"MB1"
 CHECK_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
+# One script (and so one pub/sub message) carries at most this much: a subscriber's output
+# buffer in Redis (client-output-buffer-limit pubsub, 8 MB soft) never fills from one batch.
+MAX_BATCH_TICKS = 1000
+MAX_BATCH_BYTES = 256 * 1024
+# Ticks waiting for Redis (queued or in flight) before publish() refuses new ones.
+MAX_PENDING = 100_000
 
 
 def partition_of(topic: str, partitions: int) -> int:
@@ -79,7 +99,7 @@ class Batch:
     entries: list[Entry]
 
 
-class BatchError(ValueError):
+class BatchError(ClusterMessageError):
     """A message on a tick channel is not a batch (another writer, or a version skew)."""
 
 
@@ -135,6 +155,7 @@ class ShardedSubscriber:
         self._handler = handler
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._failing = False
         self.resubscribes = 0  # times the subscriptions were rebuilt after the first
 
     @property
@@ -169,14 +190,20 @@ class ShardedSubscriber:
                 backoff = BACKOFF_MIN_S  # a clean change of layout: resubscribe at once
             except* (RedisError, OSError) as group:
                 failed = group.exceptions[0]
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11's TaskGroup raises the children's errors instead of the
+                # cancellation when both happen: stop() must still stop us.
+                raise asyncio.CancelledError
             if failed is not None:
                 self._subscribed.clear()
-                log.warning(
-                    "cluster subscriber: %s: %s; resubscribing in %.2f s",
-                    type(failed).__name__,
-                    failed,
-                    backoff,
-                )
+                if not self._failing:  # once per outage, not once per attempt
+                    log.warning(
+                        "cluster subscriber: %s: %s; resubscribing with backoff",
+                        type(failed).__name__,
+                        failed,
+                    )
+                self._failing = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -190,7 +217,12 @@ class ShardedSubscriber:
         def on_confirmed(pubsub: PubSub) -> None:
             confirmed.append(pubsub)
             if len(confirmed) == len(pubsubs):
-                log.info("cluster subscriber: subscribed on %d shard(s)", len(pubsubs))
+                log.log(
+                    logging.WARNING if self._failing else logging.INFO,
+                    "cluster subscriber: subscribed on %d shard(s)",
+                    len(pubsubs),
+                )
+                self._failing = False
                 self._subscribed.set()
 
         try:
@@ -260,10 +292,12 @@ class BusStats:
     batches_published: int = 0  # = Redis round trips for publishing (one script each)
     publish_errors: int = 0
     batches_received: int = 0
-    own_batches_skipped: int = 0
-    entries_delivered: int = 0
-    duplicates_dropped: int = 0
+    own_batches_skipped: int = 0  # our own, back from the channel (delivered from the reply)
+    entries_delivered: int = 0  # handed to on_batch, own and received
+    stale_dropped: int = 0  # at or below the topic's last delivered seq
     bad_messages: int = 0
+    callback_errors: int = 0
+    refused_full: int = 0  # publish() refused: MAX_PENDING ticks already waiting
 
 
 class TickBus:
@@ -283,6 +317,8 @@ class TickBus:
         self._on_batch = on_batch
         self._ledger: SeqLedger | None = None
         self._pending: dict[int, list[tuple[str, bytes, asyncio.Future[int]]]] = {}
+        self._waiting = 0  # ticks queued or in flight
+        self._failing = False
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         # Highest seq handed on per topic: a resubscribe overlap or a replayed message never
@@ -330,6 +366,13 @@ class TickBus:
         """Queue a tick for this loop step's batch; the future gets its cluster-wide seq (or
         the Redis error). Order per topic is the order of the calls."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._waiting >= MAX_PENDING:
+            self.stats.refused_full += 1
+            future.set_exception(
+                ClusterUnavailable("publish", f"{self._waiting} ticks already wait for Redis")
+            )
+            return future
+        self._waiting += 1
         self._pending.setdefault(partition_of(topic, self.partitions), []).append((topic, payload, future))
         self._wake.set()
         return future
@@ -344,22 +387,59 @@ class TickBus:
             await asyncio.gather(*(self._flush(p, batch) for p, batch in pending.items()))
 
     async def _flush(self, partition: int, batch: list[tuple[str, bytes, asyncio.Future[int]]]) -> None:
-        ledger = self.ledger
+        # Chunks in order: a topic's ticks stay in order across them.
+        for chunk in _chunks(batch):
+            try:
+                await self._flush_chunk(partition, chunk)
+            finally:
+                self._waiting -= len(chunk)
+
+    async def _flush_chunk(self, partition: int, batch: list[tuple[str, bytes, asyncio.Future[int]]]) -> None:
         try:
-            seqs = await ledger.stamp(
+            seqs = await self.ledger.stamp(
                 partition, self.node_id, [(topic, payload) for topic, payload, _ in batch]
             )
         except (RedisError, OSError) as exc:
             self.stats.publish_errors += 1
+            if not self._failing:  # once per outage, not once per batch
+                log.warning("cluster bus: publishing fails: %s: %s", type(exc).__name__, exc)
+            self._failing = True
+            error = ClusterUnavailable("publish", f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
             for _, _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
+                    future.exception()  # a caller that does not await it gets no GC warning
             return
+        if self._failing:
+            log.warning("cluster bus: publishing works again")
+            self._failing = False
         self.stats.batches_published += 1
         self.stats.ticks_published += len(batch)
+        entries = [Entry(topic, seq, payload) for (topic, payload, _), seq in zip(batch, seqs, strict=True)]
+        self._deliver(Batch(self.node_id, entries))
         for (_, _, future), seq in zip(batch, seqs, strict=True):
             if not future.done():
                 future.set_result(seq)
+
+    def _deliver(self, batch: Batch) -> None:
+        """Hand ``batch`` to on_batch without what is at or below its topic's last seq."""
+        fresh = []
+        last = self._last_seq
+        for entry in batch.entries:
+            if entry.seq <= last.get(entry.topic, 0):
+                self.stats.stale_dropped += 1
+                continue
+            last[entry.topic] = entry.seq
+            fresh.append(entry)
+        if not fresh:
+            return
+        self.stats.entries_delivered += len(fresh)
+        try:
+            self._on_batch(Batch(batch.node, fresh) if len(fresh) != len(batch.entries) else batch)
+        except Exception:
+            self.stats.callback_errors += 1
+            log.exception("cluster bus: on_batch failed; the bus goes on")
 
     def _received(self, channel: str, data: bytes) -> None:
         try:
@@ -370,17 +450,21 @@ class TickBus:
             return
         self.stats.batches_received += 1
         if batch.node == self.node_id:
-            self.stats.own_batches_skipped += 1
+            self.stats.own_batches_skipped += 1  # delivered from the script's reply already
             return
-        fresh = []
-        last = self._last_seq
-        for entry in batch.entries:
-            if entry.seq <= last.get(entry.topic, 0):
-                self.stats.duplicates_dropped += 1
-                continue
-            last[entry.topic] = entry.seq
-            fresh.append(entry)
-        if not fresh:
-            return
-        self.stats.entries_delivered += len(fresh)
-        self._on_batch(Batch(batch.node, fresh) if len(fresh) != len(batch.entries) else batch)
+        self._deliver(batch)
+
+
+def _chunks(
+    batch: list[tuple[str, bytes, asyncio.Future[int]]],
+) -> list[list[tuple[str, bytes, asyncio.Future[int]]]]:
+    chunks: list[list[tuple[str, bytes, asyncio.Future[int]]]] = [[]]
+    size = 0
+    for item in batch:
+        cost = len(item[0]) + len(item[1]) + 32
+        if chunks[-1] and (len(chunks[-1]) >= MAX_BATCH_TICKS or size + cost > MAX_BATCH_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += cost
+    return chunks

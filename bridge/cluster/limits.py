@@ -58,8 +58,9 @@ from typing import Any, Literal, Protocol, cast
 from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
-from bridge.cluster.backbone import Backbone
+from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import ShardedSubscriber
+from bridge.errors import ClusterMessageError, ClusterUnavailable
 from bridge.limits import Lease, LimitRefusal, LocalConnectionLimits
 from bridge.logs import clip
 
@@ -234,8 +235,13 @@ class ClusterConnectionLimits:
         return int(status), int(count)
 
     async def acquire(self, user: str, *, replacing: Lease | None = None) -> Lease | LimitRefusal:
-        """Count a new connection cluster-wide, or refuse it (see bridge.limits); raises the
-        Redis error when Redis cannot be reached (the caller refuses: fail closed)."""
+        """Count a new connection cluster-wide, or refuse it (see bridge.limits); raises
+        :class:`~bridge.errors.ClusterUnavailable` when Redis cannot be reached (the caller
+        refuses the connection: fail closed)."""
+        with unavailable_as("acquire"):
+            return await self._acquire(user, replacing)
+
+    async def _acquire(self, user: str, replacing: Lease | None) -> Lease | LimitRefusal:
         lease = Lease(id=f"{self.node_id}:{next(self._ids)}", user=user)
         old = replacing if replacing is not None and replacing.user == user else None
         status, held = await self._acquire_in(
@@ -303,7 +309,7 @@ class ClusterConnectionLimits:
             try:
                 await self.renew()
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, ClusterUnavailable) as exc:
                 log.warning("cluster limits: heartbeat failed: %s", exc)
                 continue
             self._beaten.set()
@@ -338,10 +344,10 @@ class ClusterConnectionLimits:
     async def refresh(self) -> None:
         """Read the cluster-wide counts (for ``count``/``total``/``per_user``)."""
         now, _, _ = self._times()
-        members = cast(
-            "list[bytes]",
-            await self._backbone.redis.zrangebyscore(keys.lease_all(), now + 1, "+inf"),
-        )
+        with unavailable_as("refresh"):
+            members = cast(
+                "list[bytes]", await self._backbone.redis.zrangebyscore(keys.lease_all(), now + 1, "+inf")
+            )
         counts = Counter(member.decode(errors="replace").partition("|")[2] for member in members)
         self._per_user = dict(counts)
         self._total = len(members)
@@ -395,7 +401,7 @@ class TakeoverNotice:
     by: str
 
 
-class ControlError(ValueError):
+class ControlError(ClusterMessageError):
     """A control message that is not a takeover notice."""
 
 
@@ -436,9 +442,10 @@ class ClientOwnership:
     async def claim(self, client_id: str, user: str, lease: str) -> Claim:
         """Record this node as the holder (unless the id is another user's) and say what to do
         about the previous holder."""
-        result = await self._backbone.redis.eval(
-            CLAIM, 1, keys.client_owner(client_id), user, self.node_id, lease, self._lifetime_ms
-        )
+        with unavailable_as("claim"):
+            result = await self._backbone.redis.eval(
+                CLAIM, 1, keys.client_owner(client_id), user, self.node_id, lease, self._lifetime_ms
+            )
         written, *fields = (value.decode() if isinstance(value, bytes) else str(value) for value in result)
         prev_user, prev_node, prev_lease = fields
         previous = Holder(prev_user, prev_node or None, prev_lease or None) if prev_user else None
@@ -449,9 +456,10 @@ class ClientOwnership:
 
     async def release(self, client_id: str, lease: str) -> bool:
         """The connection holding ``lease`` ended: forget it as the holder if it still is."""
-        result = await self._backbone.redis.eval(
-            UNCLAIM, 1, keys.client_owner(client_id), lease, self._lifetime_ms
-        )
+        with unavailable_as("unclaim"):
+            result = await self._backbone.redis.eval(
+                UNCLAIM, 1, keys.client_owner(client_id), lease, self._lifetime_ms
+            )
         return bool(result)
 
     async def notify_takeover(self, previous: Holder, client_id: str) -> int:
@@ -460,9 +468,10 @@ class ClientOwnership:
         if previous.node is None or previous.lease is None:
             raise ValueError("the previous holder has no live connection to close")
         notice = TakeoverNotice(client_id, previous.lease, self.node_id)
-        return int(
-            await self._backbone.redis.spublish(keys.node_control(previous.node), encode_control(notice))
-        )
+        with unavailable_as("notify_takeover"):
+            return int(
+                await self._backbone.redis.spublish(keys.node_control(previous.node), encode_control(notice))
+            )
 
 
 class ControlListener:
@@ -494,4 +503,7 @@ class ControlListener:
             self.bad_messages += 1
             log.warning("cluster control: dropped a message on %s: %s", channel, exc)
             return
-        self._on_close(notice)
+        try:
+            self._on_close(notice)
+        except Exception:
+            log.exception("cluster control: on_close failed")

@@ -32,7 +32,7 @@ from typing import cast
 from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
-from bridge.cluster.backbone import Backbone
+from bridge.cluster.backbone import Backbone, unavailable_as
 
 __all__ = ["PROBE_S", "NodeRegistry", "default_node_id"]
 
@@ -123,5 +123,6 @@ class NodeRegistry:
 
     async def live_nodes(self) -> list[str]:
         now_ms = int(self._clock() * 1000)
-        members = await self._backbone.redis.zrangebyscore(keys.nodes(), now_ms + 1, "+inf")
+        with unavailable_as("live_nodes"):
+            members = await self._backbone.redis.zrangebyscore(keys.nodes(), now_ms + 1, "+inf")
         return sorted(member.decode() for member in cast("list[bytes]", members))

@@ -20,6 +20,9 @@ Interface::
     await ledger.put_snapshots(partition, [Snapshot(...)])                    # compare-and-set
     await ledger.snapshots(range(partitions))                                 # -> [Snapshot]
 
+``stamp`` and ``put_snapshots`` raise redis-py's errors (the bus translates them);
+``snapshots`` raises :class:`~bridge.errors.ClusterUnavailable` (a start-up read).
+
 Persistence: Redis replicates asynchronously. A clean ``CLUSTER FAILOVER`` waits for the
 replica to catch up (nothing lost); a master that dies can take its last unreplicated writes
 with it, and then its counters restart from what the replica had. The stamp script never
@@ -37,6 +40,7 @@ from typing import Any, cast
 from redis.asyncio import Redis, RedisCluster
 
 from bridge import redis_keys as keys
+from bridge.cluster.backbone import unavailable_as
 from bridge.core.store import Snapshot
 
 __all__ = ["PUT_SNAPSHOTS", "STAMP", "SeqLedger", "decode_snapshot", "encode_snapshot"]
@@ -143,7 +147,8 @@ class SeqLedger:
         """Every stored snapshot of ``partitions`` (read concurrently, one HGETALL each)."""
         names = [keys.partition_snapshots(p) for p in partitions]
         self.round_trips += len(names)
-        tables = await asyncio.gather(*(self._redis.hgetall(name) for name in names))
+        with unavailable_as("snapshots"):
+            tables = await asyncio.gather(*(self._redis.hgetall(name) for name in names))
         return [
             decode_snapshot(topic.decode(), raw)
             for rows in cast("list[dict[bytes, bytes]]", tables)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from bridge import redis_keys as keys
+from bridge.cluster import bus as bus_module
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.bus import (
+    MAX_BATCH_TICKS,
     Batch,
     BatchError,
     Entry,
@@ -20,7 +23,9 @@ from bridge.cluster.bus import (
     encode_batch,
     partition_of,
 )
+from bridge.errors import ClusterUnavailable
 from tests.redis_cluster import RedisCluster as RedisClusterProcesses
+from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
 DEADLINE_S = 20.0
@@ -76,15 +81,23 @@ def test_partitions_spread_topics() -> None:
 
 
 class Node:
-    """A TickBus and what it received."""
+    """A TickBus and what it delivered: ``received`` from other nodes, ``own`` from itself,
+    ``delivered`` both, in delivery order."""
 
     def __init__(self, backbone: Backbone, node_id: str, partitions: int = 16) -> None:
+        self.node_id = node_id
         self.received: list[Entry] = []
-        self.arrival: list[float] = []  # monotonic time of each batch
+        self.own: list[Entry] = []
+        self.delivered: list[Entry] = []
+        self.arrival: list[float] = []  # monotonic time of each batch from another node
         self.arrived = asyncio.Event()
         self.bus = TickBus(backbone, node_id=node_id, partitions=partitions, on_batch=self._on_batch)
 
     def _on_batch(self, batch: Batch) -> None:
+        self.delivered += batch.entries
+        if batch.node == self.node_id:
+            self.own += batch.entries
+            return
         self.received += batch.entries
         self.arrival.append(time.monotonic())
         self.arrived.set()
@@ -118,7 +131,9 @@ async def test_batches_cross_nodes_exactly_once_in_seq_order(make_backbone: Call
         # Exactly once, and per topic in seq order 1..10.
         for topic in topics:
             assert [e.seq for e in b.received if e.topic == topic] == list(range(1, 11))
+        # a delivered its own ticks once, from the script's reply (the channel's copy skipped).
         assert a.received == []
+        assert sorted((e.topic, e.seq) for e in a.own) == sorted((t, s) for t, _, s in sent)
         assert a.bus.stats.own_batches_skipped == a.bus.stats.batches_published
         # One script per partition per step, not one per tick.
         assert a.bus.stats.batches_published <= 10 * 16
@@ -263,3 +278,111 @@ async def test_single_redis_server_works_too(redis_url: str) -> None:
     finally:
         await a.bus.stop()
         await b.bus.stop()
+
+
+async def test_racing_nodes_deliver_each_topic_in_seq_order(make_backbone: Callable[[], Backbone]) -> None:
+    """Two nodes publish the same topics at once: on each node, own and received ticks
+    together are delivered in strictly increasing seq order per topic."""
+    a, b = Node(make_backbone(), "a", partitions=2), Node(make_backbone(), "b", partitions=2)
+    await a.bus.start()
+    await b.bus.start()
+    try:
+
+        async def feed(node: Node) -> None:
+            for i in range(40):
+                await asyncio.gather(
+                    *(node.bus.publish(f"t/{k}", f"{node.node_id}{i}".encode()) for k in range(5))
+                )
+
+        await asyncio.gather(feed(a), feed(b))
+        for node in (a, b):
+            for k in range(5):
+                seqs = [e.seq for e in node.delivered if e.topic == f"t/{k}"]
+                assert seqs == sorted(set(seqs)), node.node_id
+            # What was not delivered was superseded: counted, not lost silently.
+            assert len(node.delivered) + node.bus.stats.stale_dropped >= len(node.own) + len(node.received)
+    finally:
+        await a.bus.stop()
+        await b.bus.stop()
+
+
+async def test_big_steps_are_cut_into_bounded_batches(make_backbone: Callable[[], Backbone]) -> None:
+    a, b = Node(make_backbone(), "a", partitions=1), Node(make_backbone(), "b", partitions=1)
+    await a.bus.start()
+    await b.bus.start()
+    try:
+        count = MAX_BATCH_TICKS * 2 + 10
+        seqs = await asyncio.gather(*(a.bus.publish("t/big", b"x") for _ in range(count)))
+        assert seqs == list(range(1, count + 1))
+        await b.wait_for(count)
+        assert a.bus.stats.batches_published == 3
+        assert [e.seq for e in b.received] == seqs
+    finally:
+        await a.bus.stop()
+        await b.bus.stop()
+
+
+async def test_a_failing_callback_does_not_stop_the_bus(make_backbone: Callable[[], Backbone]) -> None:
+    got: list[Entry] = []
+
+    def on_batch(batch: Batch) -> None:
+        if batch.node == "b":
+            return
+        got.extend(batch.entries)
+        if len(got) == 1:
+            raise RuntimeError("the broker's delivery broke")
+
+    a = Node(make_backbone(), "a", partitions=1)
+    b = TickBus(make_backbone(), node_id="b", partitions=1, on_batch=on_batch)
+    await a.bus.start()
+    await b.start()
+    try:
+        await a.bus.publish("t", b"1")
+        await a.bus.publish("t", b"2")
+        async with asyncio.timeout(DEADLINE_S):
+            while len(got) < 2:
+                await a.bus.publish("t", b"more")
+        assert b.stats.callback_errors == 1
+        assert b.ready
+    finally:
+        await a.bus.stop()
+        await b.stop()
+
+
+async def test_publish_fails_cleanly_without_redis(tmp_path: Path) -> None:
+    """Redis gone: publish() raises ClusterUnavailable (nothing delivered); past MAX_PENDING
+    waiting ticks it refuses at once instead of growing."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    backbone = Backbone(redis_url=server.url)
+    a = Node(backbone, "a", partitions=1)
+    await a.bus.start()
+    try:
+        assert await a.bus.publish("t", b"ok") == 1
+        server.kill()
+        with pytest.raises(ClusterUnavailable) as caught:
+            await a.bus.publish("t", b"lost")
+        assert caught.value.operation == "publish"
+        assert a.own == [Entry("t", 1, b"ok")]
+        assert a.bus.stats.publish_errors >= 1
+    finally:
+        await a.bus.stop()
+        await backbone.aclose()
+        server.stop()
+
+
+async def test_publish_refuses_past_max_pending(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_module, "MAX_PENDING", 5)
+    backbone = Backbone(redis_url=redis_url)
+    a = Node(backbone, "a", partitions=1)
+    await a.bus.start()
+    try:
+        futures = [a.bus.publish("t", b"x") for _ in range(7)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[:5] == [1, 2, 3, 4, 5]
+        assert all(isinstance(r, ClusterUnavailable) for r in results[5:])
+        assert a.bus.stats.refused_full == 2
+        assert await a.bus.publish("t", b"later") == 6  # room again once the batch went out
+    finally:
+        await a.bus.stop()
+        await backbone.aclose()
