@@ -47,8 +47,38 @@ def _free_cluster_port(taken: set[int]) -> int:
     raise AssertionError("no free port pair for a Redis Cluster node")
 
 
-def _command(port: int, *args: str, timeout: float = 2.0) -> str:
-    """One command over a raw RESP socket: replies are read until the first complete one."""
+def _parse(data: bytes, pos: int = 0) -> tuple[object, int] | None:
+    """One RESP2 value from ``data[pos:]`` and where it ends; None if incomplete."""
+    end = data.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind, head = data[pos : pos + 1], data[pos + 1 : end]
+    if kind in (b"+", b"-"):
+        return head.decode(errors="replace") if kind == b"+" else RuntimeError(head.decode()), end + 2
+    if kind == b":":
+        return int(head), end + 2
+    if kind == b"$":
+        size = int(head)
+        if size < 0:
+            return None, end + 2
+        if len(data) < end + 2 + size + 2:
+            return None
+        return data[end + 2 : end + 2 + size].decode(errors="replace"), end + 2 + size + 2
+    if kind == b"*":
+        items: list[object] = []
+        at = end + 2
+        for _ in range(max(int(head), 0)):
+            parsed = _parse(data, at)
+            if parsed is None:
+                return None
+            item, at = parsed
+            items.append(item)
+        return items, at
+    raise AssertionError(f"unexpected RESP type {kind!r}")
+
+
+def _call(port: int, *args: str, timeout: float = 2.0) -> object:
+    """One command over a raw RESP socket; the parsed reply (an error reply as RuntimeError)."""
     parts = [f"*{len(args)}\r\n".encode()]
     for arg in args:
         raw = arg.encode()
@@ -59,23 +89,11 @@ def _command(port: int, *args: str, timeout: float = 2.0) -> str:
         while True:
             chunk = sock.recv(65536)
             if not chunk:
-                break
+                raise ConnectionError(f"port {port} closed the connection")
             data += chunk
-            if _complete(data):
-                break
-    return data.decode(errors="replace")
-
-
-def _complete(data: bytes) -> bool:
-    if data[:1] in (b"+", b"-", b":"):
-        return data.endswith(b"\r\n")
-    if data[:1] == b"$":
-        head, sep, rest = data.partition(b"\r\n")
-        if not sep:
-            return False
-        size = int(head[1:])
-        return size < 0 or len(rest) >= size + 2
-    return False
+            parsed = _parse(data)
+            if parsed is not None:
+                return parsed[0]
 
 
 @dataclass
@@ -87,8 +105,16 @@ class ClusterNodeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def info(self, *args: str) -> str:
-        return _command(self.port, *args)
+    def call(self, *args: str) -> object:
+        return _call(self.port, *args)
+
+    def text(self, *args: str) -> str:
+        """A command whose reply is a status or a bulk string; an error reply raises."""
+        reply = self.call(*args)
+        if isinstance(reply, RuntimeError):
+            raise reply
+        assert isinstance(reply, str), reply
+        return reply
 
 
 class RedisCluster:
@@ -144,7 +170,7 @@ class RedisCluster:
             for node in self.nodes:
                 self._spawn(node)
             for node in self.nodes:
-                self._wait(lambda node=node: node.info("PING").startswith("+PONG"), f"node {node.port} up")
+                self._wait(lambda node=node: node.text("PING") == "PONG", f"node {node.port} up")
             subprocess.run(
                 [
                     self.cli_binary,
@@ -178,12 +204,12 @@ class RedisCluster:
         pytest.fail(f"redis cluster: {what} not reached within {deadline_s:g} s")
 
     def _state_ok(self, node: ClusterNodeProcess) -> bool:
-        return "cluster_state:ok" in node.info("CLUSTER", "INFO")
+        return "cluster_state:ok" in node.text("CLUSTER", "INFO")
 
     def _masters_seen_by(self, node: ClusterNodeProcess) -> set[int]:
         """Ports of the masters owning slots, as ``node`` sees them."""
         ports = set()
-        for line in node.info("CLUSTER", "NODES").splitlines():
+        for line in node.text("CLUSTER", "NODES").splitlines():
             fields = line.split()
             # id addr flags master ping pong epoch link slot...
             if len(fields) >= 9 and "master" in fields[2] and "fail" not in fields[2]:
@@ -209,8 +235,8 @@ class RedisCluster:
 
     def master_of(self, key: str) -> ClusterNodeProcess:
         live = next(n for n in self.nodes if n.alive)
-        slot = int(live.info("CLUSTER", "KEYSLOT", key).strip().lstrip(":"))
-        for line in live.info("CLUSTER", "NODES").splitlines():
+        slot = int(str(live.call("CLUSTER", "KEYSLOT", key)))
+        for line in live.text("CLUSTER", "NODES").splitlines():
             fields = line.split()
             if len(fields) < 9 or "master" not in fields[2] or "fail" in fields[2]:
                 continue
@@ -221,12 +247,37 @@ class RedisCluster:
                     return next(n for n in self.nodes if n.port == port)
         raise AssertionError(f"no master owns slot {slot}")
 
+    def node_id(self, node: ClusterNodeProcess) -> str:
+        return node.text("CLUSTER", "MYID")
+
+    def move_slot(self, key: str, target: ClusterNodeProcess) -> None:
+        """Migrate the slot of ``key`` (and its keys) to master ``target``, the way
+        ``redis-cli --cluster reshard`` does: IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE."""
+        source = self.master_of(key)
+        assert source is not target
+        slot = str(source.call("CLUSTER", "KEYSLOT", key))
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        assert target.text("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id) == "OK"
+        assert source.text("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id) == "OK"
+        while True:
+            names = source.call("CLUSTER", "GETKEYSINSLOT", slot, "100")
+            assert isinstance(names, list), names
+            if not names:
+                break
+            reply = source.text(
+                "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *map(str, names)
+            )
+            assert reply == "OK", reply
+        for node in (target, source, *(n for n in self.masters() if n not in (source, target))):
+            assert node.text("CLUSTER", "SETSLOT", slot, "NODE", target_id) == "OK"
+        self.wait_ok()
+
     def replica_of(self, master: ClusterNodeProcess) -> ClusterNodeProcess:
-        master_id = master.info("CLUSTER", "MYID").strip().splitlines()[-1]
+        master_id = self.node_id(master)
         for node in self.nodes:
             if not node.alive or node is master:
                 continue
-            for line in node.info("CLUSTER", "NODES").splitlines():
+            for line in node.text("CLUSTER", "NODES").splitlines():
                 fields = line.split()
                 if (
                     len(fields) >= 4
@@ -241,7 +292,7 @@ class RedisCluster:
         """``CLUSTER FAILOVER`` on ``master``'s replica (a clean, coordinated switch); returns
         the promoted node once the cluster agrees on it."""
         replica = self.replica_of(master)
-        assert replica.info("CLUSTER", "FAILOVER").startswith("+OK")
+        assert replica.text("CLUSTER", "FAILOVER") == "OK"
         self._wait(lambda: replica.port in self._masters_seen_by(master), "failover agreed")
         self.wait_ok()
         return replica
@@ -261,7 +312,7 @@ class RedisCluster:
         """Start a killed node again: it rejoins (as a replica of whoever took over)."""
         assert not node.alive
         self._spawn(node)
-        self._wait(lambda: node.info("PING").startswith("+PONG"), f"node {node.port} up")
+        self._wait(lambda: node.text("PING") == "PONG", f"node {node.port} up")
         self.wait_ok()
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ Interface::
     backbone.redis                                    # commands and scripts (routed by key slot)
     await backbone.owners(channels)                   # {shard: (client factory, channels)}
     await backbone.refresh()                          # re-read the slot map (after a failover)
+    await backbone.probe()                            # refresh, or PING a single server
     await backbone.aclose()
 
 Commands go through redis-py's client (the cluster client follows MOVED/ASK and fails over
@@ -100,6 +101,15 @@ class Backbone:
         """Re-read the slot map (cluster only): after a failover the owners change."""
         if isinstance(self._client, RedisCluster):
             await self._client.nodes_manager.initialize()
+
+    async def probe(self) -> None:
+        """Raises if Redis does not answer (within the socket timeout); a cluster's slot map is
+        re-read at the same time."""
+        client = self.redis
+        if isinstance(client, RedisCluster):
+            await client.nodes_manager.initialize()
+        else:
+            await client.ping()
 
     def owners(self, channels: Iterable[str]) -> dict[Shard, list[list[str]]]:
         """The shard owning each channel, from the current slot map; per shard, the channels

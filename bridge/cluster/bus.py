@@ -258,7 +258,12 @@ class ShardedSubscriber:
             kind = message["type"]
             if kind == "smessage":
                 channel = message["channel"]
-                self._handler(channel.decode() if isinstance(channel, bytes) else channel, message["data"])
+                try:
+                    self._handler(
+                        channel.decode() if isinstance(channel, bytes) else channel, message["data"]
+                    )
+                except Exception:  # a bug in the handler must not stop the subscription
+                    log.exception("cluster subscriber: the handler failed")
             elif kind == "ssubscribe":
                 pending -= 1
                 if pending == 0:
@@ -268,22 +273,19 @@ class ShardedSubscriber:
                 log.info(
                     "cluster subscriber: %s unsubscribed by the server; resubscribing", message["channel"]
                 )
-                changed.set()
-                return
+                break
+        # Unsubscribed (or the stream ended): resubscribe everything.
+        changed.set()
 
     async def _watch(self, layout: dict[Shard, list[list[str]]], changed: asyncio.Event) -> None:
         expected = {shard.name: groups for shard, groups in layout.items()}
         while not changed.is_set():
             await asyncio.sleep(CHECK_S)
-            await self._backbone.refresh()
+            await self._backbone.probe()
             now = {shard.name: groups for shard, groups in self._backbone.owners(self._channels).items()}
             if now != expected:
                 log.info("cluster subscriber: the slot map changed; resubscribing")
                 changed.set()
-
-
-class _Changed(Exception):
-    pass
 
 
 @dataclass

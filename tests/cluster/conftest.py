@@ -3,6 +3,8 @@ replicas, tests/redis_cluster.py), emptied before each test; backbones that clos
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -48,3 +50,12 @@ async def make_backbone(cluster_nodes: list[str]) -> AsyncIterator[Callable[[], 
     yield make
     for backbone in made:
         await backbone.aclose()
+
+
+async def eventually(condition: Callable[[], bool], deadline_s: float = 20.0) -> None:
+    """Wait (polling, with a deadline) for a state no event announces, e.g. a counter."""
+    async with asyncio.timeout(deadline_s):
+        for _ in itertools.count():
+            if condition():
+                return
+            await asyncio.sleep(0.02)

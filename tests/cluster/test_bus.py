@@ -24,6 +24,7 @@ from bridge.cluster.bus import (
     partition_of,
 )
 from bridge.errors import ClusterUnavailable
+from tests.cluster.conftest import eventually
 from tests.redis_cluster import RedisCluster as RedisClusterProcesses
 from tests.redis_server import RedisProcess
 
@@ -386,3 +387,56 @@ async def test_publish_refuses_past_max_pending(redis_url: str, monkeypatch: pyt
     finally:
         await a.bus.stop()
         await backbone.aclose()
+
+
+async def test_a_hung_redis_is_noticed_and_left_behind(tmp_path: Path) -> None:
+    """A Redis that stops answering (SIGSTOP: connections stay open) is noticed by the
+    periodic probe; the subscriber resubscribes once it answers again and ticks flow."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    backbones = [Backbone(redis_url=server.url), Backbone(redis_url=server.url)]
+    a, b = Node(backbones[0], "a", partitions=1), Node(backbones[1], "b", partitions=1)
+    await a.bus.start()
+    await b.bus.start()
+    try:
+        await a.bus.publish("t", b"before")
+        await b.wait_for(1)
+        with server.paused():
+            await eventually(lambda: not b.bus.ready)
+        await eventually(lambda: b.bus.ready)
+        assert b.bus.resubscribes >= 1
+        await a.bus.publish("t", b"after")
+        await b.wait_for(2)
+        assert [e.payload for e in b.received] == [b"before", b"after"]
+    finally:
+        await a.bus.stop()
+        await b.bus.stop()
+        for backbone in backbones:
+            await backbone.aclose()
+        server.stop()
+
+
+async def test_slot_migration_while_ticks_flow(
+    make_backbone: Callable[[], Backbone], redis_cluster: RedisClusterProcesses
+) -> None:
+    """The partition's slot (its counter, snapshots and channel) moves to another master: the
+    subscriber follows it, and the seq continues from the migrated counter."""
+    a, b = Node(make_backbone(), "a", partitions=1), Node(make_backbone(), "b", partitions=1)
+    await a.bus.start()
+    await b.bus.start()
+    try:
+        seqs = [await a.bus.publish("t/m", b"x") for _ in range(5)]
+        await b.wait_for(5)
+        source = redis_cluster.master_of(keys.partition_channel(0))
+        target = next(m for m in redis_cluster.masters() if m is not source)
+        resubscribes = b.bus.resubscribes
+        await asyncio.to_thread(redis_cluster.move_slot, keys.partition_channel(0), target)
+        assert redis_cluster.master_of(keys.partition_channel(0)) is target
+        await eventually(lambda: b.bus.resubscribes > resubscribes and b.bus.ready)
+        seqs += [await a.bus.publish("t/m", b"y") for _ in range(5)]
+        await b.wait_for(10)
+        assert seqs == list(range(1, 11))
+        assert [e.seq for e in b.received] == seqs
+    finally:
+        await a.bus.stop()
+        await b.bus.stop()
