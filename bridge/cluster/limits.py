@@ -49,6 +49,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -173,7 +174,7 @@ class LocalAsyncLimits:
 
 
 def _global_member(lease: Lease) -> str:
-    # Lease ids are "<node>:<n>" (no "|"), so the first "|" ends the id whatever the user is.
+    # Lease ids are "<node>:<tag>:<n>" (no "|"), so the first "|" ends the id whatever the user is.
     return f"{lease.id}|{lease.user}"
 
 
@@ -196,6 +197,9 @@ class ClusterConnectionLimits:
         self.lease_ttl_s = lease_ttl_s
         self._backbone = backbone
         self._clock = clock
+        # Lease ids are unique cluster-wide even when a node restarts under the same id while
+        # its old leases are still counted: a random instance tag per process.
+        self._instance = f"{node_id}:{secrets.token_hex(4)}"
         self._ids = itertools.count(1)
         self._live: dict[str, Lease] = {}  # the leases this node holds
         self._per_user: dict[str, int] = {}  # the cluster-wide view, from the last refresh
@@ -242,34 +246,41 @@ class ClusterConnectionLimits:
             return await self._acquire(user, replacing)
 
     async def _acquire(self, user: str, replacing: Lease | None) -> Lease | LimitRefusal:
-        lease = Lease(id=f"{self.node_id}:{next(self._ids)}", user=user)
+        lease = Lease(id=f"{self._instance}:{next(self._ids)}", user=user)
         old = replacing if replacing is not None and replacing.user == user else None
         status, held = await self._acquire_in(
             keys.lease_all(), _global_member(lease), self.max_total, _global_member(old) if old else ""
         )
         if status == 0:
             return LimitRefusal("global_limit", f"cluster has {held} of {self.max_total} connections")
+        # A transfer retired the old global member: undoing it must put that one back.
+        restore = old if status == 1 else None
         try:
             status, held = await self._acquire_in(
                 keys.lease_user(user), lease.id, self.max_per_user, old.id if old else ""
             )
         except BaseException:
-            await self._forget_global(lease)
+            await self._forget_global(lease, restore)
             raise
         if status == 0:
-            await self._forget_global(lease)
+            await self._forget_global(lease, restore)
             return LimitRefusal(
-                "user_limit", f"user {clip(user)!r} has {held} of {self.max_per_user} connections"
+                "user_limit", f"user {clip(user)} has {held} of {self.max_per_user} connections"
             )
         if old is not None:
             self._live.pop(old.id, None)
         self._live[lease.id] = lease
         return lease
 
-    async def _forget_global(self, lease: Lease) -> None:
-        # Best effort: if this fails too, the member expires with its lease (no heartbeat).
+    async def _forget_global(self, lease: Lease, restore: Lease | None) -> None:
+        # Best effort: if this fails, the new member expires with its lease (nothing renews
+        # it). A member a transfer retired is put back: the old node's heartbeat (ZADD XX)
+        # would not re-add it.
         with contextlib.suppress(RedisError, OSError):
             await self._backbone.redis.zrem(keys.lease_all(), _global_member(lease))
+            if restore is not None:
+                _, expiry, _ = self._times()
+                await self._backbone.redis.zadd(keys.lease_all(), {_global_member(restore): expiry})
 
     async def release(self, lease: Lease) -> None:
         """Give the slot back: the user's set first, then the global one (see the docstring).

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.limits import (
     ClientOwnership,
@@ -237,3 +238,24 @@ async def test_takeover_notice_reaches_the_old_node(make_backbone: Callable[[], 
         assert (await owners_a.claim("phone-1", "bob", "a:4")).action == "refused"  # still alice's
     finally:
         await listener.stop()
+
+
+async def test_a_refused_takeover_leaves_the_old_lease_counted(
+    make_limits: Callable[..., ClusterConnectionLimits], make_backbone: Callable[[], Backbone]
+) -> None:
+    """The global step transferred the old lease but the user's step refused: the old lease
+    is counted globally again (an inconsistent user set, made by hand, forces the case)."""
+    a, b = make_limits("a", max_per_user=1), make_limits("b", max_per_user=1)
+    await a.start()
+    await b.start()
+    old = await a.acquire("alice")
+    assert isinstance(old, Lease)
+    raw = make_backbone()
+    await raw.connect()
+    await raw.redis.zrem(keys.lease_user("alice"), old.id)
+    await raw.redis.zadd(keys.lease_user("alice"), {"someone-else": time.time() * 1000 + 60_000})
+    refused = await b.acquire("alice", replacing=old)
+    assert isinstance(refused, LimitRefusal)
+    assert refused.reason == "user_limit"
+    members = await raw.redis.zrange(keys.lease_all(), 0, -1)
+    assert members == [f"{old.id}|alice".encode()]
