@@ -217,14 +217,23 @@ class RedisCluster:
         return ports
 
     def wait_ok(self, deadline_s: float = START_DEADLINE_S) -> None:
-        """Every live node says ``cluster_state:ok`` and they agree on the masters."""
+        """Every live node says ``cluster_state:ok``, they agree on the masters, and every
+        live replica is in sync with its master."""
 
         def agreed() -> bool:
             live = [n for n in self.nodes if n.alive]
             if not all(self._state_ok(n) for n in live):
                 return False
             views = {frozenset(self._masters_seen_by(n)) for n in live}
-            return len(views) == 1 and len(next(iter(views))) == MASTERS
+            if len(views) != 1 or len(next(iter(views))) != MASTERS:
+                return False
+            # A replica that has not synced yet cannot be elected if its master dies.
+            masters = next(iter(views))
+            return all(
+                "master_link_status:up" in n.text("INFO", "replication")
+                for n in live
+                if n.port not in masters
+            )
 
         self._wait(agreed, "cluster_state:ok on every node", deadline_s)
 
