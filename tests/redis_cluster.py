@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,6 +319,17 @@ class RedisCluster:
         self._wait(lambda: replica.port in self._masters_seen_by(replica), "replica promoted")
         self.wait_ok()
         return replica
+
+    @contextmanager
+    def paused(self, node: ClusterNodeProcess) -> Iterator[None]:
+        """``node`` hung for the block (SIGSTOP: connections stay open, nothing answers);
+        SIGCONT afterwards. Longer than the node timeout (1 s) and the cluster fails it over."""
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
 
     def restart(self, node: ClusterNodeProcess) -> None:
         """Start a killed node again: it rejoins (as a replica of whoever took over)."""

@@ -321,8 +321,11 @@ class TickBus:
         self._pending: dict[int, list[tuple[str, bytes, asyncio.Future[int]]]] = {}
         self._waiting = 0  # ticks queued or in flight
         self._failing = False
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        # Partitions flush independently (a shard that fails over stalls only its own): at
+        # most one script in flight per partition; what arrives meanwhile is the next batch.
+        self._scheduled: set[int] = set()  # a flush is due in the next loop step
+        self._flushing: dict[int, asyncio.Task[None]] = {}
+        self._running = False
         # Highest seq handed on per topic: a resubscribe overlap or a replayed message never
         # delivers a tick twice or out of order. One int per topic seen.
         self._last_seq: dict[str, int] = {}
@@ -348,21 +351,23 @@ class TickBus:
     async def start(self) -> None:
         await self._backbone.connect()
         self._ledger = SeqLedger(self._backbone.redis)
+        self._running = True
         self._subscriber.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="cluster-bus-flush")
         await self._subscriber.wait_ready()
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
+        self._running = False
+        for task in list(self._flushing.values()):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+                await task
+        self._flushing.clear()
+        self._scheduled.clear()
         await self._subscriber.stop()
         for batch in self._pending.values():
-            for _, _, future in batch:
-                future.cancel()
+            _cancel(batch)
         self._pending.clear()
+        self._waiting = 0
 
     def publish(self, topic: str, payload: bytes) -> asyncio.Future[int]:
         """Queue a tick for this loop step's batch; the future gets its cluster-wide seq (or
@@ -375,18 +380,40 @@ class TickBus:
             )
             return future
         self._waiting += 1
-        self._pending.setdefault(partition_of(topic, self.partitions), []).append((topic, payload, future))
-        self._wake.set()
+        partition = partition_of(topic, self.partitions)
+        self._pending.setdefault(partition, []).append((topic, payload, future))
+        if partition not in self._scheduled and partition not in self._flushing:
+            # The callback runs in the next loop step: every tick of this step joins the batch.
+            self._scheduled.add(partition)
+            asyncio.get_running_loop().call_soon(self._start_flush, partition)
         return future
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # Everything queued until now (this loop step, and whatever arrived while the
-            # previous batches were in flight) goes out as one script per partition.
-            pending, self._pending = self._pending, {}
-            await asyncio.gather(*(self._flush(p, batch) for p, batch in pending.items()))
+    def _start_flush(self, partition: int) -> None:
+        self._scheduled.discard(partition)
+        batch = self._pending.pop(partition, None)
+        if not batch:
+            return
+        if not self._running:  # stopped (or never started): nothing goes out
+            self._waiting -= len(batch)
+            _cancel(batch)
+            return
+        self._flushing[partition] = asyncio.create_task(
+            self._flush_then_next(partition, batch), name=f"cluster-bus-flush-{partition}"
+        )
+
+    async def _flush_then_next(
+        self, partition: int, batch: list[tuple[str, bytes, asyncio.Future[int]]]
+    ) -> None:
+        try:
+            await self._flush(partition, batch)
+        except asyncio.CancelledError:
+            _cancel(batch)
+            raise
+        finally:
+            del self._flushing[partition]
+        # What arrived while this batch was in flight goes out now, as one batch.
+        if partition in self._pending:
+            self._start_flush(partition)
 
     async def _flush(self, partition: int, batch: list[tuple[str, bytes, asyncio.Future[int]]]) -> None:
         # Chunks in order: a topic's ticks stay in order across them.
@@ -455,6 +482,11 @@ class TickBus:
             self.stats.own_batches_skipped += 1  # delivered from the script's reply already
             return
         self._deliver(batch)
+
+
+def _cancel(batch: list[tuple[str, bytes, asyncio.Future[int]]]) -> None:
+    for _, _, future in batch:
+        future.cancel()
 
 
 def _chunks(

@@ -440,3 +440,32 @@ async def test_slot_migration_while_ticks_flow(
     finally:
         await a.bus.stop()
         await b.bus.stop()
+
+
+async def test_a_stalled_shard_does_not_hold_up_the_others(
+    make_backbone: Callable[[], Backbone], redis_cluster: RedisClusterProcesses
+) -> None:
+    """Partitions flush independently: while one master is hung, ticks of a partition on
+    another master still go out and arrive."""
+    a, b = Node(make_backbone(), "a"), Node(make_backbone(), "b")
+    await a.bus.start()
+    await b.bus.start()
+    try:
+        owner: dict[int, str] = {}  # master port -> a topic whose partition it holds
+        for i in range(200):
+            topic = f"t/{i}"
+            owner.setdefault(
+                redis_cluster.master_of(keys.partition_channel(partition_of(topic, 16))).port, topic
+            )
+        (stuck_port, stuck_topic), (_, free_topic) = list(owner.items())[:2]
+        stuck_master = next(n for n in redis_cluster.nodes if n.port == stuck_port)
+        with redis_cluster.paused(stuck_master):
+            stuck = a.bus.publish(stuck_topic, b"stuck")
+            assert await a.bus.publish(free_topic, b"through") == 1
+            await b.wait_for(1)
+            assert b.received == [Entry(free_topic, 1, b"through")]
+            assert not stuck.done()
+        await asyncio.gather(stuck, return_exceptions=True)  # it completes or fails; either way, later
+    finally:
+        await a.bus.stop()
+        await b.bus.stop()
