@@ -201,7 +201,7 @@ class RedisCluster:
             try:
                 if condition():
                     return
-            except OSError:
+            except (OSError, RuntimeError):  # not up yet, or an error reply such as LOADING
                 pass
             time.sleep(0.05)
         pytest.fail(f"redis cluster: {what} not reached within {deadline_s:g} s")
