@@ -226,10 +226,13 @@ async def test_takeover_notice_reaches_the_old_node(make_backbone: Callable[[], 
         moved = await owners_b.claim("phone-1", "alice", "b:2")
         assert moved == type(moved)("notify", Holder("alice", "a", "a:2"))
         assert moved.previous is not None
+        # Garbage on the control channel is dropped and counted; the notice after it arrives.
+        await backbone_b.redis.spublish(keys.node_control("a"), b'{"op": "explode"}')
         assert await owners_b.notify_takeover(moved.previous, "phone-1") == 1
         async with asyncio.timeout(DEADLINE_S):
             await arrived.wait()
         assert got == [TakeoverNotice("phone-1", "a:2", "b")]
+        assert listener.bad_messages == 1
         # The old connection's late release changes nothing; the new one's frees the holder.
         assert await owners_a.release("phone-1", "a:2") is False
         assert await owners_b.release("phone-1", "b:2") is True
