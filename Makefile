@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit unit-uvloop bench clean
+.PHONY: install demo test lint typecheck unit unit-uvloop bench bench-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ unit-uvloop: $(STAMP)
 # installed): one JSON line each. BENCH_ARGS=--quick for a short run.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The cluster building blocks on a local Redis Cluster (bench/cluster.py): Redis operations per
+# tick, the seq's cost, cross-node latency, ticks through a failover and a master kill.
+bench-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

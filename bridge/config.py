@@ -44,6 +44,7 @@ __all__ = [
     "AuthConfig",
     "BridgeConfig",
     "BrokerSettings",
+    "ClusterConfig",
     "HttpConfig",
     "KeyConfig",
     "LimitsConfig",
@@ -405,6 +406,46 @@ class HttpConfig(_Strict):
     port: Port = 8081
 
 
+# A node id goes into Redis key and channel names (inside a hash tag): keep it plain.
+NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+# "host:port" of one Redis Cluster node to discover the cluster from.
+ClusterNodeAddress = Annotated[str, Field(pattern=r"^[^\s:/]+:[0-9]{1,5}$")]
+
+
+class ClusterConfig(_Strict):
+    """Several broker nodes sharing one Redis (Cluster); see bridge/cluster/.
+
+    ``enabled: false`` (the default) is the single-node broker, exactly as without this section.
+    """
+
+    enabled: bool = False
+    # Unique per running node; None: derived from the host name and pid (bridge.cluster.node).
+    node_id: NodeId | None = None
+    # One Redis (sharded pub/sub works on a single server too) or a Redis Cluster's seeds.
+    redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] | None = None
+    redis_cluster_nodes: list[ClusterNodeAddress] = []
+    # Topics hash into this many pub/sub channels (each on one shard); fixed for a cluster's life.
+    partitions: Annotated[int, Field(ge=1, le=4096)] = 16
+    # A dead node's connection leases and registry entry expire after this long.
+    lease_ttl_s: Annotated[float, Field(ge=1, le=30)] = 15.0
+
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _ports_in_range(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not 0 < int(address.rpartition(":")[2]) <= 65535:
+                raise ValueError(f"{address!r}: port out of range")
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis(self) -> Self:
+        if self.redis_url is not None and self.redis_cluster_nodes:
+            raise ValueError("give redis_url or redis_cluster_nodes, not both")
+        if self.enabled and self.redis_url is None and not self.redis_cluster_nodes:
+            raise ValueError("enabled needs redis_url or redis_cluster_nodes")
+        return self
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -427,6 +468,7 @@ class BridgeConfig(BaseSettings):
     store: StoreConfig = StoreConfig()
     timezones: TimezonesConfig = TimezonesConfig()
     http: HttpConfig = HttpConfig()
+    cluster: ClusterConfig = ClusterConfig()
     feeds: list[FeedConfig] = []
     logging: LoggingConfig = LoggingConfig()
 

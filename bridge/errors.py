@@ -11,6 +11,10 @@ Tree::
     ├── ProtocolError        a client broke MQTT framing: its connection is closed
     ├── StoreError           the offline store failed (bridge.core.store)
     │   └── StoreUnavailable the store cannot be reached right now (retry later)
+    ├── ClusterError         the cluster's shared Redis (bridge.cluster)
+    │   ├── ClusterUnavailable   it cannot be reached or is overloaded right now (retry later)
+    │   └── ClusterMessageError  a message on a cluster channel is malformed (another writer
+    │                            or a version skew: dropped and counted)
     └── FeedError            a feed cannot produce ticks
         ├── ExchangeError    the exchange answered with an error body or status (remote)
         └── AdapterError     the exchange's body is not in the documented shape (remote)
@@ -23,6 +27,9 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "AuthError",
+    "ClusterError",
+    "ClusterMessageError",
+    "ClusterUnavailable",
     "ConfigError",
     "ExchangeError",
     "FeedError",
@@ -121,3 +128,21 @@ class ExchangeError(FeedError):
 
 class AdapterError(FeedError):
     """The exchange's answer is not in the shape its documentation gives."""
+
+
+class ClusterError(MarketBridgeError):
+    """The cluster's shared Redis could not do what was asked."""
+
+
+class ClusterUnavailable(ClusterError):
+    """Redis cannot be reached (or the node is too far behind it) right now; ``operation``
+    names what failed. The cause is chained (``raise ... from``)."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        self.operation = operation
+        self.detail = detail
+        super().__init__(f"cluster unavailable ({operation}): {detail}")
+
+
+class ClusterMessageError(ClusterError):
+    """A message on a cluster channel (tick batch, control command) is not well formed."""

@@ -23,7 +23,26 @@ Key                             Type        Holds
                                             ``"<reserved> <at> <clean 0|1>"``, the seq
                                             reservation (see :mod:`bridge.core.sequencer`)
 ``mb:user_tz``                  hash        user -> IANA time zone override
+``mb:seq:{mb:p<n>}``            hash        cluster: topic -> last seq of partition ``n``
+``mb:snap:{mb:p<n>}``           hash        cluster: topic -> ``b"<seq>:" + payload``, the
+                                            latest tick (never replaced by an older seq)
+``{mb:p<n>}:ticks``             channel     cluster: sharded pub/sub, batches of partition
+                                            ``n`` (see :mod:`bridge.cluster.bus`)
+``mb:lease:{<user>}``           sorted set  cluster: lease id -> expiry (epoch ms): the
+                                            user's live connections on every node
+``mb:lease:all``                sorted set  cluster: ``<lease id>|<user>`` -> expiry (epoch
+                                            ms): every live connection
+``mb:cid:{<client_id>}``        hash        cluster: ``user``, ``node``, ``lease``: who owns
+                                            the client id and which node holds it live
+``mb:nodes``                    sorted set  cluster: node id -> heartbeat expiry (epoch ms)
+``{mb:node:<id>}:control``      channel     cluster: sharded pub/sub, commands to node ``id``
+                                            (close a taken-over connection)
 ==============================  ==========  ================================================
+
+A cluster partition's counter, snapshots and channel share the tag ``{mb:p7}``, so they
+live on one shard and one Lua script stamps, stores and publishes a batch atomically
+(channels are not keys: they carry no prefix of their own). Node ids are plain
+(``[A-Za-z0-9_.-]``, checked by the config), so they need no escaping.
 
 The ``{...}`` parts are Redis Cluster hash tags: all keys of one user's queue hash to the
 same slot, so each queue operation (one Lua script) touches a single slot. Inside a tag,
@@ -36,8 +55,16 @@ from __future__ import annotations
 
 __all__ = [
     "PREFIX",
+    "client_owner",
     "hash_tag",
+    "lease_all",
+    "lease_user",
     "message_seq",
+    "node_control",
+    "nodes",
+    "partition_channel",
+    "partition_seq",
+    "partition_snapshots",
     "queue_bytes",
     "queue_expiry",
     "queue_keys",
@@ -117,3 +144,42 @@ def seq_reservations() -> str:
 
 def user_tz() -> str:
     return f"{PREFIX}user_tz"
+
+
+# -- cluster (bridge/cluster/) ------------------------------------------------------------------
+
+
+def _partition_tag(partition: int) -> str:
+    return f"{{{PREFIX}p{partition}}}"
+
+
+def partition_seq(partition: int) -> str:
+    return f"{PREFIX}seq:{_partition_tag(partition)}"
+
+
+def partition_snapshots(partition: int) -> str:
+    return f"{PREFIX}snap:{_partition_tag(partition)}"
+
+
+def partition_channel(partition: int) -> str:
+    return f"{_partition_tag(partition)}:ticks"
+
+
+def lease_user(user: str) -> str:
+    return f"{PREFIX}lease:{hash_tag(user)}"
+
+
+def lease_all() -> str:
+    return f"{PREFIX}lease:all"
+
+
+def client_owner(client_id: str) -> str:
+    return f"{PREFIX}cid:{hash_tag(client_id)}"
+
+
+def nodes() -> str:
+    return f"{PREFIX}nodes"
+
+
+def node_control(node_id: str) -> str:
+    return f"{{{PREFIX}node:{node_id}}}:control"

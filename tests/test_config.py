@@ -711,3 +711,54 @@ def test_the_polled_exchanges_have_one_list() -> None:
     """The config's feed kinds are spelled out for pydantic; they must be the registry's."""
     assert get_args(PollerFeedConfig.model_fields["kind"].annotation) == POLLED_EXCHANGES == tuple(SPECS)
     assert set(FEED_KINDS) == {"simulator", "replay", *POLLED_EXCHANGES}
+
+
+# --- cluster ------------------------------------------------------------------------------------
+
+
+def test_cluster_defaults_off() -> None:
+    config = load_config()
+    assert config.cluster.enabled is False
+    assert (config.cluster.partitions, config.cluster.lease_ttl_s) == (16, 15.0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cluster: {enabled: true, node_id: n1, redis_url: 'redis://127.0.0.1:6379/0'}",
+        "cluster: {enabled: true, redis_cluster_nodes: ['127.0.0.1:7000', 'redis-a:7001'], partitions: 64}",
+        "cluster: {enabled: true, node_id: a.b_c-1, redis_url: 'unix:///tmp/r.sock', lease_ttl_s: 30}",
+        "cluster: {enabled: false, redis_url: 'redis://x:1/0'}",
+    ],
+)
+def test_cluster_accepted(tmp_path: Path, text: str) -> None:
+    config = load_config(write(tmp_path, text))
+    assert config.cluster.redis_url is not None or config.cluster.redis_cluster_nodes
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "mentions"),
+    [
+        ("cluster: {enabled: true}", "cluster", "redis_url or redis_cluster_nodes"),
+        (
+            "cluster: {redis_url: 'redis://a:1/0', redis_cluster_nodes: ['a:1']}",
+            "cluster",
+            "not both",
+        ),
+        ("cluster: {redis_url: 'http://a:1/'}", "cluster.redis_url", "pattern"),
+        ("cluster: {redis_cluster_nodes: ['a']}", "cluster.redis_cluster_nodes.0", "pattern"),
+        ("cluster: {redis_cluster_nodes: ['a:70000']}", "cluster.redis_cluster_nodes", "port out of range"),
+        ("cluster: {node_id: 'has space'}", "cluster.node_id", "pattern"),
+        ("cluster: {node_id: 'a{b}'}", "cluster.node_id", "pattern"),
+        ("cluster: {partitions: 0}", "cluster.partitions", "greater than or equal to 1"),
+        ("cluster: {lease_ttl_s: 31}", "cluster.lease_ttl_s", "30"),
+        ("cluster: {lease_ttl_s: 0.5}", "cluster.lease_ttl_s", "1"),
+        ("cluster: {nodes: []}", "cluster.nodes", "unknown key"),
+    ],
+)
+def test_cluster_bad(tmp_path: Path, text: str, field: str, mentions: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.field == field
+    assert mentions in info.value.message
+    assert "\n" not in str(info.value)
