@@ -1,6 +1,6 @@
 """Deadlines and failure tracking around any :class:`~bridge.core.store.OfflineStore`.
 
-:func:`bridge.offline.open_store` returns a :class:`GuardedStore`, and the broker wraps a
+:func:`broker_plugins.offline_store.open_store` returns a :class:`GuardedStore`, and the broker wraps a
 store it is given in one, so every store call the bridge makes goes through here:
 
 - **A deadline on every call**: ``store.call_timeout_s`` (2 s), and ``store.quick_timeout_s``
@@ -15,7 +15,7 @@ store it is given in one, so every store call the bridge makes goes through here
   write that missed its deadline may still land, so a sender told 503 may send again and the
   user get the message twice: at-least-once, as with a lost PUBACK. How long a late call
   lingers is bounded by the store's own timeouts (Redis socket timeouts, SQLite busy
-  timeout), which :func:`~bridge.offline.open_store` sets to the same ``call_timeout_s``.
+  timeout), which :func:`~broker_plugins.offline_store.open_store` sets to the same ``call_timeout_s``.
 - **Refusals are remembered**: a call the store answered with an error (not
   :class:`~bridge.core.store.StoreUnavailable`: a full disk, Redis over ``maxmemory``, a read-only
   or corrupt file) is kept as :meth:`GuardedStore.failure` for :data:`FAILURE_HOLD_S`, so

@@ -25,9 +25,10 @@ from bridge.core.store import OfflineStore, Priority, QueueLimits, SeqReservatio
 from bridge.errors import MessageError
 from bridge.keys import generate_dev_secret
 from bridge.logs import log_handler
-from bridge.offline import SeqReserver, open_store
+from bridge.offline import SeqReserver
 from bridge.redis_store import RedisStore
 from bridge.sqlite_store import SqliteStore
+from broker_plugins.offline_store import open_store
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,

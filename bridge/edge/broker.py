@@ -30,7 +30,6 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -71,11 +70,11 @@ from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerCon
 from bridge.core.connect import ConnectRefused, read_connect
 from bridge.core.connection import Event, State, advance
 from bridge.core.envelope import open_envelope
+from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
 from bridge.core.ratelimit import subscriber_gate
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
 from bridge.core.store import (
-    EnqueueResult,
     NewMessage,
     OfflineMessage,
     OfflineStore,
@@ -99,8 +98,9 @@ from bridge.core.topics import (
 from bridge.core.wire import publish_qos0, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
 from bridge.edge.fanout import FanOut, Target
-from bridge.edge.handler import MarketProtocolHandler, StoredMessage
+from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.lean import LeanEvent
+from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession
 from bridge.edge.session import install as install_light_sessions
@@ -119,10 +119,11 @@ from bridge.limits import (
 )
 from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
-from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
+from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
+from broker_plugins.offline_store import OfflineStorePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -214,6 +215,7 @@ class MarketBroker(Broker):
         # call with a deadline either way (bridge/store_guard.py).
         self.store: GuardedStore | None = None if store is None else self._guarded(store)
         self._owns_store = store is None
+        self.mailbox: Mailbox | None = None  # on the store, once it is open
         self._clock = clock
         auth = config.auth
         # One per broker, bound to its keys and policy: a reconnect verifies a token once.
@@ -330,6 +332,8 @@ class MarketBroker(Broker):
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self.mailbox is not None:
+            await self.mailbox.settle()
         await self._close_store()
         flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
@@ -430,7 +434,10 @@ class MarketBroker(Broker):
     async def _start_listeners(self) -> None:
         # amqtt's start() has just cleared its state: restore ours before anyone can connect.
         if self.store is None:
-            self.store = await open_store(self.bridge_config.store)
+            self.store = await OfflineStorePlugin(self.bridge_config.store).open()
+        self.mailbox = Mailbox(
+            self.store, window=self.bridge_config.store.replay_window, clock=self._clock, stats=self.stats
+        )
         await self._restore()
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
@@ -1309,15 +1316,7 @@ class MarketBroker(Broker):
 
     async def _notify_evictions(self, service: str, user: str, evicted: tuple[OfflineMessage, ...]) -> None:
         """Tell the sending service what a full queue dropped, on service/<sub>/evictions."""
-        notice = {
-            "user": user,
-            "reason": "queue_full",
-            "evicted": [
-                {"topic": m.topic, "priority": m.priority.name, "created_at": m.created_at, "new": m.id == ""}
-                for m in evicted
-            ],
-        }
-        payload = json.dumps(notice, separators=(",", ":")).encode()
+        payload = eviction_notice(user, evicted)
         await self._broadcast_message(None, f"{SERVICE_PREFIX}{service}/evictions", payload, QOS_1)
 
     async def send_to_user(
@@ -1336,16 +1335,7 @@ class MarketBroker(Broker):
         :class:`MessageError` for a bad address and :class:`StoreUnavailable` when the message
         had to be stored and could not be: nothing is reported as stored that was not.
         """
-        own = f"{USER_PREFIX}{user}/"
-        full = topic if topic.startswith(USER_PREFIX) else own + topic
-        if (
-            not user
-            or "/" in user
-            or not full.startswith(own)
-            or not is_valid_topic(full)
-            or full.endswith("/")
-        ):
-            raise MessageError("bad_address", f"cannot address {full!r} to user {user!r}")
+        full = user_topic(user, topic)
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
         live, mailboxes = self._user_targets(user, full)
         if mailboxes:
@@ -1353,7 +1343,10 @@ class MarketBroker(Broker):
             # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
             # offline, online but not yet acknowledging, or the broker is killed meanwhile,
             # what the sender was told is stored stays stored until delivered.
-            result = await self._enqueue(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
+            assert self.mailbox is not None
+            result = await self.mailbox.enqueue(
+                user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2))
+            )
             others = [t for t in live if not self._is_mailbox(t[0], user)]
             self._deliver_live(others, full, payload, qos)
             for session, _ in live:
@@ -1365,23 +1358,6 @@ class MarketBroker(Broker):
             return SendResult(0, None)
         self._deliver_live(live, full, payload, qos)
         return SendResult(len(live), None)
-
-    async def _enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
-        assert self.store is not None
-        started = time.perf_counter()
-        try:
-            result = await self.store.enqueue(user, message, now=self._clock())
-        except StoreError:
-            self.stats.store_errors += 1
-            raise
-        self.stats.store_seconds.observe(time.perf_counter() - started)
-        self.stats.offline_stored += result.stored is not None
-        self.stats.offline_evicted += len(result.evicted)
-        if result.evicted:
-            log.warning(
-                "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
-            )
-        return result
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
@@ -1444,99 +1420,27 @@ class MarketBroker(Broker):
             log.info("delivery on %s failed: %s", clip(topic), clip(exc, 200), extra=CLIENT)
 
     async def _replay_offline(self, connection: _Connection) -> None:
-        assert self.store is not None
-        session, handler = connection.session, connection.handler
+        """Glue: the mailbox replays the user's queue over this connection (bridge/core/mailbox.py)."""
+        assert self.mailbox is not None
+        session = connection.session
         acl = session_acl(session)
-        started = self._clock()
 
         def accepts(topic: str) -> bool:
             return acl.may_receive(topic) and any(
                 matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
             )
 
+        link = HandlerLink(
+            connection.handler,
+            connection.client_id,
+            qos_for=partial(self._best_qos, session),
+            payload_for=lambda topic, payload: self._localized(
+                topic, payload, session.attributes.get(_TZ), {}
+            ),
+        )
         if connection.wake is None:
             connection.wake = LeanEvent()
-        try:
-            result = await replay(
-                self.store,
-                connection.user,
-                send=partial(self._send_stored, handler),
-                accepts=accepts,
-                window=self.bridge_config.store.replay_window,
-                clock=self._clock,
-                wake=connection.wake,
-            )
-        except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc, extra=STORE)
-            return
-        self.stats.offline_replayed += result.replayed
-        self.stats.offline_expired += result.expired
-        if result.replayed or result.expired:
-            log.info(
-                "replayed %d offline message(s) to %s in %.3fs (%d expired, %d store bookkeeping failures)",
-                result.replayed,
-                clip(connection.client_id),
-                self._clock() - started,
-                result.expired,
-                result.bookkeeping_failures,
-            )
-
-    async def _send_stored(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> bool:
-        """Send one stored message; True once acknowledged (QoS 1) or written (QoS 0)."""
-        session = handler.session
-        if session is None:
-            return False
-        assert isinstance(handler, MarketProtocolHandler)
-        if message.id in handler.settled_ids:
-            return True  # acknowledged after a reconnect re-sent it, before this replay got here
-        qos = min(message.qos, self._best_qos(session, message.topic))
-        in_flight = next(
-            (
-                m
-                for m in session.inflight_out.values()
-                if isinstance(m, StoredMessage) and m.store_id == message.id
-            ),
-            None,
-        )
-        try:
-            if in_flight is not None and in_flight.packet_id is not None:
-                # Re-sent at reconnect with its original packet id: wait for that one's ack.
-                await handler.await_puback(in_flight.packet_id)
-                return True
-            packet_id = _mailbox_packet_id(session, message.id) if qos > QOS_0 else None
-            payload = self._localized(message.topic, message.payload, session.attributes.get(_TZ), {})
-            outgoing = StoredMessage(packet_id, message.topic, qos, payload, False, store_id=message.id)
-            if message.sent > 0 and qos > QOS_0:
-                # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
-                outgoing.publish_packet = outgoing.build_publish_packet()
-            outgoing.on_ack = partial(self._ack_later, handler, message)
-            await handler._handle_message_flow(outgoing)
-        except Exception as exc:
-            log.info(
-                "offline message to %s not acknowledged: %s",
-                clip(session.client_id),
-                clip(exc, 200),
-                extra=CLIENT,
-            )
-            return False
-        return True
-
-    def _ack_later(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> None:
-        """The PUBACK of a stored message whose sending task was gone (it came after a
-        reconnect re-sent it): remove it from the store now."""
-        if self.store is None or handler.session is None:
-            return
-        user = handler.session.attributes.get(_OWNER)
-        if isinstance(user, str):
-            task = asyncio.create_task(
-                self._store_call("remove an acknowledged message", self._ack(user, message))
-            )
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
-
-    async def _ack(self, user: str, message: OfflineMessage) -> None:
-        assert self.store is not None
-        await self.store.ack(user, message.id)
+        await self.mailbox.replay(connection.user, link, accepts, connection.wake)
 
     def _best_qos(self, session: Session, topic: str) -> int:
         qos = QOS_0
@@ -2026,19 +1930,6 @@ def _end_event(handler: MarketProtocolHandler) -> Event:
     if reason in _BROKER_ENDS:
         return Event.CLOSED_BY_BROKER
     return Event.PROTOCOL_ERROR  # a ProtocolError's reason, or a failed hand-off
-
-
-def _mailbox_packet_id(session: Session, store_id: str) -> int:
-    """A stored message's packet id, derived from its store id: the same on every delivery,
-    after a reconnect or a restart ([MQTT-4.4.0-1]), unless another message in flight holds
-    it (then a fresh one; the message still carries DUP)."""
-    try:
-        preferred = int(store_id) % 65535 + 1
-    except ValueError:
-        return session.next_packet_id
-    if preferred in session.inflight_out or preferred in session.inflight_in:
-        return session.next_packet_id
-    return preferred
 
 
 def _expected_startup_failure(record: logging.LogRecord) -> bool:

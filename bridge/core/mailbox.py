@@ -1,0 +1,337 @@
+"""The user mailbox: messages addressed to a user, stored durably and replayed to their
+persistent sessions; no amqtt here.
+
+The mailbox talks to the store contract (:mod:`bridge.core.store`) and to one live
+connection at a time through :class:`MailboxLink`, which ``bridge/edge`` implements over its
+protocol handler. What it keeps:
+
+- **Stored until acknowledged.** A message leaves the store only on the client's PUBACK;
+  anything unacknowledged when the connection drops is delivered again next time, with DUP
+  (the store counts deliveries) and the same packet id (:func:`mailbox_packet_id`).
+- **A sliding window** (:func:`replay`): up to ``window`` messages in flight; as soon as one
+  is acknowledged, or ``wake`` says a new one was stored, the next ones go out.
+- **Evictions are never silent**: a full queue's drops are returned to the caller, and
+  :func:`eviction_notice` words them for the sending service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from bridge.core.store import (
+    EnqueueResult,
+    NewMessage,
+    OfflineMessage,
+    OfflineStore,
+    StoreError,
+    StoreUnavailable,
+)
+from bridge.core.topics import USER_PREFIX, is_valid_topic
+from bridge.errors import MessageError
+from bridge.logs import CLIENT, STORE, clip
+from bridge.stats import BrokerStats
+
+__all__ = [
+    "Mailbox",
+    "MailboxLink",
+    "ReplayResult",
+    "eviction_notice",
+    "mailbox_packet_id",
+    "replay",
+    "user_topic",
+]
+
+log = logging.getLogger(__name__)
+
+# Packet ids are 1..65535 ([MQTT-2.3.1-1]).
+_PACKET_IDS = 65535
+
+
+class MailboxLink(Protocol):
+    """One live connection of a mailbox session, as the mailbox needs it."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    def acknowledged(self, store_id: str) -> bool:
+        """Whether this connection already acknowledged the stored message ``store_id``
+        (a PUBACK for a resend that no replay task was waiting for)."""
+
+    def in_flight(self, store_id: str) -> int | None:
+        """The packet id ``store_id`` is in flight under (resent at reconnect), else None."""
+
+    async def await_ack(self, packet_id: int) -> None:
+        """Until the acknowledgement of a message already in flight."""
+
+    async def send(self, message: OfflineMessage, *, dup: bool, on_ack: Callable[[], None]) -> None:
+        """Send a stored message (at the QoS the session takes it) and return once it is
+        acknowledged (QoS 1/2) or written (QoS 0). ``on_ack`` runs on an acknowledgement
+        that comes when nothing awaits this call any more (after a reconnect resent it)."""
+
+
+def user_topic(user: str, topic: str) -> str:
+    """The full ``user/<user>/...`` topic of a message for ``user``; ``topic`` may be the
+    full topic or the part after ``user/<user>/``. Raises :class:`MessageError` for a bad
+    address."""
+    own = f"{USER_PREFIX}{user}/"
+    full = topic if topic.startswith(USER_PREFIX) else own + topic
+    if not user or "/" in user or not full.startswith(own) or not is_valid_topic(full) or full.endswith("/"):
+        raise MessageError("bad_address", f"cannot address {full!r} to user {user!r}")
+    return full
+
+
+def eviction_notice(user: str, evicted: Collection[OfflineMessage]) -> bytes:
+    """What a full queue dropped, for the sending service (``service/<sub>/evictions``)."""
+    notice = {
+        "user": user,
+        "reason": "queue_full",
+        "evicted": [
+            {"topic": m.topic, "priority": m.priority.name, "created_at": m.created_at, "new": m.id == ""}
+            for m in evicted
+        ],
+    }
+    return json.dumps(notice, separators=(",", ":")).encode()
+
+
+def mailbox_packet_id(store_id: str, taken: Callable[[int], bool], fresh: Callable[[], int]) -> int:
+    """A stored message's packet id, derived from its store id: the same on every delivery,
+    after a reconnect or a restart ([MQTT-4.4.0-1]), unless another message in flight holds
+    it (``taken``; then ``fresh()``, and the message still carries DUP)."""
+    try:
+        preferred = int(store_id) % _PACKET_IDS + 1
+    except ValueError:
+        return fresh()
+    return fresh() if taken(preferred) else preferred
+
+
+@dataclass
+class ReplayResult:
+    replayed: int = 0
+    expired: int = 0
+    complete: bool = False  # False: stopped early (disconnect, no PUBACK); the rest stays stored
+    # mark_sent / ack calls the store failed; delivery went on without them (at-least-once).
+    bookkeeping_failures: int = 0
+
+
+async def replay(
+    store: OfflineStore,
+    user: str,
+    *,
+    send: Callable[[OfflineMessage], Awaitable[bool]],
+    accepts: Callable[[str], bool],
+    window: int,
+    clock: Callable[[], float],
+    wake: asyncio.Event | None = None,
+) -> ReplayResult:
+    """Deliver ``user``'s queue in priority order with up to ``window`` messages in flight.
+
+    A sliding window: as soon as one message is acknowledged, or ``wake`` says a new one
+    was stored, the next ones go out; one unacknowledged message never holds up the rest.
+    ``send`` returns True once the client acknowledged (PUBACK); only then is the message
+    removed, so anything unacknowledged when the connection drops is delivered again next
+    time (``sent`` > 0, so with DUP). Messages for topics the session does not take
+    (``accepts``) stay in the store for another session of the same user. Returns when the
+    queue is empty and nothing is in flight, or when a send fails (the connection is gone).
+
+    What is stored is delivered even when the store cannot keep its books (a full disk, Redis
+    over ``maxmemory``): a failed ``mark_sent`` only means no DUP next time, a failed ``ack``
+    that the message comes again next time (at-least-once); the replay goes on and logs the
+    first such failure once. It stops only when the queue cannot be read, or an ``ack`` finds
+    the store unreachable (the next read would too).
+    """
+    result = ReplayResult()
+    exclude: set[str] = set()  # for another session, or delivered but still stored
+    in_flight: dict[asyncio.Task[bool], OfflineMessage] = {}
+    try:
+        while True:
+            if wake is not None:
+                wake.clear()
+            room = window - len(in_flight)
+            exhausted = False
+            while room > 0:
+                pending = await store.pending(
+                    user, now=clock(), limit=room, exclude=exclude | {m.id for m in in_flight.values()}
+                )
+                result.expired += pending.expired
+                if not pending.messages:
+                    exhausted = True
+                    break
+                batch = [m for m in pending.messages if accepts(m.topic)]
+                exclude.update(m.id for m in pending.messages if not accepts(m.topic))
+                if batch:
+                    try:
+                        await store.mark_sent(user, [m.id for m in batch])
+                    except StoreError as exc:
+                        _bookkeeping_failed(result, user, "mark_sent", exc)
+                    for message in batch:
+                        in_flight[asyncio.ensure_future(send(message))] = message
+                    room -= len(batch)
+            if not in_flight:
+                if exhausted and (wake is None or not wake.is_set()):
+                    result.complete = True
+                    return result
+                continue
+            waits: set[asyncio.Future[Any]] = set(in_flight)
+            woken = asyncio.ensure_future(wake.wait()) if wake is not None else None
+            if woken is not None:
+                waits.add(woken)
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if woken is not None:
+                    woken.cancel()
+            for finished in done:
+                if finished is woken:
+                    continue
+                task = cast("asyncio.Task[bool]", finished)
+                message = in_flight.pop(task)
+                if task.cancelled() or task.exception() is not None or task.result() is not True:
+                    return result  # not acknowledged: the connection is gone, the rest stays
+                result.replayed += 1
+                try:
+                    await store.ack(user, message.id)
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "offline replay to %s stopped after %d message(s): %s; the rest stays stored",
+                        clip(user),
+                        result.replayed,
+                        exc,
+                        extra=STORE,
+                    )
+                    return result  # this one comes again too: it is still stored
+                except StoreError as exc:
+                    exclude.add(message.id)
+                    _bookkeeping_failed(result, user, "ack", exc)
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+
+def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: StoreError) -> None:
+    if not result.bookkeeping_failures:
+        log.warning(
+            "offline replay to %s goes on without the store's bookkeeping (%s failed: %s);"
+            " delivered messages may come again",
+            clip(user),
+            operation,
+            exc,
+            extra=STORE,
+        )
+    result.bookkeeping_failures += 1
+
+
+class Mailbox:
+    """Every user's mailbox on one store: store a message, replay a queue to a connection,
+    remove what was acknowledged. The broker decides who is a mailbox session and when a
+    replay runs; this decides what goes out, in which order, and when it leaves the store."""
+
+    def __init__(
+        self,
+        store: OfflineStore,
+        *,
+        window: int,
+        clock: Callable[[], float],
+        stats: BrokerStats,
+    ) -> None:
+        self.store = store
+        self.window = window
+        self._clock = clock
+        self._stats = stats
+        self._background: set[asyncio.Task[Any]] = set()  # acks whose sender was gone
+
+    async def enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
+        """Store durably (raises :class:`StoreError`: nothing is reported stored that was not)."""
+        started = time.perf_counter()
+        try:
+            result = await self.store.enqueue(user, message, now=self._clock())
+        except StoreError:
+            self._stats.store_errors += 1
+            raise
+        self._stats.store_seconds.observe(time.perf_counter() - started)
+        self._stats.offline_stored += result.stored is not None
+        self._stats.offline_evicted += len(result.evicted)
+        if result.evicted:
+            log.warning(
+                "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
+            )
+        return result
+
+    async def replay(
+        self, user: str, link: MailboxLink, accepts: Callable[[str], bool], wake: asyncio.Event
+    ) -> ReplayResult | None:
+        """Replay ``user``'s queue over ``link``; None if the store stopped it (logged)."""
+        started = self._clock()
+        try:
+            result = await replay(
+                self.store,
+                user,
+                send=lambda message: self.deliver(user, link, message),
+                accepts=accepts,
+                window=self.window,
+                clock=self._clock,
+                wake=wake,
+            )
+        except StoreError as exc:
+            log.warning("offline replay for %s stopped: %s", clip(user), exc, extra=STORE)
+            return None
+        self._stats.offline_replayed += result.replayed
+        self._stats.offline_expired += result.expired
+        if result.replayed or result.expired:
+            log.info(
+                "replayed %d offline message(s) to %s in %.3fs (%d expired, %d store bookkeeping failures)",
+                result.replayed,
+                clip(link.client_id),
+                self._clock() - started,
+                result.expired,
+                result.bookkeeping_failures,
+            )
+        return result
+
+    async def deliver(self, user: str, link: MailboxLink, message: OfflineMessage) -> bool:
+        """Send one stored message; True once acknowledged (QoS 1/2) or written (QoS 0)."""
+        if link.acknowledged(message.id):
+            return True  # acknowledged after a reconnect re-sent it, before this replay got here
+        try:
+            packet_id = link.in_flight(message.id)
+            if packet_id is not None:
+                # Re-sent at reconnect with its original packet id: wait for that one's ack.
+                await link.await_ack(packet_id)
+                return True
+            # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
+            await link.send(message, dup=message.sent > 0, on_ack=lambda: self.ack_later(user, message))
+        except Exception as exc:
+            log.info(
+                "offline message to %s not acknowledged: %s",
+                clip(link.client_id),
+                clip(exc, 200),
+                extra=CLIENT,
+            )
+            return False
+        return True
+
+    def ack_later(self, user: str, message: OfflineMessage) -> None:
+        """The PUBACK of a stored message whose sending task was gone (it came after a
+        reconnect re-sent it): remove it from the store in the background."""
+        task = asyncio.create_task(self._ack(user, message), name=f"mailbox-ack:{message.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _ack(self, user: str, message: OfflineMessage) -> None:
+        try:
+            await self.store.ack(user, message.id)
+        except StoreError as exc:
+            self._stats.store_errors += 1
+            log.error("store: could not remove an acknowledged message: %s", exc, extra=STORE)
+
+    async def settle(self) -> None:
+        """Wait for background acks (at shutdown, before the store closes)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
