@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -146,6 +146,11 @@ class GuardedStore:
 
     async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult:
         return await self._call("enqueue", self.inner.enqueue(user, message, now=now), self.call_timeout_s)
+
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        return await self._call("enqueue", self.inner.enqueue_many(messages, now=now), self.call_timeout_s)
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         return await self._call(

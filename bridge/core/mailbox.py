@@ -38,6 +38,7 @@ from bridge.logs import CLIENT, STORE, clip
 from bridge.stats import BrokerStats
 
 __all__ = [
+    "GroupCommit",
     "Mailbox",
     "MailboxLink",
     "ReplayResult",
@@ -228,6 +229,59 @@ def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: St
     result.bookkeeping_failures += 1
 
 
+class GroupCommit:
+    """Group commit of enqueues: every message submitted in one event-loop step (and while
+    the previous group is being written) goes to the store in one
+    :meth:`~bridge.core.store.OfflineStore.enqueue_many`, at most ``max_group`` at a time,
+    groups one after another so arrival order is store order. Each submitter's future
+    completes only once the commit holding its message has returned: a sender is
+    acknowledged for what is durably stored, never before."""
+
+    def __init__(self, store: OfflineStore, *, clock: Callable[[], float], max_group: int = 512) -> None:
+        self._store = store
+        self._clock = clock
+        self.max_group = max_group
+        self._waiting: list[tuple[str, NewMessage, asyncio.Future[EnqueueResult]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.groups = 0  # commits so far (each one write)
+        self.committed = 0  # messages they held
+
+    def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
+        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((user, message, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="mailbox-group-commit")
+        return future
+
+    async def _write(self) -> None:
+        while self._waiting:
+            # Yield once: what else arrives in this event-loop step joins the group.
+            await asyncio.sleep(0)
+            group, self._waiting = self._waiting[: self.max_group], self._waiting[self.max_group :]
+            try:
+                results = await self._store.enqueue_many([(u, m) for u, m, _ in group], now=self._clock())
+            except Exception as exc:  # StoreError, or a bug: every submitter hears of it
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except asyncio.CancelledError:
+                for _, _, future in group + self._waiting:
+                    future.cancel()
+                self._waiting = []
+                raise
+            self.groups += 1
+            self.committed += len(group)
+            for (_, _, future), result in zip(group, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    async def close(self) -> None:
+        """Let the groups already submitted be written."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+
 class Mailbox:
     """Every user's mailbox on one store: store a message, replay a queue to a connection,
     remove what was acknowledged. The broker decides who is a mailbox session and when a
@@ -246,15 +300,27 @@ class Mailbox:
         self._clock = clock
         self._stats = stats
         self._background: set[asyncio.Task[Any]] = set()  # acks whose sender was gone
+        self.commits = GroupCommit(store, clock=clock)
+
+    def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
+        """Store durably, in the next group commit; the future says what became of it (or
+        raises :class:`StoreError`: nothing is reported stored that was not)."""
+        started = time.perf_counter()
+        future = self.commits.submit(user, message)
+        future.add_done_callback(lambda done: self._committed(user, done, started))
+        return future
 
     async def enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
-        """Store durably (raises :class:`StoreError`: nothing is reported stored that was not)."""
-        started = time.perf_counter()
-        try:
-            result = await self.store.enqueue(user, message, now=self._clock())
-        except StoreError:
+        """:meth:`submit`, awaited."""
+        return await self.submit(user, message)
+
+    def _committed(self, user: str, future: asyncio.Future[EnqueueResult], started: float) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
             self._stats.store_errors += 1
-            raise
+            return
+        result = future.result()
         self._stats.store_seconds.observe(time.perf_counter() - started)
         self._stats.offline_stored += result.stored is not None
         self._stats.offline_evicted += len(result.evicted)
@@ -262,7 +328,6 @@ class Mailbox:
             log.warning(
                 "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
             )
-        return result
 
     async def replay(
         self, user: str, link: MailboxLink, accepts: Callable[[str], bool], wake: asyncio.Event
@@ -332,6 +397,7 @@ class Mailbox:
             log.error("store: could not remove an acknowledged message: %s", exc, extra=STORE)
 
     async def settle(self) -> None:
-        """Wait for background acks (at shutdown, before the store closes)."""
+        """Wait for group commits and background acks (at shutdown, before the store closes)."""
+        await self.commits.close()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

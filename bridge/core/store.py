@@ -18,6 +18,8 @@ Offline queue semantics (both stores):
 - A message leaves only on :meth:`OfflineStore.ack` (after the client's PUBACK);
   :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
 - Every multi-key change is atomic: a crash never leaves half a message.
+- Enqueues may be grouped (:meth:`OfflineStore.enqueue_many`): one write for all of them,
+  so a broker acknowledges each sender only after the commit that holds its message.
 
 Persistent sessions (both stores): a :class:`SessionRecord` per client id, with the time
 it was last disconnected (None while connected) so expiry survives a restart. A user's
@@ -37,7 +39,7 @@ All times are epoch seconds passed in by the caller (no clock inside the store).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -148,6 +150,14 @@ class OfflineStore(Protocol):
         """Raise :class:`StoreUnavailable` if the store cannot be reached."""
 
     async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult: ...
+
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        """Group commit: :meth:`enqueue` each (user, message), in order, as one write (one
+        transaction, one durable commit). The results are in the same order. On
+        :class:`StoreError` none is reported stored (SQLite: none is; Redis: one MULTI/EXEC,
+        so none is unless Redis failed mid-way, which only repeats a message when resent)."""
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         """Up to ``limit`` unexpired messages in delivery order, skipping ids in ``exclude``."""

@@ -75,6 +75,7 @@ from bridge.core.ratelimit import subscriber_gate
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
 from bridge.core.store import (
+    EnqueueResult,
     NewMessage,
     OfflineMessage,
     OfflineStore,
@@ -1173,6 +1174,13 @@ class MarketBroker(Broker):
         message: ApplicationMessage | None = wait_deliver.result()
         if message is None:
             return True
+        topic = message.topic or ""
+        if (
+            topic.startswith(USER_PREFIX)
+            and is_valid_topic(topic)
+            and isinstance(handler, MarketProtocolHandler)
+        ):
+            return self._take_user_publish(client_session, handler, message, topic)
         accepted = True
         try:
             return await self._route_inbound(client_session, message)
@@ -1287,10 +1295,68 @@ class MarketBroker(Broker):
                 "will of %s on %s not delivered: %s", clip(session.client_id), clip(topic), clip(exc, 200)
             )
 
+    def _take_user_publish(
+        self, sender: Session, handler: MarketProtocolHandler, message: ApplicationMessage, topic: str
+    ) -> bool:
+        """A client's PUBLISH to ``user/...``: routed now, acknowledged (QoS 1) once the group
+        commit holding it returns, so the client loop goes on to the next PUBLISH meanwhile and
+        a window of them is stored in one write. Store down: no PUBACK, the connection ends
+        (the publisher's library sends it again after reconnecting)."""
+        self.stats.messages_in[topic_class(topic)] += 1
+        if not self._publish_allowed(sender, topic):
+            handler.hand_off(message, True)
+            return True
+        sent = self._user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
+        if sent is None:
+            handler.hand_off(message, True)
+        else:
+            sent.add_done_callback(partial(self._user_publish_done, sender, handler, message))
+        return True
+
+    def _user_publish_done(
+        self,
+        sender: Session,
+        handler: MarketProtocolHandler,
+        message: ApplicationMessage,
+        sent: asyncio.Future[SendResult],
+    ) -> None:
+        exc = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or exc is not None:
+            self.stats.publishes_dropped["store_unavailable"] += 1
+            log.error(
+                "could not take %s's message on %s: %s",
+                clip(sender.client_id),
+                clip(message.topic),
+                exc or "cancelled",
+                extra=STORE,
+            )
+            handler.hand_off(message, False)
+            return
+        handler.hand_off(message, True)
+        self._evictions_of(sender, message.topic or "", sent.result())
+
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
+        """A will (or other awaited publish) to ``user/...``: done once it is stored."""
+        sent = self._user_publish(sender, topic, data, qos)
+        if sent is not None:
+            self._evictions_of(sender, topic, await sent)
+
+    def _user_publish(
+        self, sender: Session, topic: str, data: bytes, qos: int
+    ) -> asyncio.Future[SendResult] | None:
+        """Open the envelope and start sending; None when the message is dropped (logged)."""
         cfg = self.bridge_config.store
         try:
             envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
+            user = topic.split("/", 2)[1]
+            return self._start_send(
+                user,
+                user_topic(user, topic),
+                envelope.payload,
+                priority=envelope.priority,
+                ttl_s=envelope.ttl_s,
+                qos=max(qos, QOS_1),
+            )
         except MessageError as exc:
             self.stats.publishes_dropped[exc.reason] += 1
             log.warning(
@@ -1300,19 +1366,15 @@ class MarketBroker(Broker):
                 clip(exc, 200),
                 extra=CLIENT,
             )
-            return
-        user = topic.split("/", 2)[1]
-        result = await self.send_to_user(
-            user,
-            topic,
-            envelope.payload,
-            priority=envelope.priority,
-            ttl_s=envelope.ttl_s,
-            qos=max(qos, QOS_1),
-        )
+            return None
+
+    def _evictions_of(self, sender: Session, topic: str, result: SendResult) -> None:
         owner = sender.attributes.get(_OWNER)
         if result.evicted and isinstance(owner, str):
-            await self._notify_evictions(owner, user, result.evicted)
+            user = topic.split("/", 2)[1]
+            task = asyncio.create_task(self._notify_evictions(owner, user, result.evicted))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
 
     async def _notify_evictions(self, service: str, user: str, evicted: tuple[OfflineMessage, ...]) -> None:
         """Tell the sending service what a full queue dropped, on service/<sub>/evictions."""
@@ -1336,28 +1398,48 @@ class MarketBroker(Broker):
         had to be stored and could not be: nothing is reported as stored that was not.
         """
         full = user_topic(user, topic)
+        return await self._start_send(user, full, payload, priority=priority, ttl_s=ttl_s, qos=qos)
+
+    def _start_send(
+        self, user: str, full: str, payload: bytes, *, priority: Priority, ttl_s: float | None, qos: int
+    ) -> asyncio.Future[SendResult]:
+        """:meth:`send_to_user` without waiting: its future completes once the message is
+        stored (in the mailbox's next group commit) and delivered to whoever is live."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
         live, mailboxes = self._user_targets(user, full)
-        if mailboxes:
-            # The user keeps a persistent session for this topic: the message goes into their
-            # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
-            # offline, online but not yet acknowledging, or the broker is killed meanwhile,
-            # what the sender was told is stored stays stored until delivered.
-            assert self.mailbox is not None
-            result = await self.mailbox.enqueue(
-                user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2))
-            )
-            others = [t for t in live if not self._is_mailbox(t[0], user)]
-            self._deliver_live(others, full, payload, qos)
+        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        if not mailboxes:
+            if not live:
+                self.stats.publishes_dropped["no_subscriber"] += 1
+                done.set_result(SendResult(0, None))
+                return done
+            self._deliver_live(live, full, payload, qos)
+            done.set_result(SendResult(len(live), None))
+            return done
+        # The user keeps a persistent session for this topic: the message goes into their
+        # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
+        # offline, online but not yet acknowledging, or the broker is killed meanwhile,
+        # what the sender was told is stored stays stored until delivered.
+        assert self.mailbox is not None
+        stored = self.mailbox.submit(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
+
+        def committed(commit: asyncio.Future[EnqueueResult]) -> None:
+            if commit.cancelled():
+                done.cancel()
+                return
+            exc = commit.exception()
+            if exc is not None:
+                done.set_exception(exc)
+                return
+            result = commit.result()
+            self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
             for session, _ in live:
                 if self._is_mailbox(session, user):
                     self._pump(session)
-            return SendResult(len(live), result.stored, result.evicted)
-        if not live:
-            self.stats.publishes_dropped["no_subscriber"] += 1
-            return SendResult(0, None)
-        self._deliver_live(live, full, payload, qos)
-        return SendResult(len(live), None)
+            done.set_result(SendResult(len(live), result.stored, result.evicted))
+
+        stored.add_done_callback(committed)
+        return done
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
