@@ -36,7 +36,6 @@ def run(*, messages: int, redis_url: str | None = None) -> dict[str, Any]:
     store: dict[str, Any] = {
         "queue_max_messages": messages,
         "queue_max_bytes": 104857600,
-        "replay_window": 100,
     }
     if redis_url:
         store["redis_url"] = redis_url

@@ -212,9 +212,12 @@ return result
 _ACK = (
     _LUA_COMMON
     + """
-if redis.call('HEXISTS', msgs, ARGV[1]) == 0 then return 0 end
-remove({ARGV[1]})
-return 1
+local present = {}
+for _, id in ipairs(ARGV) do
+  if redis.call('HEXISTS', msgs, id) == 1 then present[#present + 1] = id end
+end
+if #present > 0 then remove(present) end
+return #present
 """
 )
 
@@ -461,8 +464,13 @@ class RedisStore:
             await self._mark_sent(keys=keys.queue_keys(user), args=list(message_ids))
 
     async def ack(self, user: str, message_id: str) -> bool:
+        return await self.ack_many(user, [message_id]) == 1
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
         with self._errors("ack"):
-            return int(await self._ack(keys=keys.queue_keys(user), args=[message_id])) == 1
+            return int(await self._ack(keys=keys.queue_keys(user), args=list(message_ids)))
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         with self._errors("queue_size"):

@@ -457,6 +457,16 @@ class SqliteStore:
         async with self._locked("ack") as db:
             return await _changes(db, "DELETE FROM messages WHERE user = ? AND id = ?", (user, row_id)) > 0
 
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
+        async with self._locked("ack") as db:
+            return await _changes(
+                db,
+                "DELETE FROM messages WHERE user = ? AND id IN (SELECT value FROM json_each(?))",
+                (user, _row_ids(message_ids)),
+            )
+
     async def queue_size(self, user: str) -> tuple[int, int]:
         async with self._locked("queue_size") as db:
             row = await _one(db, "SELECT messages, bytes FROM queue_totals WHERE user = ?", (user,))

@@ -163,6 +163,9 @@ class GuardedStore:
     async def ack(self, user: str, message_id: str) -> bool:
         return await self._call("ack", self.inner.ack(user, message_id), self.call_timeout_s)
 
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        return await self._call("ack", self.inner.ack_many(user, message_ids), self.call_timeout_s)
+
     async def queue_size(self, user: str) -> tuple[int, int]:
         return await self._call("queue_size", self.inner.queue_size(user), self.call_timeout_s)
 

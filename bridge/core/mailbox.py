@@ -20,9 +20,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from functools import partial
+from typing import Any, Protocol
 
 from bridge.core.store import (
     EnqueueResult,
@@ -70,10 +72,13 @@ class MailboxLink(Protocol):
     async def await_ack(self, packet_id: int) -> None:
         """Until the acknowledgement of a message already in flight."""
 
-    async def send(self, message: OfflineMessage, *, dup: bool, on_ack: Callable[[], None]) -> None:
-        """Send a stored message (at the QoS the session takes it) and return once it is
-        acknowledged (QoS 1/2) or written (QoS 0). ``on_ack`` runs on an acknowledgement
-        that comes when nothing awaits this call any more (after a reconnect resent it)."""
+    def publish(
+        self, message: OfflineMessage, *, dup: bool, on_ack: Callable[[], None]
+    ) -> asyncio.Future[None]:
+        """Write a stored message now (at the QoS the session takes it; DUP if asked); the
+        future completes on its acknowledgement (at once at QoS 0) and is cancelled or fails
+        if the connection goes first. ``on_ack`` runs on an acknowledgement that comes when
+        the future is gone (after a reconnect resent the message)."""
 
 
 def user_topic(user: str, topic: str) -> str:
@@ -118,102 +123,143 @@ class ReplayResult:
     complete: bool = False  # False: stopped early (disconnect, no PUBACK); the rest stays stored
     # mark_sent / ack calls the store failed; delivery went on without them (at-least-once).
     bookkeeping_failures: int = 0
+    pages: int = 0  # reads of the queue
 
 
 async def replay(
     store: OfflineStore,
     user: str,
     *,
-    send: Callable[[OfflineMessage], Awaitable[bool]],
+    send: Callable[[OfflineMessage], asyncio.Future[None]],
     accepts: Callable[[str], bool],
     window: int,
     clock: Callable[[], float],
     wake: asyncio.Event | None = None,
 ) -> ReplayResult:
-    """Deliver ``user``'s queue in priority order with up to ``window`` messages in flight.
+    """Deliver ``user``'s queue in priority order, pipelined, with up to ``window`` messages
+    in flight.
 
-    A sliding window: as soon as one message is acknowledged, or ``wake`` says a new one
-    was stored, the next ones go out; one unacknowledged message never holds up the rest.
-    ``send`` returns True once the client acknowledged (PUBACK); only then is the message
-    removed, so anything unacknowledged when the connection drops is delivered again next
-    time (``sent`` > 0, so with DUP). Messages for topics the session does not take
-    (``accepts``) stay in the store for another session of the same user. Returns when the
-    queue is empty and nothing is in flight, or when a send fails (the connection is gone).
+    The queue is read in pages (URGENT -> LOW, FIFO within a priority; only as much as the
+    window has room for, so memory is bounded by the window, not the queue). ``send`` writes
+    a message and returns a future that completes on the client's PUBACK; nothing waits
+    per message. Acknowledged ids are removed in batches (:meth:`OfflineStore.ack_many`)
+    before each new page and at the end: a message leaves the store only after its PUBACK,
+    so anything unacknowledged when the connection drops is delivered again next time
+    (``sent`` > 0, so with DUP). The window is refilled once a quarter of it is free, or
+    when ``wake`` says a new message was stored. Messages for topics the session does not
+    take (``accepts``) stay in the store for another session of the same user. Returns when
+    the queue is empty and nothing is in flight, or when a send fails (the connection is gone).
 
     What is stored is delivered even when the store cannot keep its books (a full disk, Redis
     over ``maxmemory``): a failed ``mark_sent`` only means no DUP next time, a failed ``ack``
-    that the message comes again next time (at-least-once); the replay goes on and logs the
+    that the messages come again next time (at-least-once); the replay goes on and logs the
     first such failure once. It stops only when the queue cannot be read, or an ``ack`` finds
     the store unreachable (the next read would too).
     """
     result = ReplayResult()
-    exclude: set[str] = set()  # for another session, or delivered but still stored
-    in_flight: dict[asyncio.Task[bool], OfflineMessage] = {}
+    exclude: set[str] = set()  # for another session, or acknowledged but still stored
+    in_flight: dict[str, asyncio.Future[None]] = {}
+    acked: list[str] = []  # acknowledged, not yet removed
+    lost = False
+    progress = asyncio.Event()
+    refill_at = max(1, window // 4)  # free slots that make a page worth reading
+
+    def settled(message_id: str, future: asyncio.Future[None]) -> None:
+        nonlocal lost
+        if in_flight.pop(message_id, None) is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            lost = True
+        else:
+            acked.append(message_id)
+            result.replayed += 1
+        if lost or window - len(in_flight) >= refill_at:
+            progress.set()
+
+    async def flush_acks() -> bool:
+        """Remove what was acknowledged; False if the store is unreachable."""
+        if not acked:
+            return True
+        batch = acked[:]
+        del acked[:]
+        try:
+            await store.ack_many(user, batch)
+        except StoreUnavailable as exc:
+            log.warning(
+                "offline replay to %s stopped after %d message(s): %s; the rest stays stored",
+                clip(user),
+                result.replayed,
+                exc,
+                extra=STORE,
+            )
+            return False
+        except StoreError as exc:
+            exclude.update(batch)
+            _bookkeeping_failed(result, user, "ack", exc)
+        return True
+
     try:
+        exhausted = False
         while True:
+            new_stored = wake is not None and wake.is_set()
             if wake is not None:
                 wake.clear()
+            progress.clear()
+            if lost:
+                await flush_acks()
+                return result  # not acknowledged: the connection is gone, the rest stays
             room = window - len(in_flight)
-            exhausted = False
-            while room > 0:
-                pending = await store.pending(
-                    user, now=clock(), limit=room, exclude=exclude | {m.id for m in in_flight.values()}
-                )
-                result.expired += pending.expired
-                if not pending.messages:
-                    exhausted = True
-                    break
-                batch = [m for m in pending.messages if accepts(m.topic)]
-                exclude.update(m.id for m in pending.messages if not accepts(m.topic))
-                if batch:
-                    try:
-                        await store.mark_sent(user, [m.id for m in batch])
-                    except StoreError as exc:
-                        _bookkeeping_failed(result, user, "mark_sent", exc)
-                    for message in batch:
-                        in_flight[asyncio.ensure_future(send(message))] = message
-                    room -= len(batch)
-            if not in_flight:
-                if exhausted and (wake is None or not wake.is_set()):
-                    result.complete = True
+            if room >= refill_at or not in_flight or new_stored:
+                if not await flush_acks():
                     return result
-                continue
-            waits: set[asyncio.Future[Any]] = set(in_flight)
-            woken = asyncio.ensure_future(wake.wait()) if wake is not None else None
-            if woken is not None:
-                waits.add(woken)
-            try:
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if woken is not None:
-                    woken.cancel()
-            for finished in done:
-                if finished is woken:
-                    continue
-                task = cast("asyncio.Task[bool]", finished)
-                message = in_flight.pop(task)
-                if task.cancelled() or task.exception() is not None or task.result() is not True:
-                    return result  # not acknowledged: the connection is gone, the rest stays
-                result.replayed += 1
-                try:
-                    await store.ack(user, message.id)
-                except StoreUnavailable as exc:
-                    log.warning(
-                        "offline replay to %s stopped after %d message(s): %s; the rest stays stored",
-                        clip(user),
-                        result.replayed,
-                        exc,
-                        extra=STORE,
+                if room > 0 and (not exhausted or new_stored or not in_flight):
+                    exhausted = False
+                    room = window - len(in_flight)
+                    # Acknowledged while the last batch of acks was being removed: still stored.
+                    pending = await store.pending(
+                        user, now=clock(), limit=room, exclude=exclude | in_flight.keys() | set(acked)
                     )
-                    return result  # this one comes again too: it is still stored
-                except StoreError as exc:
-                    exclude.add(message.id)
-                    _bookkeeping_failed(result, user, "ack", exc)
+                    result.pages += 1
+                    result.expired += pending.expired
+                    exhausted = len(pending.messages) < room
+                    batch = [m for m in pending.messages if accepts(m.topic)]
+                    exclude.update(m.id for m in pending.messages if not accepts(m.topic))
+                    if batch:
+                        try:
+                            await store.mark_sent(user, [m.id for m in batch])
+                        except StoreError as exc:
+                            _bookkeeping_failed(result, user, "mark_sent", exc)
+                        for message in batch:
+                            future = send(message)
+                            in_flight[message.id] = future
+                            future.add_done_callback(partial(settled, message.id))
+                        continue  # what was sent may already be settled (QoS 0)
+            if not in_flight and exhausted and not lost and (wake is None or not wake.is_set()):
+                if not await flush_acks():
+                    return result
+                result.complete = True
+                return result
+            await _either(progress, wake)
     finally:
-        for task in in_flight:
-            task.cancel()
-        if in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
+        # What is still in flight stays in the session's in-flight state (resent on the next
+        # connection); its late settlements land in lists nobody reads any more.
+        if acked:
+            # Cancelled (the connection was released): what was acknowledged still goes.
+            with suppress(StoreError):
+                await store.ack_many(user, acked)
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event | None) -> None:
+    """Until one of the events is set."""
+    if second is None:
+        await first.wait()
+        return
+    waits = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: StoreError) -> None:
@@ -360,27 +406,20 @@ class Mailbox:
             )
         return result
 
-    async def deliver(self, user: str, link: MailboxLink, message: OfflineMessage) -> bool:
-        """Send one stored message; True once acknowledged (QoS 1/2) or written (QoS 0)."""
+    def deliver(self, user: str, link: MailboxLink, message: OfflineMessage) -> asyncio.Future[None]:
+        """Send one stored message; the future completes once it is acknowledged (QoS 1/2) or
+        written (QoS 0), and fails or is cancelled if the connection goes first."""
         if link.acknowledged(message.id):
-            return True  # acknowledged after a reconnect re-sent it, before this replay got here
-        try:
-            packet_id = link.in_flight(message.id)
-            if packet_id is not None:
-                # Re-sent at reconnect with its original packet id: wait for that one's ack.
-                await link.await_ack(packet_id)
-                return True
-            # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
-            await link.send(message, dup=message.sent > 0, on_ack=lambda: self.ack_later(user, message))
-        except Exception as exc:
-            log.info(
-                "offline message to %s not acknowledged: %s",
-                clip(link.client_id),
-                clip(exc, 200),
-                extra=CLIENT,
-            )
-            return False
-        return True
+            # Acknowledged after a reconnect re-sent it, before this replay got here.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        packet_id = link.in_flight(message.id)
+        if packet_id is not None:
+            # Re-sent at reconnect with its original packet id: wait for that one's ack.
+            return asyncio.ensure_future(link.await_ack(packet_id))
+        # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
+        return link.publish(message, dup=message.sent > 0, on_ack=lambda: self.ack_later(user, message))
 
     def ack_later(self, user: str, message: OfflineMessage) -> None:
         """The PUBACK of a stored message whose sending task was gone (it came after a

@@ -15,7 +15,8 @@ Offline queue semantics (both stores):
   the lowest priority of a full queue, or alone exceeds the byte limit), nothing queued
   changes and the result is ``EnqueueResult(stored=None, evicted=(m,))`` where ``m`` is the
   new message with ``id=""``.
-- A message leaves only on :meth:`OfflineStore.ack` (after the client's PUBACK);
+- A message leaves only on :meth:`OfflineStore.ack` / :meth:`OfflineStore.ack_many` (after
+  the client's PUBACK);
   :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
 - Every multi-key change is atomic: a crash never leaves half a message.
 - Enqueues may be grouped (:meth:`OfflineStore.enqueue_many`): one write for all of them,
@@ -166,6 +167,9 @@ class OfflineStore(Protocol):
 
     async def ack(self, user: str, message_id: str) -> bool:
         """Remove a delivered message; False if it was not there (already acked, expired)."""
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        """Remove delivered messages at once (one write); how many were there."""
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         """(messages, payload bytes) queued for ``user``, expired ones included until met."""

@@ -697,3 +697,15 @@ async def test_a_refused_message_in_a_group_evicts_nothing(store: OfflineStore, 
 
 async def test_an_empty_group_writes_nothing(store: OfflineStore) -> None:
     assert await store.enqueue_many([], now=NOW) == []
+
+
+async def test_ack_many_removes_what_is_there_and_counts_it(store: OfflineStore) -> None:
+    user, other = unique(), unique()
+    ids = [(await stored(store, user, msg(f"m{i}"))).id for i in range(5)]
+    foreign = (await stored(store, other, msg("theirs"))).id
+    assert await store.ack_many(user, [ids[0], ids[2], foreign, "nope"]) == 2
+    assert await order(store, user) == ["m1", "m3", "m4"]
+    assert await order(store, other) == ["theirs"]  # another user's id is not theirs to ack
+    assert await store.ack_many(user, [ids[0]]) == 0
+    assert await store.ack_many(user, []) == 0
+    assert await store.queue_size(user) == (3, 6)

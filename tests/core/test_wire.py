@@ -10,6 +10,7 @@ from websockets.frames import Frame, Opcode
 
 from bridge.core.topics import is_valid_topic
 from bridge.core.wire import (
+    publish,
     publish_qos0,
     publish_qos1_parts,
     remaining_length,
@@ -104,3 +105,17 @@ def test_ws_frame_header(size: int, header: bytes) -> None:
     if size <= 70_000:
         data = bytes(size)
         assert Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[]) == header + data
+
+
+@given(
+    st.text(min_size=1, max_size=80).filter(is_valid_topic),
+    st.one_of(st.binary(max_size=300), st.sampled_from([bytes(120), bytes(70_000)])),
+    st.integers(min_value=1, max_value=65535),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+)
+def test_publish_with_a_packet_id_matches_amqtt(
+    topic: str, payload: bytes, packet_id: int, qos: int, dup: bool
+) -> None:
+    expected = bytes(PublishPacket.build(topic, payload, packet_id, dup, qos, False).to_bytes())
+    assert publish(topic.encode(), payload, qos=qos, packet_id=packet_id, dup=dup) == expected
