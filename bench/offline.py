@@ -9,16 +9,19 @@ end); the user reconnects and the time to the last message is taken (replayed/s)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.brokers import Auth, running
+from bench.profile import Sampler
 
 
 def _client(port: int, user: str, token: str, *, client_id: str = "", clean: bool = True) -> mqtt.Client:
@@ -30,7 +33,11 @@ def _client(port: int, user: str, token: str, *, client_id: str = "", clean: boo
     return client
 
 
-def run(*, messages: int, redis_url: str | None = None) -> dict[str, Any]:
+def _sampled(pid: int, profile: Path | None, phase: str) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if profile is None else Sampler(pid, profile / f"{phase}.txt")
+
+
+def run(*, messages: int, redis_url: str | None = None, profile: Path | None = None) -> dict[str, Any]:
     """Store a ``messages`` backlog for an offline user, then replay it; one result (``scenario`` included)."""
     auth = Auth.new()
     store: dict[str, Any] = {
@@ -63,13 +70,17 @@ def run(*, messages: int, redis_url: str | None = None) -> dict[str, Any]:
         service.on_publish = lambda *_a: acked.release()
         service.connect("127.0.0.1", port)
         service.loop_start()
-        start = time.perf_counter()
-        for index in range(messages):
-            service.publish("user/alice/fills", json.dumps({"n": index}).encode(), qos=1)
-        for _ in range(messages):
-            if not acked.acquire(timeout=120):
-                break
-        stored_s = time.perf_counter() - start
+        ps = broker.ps
+        cpu = sum(ps.cpu_times()[:2])
+        with _sampled(broker.process.pid, profile, "store"):
+            start = time.perf_counter()
+            for index in range(messages):
+                service.publish("user/alice/fills", json.dumps({"n": index}).encode(), qos=1)
+            for _ in range(messages):
+                if not acked.acquire(timeout=120):
+                    break
+            stored_s = time.perf_counter() - start
+        store_cpu = sum(ps.cpu_times()[:2]) - cpu
         service.disconnect()
         service.loop_stop()
 
@@ -78,22 +89,28 @@ def run(*, messages: int, redis_url: str | None = None) -> dict[str, Any]:
             port, "alice", auth.token("alice", "subscriber"), client_id="alice-phone", clean=False
         )
         phone.on_message = lambda _c, _u, msg: received.put(bytes(msg.payload))
-        start = time.perf_counter()
-        phone.connect("127.0.0.1", port)
-        phone.loop_start()
-        count = 0
-        try:
-            while count < messages:
-                received.get(timeout=60)
-                count += 1
-        except queue.Empty:
-            pass
-        replay_s = time.perf_counter() - start
+        cpu = sum(ps.cpu_times()[:2])
+        with _sampled(broker.process.pid, profile, "replay"):
+            start = time.perf_counter()
+            phone.connect("127.0.0.1", port)
+            phone.loop_start()
+            count = 0
+            try:
+                while count < messages:
+                    received.get(timeout=60)
+                    count += 1
+            except queue.Empty:
+                pass
+            replay_s = time.perf_counter() - start
+        replay_cpu = sum(ps.cpu_times()[:2]) - cpu
         phone.disconnect()
         phone.loop_stop()
     return result | {
         "messages": messages,
         "stored_per_s": round(messages / stored_s),
+        # Broker CPU per message: steadier than rates on a shared machine.
+        "store_cpu_us_per_message": round(store_cpu / messages * 1e6),
+        "replay_cpu_us_per_message": round(replay_cpu / max(count, 1) * 1e6),
         "replayed": count,
         "reconnect_to_last_message_s": round(replay_s, 2),
         "replayed_per_s": round(count / replay_s),
@@ -104,8 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--redis-url")
+    parser.add_argument("--profile", type=Path, help="sample the broker with py-spy into this directory")
     args = parser.parse_args()
-    print(json.dumps(run(messages=args.messages, redis_url=args.redis_url)), flush=True)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(run(messages=args.messages, redis_url=args.redis_url, profile=args.profile)), flush=True)
 
 
 if __name__ == "__main__":

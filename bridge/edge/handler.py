@@ -457,7 +457,8 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             self._handoffs.pop(id(app_message), None)
         if accepted:
             puback_packet = PubackPacket.build(app_message.packet_id)
-            await self._send_packet(puback_packet)
+            # With this step's batch: a window of PUBACKs from one group commit is one write.
+            await self._send_control(b"\x40\x02" + app_message.packet_id.to_bytes(2, "big"))
             app_message.puback_packet = puback_packet
         else:
             self.end("handoff_failed")
