@@ -767,7 +767,7 @@ def test_sigkill_between_group_commits_loses_nothing_acknowledged(
 ) -> None:
     """A service streams with 100 PUBLISHes in flight, so they are stored in groups; the broker is
     killed -9 mid-stream. Every message it acknowledged comes to the user after the restart."""
-    env, token, start = _processes(procs, tmp_path, kind, request)
+    _env, token, start = _processes(procs, tmp_path, kind, request)
     first, port = start()
     user, phone_id = unique("alice"), unique("phone")
     phone = clients(
