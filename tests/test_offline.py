@@ -872,3 +872,30 @@ def test_a_redis_outage_mid_stream_acknowledges_only_what_was_committed(
     assert told_stored - received == set()
     assert received == set(range(total))
     assert broker.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_users_draining_together_are_served_fairly(clients: ClientFactory, tmp_path: Path) -> None:
+    """Eight users' mailboxes fill at once while they are connected (window 5, so each needs
+    twelve rounds): every user gets its first message before any user has all of its own."""
+    config = bridge_config(store={"path": str(tmp_path / "store.sqlite3"), "replay_window": 5})
+    with BrokerThread(config) as running:
+        users = [unique("fair") for _ in range(8)]
+        arrivals: dict[str, list[float]] = {user: [] for user in users}
+        for user in users:
+            phone = persistent_client(clients, running.tcp_port, user, f"{user}-phone")
+            phone.paho.on_message = lambda _c, _u, _m, times=arrivals[user]: times.append(time.monotonic())
+            phone.connect()
+            assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+
+        async def burst() -> None:
+            # One event-loop step: one group commit, then every user's replay at once.
+            sends = [running.broker.send_to_user(u, "fills", b"%d" % i) for i in range(60) for u in users]
+            results = await asyncio.gather(*sends)
+            assert all(r.stored is not None for r in results)
+
+        running.run(burst())
+        wait_until(lambda: all(len(times) == 60 for times in arrivals.values()), what="every queue drained")
+        first_done = min(times[-1] for times in arrivals.values())
+        last_started = max(times[0] for times in arrivals.values())
+        assert last_started < first_done
