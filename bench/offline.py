@@ -1,9 +1,13 @@
 """Offline delivery throughput: store a 10,000-message backlog over MQTT, then replay it.
 
-Starts ``market-bridge run`` on the embedded store or on a Redis URL (``--redis-url``). A
-user makes a persistent session and goes away; a service publishes ``--messages`` QoS 1
-messages to them (each PUBACK arrives only once the message is stored: stored/s is end to
-end); the user reconnects and the time to the last message is taken (replayed/s).
+Starts ``market-bridge run`` on the embedded store or on a Redis URL (``--redis-url``), or
+Mosquitto with persistence on (``--broker mosquitto``; its PUBACK is not durable: it writes
+its file only periodically). A user makes a persistent session and goes away; a service
+publishes ``--messages`` QoS 1 messages to them with 100 unacknowledged at most (each
+PUBACK arrives only once the message is stored: stored/s is end to end); the user
+reconnects and the time to the last message is taken (replayed/s). :func:`run_all` runs
+every variant ``make bench`` reports: SQLite, Redis with AOF ``everysec`` and ``always``
+(a redis-server started for it), and Mosquitto when installed.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import argparse
 import contextlib
 import json
 import queue
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.brokers import Auth, running
+from bench.brokers import Auth, BrokerKind, mosquitto_available, running
 from bench.profile import Sampler
 
 
@@ -37,7 +46,43 @@ def _sampled(pid: int, profile: Path | None, phase: str) -> contextlib.AbstractC
     return contextlib.nullcontext() if profile is None else Sampler(pid, profile / f"{phase}.txt")
 
 
-def run(*, messages: int, redis_url: str | None = None, profile: Path | None = None) -> dict[str, Any]:
+@contextlib.contextmanager
+def redis_server(appendfsync: str) -> Iterator[str]:
+    """A redis-server on a free port with AOF on and ``appendfsync`` as given; its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir, "--save", ""]
+    argv += ["--appendonly", "yes", "--appendfsync", appendfsync]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(
+    *,
+    messages: int,
+    redis_url: str | None = None,
+    profile: Path | None = None,
+    broker_kind: BrokerKind = "market-bridge",
+) -> dict[str, Any]:
     """Store a ``messages`` backlog for an offline user, then replay it; one result (``scenario`` included)."""
     auth = Auth.new()
     store: dict[str, Any] = {
@@ -48,10 +93,15 @@ def run(*, messages: int, redis_url: str | None = None, profile: Path | None = N
         store["redis_url"] = redis_url
     result: dict[str, Any] = {
         "scenario": "offline_backlog",
-        "broker": "market-bridge",
+        "broker": broker_kind,
         "store": "redis" if redis_url else "sqlite",
     }
-    with running("market-bridge", auth=auth, extra={"store": store}) as broker:
+    if broker_kind == "mosquitto":
+        result["store"] = "persistence"
+        extra: dict[str, Any] = {"persistence": "true", "max_queued_messages": str(2 * messages)}
+    else:
+        extra = {"store": store}
+    with running(broker_kind, auth=auth, extra=extra) as broker:
         port = broker.tcp_port
         phone = _client(
             port, "alice", auth.token("alice", "subscriber"), client_id="alice-phone", clean=False
@@ -117,15 +167,29 @@ def run(*, messages: int, redis_url: str | None = None, profile: Path | None = N
     }
 
 
+def run_all(*, messages: int) -> Iterator[dict[str, Any]]:
+    """The backlog on every store (and Mosquitto when installed), one result each."""
+    yield run(messages=messages)
+    for appendfsync in ("everysec", "always"):
+        with redis_server(appendfsync) as url:
+            yield run(messages=messages, redis_url=url) | {"appendfsync": appendfsync}
+    if mosquitto_available():
+        yield run(messages=messages, broker_kind="mosquitto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--redis-url")
+    parser.add_argument("--broker", choices=["market-bridge", "mosquitto"], default="market-bridge")
     parser.add_argument("--profile", type=Path, help="sample the broker with py-spy into this directory")
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(run(messages=args.messages, redis_url=args.redis_url, profile=args.profile)), flush=True)
+    result = run(
+        messages=args.messages, redis_url=args.redis_url, profile=args.profile, broker_kind=args.broker
+    )
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
