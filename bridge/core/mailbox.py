@@ -17,6 +17,7 @@ protocol handler. What it keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -52,6 +53,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Replay rounds (acks, a page, mark_sent) at the store at once, across all users.
+STORE_TURNS = 4
 # Packet ids are 1..65535 ([MQTT-2.3.1-1]).
 _PACKET_IDS = 65535
 
@@ -135,6 +138,7 @@ async def replay(
     window: int,
     clock: Callable[[], float],
     wake: asyncio.Event | None = None,
+    turns: asyncio.Semaphore | None = None,
 ) -> ReplayResult:
     """Deliver ``user``'s queue in priority order, pipelined, with up to ``window`` messages
     in flight.
@@ -147,7 +151,10 @@ async def replay(
     so anything unacknowledged when the connection drops is delivered again next time
     (``sent`` > 0, so with DUP). The window is refilled once a quarter of it is free, or
     when ``wake`` says a new message was stored. Messages for topics the session does not
-    take (``accepts``) stay in the store for another session of the same user. Returns when
+    take (``accepts``) stay in the store for another session of the same user. With
+    ``turns``, each round of store calls (acks, a page, its ``mark_sent``) waits for a turn:
+    many users draining at once queue there, first come first served, instead of piling
+    onto the store past its call deadline. Returns when
     the queue is empty and nothing is in flight, or when a send fails (the connection is gone).
 
     What is stored is delivered even when the store cannot keep its books (a full disk, Redis
@@ -163,6 +170,7 @@ async def replay(
     lost = False
     progress = asyncio.Event()
     refill_at = max(1, window // 4)  # free slots that make a page worth reading
+    exhausted = False  # the last page was short: nothing more until something is stored
 
     def settled(message_id: str, future: asyncio.Future[None]) -> None:
         nonlocal lost
@@ -198,8 +206,37 @@ async def replay(
             _bookkeeping_failed(result, user, "ack", exc)
         return True
 
+    async def refill(room: int, *, new_stored: bool) -> bool | None:
+        """Remove what was acknowledged, then read and send a page; None: stop (the store is
+        unreachable), else whether anything was sent."""
+        nonlocal exhausted
+        if not await flush_acks():
+            return None
+        if room <= 0 or not (not exhausted or new_stored or not in_flight):
+            return False
+        room = window - len(in_flight)
+        # Acknowledged while the last batch of acks was being removed: still stored.
+        pending = await store.pending(
+            user, now=clock(), limit=room, exclude=exclude | in_flight.keys() | set(acked)
+        )
+        result.pages += 1
+        result.expired += pending.expired
+        exhausted = len(pending.messages) < room
+        batch = [m for m in pending.messages if accepts(m.topic)]
+        exclude.update(m.id for m in pending.messages if not accepts(m.topic))
+        if not batch:
+            return False
+        try:
+            await store.mark_sent(user, [m.id for m in batch])
+        except StoreError as exc:
+            _bookkeeping_failed(result, user, "mark_sent", exc)
+        for message in batch:
+            future = send(message)
+            in_flight[message.id] = future
+            future.add_done_callback(partial(settled, message.id))
+        return True
+
     try:
-        exhausted = False
         while True:
             new_stored = wake is not None and wake.is_set()
             if wake is not None:
@@ -210,32 +247,16 @@ async def replay(
                 return result  # not acknowledged: the connection is gone, the rest stays
             room = window - len(in_flight)
             if room >= refill_at or not in_flight or new_stored:
-                if not await flush_acks():
+                async with turns or contextlib.nullcontext():
+                    sent = await refill(room, new_stored=new_stored)
+                if sent is None:
                     return result
-                if room > 0 and (not exhausted or new_stored or not in_flight):
-                    exhausted = False
-                    room = window - len(in_flight)
-                    # Acknowledged while the last batch of acks was being removed: still stored.
-                    pending = await store.pending(
-                        user, now=clock(), limit=room, exclude=exclude | in_flight.keys() | set(acked)
-                    )
-                    result.pages += 1
-                    result.expired += pending.expired
-                    exhausted = len(pending.messages) < room
-                    batch = [m for m in pending.messages if accepts(m.topic)]
-                    exclude.update(m.id for m in pending.messages if not accepts(m.topic))
-                    if batch:
-                        try:
-                            await store.mark_sent(user, [m.id for m in batch])
-                        except StoreError as exc:
-                            _bookkeeping_failed(result, user, "mark_sent", exc)
-                        for message in batch:
-                            future = send(message)
-                            in_flight[message.id] = future
-                            future.add_done_callback(partial(settled, message.id))
-                        continue  # what was sent may already be settled (QoS 0)
+                if sent:
+                    continue  # what was sent may already be settled (QoS 0)
             if not in_flight and exhausted and not lost and (wake is None or not wake.is_set()):
-                if not await flush_acks():
+                async with turns or contextlib.nullcontext():
+                    flushed = await flush_acks()
+                if not flushed:
                     return result
                 result.complete = True
                 return result
@@ -347,6 +368,9 @@ class Mailbox:
         self._stats = stats
         self._background: set[asyncio.Task[Any]] = set()  # acks whose sender was gone
         self.commits = GroupCommit(store, clock=clock)
+        # Replays at the store at once: more wait their turn (FIFO), so a reconnect storm of
+        # users with backlogs queues here rather than past the store's call deadline.
+        self.turns = asyncio.Semaphore(STORE_TURNS)
 
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         """Store durably, in the next group commit; the future says what became of it (or
@@ -389,6 +413,7 @@ class Mailbox:
                 window=self.window,
                 clock=self._clock,
                 wake=wake,
+                turns=self.turns,
             )
         except StoreError as exc:
             log.warning("offline replay for %s stopped: %s", clip(user), exc, extra=STORE)
