@@ -127,6 +127,7 @@ class ReplayResult:
     # mark_sent / ack calls the store failed; delivery went on without them (at-least-once).
     bookkeeping_failures: int = 0
     pages: int = 0  # reads of the queue
+    store_down: bool = False  # stopped because the store could not be reached: try again later
 
 
 async def replay(
@@ -200,6 +201,7 @@ async def replay(
                 exc,
                 extra=STORE,
             )
+            result.store_down = True
             return False
         except StoreError as exc:
             exclude.update(batch)
@@ -401,8 +403,8 @@ class Mailbox:
 
     async def replay(
         self, user: str, link: MailboxLink, accepts: Callable[[str], bool], wake: asyncio.Event
-    ) -> ReplayResult | None:
-        """Replay ``user``'s queue over ``link``; None if the store stopped it (logged)."""
+    ) -> ReplayResult:
+        """Replay ``user``'s queue over ``link``; ``store_down`` if the store stopped it (logged)."""
         started = self._clock()
         try:
             result = await replay(
@@ -417,7 +419,7 @@ class Mailbox:
             )
         except StoreError as exc:
             log.warning("offline replay for %s stopped: %s", clip(user), exc, extra=STORE)
-            return None
+            return ReplayResult(store_down=True)
         self._stats.offline_replayed += result.replayed
         self._stats.offline_expired += result.expired
         if result.replayed or result.expired:

@@ -133,6 +133,8 @@ log = logging.getLogger(__name__)
 install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
+# How long a replay the store stopped waits before it tries again.
+REPLAY_RETRY_S = 1.0
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -1522,7 +1524,11 @@ class MarketBroker(Broker):
         )
         if connection.wake is None:
             connection.wake = LeanEvent()
-        await self.mailbox.replay(connection.user, link, accepts, connection.wake)
+        while (await self.mailbox.replay(connection.user, link, accepts, connection.wake)).store_down:
+            # The store is back soon or the connection ends (and cancels this).
+            await asyncio.sleep(REPLAY_RETRY_S)
+            if connection.state is not State.LIVE:
+                return
 
     def _best_qos(self, session: Session, topic: str) -> int:
         qos = QOS_0
