@@ -202,7 +202,9 @@ def _launch(
         path = workdir / "mosquitto.conf"
         path.write_text(
             f"listener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\nprotocol websockets\n"
-            "allow_anonymous true\npersistence false\n"
+            "allow_anonymous true\n"
+            + "".join(f"{key} {value}\n" for key, value in {"persistence": "false", **config}.items())
+            + (f"persistence_location {workdir}/\n" if config.get("persistence") == "true" else "")
         )
         argv = [shutil.which("mosquitto") or "mosquitto", "-c", str(path)]
     try:
@@ -269,6 +271,7 @@ def running(
         config = _merge(config, extra or {})
     else:
         auth = None
+        config = dict(extra or {})  # mosquitto: extra "option value" lines for its config file
     broker = RunningBroker(
         kind, _launch(kind, workdir, tcp, ws, config), tcp, ws, auth, workdir / "broker.log"
     )

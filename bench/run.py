@@ -19,7 +19,11 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
 - ``storm`` [market-bridge]: WebSocket connect storm, each client with its own token
   subscribing ``market/#`` with 100 retained snapshots, then the same clients reconnecting
   (bench/connect.py ``storm``; 10,000 clients, quick 1,000).
-- ``offline`` [market-bridge]: offline backlog stored and replayed (bench/offline.py).
+- ``offline`` [market-bridge, mosquitto]: a 10,000-message backlog stored and replayed
+  (bench/offline.py) on SQLite, on Redis with AOF ``everysec`` and ``always``, and on
+  Mosquitto with persistence on when installed.
+- ``drain`` [market-bridge]: 1,000 users x 100 queued messages reconnecting together while
+  ticks fan out live (bench/mailbox_drain.py; quick: 200 x 50).
 
 Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
 ``summary`` line (wall time, failed scenarios). A scenario that fails prints its error as
@@ -39,7 +43,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from bench import connect, offline
+from bench import connect, mailbox_drain, offline
 from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, running
 from bench.loadgen import raise_nofile_limit
 from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
@@ -55,6 +59,7 @@ SCENARIOS = (
     "connect",
     "storm",
     "offline",
+    "drain",
 )
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
@@ -281,11 +286,19 @@ def main() -> None:
                 )
         if "offline" in chosen:
             try:
-                result = offline.run(messages=2000 if quick else 10_000)
-                report.emit(result.pop("scenario"), result)
+                for result in offline.run_all(messages=2000 if quick else 10_000):
+                    report.emit(result.pop("scenario"), result)
             except Exception as exc:
                 report.emit(
                     "offline_backlog", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
+                )
+        if "drain" in chosen:
+            try:
+                result = mailbox_drain.run(users=200 if quick else 1000, per_user=50 if quick else 100)
+                report.emit(result.pop("scenario"), result)
+            except Exception as exc:
+                report.emit(
+                    "mailbox_drain", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
                 )
 
     for other in brokers:

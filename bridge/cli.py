@@ -38,8 +38,8 @@ from bridge.errors import ConfigError, MarketBridgeError
 from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
-from bridge.offline import open_store
 from bridge.runtime import build_feed, pump, run, serve
+from broker_plugins.offline_store import open_store
 from feeds.poller import FEED_KINDS, POLLED_EXCHANGES
 from feeds.publisher import MqttTickPublisher
 

@@ -356,8 +356,9 @@ class StoreConfig(_Strict):
     default_ttl_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
     # Market snapshots are written behind, coalesced: at most one write per topic per interval.
     snapshot_flush_s: Annotated[float, Field(gt=0, le=60)] = 1.0
-    # Offline replay: messages in flight (awaiting PUBACK) per connection.
-    replay_window: Annotated[int, Field(ge=1, le=1000)] = 20
+    # Offline replay: messages in flight (awaiting PUBACK) per connection; the queue is read
+    # in pages of up to this many (bridge/core/mailbox.py), so it also bounds replay memory.
+    replay_window: Annotated[int, Field(ge=1, le=10000)] = 500
     # Deadline for every store call (bridge/store_guard.py): past it the caller gets
     # StoreUnavailable, whatever the store is doing. Also Redis's socket timeouts and
     # SQLite's busy timeout.

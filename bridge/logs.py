@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import IO, Any, Final
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
-
 from bridge.config import LoggingConfig
 
 __all__ = [
@@ -338,7 +336,7 @@ class HandshakeLog(logging.LoggerAdapter[logging.Logger]):
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = sys.exc_info()[1]
-        if msg == "opening handshake failed" and isinstance(exc, _CLIENT_HANDSHAKE_ERRORS):
+        if msg == "opening handshake failed" and isinstance(exc, _client_handshake_errors()):
             extra = kwargs.get("extra")
             connection = extra.get("websocket") if isinstance(extra, Mapping) else None
             self._to.info(
@@ -353,8 +351,14 @@ class HandshakeLog(logging.LoggerAdapter[logging.Logger]):
         self.logger.log(level, msg, *args, **kwargs)
 
 
-# What a client's bytes or its going away raise in a handshake; anything else is our code's.
-_CLIENT_HANDSHAKE_ERRORS = (InvalidHandshake, ConnectionClosed, ConnectionError, EOFError)
+def _client_handshake_errors() -> tuple[type[BaseException], ...]:
+    """What a client's bytes or its going away raise in a handshake; anything else is our code's.
+
+    Imported here, not at the top: the core logs through this module and loads no websockets.
+    """
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: PLC0415
+
+    return (InvalidHandshake, ConnectionClosed, ConnectionError, EOFError)
 
 
 def _exception_chain(exc: BaseException) -> str:

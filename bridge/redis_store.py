@@ -212,9 +212,12 @@ return result
 _ACK = (
     _LUA_COMMON
     + """
-if redis.call('HEXISTS', msgs, ARGV[1]) == 0 then return 0 end
-remove({ARGV[1]})
-return 1
+local present = {}
+for _, id in ipairs(ARGV) do
+  if redis.call('HEXISTS', msgs, id) == 1 then present[#present + 1] = id end
+end
+if #present > 0 then remove(present) end
+return #present
 """
 )
 
@@ -397,33 +400,57 @@ class RedisStore:
     # -- offline queue ----------------------------------------------------------------------
 
     async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult:
-        expires_at = now + message.ttl_s
-        encoded = _encode(message, created_at=now, expires_at=expires_at)
-        size = len(message.payload)
-        if size > self.limits.max_bytes:  # refused whatever is queued (the script checks too)
-            return EnqueueResult(stored=None, evicted=(_decode("", user, encoded, 0),))
+        (result,) = await self.enqueue_many([(user, message)], now=now)
+        return result
+
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        """:meth:`enqueue` each (user, message) in order: one ``INCRBY`` for their ids, then
+        every enqueue script in one MULTI/EXEC pipeline (one round trip, one AOF write)."""
+        encoded = [
+            _encode(message, created_at=now, expires_at=now + message.ttl_s) for _, message in messages
+        ]
+        refused = [
+            EnqueueResult(stored=None, evicted=(_decode("", user, data, 0),))
+            for (user, _), data in zip(messages, encoded, strict=True)
+        ]
+        # Refused whatever is queued (the script checks too).
+        fits = [i for i, (_, message) in enumerate(messages) if len(message.payload) <= self.limits.max_bytes]
+        if not fits:
+            return refused
         with self._errors("enqueue"):
-            seq = int(await self._redis.incr(keys.message_seq()))
-            if seq >= PRIORITY_SPAN:
-                raise StoreError(f"message counter {keys.message_seq()} overflowed ({seq})")
-            message_id = str(seq)
-            klass = 3 - int(message.priority)
-            reply = await self._enqueue(
-                keys=keys.queue_keys(user),
-                args=[
-                    message_id,
-                    klass * PRIORITY_SPAN + seq,
-                    repr(expires_at),
-                    size,
-                    encoded,
-                    self.limits.max_messages,
-                    self.limits.max_bytes,
-                    klass,
-                ],
+            last = int(await self._redis.incrby(keys.message_seq(), len(fits)))
+            if last >= PRIORITY_SPAN:
+                raise StoreError(f"message counter {keys.message_seq()} overflowed ({last})")
+            first = last - len(fits) + 1
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for seq, index in enumerate(fits, start=first):
+                    user, message = messages[index]
+                    await self._enqueue(
+                        keys=keys.queue_keys(user),
+                        args=[
+                            str(seq),
+                            (3 - int(message.priority)) * PRIORITY_SPAN + seq,
+                            repr(now + message.ttl_s),
+                            len(message.payload),
+                            encoded[index],
+                            self.limits.max_messages,
+                            self.limits.max_bytes,
+                            3 - int(message.priority),
+                        ],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        results = list(refused)
+        for seq, index, reply in zip(range(first, last + 1), fits, replies, strict=True):
+            if int(reply[0]) == 0:
+                continue
+            user = messages[index][0]
+            results[index] = EnqueueResult(
+                stored=_decode(str(seq), user, encoded[index], 0), evicted=_triples(user, reply[1:])
             )
-        if int(reply[0]) == 0:
-            return EnqueueResult(stored=None, evicted=(_decode("", user, encoded, 0),))
-        return EnqueueResult(stored=_decode(message_id, user, encoded, 0), evicted=_triples(user, reply[1:]))
+        return results
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         with self._errors("pending"):
@@ -437,8 +464,13 @@ class RedisStore:
             await self._mark_sent(keys=keys.queue_keys(user), args=list(message_ids))
 
     async def ack(self, user: str, message_id: str) -> bool:
+        return await self.ack_many(user, [message_id]) == 1
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
         with self._errors("ack"):
-            return int(await self._ack(keys=keys.queue_keys(user), args=[message_id])) == 1
+            return int(await self._ack(keys=keys.queue_keys(user), args=list(message_ids)))
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         with self._errors("queue_size"):

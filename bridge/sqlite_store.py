@@ -3,8 +3,9 @@
 Used when no Redis URL is configured. One connection per store; every operation runs
 under one :class:`asyncio.Lock`, and every change is either one statement or one
 ``BEGIN IMMEDIATE ... COMMIT`` transaction, so concurrent tasks never see (or leave) half a
-change. Each statement is one trip to aiosqlite's thread, so the common enqueue (room in
-the queue) is a single conditional ``INSERT``; only an overflow opens a transaction. The file uses WAL with ``synchronous=NORMAL``: a committed change survives a process
+change. Each statement is one trip to aiosqlite's thread; enqueues go in groups
+(:meth:`SqliteStore.enqueue_many`): one function on that thread runs the whole group in one
+transaction, so a group costs one trip and one commit. The file uses WAL with ``synchronous=NORMAL``: a committed change survives a process
 crash; an OS crash may lose the last transactions but never corrupts the file.
 
 Schema (version in table ``schema_version``; :data:`SCHEMA_VERSION` is what this code
@@ -29,6 +30,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -178,8 +180,40 @@ _EVICT: Final = f"""
 assert len(Priority) == 4, "_EVICT has one candidate range per priority"
 
 
-class _Refused(Exception):
-    """Raised inside an enqueue transaction to roll it back: the new message lost."""
+def _enqueue_group(
+    conn: sqlite3.Connection, work: Sequence[tuple[tuple[Any, ...], tuple[Any, ...]] | None]
+) -> list[tuple[int, list[Any]] | None]:
+    """On the connection's thread: each (insert, evict) parameter pair in one ``BEGIN
+    IMMEDIATE`` transaction; per message its row id and the rows evicted for it, or None if
+    it was refused (a savepoint undoes what was evicted for it). All or nothing."""
+    outcomes: list[tuple[int, list[Any]] | None] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for item in work:
+            if item is None:
+                outcomes.append(None)
+                continue
+            insert, evict = item
+            inserted = conn.execute(_INSERT_IF_ROOM, insert).fetchall()
+            victims: list[Any] = []
+            if not inserted:
+                conn.execute("SAVEPOINT make_room")
+                while not inserted:
+                    evicted = conn.execute(_EVICT, evict).fetchall()
+                    if not evicted:
+                        break  # the new message itself is the victim
+                    victims.extend(evicted)
+                    inserted = conn.execute(_INSERT_IF_ROOM, insert).fetchall()
+                if not inserted:
+                    conn.execute("ROLLBACK TO make_room")
+                conn.execute("RELEASE make_room")
+            outcomes.append((int(inserted[0][0]), victims) if inserted else None)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return outcomes
 
 
 def _message(row: Sequence[Any]) -> OfflineMessage:
@@ -327,62 +361,62 @@ class SqliteStore:
         Otherwise ``stored`` is the queued message and ``evicted`` the removed ones, in
         eviction order (lowest priority, oldest first).
         """
-        size = len(message.payload)
-        created = OfflineMessage(
-            id="",
-            user=user,
-            topic=message.topic,
-            payload=message.payload,
-            priority=Priority(message.priority),
-            qos=message.qos,
-            created_at=now,
-            expires_at=now + message.ttl_s,
-        )
-        refused = EnqueueResult(stored=None, evicted=(created,))
-        if size > self.limits.max_bytes:
-            return refused
-        params = (
-            user,
-            message.topic,
-            message.payload,
-            int(message.priority),
-            message.qos,
-            created.created_at,
-            created.expires_at,
-            size,
-            self.limits.max_messages,
-            self.limits.max_bytes,
-        )
-        evict_params = (user, int(message.priority), self.limits.max_messages, size, self.limits.max_bytes)
-        victims: list[OfflineMessage] = []
-        try:
-            async with self._locked("enqueue") as db:
-                inserted = list(await db.execute_fetchall(_INSERT_IF_ROOM, params))
-                if not inserted:
-                    async with _atomic(db):
-                        while not inserted:
-                            evicted = list(await db.execute_fetchall(_EVICT, evict_params))
-                            if not evicted:
-                                raise _Refused  # rolls back what was evicted for it
-                            victims.extend(map(_message, evicted))
-                            inserted = list(await db.execute_fetchall(_INSERT_IF_ROOM, params))
-        except _Refused:
-            return refused
-        victims.sort(key=lambda m: (m.priority, int(m.id)))
-        row_id = inserted[0][0]
-        return EnqueueResult(
-            stored=OfflineMessage(
-                id=str(row_id),
+        (result,) = await self.enqueue_many([(user, message)], now=now)
+        return result
+
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        """:meth:`enqueue` each (user, message) in order, all in one transaction: one trip to
+        the connection's thread and one commit (one WAL sync point) for the whole group."""
+        created = [
+            OfflineMessage(
+                id="",
                 user=user,
-                topic=created.topic,
-                payload=created.payload,
-                priority=created.priority,
-                qos=created.qos,
-                created_at=created.created_at,
-                expires_at=created.expires_at,
-            ),
-            evicted=tuple(victims),
-        )
+                topic=message.topic,
+                payload=message.payload,
+                priority=Priority(message.priority),
+                qos=message.qos,
+                created_at=now,
+                expires_at=now + message.ttl_s,
+            )
+            for user, message in messages
+        ]
+        limits = self.limits
+        work: list[tuple[tuple[Any, ...], tuple[Any, ...]] | None] = []
+        for (user, message), new in zip(messages, created, strict=True):
+            size = len(message.payload)
+            if size > limits.max_bytes:
+                work.append(None)  # refused whatever is queued
+                continue
+            insert = (
+                user,
+                message.topic,
+                message.payload,
+                int(message.priority),
+                message.qos,
+                new.created_at,
+                new.expires_at,
+                size,
+                limits.max_messages,
+                limits.max_bytes,
+            )
+            work.append((insert, (user, int(message.priority), limits.max_messages, size, limits.max_bytes)))
+        async with self._locked("enqueue") as db:
+            # One function on aiosqlite's thread for the whole group (its own helpers do the
+            # same): a statement per trip would cost a thread hand-off per message.
+            outcomes: list[tuple[int, list[Any]] | None] = await db._execute(  # type: ignore[no-untyped-call]
+                _enqueue_group, db._conn, work
+            )
+        results = []
+        for new, outcome in zip(created, outcomes, strict=True):
+            if outcome is None:
+                results.append(EnqueueResult(stored=None, evicted=(new,)))
+                continue
+            row_id, evicted = outcome
+            victims = sorted(map(_message, evicted), key=lambda m: (m.priority, int(m.id)))
+            results.append(EnqueueResult(stored=replace(new, id=str(row_id)), evicted=tuple(victims)))
+        return results
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         """Remove ``user``'s expired messages (``expires_at <= now``), then up to ``limit`` others.
@@ -422,6 +456,16 @@ class SqliteStore:
             return False
         async with self._locked("ack") as db:
             return await _changes(db, "DELETE FROM messages WHERE user = ? AND id = ?", (user, row_id)) > 0
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        if not message_ids:
+            return 0
+        async with self._locked("ack") as db:
+            return await _changes(
+                db,
+                "DELETE FROM messages WHERE user = ? AND id IN (SELECT value FROM json_each(?))",
+                (user, _row_ids(message_ids)),
+            )
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         async with self._locked("queue_size") as db:

@@ -1,6 +1,6 @@
 """Deadlines and failure tracking around any :class:`~bridge.core.store.OfflineStore`.
 
-:func:`bridge.offline.open_store` returns a :class:`GuardedStore`, and the broker wraps a
+:func:`broker_plugins.offline_store.open_store` returns a :class:`GuardedStore`, and the broker wraps a
 store it is given in one, so every store call the bridge makes goes through here:
 
 - **A deadline on every call**: ``store.call_timeout_s`` (2 s), and ``store.quick_timeout_s``
@@ -15,7 +15,7 @@ store it is given in one, so every store call the bridge makes goes through here
   write that missed its deadline may still land, so a sender told 503 may send again and the
   user get the message twice: at-least-once, as with a lost PUBACK. How long a late call
   lingers is bounded by the store's own timeouts (Redis socket timeouts, SQLite busy
-  timeout), which :func:`~bridge.offline.open_store` sets to the same ``call_timeout_s``.
+  timeout), which :func:`~broker_plugins.offline_store.open_store` sets to the same ``call_timeout_s``.
 - **Refusals are remembered**: a call the store answered with an error (not
   :class:`~bridge.core.store.StoreUnavailable`: a full disk, Redis over ``maxmemory``, a read-only
   or corrupt file) is kept as :meth:`GuardedStore.failure` for :data:`FAILURE_HOLD_S`, so
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -147,6 +147,11 @@ class GuardedStore:
     async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult:
         return await self._call("enqueue", self.inner.enqueue(user, message, now=now), self.call_timeout_s)
 
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        return await self._call("enqueue", self.inner.enqueue_many(messages, now=now), self.call_timeout_s)
+
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         return await self._call(
             "pending", self.inner.pending(user, now=now, limit=limit, exclude=exclude), self.call_timeout_s
@@ -157,6 +162,9 @@ class GuardedStore:
 
     async def ack(self, user: str, message_id: str) -> bool:
         return await self._call("ack", self.inner.ack(user, message_id), self.call_timeout_s)
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        return await self._call("ack", self.inner.ack_many(user, message_ids), self.call_timeout_s)
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         return await self._call("queue_size", self.inner.queue_size(user), self.call_timeout_s)

@@ -457,6 +457,20 @@ def test_limits_defaults_and_bounds(tmp_path: Path) -> None:
     assert caught.value.field == "limits.max_connections_per_user"
 
 
+@pytest.mark.parametrize(
+    ("value", "accepted"), [("0", False), ("1", True), ("10000", True), ("10001", False)]
+)
+def test_replay_window_default_and_bounds(tmp_path: Path, value: str, accepted: bool) -> None:
+    assert load_config(write(tmp_path, "")).store.replay_window == 500
+    path = write(tmp_path, f"store: {{replay_window: {value}}}\n")
+    if accepted:
+        assert load_config(path).store.replay_window == int(value)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "store.replay_window"
+
+
 def test_rate_limit_defaults(tmp_path: Path) -> None:
     rate = load_config(write(tmp_path, "")).limits.rate
     assert rate == RateLimitConfig()

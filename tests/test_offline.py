@@ -25,9 +25,10 @@ from bridge.core.store import OfflineStore, Priority, QueueLimits, SeqReservatio
 from bridge.errors import MessageError
 from bridge.keys import generate_dev_secret
 from bridge.logs import log_handler
-from bridge.offline import SeqReserver, open_store
+from bridge.offline import SeqReserver
 from bridge.redis_store import RedisStore
 from bridge.sqlite_store import SqliteStore
+from broker_plugins.offline_store import open_store
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -753,3 +754,148 @@ async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_num
 
 async def _failed(reserver: SeqReserver) -> bool:
     return reserver.failures > 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_sigkill_between_group_commits_loses_nothing_acknowledged(
+    procs: Callable[..., Proc],
+    clients: ClientFactory,
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A service streams with 100 PUBLISHes in flight, so they are stored in groups; the broker is
+    killed -9 mid-stream. Every message it acknowledged comes to the user after the restart."""
+    _env, token, start = _processes(procs, tmp_path, kind, request)
+    first, port = start()
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", 1) == [1]
+    phone.close()
+    service = clients(port, username="svc", password=token("svc", "service"))
+    paho = service.paho
+    paho.max_inflight_messages_set(100)
+    service.connect()
+    acked: set[int] = set()
+    some = threading.Event()
+
+    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        acked.add(mid)
+        if len(acked) >= 300:
+            some.set()
+
+    paho.on_publish = on_publish
+    total = 900  # the queue's default bound is 1000: nothing is evicted
+    index_of = {paho.publish(f"user/{user}/fills", b"%d" % i, qos=1).mid: i for i in range(total)}
+    assert some.wait(DEADLINE_S)
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(DEADLINE_S)
+    told_stored = {index_of[mid] for mid in set(acked)}
+    assert len(told_stored) < total  # killed mid-stream, between two group commits
+
+    second, port = start()
+    back = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    back.connect()
+    received: set[int] = set()
+    deadline = time.monotonic() + DEADLINE_S
+    while not told_stored <= received and time.monotonic() < deadline:
+        received.add(int(back.expect(1)[0].payload))
+    assert told_stored - received == set()
+    assert second.stop() == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_redis_outage_mid_stream_acknowledges_only_what_was_committed(
+    procs: Callable[..., Proc],
+    clients: ClientFactory,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    redis_process: RedisProcess,
+) -> None:
+    """Redis hangs while a service streams (100 in flight, stored in groups): no PUBACK for
+    a message whose group did not commit, the connection ends, and what the service sends
+    again once Redis is back is stored: the user gets every message."""
+    env, token, start = _processes(procs, tmp_path, "redis", request)
+    env["MARKET_BRIDGE_STORE__QUEUE_MAX_MESSAGES"] = "10000"
+    broker, port = start()
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", 1) == [1]
+    phone.close()
+    service = clients(port, username="svc", password=token("svc", "service"))
+    paho = service.paho
+    paho.max_inflight_messages_set(100)
+    service.connect()
+    acked: set[int] = set()
+    some = threading.Event()
+
+    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        acked.add(mid)
+        if len(acked) >= 200:
+            some.set()
+
+    paho.on_publish = on_publish
+    total = 5000
+    index_of = {paho.publish(f"user/{user}/fills", b"%d" % i, qos=1).mid: i for i in range(total)}
+    assert some.wait(DEADLINE_S)
+    with redis_process.paused():
+        # Past the store's call deadline (2 s) the broker gives up on the group and closes the
+        # service's connection without acknowledging it.
+        assert service.disconnected.wait(DEADLINE_S)
+    told_stored = {index_of[mid] for mid in set(acked)}
+    assert len(told_stored) < total
+    assert broker.wait_for_line(r"could not take .*'s message on user/.*did not answer enqueue")
+
+    # The service's library sends again what was not acknowledged.
+    retry = clients(port, username="svc", password=token("svc", "service"))
+    retry.connect()
+    for index in sorted(set(range(total)) - told_stored):
+        retry.publish(f"user/{user}/fills", b"%d" % index, qos=1)
+
+    back = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    back.connect()
+    received: set[int] = set()
+    deadline = time.monotonic() + DEADLINE_S
+    while len(received) < total and time.monotonic() < deadline:
+        received.add(int(back.expect(1)[0].payload))
+    assert told_stored - received == set()
+    assert received == set(range(total))
+    assert broker.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_users_draining_together_are_served_fairly(clients: ClientFactory, tmp_path: Path) -> None:
+    """Eight users' mailboxes fill at once while they are connected (window 5, so each needs
+    twelve rounds): every user gets its first message before any user has all of its own."""
+    config = bridge_config(store={"path": str(tmp_path / "store.sqlite3"), "replay_window": 5})
+    with BrokerThread(config) as running:
+        users = [unique("fair") for _ in range(8)]
+        arrivals: dict[str, list[float]] = {user: [] for user in users}
+        for user in users:
+            phone = persistent_client(clients, running.tcp_port, user, f"{user}-phone")
+            phone.paho.on_message = lambda _c, _u, _m, times=arrivals[user]: times.append(time.monotonic())
+            phone.connect()
+            assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+
+        async def burst() -> None:
+            # One event-loop step: one group commit, then every user's replay at once.
+            sends = [running.broker.send_to_user(u, "fills", b"%d" % i) for i in range(60) for u in users]
+            results = await asyncio.gather(*sends)
+            assert all(r.stored is not None for r in results)
+
+        running.run(burst())
+        wait_until(lambda: all(len(times) == 60 for times in arrivals.values()), what="every queue drained")
+        first_done = min(times[-1] for times in arrivals.values())
+        last_started = max(times[0] for times in arrivals.values())
+        assert last_started < first_done

@@ -24,10 +24,10 @@ from bridge.core.store import (
     StoreError,
     StoreUnavailable,
 )
-from bridge.offline import open_store
 from bridge.redis_store import RedisStore
 from bridge.sqlite_store import SqliteStore
 from bridge.store_guard import FAILURE_HOLD_S, GuardedStore
+from broker_plugins.offline_store import open_store
 from tests.redis_server import RedisProcess
 from tests.store_faults import set_fault
 

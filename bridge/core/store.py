@@ -15,9 +15,12 @@ Offline queue semantics (both stores):
   the lowest priority of a full queue, or alone exceeds the byte limit), nothing queued
   changes and the result is ``EnqueueResult(stored=None, evicted=(m,))`` where ``m`` is the
   new message with ``id=""``.
-- A message leaves only on :meth:`OfflineStore.ack` (after the client's PUBACK);
+- A message leaves only on :meth:`OfflineStore.ack` / :meth:`OfflineStore.ack_many` (after
+  the client's PUBACK);
   :meth:`OfflineStore.mark_sent` counts deliveries so a resend carries DUP.
 - Every multi-key change is atomic: a crash never leaves half a message.
+- Enqueues may be grouped (:meth:`OfflineStore.enqueue_many`): one write for all of them,
+  so a broker acknowledges each sender only after the commit that holds its message.
 
 Persistent sessions (both stores): a :class:`SessionRecord` per client id, with the time
 it was last disconnected (None while connected) so expiry survives a restart. A user's
@@ -37,7 +40,7 @@ All times are epoch seconds passed in by the caller (no clock inside the store).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -149,6 +152,14 @@ class OfflineStore(Protocol):
 
     async def enqueue(self, user: str, message: NewMessage, *, now: float) -> EnqueueResult: ...
 
+    async def enqueue_many(
+        self, messages: Sequence[tuple[str, NewMessage]], *, now: float
+    ) -> list[EnqueueResult]:
+        """Group commit: :meth:`enqueue` each (user, message), in order, as one write (one
+        transaction, one durable commit). The results are in the same order. On
+        :class:`StoreError` none is reported stored (SQLite: none is; Redis: one MULTI/EXEC,
+        so none is unless Redis failed mid-way, which only repeats a message when resent)."""
+
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         """Up to ``limit`` unexpired messages in delivery order, skipping ids in ``exclude``."""
 
@@ -156,6 +167,9 @@ class OfflineStore(Protocol):
 
     async def ack(self, user: str, message_id: str) -> bool:
         """Remove a delivered message; False if it was not there (already acked, expired)."""
+
+    async def ack_many(self, user: str, message_ids: Collection[str]) -> int:
+        """Remove delivered messages at once (one write); how many were there."""
 
     async def queue_size(self, user: str) -> tuple[int, int]:
         """(messages, payload bytes) queued for ``user``, expired ones included until met."""

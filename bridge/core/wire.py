@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "connack",
+    "publish",
     "publish_qos0",
     "publish_qos1_parts",
     "remaining_length",
@@ -52,6 +53,13 @@ def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes
     body_length = 2 + len(topic) + len(payload)
     header = bytes([0x31 if retain else 0x30]) + remaining_length(body_length)
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
+
+
+def publish(topic: bytes, payload: bytes, *, qos: int, packet_id: int, dup: bool = False) -> bytes:
+    """One subscriber's PUBLISH at QoS 1 or 2 (its packet id), DUP when it is a resend."""
+    first = 0x30 | qos << 1 | (0x08 if dup else 0)
+    header = bytes([first]) + remaining_length(2 + len(topic) + 2 + len(payload))
+    return b"".join((header, len(topic).to_bytes(2, "big"), topic, packet_id.to_bytes(2, "big"), payload))
 
 
 def publish_qos1_parts(topic: bytes, payload: bytes, *, websocket: bool) -> tuple[bytes, bytes]:

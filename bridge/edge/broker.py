@@ -32,7 +32,6 @@ What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -78,6 +77,7 @@ from bridge.core.connection import Event, State, advance
 from bridge.core.context import ConnectionContext
 from bridge.core.envelope import open_envelope
 from bridge.core.hooks import ConnectRequest, Hooks, Refused
+from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
 from bridge.core.ratelimit import subscriber_gate
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
@@ -106,8 +106,9 @@ from bridge.core.topics import (
 from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
 from bridge.edge.fanout import FanOut, Target
-from bridge.edge.handler import MarketProtocolHandler, StoredMessage
+from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.lean import LeanEvent
+from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
@@ -119,11 +120,12 @@ from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, STORE, HandshakeLog, clip
 from bridge.logs import flush as flush_logs
-from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
+from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
 from broker_plugins.auth import AllowAll, JwtAuth
+from broker_plugins.offline_store import OfflineStorePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -134,6 +136,8 @@ install_light_sessions()
 _SUBACK_FAILURE = 0x80
 # How long a user's zone override is taken from memory before the store is asked again.
 _ZONE_TTL_S = 600.0
+# How long a replay the store stopped waits before it tries again.
+REPLAY_RETRY_S = 1.0
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -198,6 +202,7 @@ class MarketBroker(Broker):
         # call with a deadline either way (bridge/store_guard.py).
         self.store: GuardedStore | None = None if store is None else self._guarded(store)
         self._owns_store = store is None
+        self.mailbox: Mailbox | None = None  # on the store, once it is open
         self._clock = clock
         auth = config.auth
         self.limits: ConnectionLimits = limits or LocalConnectionLimits(
@@ -325,6 +330,8 @@ class MarketBroker(Broker):
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
+        if self.mailbox is not None:
+            await self.mailbox.settle()
         await self._close_store()
         flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
@@ -425,7 +432,10 @@ class MarketBroker(Broker):
     async def _start_listeners(self) -> None:
         # amqtt's start() has just cleared its state: restore ours before anyone can connect.
         if self.store is None:
-            self.store = await open_store(self.bridge_config.store)
+            self.store = await OfflineStorePlugin(self.bridge_config.store).open()
+        self.mailbox = Mailbox(
+            self.store, window=self.bridge_config.store.replay_window, clock=self._clock, stats=self.stats
+        )
         await self._restore()
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
@@ -1205,6 +1215,13 @@ class MarketBroker(Broker):
         message: ApplicationMessage | None = wait_deliver.result()
         if message is None:
             return True
+        topic = message.topic or ""
+        if (
+            topic.startswith(USER_PREFIX)
+            and is_valid_topic(topic)
+            and isinstance(handler, MarketProtocolHandler)
+        ):
+            return self._take_user_publish(client_session, handler, message, topic)
         accepted = True
         try:
             return await self._route_inbound(client_session, message)
@@ -1328,10 +1345,68 @@ class MarketBroker(Broker):
                 "will of %s on %s not delivered: %s", clip(session.client_id), clip(topic), clip(exc, 200)
             )
 
+    def _take_user_publish(
+        self, sender: Session, handler: MarketProtocolHandler, message: ApplicationMessage, topic: str
+    ) -> bool:
+        """A client's PUBLISH to ``user/...``: routed now, acknowledged (QoS 1) once the group
+        commit holding it returns, so the client loop goes on to the next PUBLISH meanwhile and
+        a window of them is stored in one write. Store down: no PUBACK, the connection ends
+        (the publisher's library sends it again after reconnecting)."""
+        self.stats.messages_in[topic_class(topic)] += 1
+        if not self._publish_allowed(sender, topic):
+            handler.hand_off(message, True)
+            return True
+        sent = self._user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
+        if sent is None:
+            handler.hand_off(message, True)
+        else:
+            sent.add_done_callback(partial(self._user_publish_done, sender, handler, message))
+        return True
+
+    def _user_publish_done(
+        self,
+        sender: Session,
+        handler: MarketProtocolHandler,
+        message: ApplicationMessage,
+        sent: asyncio.Future[SendResult],
+    ) -> None:
+        exc = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or exc is not None:
+            self.stats.publishes_dropped["store_unavailable"] += 1
+            log.error(
+                "could not take %s's message on %s: %s",
+                clip(sender.client_id),
+                clip(message.topic),
+                exc or "cancelled",
+                extra=STORE,
+            )
+            handler.hand_off(message, False)
+            return
+        handler.hand_off(message, True)
+        self._evictions_of(sender, message.topic or "", sent.result())
+
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
+        """A will (or other awaited publish) to ``user/...``: done once it is stored."""
+        sent = self._user_publish(sender, topic, data, qos)
+        if sent is not None:
+            self._evictions_of(sender, topic, await sent)
+
+    def _user_publish(
+        self, sender: Session, topic: str, data: bytes, qos: int
+    ) -> asyncio.Future[SendResult] | None:
+        """Open the envelope and start sending; None when the message is dropped (logged)."""
         cfg = self.bridge_config.store
         try:
             envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
+            user = topic.split("/", 2)[1]
+            return self._start_send(
+                user,
+                user_topic(user, topic),
+                envelope.payload,
+                priority=envelope.priority,
+                ttl_s=envelope.ttl_s,
+                qos=max(qos, QOS_1),
+            )
         except MessageError as exc:
             self.stats.publishes_dropped[exc.reason] += 1
             log.warning(
@@ -1341,31 +1416,19 @@ class MarketBroker(Broker):
                 clip(exc, 200),
                 extra=CLIENT,
             )
-            return
-        user = topic.split("/", 2)[1]
-        result = await self.send_to_user(
-            user,
-            topic,
-            envelope.payload,
-            priority=envelope.priority,
-            ttl_s=envelope.ttl_s,
-            qos=max(qos, QOS_1),
-        )
+            return None
+
+    def _evictions_of(self, sender: Session, topic: str, result: SendResult) -> None:
         owner = context_of(sender).user
         if result.evicted and isinstance(owner, str):
-            await self._notify_evictions(owner, user, result.evicted)
+            user = topic.split("/", 2)[1]
+            task = asyncio.create_task(self._notify_evictions(owner, user, result.evicted))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
 
     async def _notify_evictions(self, service: str, user: str, evicted: tuple[OfflineMessage, ...]) -> None:
         """Tell the sending service what a full queue dropped, on service/<sub>/evictions."""
-        notice = {
-            "user": user,
-            "reason": "queue_full",
-            "evicted": [
-                {"topic": m.topic, "priority": m.priority.name, "created_at": m.created_at, "new": m.id == ""}
-                for m in evicted
-            ],
-        }
-        payload = json.dumps(notice, separators=(",", ":")).encode()
+        payload = eviction_notice(user, evicted)
         await self._broadcast_message(None, f"{SERVICE_PREFIX}{service}/evictions", payload, QOS_1)
 
     async def send_to_user(
@@ -1384,52 +1447,49 @@ class MarketBroker(Broker):
         :class:`MessageError` for a bad address and :class:`StoreUnavailable` when the message
         had to be stored and could not be: nothing is reported as stored that was not.
         """
-        own = f"{USER_PREFIX}{user}/"
-        full = topic if topic.startswith(USER_PREFIX) else own + topic
-        if (
-            not user
-            or "/" in user
-            or not full.startswith(own)
-            or not is_valid_topic(full)
-            or full.endswith("/")
-        ):
-            raise MessageError("bad_address", f"cannot address {full!r} to user {user!r}")
+        full = user_topic(user, topic)
+        return await self._start_send(user, full, payload, priority=priority, ttl_s=ttl_s, qos=qos)
+
+    def _start_send(
+        self, user: str, full: str, payload: bytes, *, priority: Priority, ttl_s: float | None, qos: int
+    ) -> asyncio.Future[SendResult]:
+        """:meth:`send_to_user` without waiting: its future completes once the message is
+        stored (in the mailbox's next group commit) and delivered to whoever is live."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
         live, mailboxes = self._user_targets(user, full)
-        if mailboxes:
-            # The user keeps a persistent session for this topic: the message goes into their
-            # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
-            # offline, online but not yet acknowledging, or the broker is killed meanwhile,
-            # what the sender was told is stored stays stored until delivered.
-            result = await self._enqueue(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
-            others = [t for t in live if not self._is_mailbox(t[0], user)]
-            self._deliver_live(others, full, payload, qos)
+        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        if not mailboxes:
+            if not live:
+                self.stats.publishes_dropped["no_subscriber"] += 1
+                done.set_result(SendResult(0, None))
+                return done
+            self._deliver_live(live, full, payload, qos)
+            done.set_result(SendResult(len(live), None))
+            return done
+        # The user keeps a persistent session for this topic: the message goes into their
+        # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
+        # offline, online but not yet acknowledging, or the broker is killed meanwhile,
+        # what the sender was told is stored stays stored until delivered.
+        assert self.mailbox is not None
+        stored = self.mailbox.submit(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
+
+        def committed(commit: asyncio.Future[EnqueueResult]) -> None:
+            if commit.cancelled():
+                done.cancel()
+                return
+            exc = commit.exception()
+            if exc is not None:
+                done.set_exception(exc)
+                return
+            result = commit.result()
+            self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
             for session, _ in live:
                 if self._is_mailbox(session, user):
                     self._pump(session)
-            return SendResult(len(live), result.stored, result.evicted)
-        if not live:
-            self.stats.publishes_dropped["no_subscriber"] += 1
-            return SendResult(0, None)
-        self._deliver_live(live, full, payload, qos)
-        return SendResult(len(live), None)
+            done.set_result(SendResult(len(live), result.stored, result.evicted))
 
-    async def _enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
-        assert self.store is not None
-        started = time.perf_counter()
-        try:
-            result = await self.store.enqueue(user, message, now=self._clock())
-        except StoreError:
-            self.stats.store_errors += 1
-            raise
-        self.stats.store_seconds.observe(time.perf_counter() - started)
-        self.stats.offline_stored += result.stored is not None
-        self.stats.offline_evicted += len(result.evicted)
-        if result.evicted:
-            log.warning(
-                "queue of %s full: evicted %d message(s)", clip(user), len(result.evicted), extra=CLIENT
-            )
-        return result
+        stored.add_done_callback(committed)
+        return done
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
@@ -1492,99 +1552,29 @@ class MarketBroker(Broker):
             log.info("delivery on %s failed: %s", clip(topic), clip(exc, 200), extra=CLIENT)
 
     async def _replay_offline(self, connection: _Connection) -> None:
-        assert self.store is not None
-        session, handler = connection.session, connection.handler
+        """Glue: the mailbox replays the user's queue over this connection (bridge/core/mailbox.py)."""
+        assert self.mailbox is not None
+        session = connection.session
         may_receive = self._may_receive(session)
-        started = self._clock()
 
         def accepts(topic: str) -> bool:
             return may_receive(topic) and any(
                 matches(topic, f) for f in self._session_filters.get(connection.client_id, ())
             )
 
+        link = HandlerLink(
+            connection.handler,
+            connection.client_id,
+            qos_for=partial(self._best_qos, session),
+            payload_for=lambda topic, payload: self._localized(topic, payload, context_of(session).zone, {}),
+        )
         if connection.wake is None:
             connection.wake = LeanEvent()
-        try:
-            result = await replay(
-                self.store,
-                connection.user,
-                send=partial(self._send_stored, handler),
-                accepts=accepts,
-                window=self.bridge_config.store.replay_window,
-                clock=self._clock,
-                wake=connection.wake,
-            )
-        except StoreError as exc:
-            log.warning("offline replay for %s stopped: %s", clip(connection.user), exc, extra=STORE)
-            return
-        self.stats.offline_replayed += result.replayed
-        self.stats.offline_expired += result.expired
-        if result.replayed or result.expired:
-            log.info(
-                "replayed %d offline message(s) to %s in %.3fs (%d expired, %d store bookkeeping failures)",
-                result.replayed,
-                clip(connection.client_id),
-                self._clock() - started,
-                result.expired,
-                result.bookkeeping_failures,
-            )
-
-    async def _send_stored(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> bool:
-        """Send one stored message; True once acknowledged (QoS 1) or written (QoS 0)."""
-        session = handler.session
-        if session is None:
-            return False
-        assert isinstance(handler, MarketProtocolHandler)
-        if message.id in handler.settled_ids:
-            return True  # acknowledged after a reconnect re-sent it, before this replay got here
-        qos = min(message.qos, self._best_qos(session, message.topic))
-        in_flight = next(
-            (
-                m
-                for m in session.inflight_out.values()
-                if isinstance(m, StoredMessage) and m.store_id == message.id
-            ),
-            None,
-        )
-        try:
-            if in_flight is not None and in_flight.packet_id is not None:
-                # Re-sent at reconnect with its original packet id: wait for that one's ack.
-                await handler.await_puback(in_flight.packet_id)
-                return True
-            packet_id = _mailbox_packet_id(session, message.id) if qos > QOS_0 else None
-            payload = self._localized(message.topic, message.payload, context_of(session).zone, {})
-            outgoing = StoredMessage(packet_id, message.topic, qos, payload, False, store_id=message.id)
-            if message.sent > 0 and qos > QOS_0:
-                # Delivered before without an ack (maybe before a restart): DUP ([MQTT-3.3.1-1]).
-                outgoing.publish_packet = outgoing.build_publish_packet()
-            outgoing.on_ack = partial(self._ack_later, handler, message)
-            await handler._handle_message_flow(outgoing)
-        except Exception as exc:
-            log.info(
-                "offline message to %s not acknowledged: %s",
-                clip(session.client_id),
-                clip(exc, 200),
-                extra=CLIENT,
-            )
-            return False
-        return True
-
-    def _ack_later(self, handler: BrokerProtocolHandler, message: OfflineMessage) -> None:
-        """The PUBACK of a stored message whose sending task was gone (it came after a
-        reconnect re-sent it): remove it from the store now."""
-        if self.store is None or handler.session is None:
-            return
-        user = context_of(handler.session).user
-        if user is not None:
-            task = asyncio.create_task(
-                self._store_call("remove an acknowledged message", self._ack(user, message))
-            )
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
-
-    async def _ack(self, user: str, message: OfflineMessage) -> None:
-        assert self.store is not None
-        await self.store.ack(user, message.id)
+        while (await self.mailbox.replay(connection.user, link, accepts, connection.wake)).store_down:
+            # The store is back soon or the connection ends (and cancels this).
+            await asyncio.sleep(REPLAY_RETRY_S)
+            if connection.state is not State.LIVE:
+                return
 
     def _best_qos(self, session: Session, topic: str) -> int:
         qos = QOS_0
@@ -2119,19 +2109,6 @@ def _end_event(handler: MarketProtocolHandler) -> Event:
     if reason in _BROKER_ENDS:
         return Event.CLOSED_BY_BROKER
     return Event.PROTOCOL_ERROR  # a ProtocolError's reason, or a failed hand-off
-
-
-def _mailbox_packet_id(session: Session, store_id: str) -> int:
-    """A stored message's packet id, derived from its store id: the same on every delivery,
-    after a reconnect or a restart ([MQTT-4.4.0-1]), unless another message in flight holds
-    it (then a fresh one; the message still carries DUP)."""
-    try:
-        preferred = int(store_id) % 65535 + 1
-    except ValueError:
-        return session.next_packet_id
-    if preferred in session.inflight_out or preferred in session.inflight_in:
-        return session.next_packet_id
-    return preferred
 
 
 def _expected_startup_failure(record: logging.LogRecord) -> bool:

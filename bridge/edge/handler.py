@@ -457,20 +457,34 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             self._handoffs.pop(id(app_message), None)
         if accepted:
             puback_packet = PubackPacket.build(app_message.packet_id)
-            await self._send_packet(puback_packet)
+            # With this step's batch: a window of PUBACKs from one group commit is one write.
+            await self._send_control(b"\x40\x02" + app_message.packet_id.to_bytes(2, "big"))
             app_message.puback_packet = puback_packet
         else:
             self.end("handoff_failed")
 
     def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
-        future = self._handoffs.get(id(message))
-        if future is not None and not future.done():
-            future.set_result(accepted)
+        """The broker is done with an inbound QoS 1 message. PUBACKs leave in the order the
+        PUBLISHes came ([MQTT-4.6.0-2]): a message decided before an older one (a live
+        delivery overtaking a group commit) waits for it."""
+        handoffs = self._handoffs
+        future = handoffs.get(id(message))
+        if future is None or future.done():
+            return
+        decided = self._decided
+        decided[id(message)] = accepted
+        for key, waiting in handoffs.items():  # arrival order
+            if waiting.done():
+                continue
+            if key not in decided:
+                break
+            waiting.set_result(decided.pop(key))
 
     async def stop(self) -> None:
         for future in self._handoffs.values():
             if not future.done():
                 future.set_result(False)
+        self._decided.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
         reader = self._reader_task
@@ -481,6 +495,14 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 reader.cancel()
                 await asyncio.wait({reader}, timeout=0.5)
         await super().stop()
+
+    @property
+    def _decided(self) -> dict[int, bool]:
+        """Hand-offs decided while an older one was not (see :meth:`hand_off`)."""
+        decided: dict[int, bool] | None = self.__dict__.get("_decided_map")
+        if decided is None:
+            decided = self.__dict__["_decided_map"] = {}
+        return decided
 
     @property
     def _handoffs(self) -> dict[int, asyncio.Future[bool]]:

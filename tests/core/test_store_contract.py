@@ -654,3 +654,58 @@ async def test_everything_survives_reopen(store: OfflineStore, backend: Backend)
     fresh = await stored(reopened, user, msg("fresh"))
     assert fresh.id not in {urgent.id, low.id, acked.id}
     assert await order(reopened, user) == ["urgent", "fresh", "low"]
+
+
+# --- group commit --------------------------------------------------------------------------
+
+
+async def test_enqueue_many_is_enqueue_in_order(store: OfflineStore, backend: Backend) -> None:
+    """A group gives what the same enqueues one by one give: order, ids, evictions, refusals."""
+    small = await backend.open(QueueLimits(max_messages=3, max_bytes=1000))
+    alice, bob = unique(), unique()
+    group = [
+        (alice, msg("a1", L)),
+        (bob, msg("b1", U)),
+        (alice, msg("a2", H)),
+        (alice, msg("a3", N)),
+        (alice, msg("a4", U)),  # full: evicts a1 (LOW)
+        (alice, msg("big", U, size=2000)),  # alone over max_bytes: refused
+        (bob, msg("b2", N)),
+    ]
+    results = await small.enqueue_many(group, now=NOW)
+    assert [r.stored is not None for r in results] == [True, True, True, True, True, False, True]
+    ids = [int(r.stored.id) for r in results if r.stored is not None]
+    assert ids == sorted(ids)
+    assert [m.topic for m in results[4].evicted] == ["a1"]
+    assert results[5].evicted[0].id == ""
+    assert results[5].evicted[0].topic == "big"
+    assert await order(small, alice) == ["a4", "a2", "a3"]
+    assert await order(small, bob) == ["b1", "b2"]
+    assert results[1].stored == (await small.pending(bob, now=NOW, limit=1)).messages[0]
+
+
+async def test_a_refused_message_in_a_group_evicts_nothing(store: OfflineStore, backend: Backend) -> None:
+    small = await backend.open(QueueLimits(max_messages=2, max_bytes=1000))
+    user = unique()
+    results = await small.enqueue_many(
+        [(user, msg("u1", U)), (user, msg("u2", U)), (user, msg("l", L))], now=NOW
+    )
+    assert results[2].stored is None
+    assert [m.topic for m in results[2].evicted] == ["l"]
+    assert await order(small, user) == ["u1", "u2"]
+
+
+async def test_an_empty_group_writes_nothing(store: OfflineStore) -> None:
+    assert await store.enqueue_many([], now=NOW) == []
+
+
+async def test_ack_many_removes_what_is_there_and_counts_it(store: OfflineStore) -> None:
+    user, other = unique(), unique()
+    ids = [(await stored(store, user, msg(f"m{i}"))).id for i in range(5)]
+    foreign = (await stored(store, other, msg("theirs"))).id
+    assert await store.ack_many(user, [ids[0], ids[2], foreign, "nope"]) == 2
+    assert await order(store, user) == ["m1", "m3", "m4"]
+    assert await order(store, other) == ["theirs"]  # another user's id is not theirs to ack
+    assert await store.ack_many(user, [ids[0]]) == 0
+    assert await store.ack_many(user, []) == 0
+    assert await store.queue_size(user) == (3, 6)

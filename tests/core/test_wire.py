@@ -13,6 +13,7 @@ from websockets.frames import Frame, Opcode
 from bridge.core.topics import is_valid_topic
 from bridge.core.wire import (
     connack,
+    publish,
     publish_qos0,
     publish_qos1_parts,
     remaining_length,
@@ -121,3 +122,17 @@ def test_connack_matches_amqtt(code: int, present: bool) -> None:
 @given(st.integers(1, 65535), st.lists(st.sampled_from([0, 1, 2, 0x80]), min_size=1, max_size=300))
 def test_suback_matches_amqtt(packet_id: int, codes: list[int]) -> None:
     assert suback(packet_id, codes) == bytes(SubackPacket.build(packet_id, codes).to_bytes())
+
+
+@given(
+    st.text(min_size=1, max_size=80).filter(is_valid_topic),
+    st.one_of(st.binary(max_size=300), st.sampled_from([bytes(120), bytes(70_000)])),
+    st.integers(min_value=1, max_value=65535),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+)
+def test_publish_with_a_packet_id_matches_amqtt(
+    topic: str, payload: bytes, packet_id: int, qos: int, dup: bool
+) -> None:
+    expected = bytes(PublishPacket.build(topic, payload, packet_id, dup, qos, False).to_bytes())
+    assert publish(topic.encode(), payload, qos=qos, packet_id=packet_id, dup=dup) == expected

@@ -1,0 +1,225 @@
+"""Many users draining their mailboxes at once while live ticks fan out.
+
+``--users`` users each make a persistent session and go away; a service stores
+``--per-user`` QoS 1 messages for each (window of 100 unacknowledged publishes); then every
+user reconnects at once and acknowledges what comes. Meanwhile a feed publishes QoS 0
+ticks as fast as the broker takes them to ``--subscribers`` live subscribers on
+``market/#``: their delivery rate during the drain is compared with the same fan-out
+alone. Reports drain time (reconnect -> every user's last message), the slowest and
+fastest user (fairness) and the broker's peak RSS (memory bounded by pages, not queues).
+
+Raw asyncio MQTT clients (bench/mqttws.py codec) in this process: 1,000 paho clients would
+be 1,000 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from bench import mqttws
+from bench.brokers import Auth, RunningBroker, running
+from bench.loadgen import TickMaker, raise_nofile_limit
+
+__all__ = ["run"]
+
+
+def _connect(client_id: str, user: str, token: str, *, clean: bool) -> bytes:
+    packet = bytearray(mqttws.connect(client_id, user, token))
+    if not clean:
+        # Flags byte: after the fixed header, the protocol name (6) and level (1).
+        offset = 1 + (len(packet) > 129) + 1 + 6 + 1
+        packet[offset] &= ~0x02
+    return bytes(packet)
+
+
+class _Conn:
+    """One TCP client: counts PUBLISHes, PUBACKs QoS 1 ones, notes the last arrival."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.received = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+        self.acks = 0  # PUBACKs to us (as a publisher)
+        self.connack = asyncio.get_running_loop().create_future()
+        self.suback = asyncio.Event()
+        self.progress = asyncio.Event()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        buffer = bytearray()
+        try:
+            while chunk := await self.reader.read(65536):
+                buffer += chunk
+                acks = []
+                while len(buffer) >= 2:
+                    length, shift, index = 0, 0, 1
+                    while True:
+                        if index >= len(buffer):
+                            break
+                        byte = buffer[index]
+                        length |= (byte & 0x7F) << shift
+                        index += 1
+                        shift += 7
+                        if not byte & 0x80:
+                            break
+                    else:
+                        break
+                    if byte & 0x80 or len(buffer) < index + length:
+                        break
+                    kind, body = buffer[0], bytes(buffer[index : index + length])
+                    del buffer[: index + length]
+                    if kind >> 4 == 3:
+                        now = time.monotonic()
+                        self.first_at = self.first_at or now
+                        self.last_at = now
+                        self.received += 1
+                        qos = (kind >> 1) & 3
+                        if qos:
+                            topic_len = int.from_bytes(body[:2], "big")
+                            acks.append(
+                                mqttws.puback(int.from_bytes(body[2 + topic_len : 4 + topic_len], "big"))
+                            )
+                    elif kind >> 4 == 2 and not self.connack.done():
+                        self.connack.set_result(body[1])
+                    elif kind >> 4 == 9:
+                        self.suback.set()
+                    elif kind >> 4 == 4:
+                        self.acks += 1
+                    self.progress.set()
+                if acks:
+                    self.writer.write(b"".join(acks))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    async def close(self) -> None:
+        self.task.cancel()
+        self.writer.close()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def _open(port: int, client_id: str, user: str, token: str, *, clean: bool) -> _Conn:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = _Conn(reader, writer)
+    writer.write(_connect(client_id, user, token, clean=clean))
+    code = await asyncio.wait_for(conn.connack, 30)
+    if code != 0:
+        raise RuntimeError(f"{client_id}: CONNACK {code}")
+    return conn
+
+
+async def _fanout(port: int, auth: Auth, subscribers: list[_Conn], seconds: float) -> float:
+    """Deliveries/s to ``subscribers`` while a feed publishes ticks as fast as it can."""
+    feed = await _open(port, "bench-feed", "feed", auth.token("feed", "feed"), clean=True)
+    maker = TickMaker([f"market/luno/{base}-ZAR" for base in ("BTC", "ETH", "SOL", "XRP", "ADA", "DOT")])
+    before = sum(s.received for s in subscribers)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        packets, _ = maker.packets(50, qos=0, retain=False, packet_id=1)
+        feed.writer.write(packets)
+        await feed.writer.drain()
+        await asyncio.sleep(0)
+    rate = (sum(s.received for s in subscribers) - before) / seconds
+    await feed.close()
+    return rate
+
+
+async def _scenario(broker: RunningBroker, users: int, per_user: int, subscribers: int) -> dict[str, Any]:
+    port, auth = broker.tcp_port, broker.auth
+    assert auth is not None
+    names = [f"u{i}" for i in range(users)]
+    tokens = {name: auth.token(name, "subscriber") for name in names}
+    for start in range(0, users, 100):
+        conns = await asyncio.gather(
+            *(_open(port, f"{n}-phone", n, tokens[n], clean=False) for n in names[start : start + 100])
+        )
+        for conn, name in zip(conns, names[start : start + 100], strict=True):
+            conn.writer.write(mqttws.subscribe(1, f"user/{name}/#", 1))
+        await asyncio.gather(*(asyncio.wait_for(c.suback.wait(), 30) for c in conns))
+        await asyncio.gather(*(c.close() for c in conns))
+
+    service = await _open(port, "bench-svc", "svc", auth.token("svc", "service"), clean=True)
+    store_started = time.monotonic()
+    total = users * per_user
+    packet_id = 1
+    sent = 0
+    for index in range(per_user):
+        for name in names:
+            while sent - service.acks >= 100:  # a window of 100 unacknowledged publishes
+                service.progress.clear()
+                await service.progress.wait()
+            payload = b'{"n":%d}' % index
+            service.writer.write(
+                mqttws.publish(f"user/{name}/fills".encode(), payload, qos=1, packet_id=packet_id)
+            )
+            packet_id = packet_id % 65535 + 1
+            sent += 1
+    while service.acks < total:
+        service.progress.clear()
+        await asyncio.wait_for(service.progress.wait(), 60)
+    stored_s = time.monotonic() - store_started
+    await service.close()
+
+    live = [
+        await _open(port, f"live-{i}", f"live{i}", auth.token(f"live{i}", "subscriber"), clean=True)
+        for i in range(subscribers)
+    ]
+    for conn in live:
+        conn.writer.write(mqttws.subscribe(1, "market/#", 0))
+        await asyncio.wait_for(conn.suback.wait(), 30)
+    alone = await _fanout(port, auth, live, 3.0)
+
+    rss_peak = broker.ps.memory_info().rss
+    drain_started = time.monotonic()
+    phones = await asyncio.gather(*(_open(port, f"{n}-phone", n, tokens[n], clean=False) for n in names))
+    fanout_task = asyncio.create_task(_fanout(port, auth, live, 3.0))
+    deadline = time.monotonic() + 120
+    while sum(p.received for p in phones) < total and time.monotonic() < deadline:
+        rss_peak = max(rss_peak, broker.ps.memory_info().rss)
+        await asyncio.sleep(0.05)
+    drained_s = max(p.last_at for p in phones) - drain_started
+    during = await fanout_task
+    firsts = sorted(p.first_at - drain_started for p in phones if p.first_at)
+    lasts = sorted(p.last_at - drain_started for p in phones if p.last_at)
+    received = sum(p.received for p in phones)
+    await asyncio.gather(*(p.close() for p in phones + live))
+    return {
+        "users": users,
+        "per_user": per_user,
+        "stored_per_s": round(total / stored_s),
+        "replayed": received,
+        "drain_s": round(drained_s, 2),
+        "first_user_done_s": round(lasts[0], 2) if lasts else None,
+        "last_user_started_s": round(firsts[-1], 2) if firsts else None,
+        "fanout_alone_per_s": round(alone),
+        "fanout_during_drain_per_s": round(during),
+        "fanout_ratio": round(during / alone, 2) if alone else None,
+        "broker_rss_peak_mb": round(rss_peak / 2**20, 1),
+    }
+
+
+def run(*, users: int = 1000, per_user: int = 100, subscribers: int = 20) -> dict[str, Any]:
+    raise_nofile_limit()
+    store = {"queue_max_messages": max(per_user, 1000)}
+    with running(
+        "market-bridge", max_connections=users + subscribers + 100, extra={"store": store}
+    ) as broker:
+        result = asyncio.run(_scenario(broker, users, per_user, subscribers))
+    return {"scenario": "mailbox_drain", "broker": "market-bridge", "store": "sqlite", **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--per-user", type=int, default=100)
+    parser.add_argument("--subscribers", type=int, default=20)
+    args = parser.parse_args()
+    print(json.dumps(run(users=args.users, per_user=args.per_user, subscribers=args.subscribers)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
