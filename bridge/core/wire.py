@@ -1,13 +1,19 @@
 """Bytes on the wire, built once per message and reused for every subscriber.
 
-Pure: MQTT 3.1.1 QoS 0 PUBLISH packets and server-to-client WebSocket binary frames. A
+Pure: MQTT 3.1.1 PUBLISH packets (QoS 1/2 ones around their packet id) and server-to-client WebSocket binary frames. A
 server's frames are unmasked (RFC 6455 5.1), so one frame serves every WebSocket
 subscriber of the same payload.
 """
 
 from __future__ import annotations
 
-__all__ = ["publish_qos0", "publish_qos1_parts", "remaining_length", "ws_binary_frame", "ws_frame_header"]
+__all__ = [
+    "publish_acked_parts",
+    "publish_qos0",
+    "remaining_length",
+    "ws_binary_frame",
+    "ws_frame_header",
+]
 
 
 def remaining_length(length: int) -> bytes:
@@ -29,13 +35,17 @@ def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
 
 
-def publish_qos1_parts(topic: bytes, payload: bytes, *, websocket: bool) -> tuple[bytes, bytes]:
-    """A QoS 1 PUBLISH (in a WebSocket frame if asked) as (head, tail): the packet id goes between.
-
-    Only the 2-byte packet id differs between subscribers, so the rest is built once.
+def publish_acked_parts(
+    topic: bytes, payload: bytes, *, qos: int = 1, retain: bool = False, websocket: bool
+) -> tuple[bytes, bytes]:
+    """A QoS 1 or 2 PUBLISH (in a WebSocket frame if asked) as (head, tail): the packet id
+    goes between. Only the 2-byte packet id differs between subscribers, so the rest is built once.
     """
+    if qos not in (1, 2):
+        raise ValueError(f"QoS {qos} PUBLISH has no packet id")
     body_length = 2 + len(topic) + 2 + len(payload)
-    head = b"".join((b"\x32", remaining_length(body_length), len(topic).to_bytes(2, "big"), topic))
+    first = 0x30 | (qos << 1) | (1 if retain else 0)
+    head = b"".join((bytes((first,)), remaining_length(body_length), len(topic).to_bytes(2, "big"), topic))
     if websocket:
         head = ws_frame_header(len(head) + 2 + len(payload)) + head
     return head, payload

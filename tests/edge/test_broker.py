@@ -419,7 +419,7 @@ def test_listeners_are_independent(clients: ClientFactory) -> None:
 def test_broker_class_is_the_pinned_amqtt_subclass() -> None:
     # We override private methods of amqtt 0.12.1: an upgrade must fail here first.
     assert version("amqtt") == "0.12.1"
-    for name in ("_client_connected", "_run_broadcast", "_handle_message_delivery", "_start_listeners"):
+    for name in ("_client_connected", "_broadcast_loop", "_handle_message_delivery", "_start_listeners"):
         assert name in MarketBroker.__dict__
 
 
