@@ -85,8 +85,8 @@ from bridge.core.store import (
     Snapshot,
     StoreError,
 )
-from bridge.core.tick import Tick
-from bridge.core.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
+from bridge.core.tick import Tick, TickParts
+from bridge.core.timezones import LocalClock, is_valid_zone
 from bridge.core.topics import (
     MARKET_PREFIX,
     SERVICE_PREFIX,
@@ -123,6 +123,7 @@ from bridge.offline import SeqReserver, SnapshotWriter, open_store, replay
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
+from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -175,20 +176,6 @@ def session_acl(session: Session) -> Acl:
 def session_claims(session: Session) -> Claims | None:
     claims = session.attributes.get(_CLAIMS)
     return claims if isinstance(claims, Claims) else None
-
-
-class _TickParts:
-    """A sequenced tick's wire form (``data``) and the pieces every zone's variant shares."""
-
-    __slots__ = ("data", "head", "ms", "second", "tail", "ts")
-
-    def __init__(self, data: bytes, head: bytes, ts: str, tail: bytes, second: int, ms: int) -> None:
-        self.data = data
-        self.head = head
-        self.ts = ts
-        self.tail = tail
-        self.second = second
-        self.ms = ms
 
 
 @dataclass(frozen=True)
@@ -261,13 +248,14 @@ class MarketBroker(Broker):
         self._connect_budget = 4096 + auth.max_token_bytes + config.limits.max_topic_bytes
         tz = config.timezones
         self._tz_enabled = tz.enabled
-        self._tz_fields = frozenset(tz.fields)
-        self._tz_switch = TopicSwitch([(rule.filter, rule.enabled) for rule in tz.rules])
+        self._timezone = TimezonePlugin(
+            fields=tz.fields, rules=[(rule.filter, rule.enabled) for rule in tz.rules], counted=self._count_tz
+        )
         # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
         self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
         self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
-        self._tick_parts: dict[str, _TickParts] = {}
+        self._tick_parts: dict[str, TickParts] = {}
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -277,12 +265,11 @@ class MarketBroker(Broker):
         # _retained_version is what it was when they were built (bumped on every change).
         self._retained_version = 0
         self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        # Which retained topics each set of granted filters selects, at which QoS: valid
+        # while _retained_topics (bumped when a topic appears or goes) is unchanged.
+        self._retained_topics = 0
+        self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
         self._clock_tz = LocalClock()
-        # Ticks are localised from their parts when the only tick key rewrite() would
-        # touch is ``ts`` (the default); other field sets take the generic rewrite().
-        tick_fields = self._tz_fields & set(Tick.model_fields)
-        self._tick_fast_tz = tick_fields <= {"ts"}
-        self._tick_ts_field = "ts" in tick_fields
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
         if isinstance(store, GuardedStore):
@@ -846,18 +833,20 @@ class MarketBroker(Broker):
         self._fanout.invalidate()
 
     def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
-        """``data`` with timestamps in ``zone``: rewritten once per zone, shared via ``memo``."""
-        if zone is None or not self._tz_switch.enabled(topic):
+        """``data`` as subscribers in ``zone`` get it: the on_deliver hook (the timezone
+        plugin) called once per zone, its result shared via ``memo``."""
+        if zone is None:
             return data
         variant = memo.get(zone)
         if variant is None:
-            result = rewrite(data, zone, fields=self._tz_fields)
-            variant = memo[zone] = result.payload
-            if result.rewritten:
-                self.stats.tz_rewrites += 1
-            else:
-                self.stats.tz_passthrough += 1
+            variant = memo[zone] = self._timezone.on_deliver(data, zone, topic)
         return variant
+
+    def _count_tz(self, rewritten: bool) -> None:
+        if rewritten:
+            self.stats.tz_rewrites += 1
+        else:
+            self.stats.tz_passthrough += 1
 
     def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
         """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""
@@ -1579,6 +1568,8 @@ class MarketBroker(Broker):
         self.stats.ticks_accepted += 1
         # The snapshot is kept whatever the publisher's retain flag: a new subscriber
         # always gets the last valid tick per topic.
+        if topic not in self._retained_messages:
+            self._retained_topics += 1
         self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
         self._retained_version += 1
         if self._snapshots is not None:
@@ -1602,7 +1593,7 @@ class MarketBroker(Broker):
         tail = tick.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
-        parts = self._tick_parts[topic] = _TickParts(data, head, ts, tail, second, ms)
+        parts = self._tick_parts[topic] = TickParts(data, head, ts, tail, second, ms)
         variants: dict[str | None, bytes] = {None: data}
 
         def localize(zone: str | None) -> bytes:
@@ -1619,26 +1610,10 @@ class MarketBroker(Broker):
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
         return seq
 
-    def _tick_variant(self, topic: str, parts: _TickParts, zone: str | None) -> bytes:
-        """A tick's wire form with ``ts`` in ``zone``: what rewrite() gives, built from its parts
-        instead of re-parsing JSON (tests hold them byte-for-byte equal)."""
-        if zone is None:
-            return parts.data
-        if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
-            return self._localized(topic, parts.data, zone, {})
-        local = self._clock_tz.local_at(parts.second, parts.ms, zone) if self._tick_ts_field else None
-        self.stats.tz_rewrites += 1
-        return b"".join(
-            (
-                parts.head,
-                b'"ts":"',
-                (local or parts.ts).encode(),
-                parts.tail[:-1],
-                b',"tz":"',
-                zone.encode(),
-                b'"}',
-            )
-        )
+    def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes:
+        """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from
+        its parts instead of re-parsing JSON (tests hold it byte-for-byte equal to rewrite())."""
+        return self._timezone.on_deliver_tick(parts, zone, topic)
 
     def _ingest(self, session: Session, topic: str, payload: bytes, qos: int) -> bool:
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
@@ -1847,19 +1822,19 @@ class MarketBroker(Broker):
         if not granted or outbox is None:
             return
         zone = session.attributes.get(_TZ)
-        key = (tuple(granted), zone, outbox.websocket)
+        filters = tuple(granted)
+        key = (filters, zone, outbox.websocket)
         cached = self._snapshot_frames.get(key)
         if cached is not None and cached[0] == self._retained_version:
             outbox.push_message(cached[1])
             return
         packets: list[bytes] = []
         acked: list[tuple[str, bytes, int]] = []
-        for topic, retained in self._retained_messages.items():
-            qos = max((q for f, q in granted if matches(topic, f)), default=None)
-            if qos is None:
-                continue
+        retained_messages = self._retained_messages
+        for topic, granted_qos in self._snapshot_topics(filters):
+            retained = retained_messages[topic]
             data = bytes(retained.data)
-            qos = min(qos, retained.qos or QOS_0)
+            qos = min(granted_qos, retained.qos or QOS_0)
             if qos == QOS_0:
                 packets.append(self._retained_packet(topic, data, zone))
             else:
@@ -1877,6 +1852,21 @@ class MarketBroker(Broker):
         for topic, data, qos in acked:
             message = Encoded(topic, partial(self._retained_localized, topic, data), retain=True)
             push_all(target, message, qos, conflate=False)
+
+    def _snapshot_topics(self, filters: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+        """The retained topics ``filters`` select, each once at the best granted QoS."""
+        known = self._snapshot_members.get(filters)
+        if known is not None and known[0] == self._retained_topics:
+            return known[1]
+        chosen = []
+        for topic in self._retained_messages:
+            qos = max((q for f, q in filters if matches(topic, f)), default=None)
+            if qos is not None:
+                chosen.append((topic, qos))
+        if len(self._snapshot_members) >= _SNAPSHOT_FRAMES:
+            self._snapshot_members.clear()  # bounded; rebuilt on the next SUBSCRIBE
+        self._snapshot_members[filters] = (self._retained_topics, chosen)
+        return chosen
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
@@ -1928,6 +1918,7 @@ class MarketBroker(Broker):
     ) -> None:
         await super().retain_message(source_session, topic_name, data, qos)
         self._retained_version += 1  # cached snapshot frames are stale
+        self._retained_topics += 1  # and maybe which topics there are
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Replay the offline queue, each message at its QoS, only what the session may receive."""

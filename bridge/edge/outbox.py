@@ -49,11 +49,12 @@ class Batcher:
     ``interval_s`` when set: at a few ticks a second per subscriber, one ``send()`` per
     window instead of one per tick, for at most ``interval_s`` of added latency."""
 
-    __slots__ = ("_dirty", "_interval", "_loop", "_scheduled", "backlogged")
+    __slots__ = ("_dirty", "_interval", "_loop", "_scheduled", "_urgent", "backlogged")
 
     def __init__(self, interval_s: float = 0.0) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
+        self._urgent: list[Outbox] = []  # written at the end of this loop step whatever the interval
         self._interval = interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self.backlogged: set[Outbox] = set()
@@ -72,6 +73,20 @@ class Batcher:
                 self.loop().call_later(self._interval, self.flush)
             else:
                 self.loop().call_soon(self.flush)
+
+    def soon(self, outbox: Outbox) -> None:
+        """Write ``outbox`` at the end of this loop step, not after the interval: it holds
+        what its client waits on (an acknowledgement, a snapshot, a user message)."""
+        if not self._interval:
+            return  # every batch goes at the end of the step anyway
+        if not self._urgent:
+            self.loop().call_soon(self._flush_urgent)
+        self._urgent.append(outbox)
+
+    def _flush_urgent(self) -> None:
+        urgent, self._urgent = self._urgent, []
+        for outbox in urgent:
+            outbox.flush()
 
     def flush(self) -> None:
         self._scheduled = False
@@ -250,6 +265,7 @@ class Outbox:
             self._send_acked(session, item)
         else:
             self._queue(item)
+        self._batcher.soon(self)  # not market data: no reason to wait for the flush interval
         if self.swamped:
             self._give_up("bytes")
 
@@ -263,6 +279,7 @@ class Outbox:
         if self.closed:
             return
         self._queue(ws_binary_frame(packet) if self.websocket else packet)
+        self._batcher.soon(self)
 
     def _send_acked(self, session: Session, publish: AckedPublish) -> None:
         packet_id = session.next_packet_id
