@@ -16,8 +16,13 @@ __all__ = [
 ]
 
 
+_ONE_BYTE = tuple(bytes((n,)) for n in range(128))
+
+
 def remaining_length(length: int) -> bytes:
     """MQTT variable-length integer (1 to 4 bytes)."""
+    if 0 <= length < 16_384:  # one or two bytes: nearly every packet, on the hot path
+        return _ONE_BYTE[length] if length < 128 else bytes(((length & 0x7F) | 0x80, length >> 7))
     if not 0 <= length <= 268_435_455:
         raise ValueError(f"remaining length {length} out of range")
     out = bytearray()
@@ -30,9 +35,16 @@ def remaining_length(length: int) -> bytes:
 
 def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
     """A QoS 0 PUBLISH: no packet id, so identical for every subscriber."""
-    body_length = 2 + len(topic) + len(payload)
-    header = bytes([0x31 if retain else 0x30]) + remaining_length(body_length)
-    return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
+    topic_length = len(topic)
+    return b"".join(
+        (
+            b"\x31" if retain else b"\x30",
+            remaining_length(2 + topic_length + len(payload)),
+            topic_length.to_bytes(2, "big"),
+            topic,
+            payload,
+        )
+    )
 
 
 def publish_acked_parts(

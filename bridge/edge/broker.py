@@ -94,6 +94,7 @@ from bridge.core.topics import (
     TopicIndex,
     is_valid_filter,
     is_valid_topic,
+    matcher,
     matches,
     topic_class,
 )
@@ -251,8 +252,10 @@ class MarketBroker(Broker):
         self._timezone = TimezonePlugin(
             fields=tz.fields, rules=[(rule.filter, rule.enabled) for rule in tz.rules], counted=self._count_tz
         )
-        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
-        self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant);
+        # a tick's are the ones its live fan-out built, so a snapshot in a zone that had
+        # subscribers costs nothing more.
+        self._retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
         self._tick_parts: dict[str, TickParts] = {}
@@ -832,7 +835,7 @@ class MarketBroker(Broker):
                 connection.session.attributes[_TZ] = await self._zone_for(user, claims)
         self._fanout.invalidate()
 
-    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
+    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str | None, bytes]) -> bytes:
         """``data`` as subscribers in ``zone`` get it: the on_deliver hook (the timezone
         plugin) called once per zone, its result shared via ``memo``."""
         if zone is None:
@@ -856,11 +859,7 @@ class MarketBroker(Broker):
         memo = entry[1]
         packet = memo.get(zone)
         if packet is None:
-            parts = self._tick_parts.get(topic)
-            if parts is not None and parts.data is data:
-                payload = self._tick_variant(topic, parts, zone)
-            else:
-                payload = self._retained_localized(topic, data, zone)
+            payload = self._retained_localized(topic, data, zone)
             packet = memo[zone] = publish_qos0(topic.encode(), payload, retain=True)
         return packet
 
@@ -1603,6 +1602,7 @@ class MarketBroker(Broker):
             return variant
 
         sent = self._fanout.deliver(topic, qos, localize)
+        self._retained_variants[topic] = (data, variants)
         if not sent:
             return seq
         self.stats.deliveries += sent
@@ -1682,7 +1682,7 @@ class MarketBroker(Broker):
                 self._queue_offline(session, topic, data, min(qos, sub_qos))
         if not live:
             return 0
-        variants: dict[str, bytes] = {}
+        variants: dict[str | None, bytes] = {}
         message = Encoded(topic, lambda zone: self._localized(topic, data, zone, variants))
         sent = push_all(group(live), message, qos, conflate=False)
         self.stats.deliveries += sent
@@ -1859,10 +1859,16 @@ class MarketBroker(Broker):
         if known is not None and known[0] == self._retained_topics:
             return known[1]
         chosen = []
-        for topic in self._retained_messages:
-            qos = max((q for f, q in filters if matches(topic, f)), default=None)
-            if qos is not None:
-                chosen.append((topic, qos))
+        if len(filters) == 1:  # the usual SUBSCRIBE: one filter, compared as a string
+            ((topic_filter, qos),) = filters
+            selects = matcher(topic_filter)
+            chosen = [(topic, qos) for topic in self._retained_messages if selects(topic)]
+        else:
+            tests = [(matcher(f), q) for f, q in filters]
+            for topic in self._retained_messages:
+                best = max((q for selects, q in tests if selects(topic)), default=None)
+                if best is not None:
+                    chosen.append((topic, best))
         if len(self._snapshot_members) >= _SNAPSHOT_FRAMES:
             self._snapshot_members.clear()  # bounded; rebuilt on the next SUBSCRIBE
         self._snapshot_members[filters] = (self._retained_topics, chosen)

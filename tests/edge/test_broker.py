@@ -112,6 +112,50 @@ def test_late_subscriber_gets_one_snapshot_per_topic_then_live(
     assert (live.retain, json.loads(live.payload)["last"], json.loads(live.payload)["seq"]) == (False, "3", 3)
 
 
+def test_cached_snapshot_frames_follow_every_change(broker: BrokerThread, clients: ClientFactory) -> None:
+    # Subscribers with the same filters and zone share one cached snapshot frame; a tick, a
+    # new topic, a retained non-market message or its removal each make the next one current.
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    other = unique("other")
+
+    def snapshots(expected: int) -> list[tuple[str, str]]:
+        sub = clients(broker.tcp_port)
+        sub.connect()
+        sub.subscribe("#")
+        got = sub.expect(expected)
+        assert all(m.retain for m in got)
+        sub.close()
+        return sorted((m.topic, m.payload.decode()) for m in got)
+
+    def retained_count() -> int:
+        return len(broker.call(lambda: dict(broker.broker.retained_messages)))
+
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="1").encode())
+    wait_until(lambda: retained_count() == 1, what="snapshot")
+    first = snapshots(1)
+    assert snapshots(1) == first  # from the cache
+    assert json.loads(first[0][1])["last"] == "1"
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="2").encode())
+    wait_until(
+        lambda: (
+            b'"last":"2"'
+            in broker.call(lambda: bytes(broker.broker.retained_messages["market/luno/BTC-ZAR"].data))
+        ),
+        what="new snapshot",
+    )
+    assert json.loads(snapshots(1)[0][1])["last"] == "2"
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr", last="7").encode())
+    wait_until(lambda: retained_count() == 2, what="second topic")
+    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
+    pub.publish(f"{other}/status", b"up", retain=True)
+    wait_until(lambda: retained_count() == 3, what="retained status")
+    assert (f"{other}/status", "up") in snapshots(3)
+    pub.publish(f"{other}/status", b"", retain=True)  # an empty retained message removes it
+    wait_until(lambda: retained_count() == 2, what="status removed")
+    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
+
+
 def test_overlapping_filters_in_one_subscribe_get_each_snapshot_once(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
