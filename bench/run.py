@@ -216,6 +216,11 @@ def main() -> None:
         help="tcp tells a broker's WebSocket cost from the rest (e.g. Mosquitto's)",
     )
     parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
+    parser.add_argument(
+        "--flush-interval-ms",
+        type=float,
+        help="broker.flush_interval_ms for our qos0/qos1 runs (default: the config's)",
+    )
     parser.add_argument("--phone-subscribers", type=int, default=2000)
     parser.add_argument("--phone-rate", type=float, default=150.0, help="ticks/s in the phone scenario")
     parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
@@ -260,10 +265,14 @@ def main() -> None:
 
     if "ceiling" in chosen:
         report.run("generator_ceiling", "reference", partial(_fanout, options=replace(base, qos=0)))
+    ours: dict[str, Any] = {}
+    if args.flush_interval_ms is not None:
+        ours = {"extra": {"broker": {"flush_interval_ms": args.flush_interval_ms}}}
     for kind in brokers:
         for qos in (0, 1):
             if f"qos{qos}" in chosen:
-                report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)))
+                extra = ours if kind == "market-bridge" else {}
+                report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)), **extra)
     if "paced" in chosen:
         # 50 ticks/s to every subscriber: 2,500 deliveries/s with 50 subscribers. Also on the
         # reference server (the generator's own latency floor) and Mosquitto, for scale.
