@@ -133,8 +133,10 @@ log = logging.getLogger(__name__)
 install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
-# Cached retained-snapshot frames (per filters, zone, transport): a backstop, few in practice.
-_SNAPSHOT_FRAMES = 4096
+# Snapshot caches (per filter set; frames also per zone and transport): few entries in
+# practice, but filter sets are the clients' choice, so entries and bytes are bounded.
+_SNAPSHOT_ENTRIES = 256
+_SNAPSHOT_BYTES = 32 << 20
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -268,6 +270,7 @@ class MarketBroker(Broker):
         # _retained_version is what it was when they were built (bumped on every change).
         self._retained_version = 0
         self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        self._snapshot_bytes = 0  # held by _snapshot_frames
         # Which retained topics each set of granted filters selects, at which QoS: valid
         # while _retained_topics (bumped when a topic appears or goes) is unchanged.
         self._retained_topics = 0
@@ -1832,7 +1835,9 @@ class MarketBroker(Broker):
         acked: list[tuple[str, bytes, int]] = []
         retained_messages = self._retained_messages
         for topic, granted_qos in self._snapshot_topics(filters):
-            retained = retained_messages[topic]
+            retained = retained_messages.get(topic)
+            if retained is None:
+                continue
             data = bytes(retained.data)
             qos = min(granted_qos, retained.qos or QOS_0)
             if qos == QOS_0:
@@ -1843,8 +1848,12 @@ class MarketBroker(Broker):
         if frame and outbox.websocket:
             frame = ws_binary_frame(frame)
         if not acked:
-            if len(self._snapshot_frames) >= _SNAPSHOT_FRAMES:
-                self._snapshot_frames.clear()  # bounded; rebuilt on the next SUBSCRIBE
+            stale = self._snapshot_frames.get(key)
+            held = self._snapshot_bytes + len(frame) - (len(stale[1]) if stale is not None else 0)
+            if len(self._snapshot_frames) >= _SNAPSHOT_ENTRIES or held > _SNAPSHOT_BYTES:
+                self._snapshot_frames.clear()  # rebuilt on the next SUBSCRIBE
+                held = len(frame)
+            self._snapshot_bytes = held
             self._snapshot_frames[key] = (self._retained_version, frame)
         if frame:
             outbox.push_message(frame)
@@ -1869,7 +1878,7 @@ class MarketBroker(Broker):
                 best = max((q for selects, q in tests if selects(topic)), default=None)
                 if best is not None:
                     chosen.append((topic, best))
-        if len(self._snapshot_members) >= _SNAPSHOT_FRAMES:
+        if len(self._snapshot_members) >= _SNAPSHOT_ENTRIES:
             self._snapshot_members.clear()  # bounded; rebuilt on the next SUBSCRIBE
         self._snapshot_members[filters] = (self._retained_topics, chosen)
         return chosen

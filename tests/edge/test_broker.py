@@ -156,6 +156,27 @@ def test_cached_snapshot_frames_follow_every_change(broker: BrokerThread, client
     assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
 
 
+def test_snapshot_caches_stay_bounded_whatever_filters_clients_choose(clients: ClientFactory) -> None:
+    config = bridge_config(limits={"max_subscriptions_per_connection": 1000})
+    with BrokerThread(config) as broker:
+        pub = clients(broker.tcp_port)
+        pub.connect()
+        pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+        wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
+        sub = clients(broker.tcp_port)
+        sub.connect()
+        for n in range(300):  # a new filter set each time: a new cache key
+            assert sub.subscribe([("market/#", 0), (f"x/{n}", 0)]) == [0, 0]
+        assert len(sub.expect(300)) == 300
+
+        def sizes() -> tuple[int, int]:
+            return len(broker.broker._snapshot_frames), len(broker.broker._snapshot_members)
+
+        frames, members = broker.call(sizes)
+        assert 0 < frames <= 256
+        assert 0 < members <= 256
+
+
 def test_overlapping_filters_in_one_subscribe_get_each_snapshot_once(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
