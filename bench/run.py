@@ -12,6 +12,11 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
   ``--subscribers`` WebSocket subscribers on ``market/#`` (QoS 1: publish and subscribe).
 - ``paced`` [market-bridge, reference, mosquitto]: latency at a fixed 50 deliveries/s per
   subscriber (the reference server shows the generator's own latency floor).
+- ``phone`` [market-bridge, mosquitto]: phone-like fan-out, many subscribers each getting few
+  ticks: 2,000 WebSocket subscribers on ``market/#``, 150 ticks/s spread over the topics
+  (300k deliveries/s); broker CPU per delivery, loss, p50/p99. market-bridge runs twice, with
+  its default ``broker.flush_interval_ms`` and with 0 (a write every loop step), so the line
+  shows the latency coalescing costs against the CPU it saves.
 - ``idle`` [all; 10,000 on amqtt is skipped, it takes minutes]: idle WebSocket connections, bytes each.
 - ``retained`` [market-bridge]: SUBSCRIBE to the last of 500 retained snapshots.
 - ``stalled`` [market-bridge]: one subscriber stops reading; healthy ones vs a run without it.
@@ -53,6 +58,7 @@ SCENARIOS = (
     "qos0",
     "qos1",
     "paced",
+    "phone",
     "idle",
     "retained",
     "stalled",
@@ -164,6 +170,32 @@ def _stalled(report: Report, options: FanoutOptions) -> None:
     report.emit("stalled_subscriber", report_line)
 
 
+def _labelled(broker: RunningBroker, options: FanoutOptions, label: str) -> dict[str, Any]:
+    return fanout(broker, options) | {"flush_interval_ms": label}
+
+
+def _phone(
+    report: Report, brokers: list[BrokerKind], base: FanoutOptions, quick: bool, subscribers: int, rate: float
+) -> None:
+    """Phone-like fan-out: each subscriber gets ``rate`` ticks/s, far below saturation."""
+    phone = replace(
+        base,
+        subscribers=subscribers,
+        rate=rate,
+        duration_s=4.0 if quick else 10.0,
+        sample_every=8,
+        read_quantum_s=0.005,  # phones read when the radio wakes, not in a busy loop
+    )
+    if "market-bridge" in brokers:
+        for flush_ms in (None, 0.0):  # the default, then a write every loop step
+            extra = None if flush_ms is None else {"broker": {"flush_interval_ms": flush_ms}}
+            label = "default" if flush_ms is None else "0"
+            measure = partial(_labelled, options=phone, label=label)
+            report.run("phone", "market-bridge", measure, max_connections=subscribers + 100, extra=extra)
+    if "mosquitto" in brokers:
+        report.run("phone", "mosquitto", lambda b: fanout(b, phone))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs for development")
@@ -189,6 +221,13 @@ def main() -> None:
         help="tcp tells a broker's WebSocket cost from the rest (e.g. Mosquitto's)",
     )
     parser.add_argument("--read-quantum-ms", type=float, default=1.0, help="subscriber pause between polls")
+    parser.add_argument(
+        "--flush-interval-ms",
+        type=float,
+        help="broker.flush_interval_ms for our qos0/qos1 runs (default: the config's)",
+    )
+    parser.add_argument("--phone-subscribers", type=int, default=2000)
+    parser.add_argument("--phone-rate", type=float, default=150.0, help="ticks/s in the phone scenario")
     parser.add_argument("--idle", help="idle connection counts, e.g. 1000,10000 (quick: 1000)")
     parser.add_argument("--idle-workers", type=int, default=4)
     parser.add_argument(
@@ -231,10 +270,14 @@ def main() -> None:
 
     if "ceiling" in chosen:
         report.run("generator_ceiling", "reference", partial(_fanout, options=replace(base, qos=0)))
+    ours: dict[str, Any] = {}
+    if args.flush_interval_ms is not None:
+        ours = {"extra": {"broker": {"flush_interval_ms": args.flush_interval_ms}}}
     for kind in brokers:
         for qos in (0, 1):
             if f"qos{qos}" in chosen:
-                report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)))
+                extra = ours if kind == "market-bridge" else {}
+                report.run(f"qos{qos}", kind, partial(_fanout, options=replace(base, qos=qos)), **extra)
     if "paced" in chosen:
         # 50 ticks/s to every subscriber: 2,500 deliveries/s with 50 subscribers. Also on the
         # reference server (the generator's own latency floor) and Mosquitto, for scale.
@@ -242,6 +285,8 @@ def main() -> None:
         for kind in ("market-bridge", "reference", "mosquitto"):
             if kind in brokers or kind == "reference":
                 report.run("paced", kind, lambda b: fanout(b, paced))
+    if "phone" in chosen:
+        _phone(report, brokers, base, quick, args.phone_subscribers, args.phone_rate)
     if "market-bridge" in brokers:
         if "retained" in chosen:
             report.run("retained_snapshot", "market-bridge", lambda b: retained_snapshot(b, 500))

@@ -145,6 +145,10 @@ class BrokerSettings(_Strict):
     # never meets it (1000 did: 0.5% conflated in the QoS 1 bench); one that reads and never
     # acks costs at most ~4096 x 150 bytes of bookkeeping.
     max_inflight_messages: Annotated[int, Field(ge=1, le=65_000)] = 4096
+    # Writes to each connection are coalesced for up to this long: a subscriber getting a
+    # few ticks a second costs one send() per window instead of one per tick. 0 writes at
+    # the end of every event-loop step. Bounded, as every millisecond is added latency.
+    flush_interval_ms: Annotated[float, Field(ge=0, le=50)] = 2.0
     # Largest MQTT packet a client may send after CONNECT; bigger closes the connection
     # before its body is buffered.
     max_packet_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024

@@ -643,6 +643,18 @@ def test_unknown_event_loop_names_the_field(tmp_path: Path) -> None:
         load_config(write(tmp_path, "broker: {event_loop: trio}\n"))
 
 
+@pytest.mark.parametrize(("text", "expected"), [("", 2.0), ("0", 0.0), ("0.5", 0.5), ("50", 50.0)])
+def test_flush_interval(tmp_path: Path, text: str, expected: float) -> None:
+    body = f"broker: {{flush_interval_ms: {text}}}\n" if text else ""
+    assert load_config(write(tmp_path, body)).broker.flush_interval_ms == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "51", "soon"])
+def test_bad_flush_interval_names_the_field(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"broker\.flush_interval_ms"):
+        load_config(write(tmp_path, f"broker: {{flush_interval_ms: {value}}}\n"))
+
+
 # --- redaction ----------------------------------------------------------------------------------
 
 PASSWORD = "s3cret-Pa55"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from bridge.core.connect import Will
+from bridge.core.tick import TickParts
 
 __all__ = [
     "HOOK_NAMES",
@@ -105,7 +106,9 @@ class OnPublish(Protocol):
 @runtime_checkable
 class OnDeliver(Protocol):
     def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
-        """The payload as subscribers in ``zone`` get it: called once per (message, zone)."""
+        """The payload as subscribers in ``zone`` get it: called once per (message, zone), for
+        subscribers with a zone (the others get it as published). A plugin may also offer
+        ``on_deliver_tick(parts, zone, topic)``, the same result built from a tick's parts."""
 
 
 @runtime_checkable
@@ -174,6 +177,20 @@ class Hooks:
 
     def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
         for plugin in self.deliver:
+            payload = plugin.on_deliver(payload, zone, topic)
+        return payload
+
+    def on_deliver_tick(self, parts: TickParts, zone: str | None, topic: str) -> bytes:
+        """on_deliver for a sequenced tick: the first plugin may take its fast path from the
+        tick's pre-split parts (``on_deliver_tick``); the rest see the bytes it made."""
+        if not self.deliver:
+            return parts.data
+        first, *rest = self.deliver
+        fast = getattr(first, "on_deliver_tick", None)
+        payload: bytes = (
+            fast(parts, zone, topic) if fast is not None else first.on_deliver(parts.data, zone, topic)
+        )
+        for plugin in rest:
             payload = plugin.on_deliver(payload, zone, topic)
         return payload
 

@@ -28,6 +28,7 @@ from bridge.errors import TickError
 __all__ = [
     "MAX_TICK_BYTES",
     "Tick",
+    "TickParts",
     "format_ts",
     "market_topic",
     "parse_market_topic",
@@ -148,6 +149,22 @@ class Tick(BaseModel):
         if topic is not None and tick.topic != topic:
             raise TickError("wrong_topic", f"tick is for {tick.topic!r}, published to {topic!r}")
         return tick
+
+
+class TickParts:
+    """A sequenced tick's wire form (``data``) and the pieces every time-zone variant shares:
+    ``data == head + b'"ts":"' + ts + tail``, ``ts`` being the instant (``second``, ``ms``)
+    in UTC. A variant swaps ``ts`` without parsing JSON again."""
+
+    __slots__ = ("data", "head", "ms", "second", "tail", "ts")
+
+    def __init__(self, data: bytes, head: bytes, ts: str, tail: bytes, second: int, ms: int) -> None:
+        self.data = data
+        self.head = head
+        self.ts = ts
+        self.tail = tail
+        self.second = second
+        self.ms = ms
 
 
 def _tick_error(exc: ValidationError) -> TickError:

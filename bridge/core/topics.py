@@ -6,6 +6,8 @@ a published topic costs O(levels x matching branches), not O(all filters) as in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = [
     "MARKET_PREFIX",
     "SERVICE_PREFIX",
@@ -13,6 +15,7 @@ __all__ = [
     "TopicIndex",
     "is_valid_filter",
     "is_valid_topic",
+    "matcher",
     "matches",
     "topic_class",
 ]
@@ -72,6 +75,20 @@ def matches(topic: str, topic_filter: str) -> bool:
         if index >= len(topic_levels) or (level != "+" and level != topic_levels[index]):
             return False
     return len(filter_levels) == len(topic_levels)
+
+
+def matcher(topic_filter: str) -> Callable[[str], bool]:
+    """``matches(topic, topic_filter)`` as a function of the topic, for one filter checked
+    against many topics (a retained snapshot): filters without '+' are string compares."""
+    if "+" in topic_filter:
+        return lambda topic: matches(topic, topic_filter)
+    if topic_filter == "#":
+        return lambda topic: not topic.startswith("$")
+    if topic_filter.endswith("/#"):
+        parent = topic_filter[:-2]
+        prefix = topic_filter[:-1]  # the parent and its '/'
+        return lambda topic: topic.startswith(prefix) or topic == parent
+    return topic_filter.__eq__
 
 
 class _Node:

@@ -1,6 +1,6 @@
 """Bytes on the wire, built once per message and reused for every subscriber.
 
-Pure: MQTT 3.1.1 QoS 0 PUBLISH packets and server-to-client WebSocket binary frames. A
+Pure: MQTT 3.1.1 PUBLISH packets (QoS 1/2 ones around their packet id) and server-to-client WebSocket binary frames. A
 server's frames are unmasked (RFC 6455 5.1), so one frame serves every WebSocket
 subscriber of the same payload.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 __all__ = [
     "connack",
     "publish",
+    "publish_acked_parts",
     "publish_qos0",
-    "publish_qos1_parts",
     "remaining_length",
     "suback",
     "ws_binary_frame",
@@ -19,8 +19,13 @@ __all__ = [
 ]
 
 
+_ONE_BYTE = tuple(bytes((n,)) for n in range(128))
+
+
 def remaining_length(length: int) -> bytes:
     """MQTT variable-length integer (1 to 4 bytes)."""
+    if 0 <= length < 16_384:  # one or two bytes: nearly every packet, on the hot path
+        return _ONE_BYTE[length] if length < 128 else bytes(((length & 0x7F) | 0x80, length >> 7))
     if not 0 <= length <= 268_435_455:
         raise ValueError(f"remaining length {length} out of range")
     out = bytearray()
@@ -50,9 +55,16 @@ def suback(packet_id: int, codes: list[int]) -> bytes:
 
 def publish_qos0(topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
     """A QoS 0 PUBLISH: no packet id, so identical for every subscriber."""
-    body_length = 2 + len(topic) + len(payload)
-    header = bytes([0x31 if retain else 0x30]) + remaining_length(body_length)
-    return b"".join((header, len(topic).to_bytes(2, "big"), topic, payload))
+    topic_length = len(topic)
+    return b"".join(
+        (
+            b"\x31" if retain else b"\x30",
+            remaining_length(2 + topic_length + len(payload)),
+            topic_length.to_bytes(2, "big"),
+            topic,
+            payload,
+        )
+    )
 
 
 def publish(topic: bytes, payload: bytes, *, qos: int, packet_id: int, dup: bool = False) -> bytes:
@@ -62,13 +74,17 @@ def publish(topic: bytes, payload: bytes, *, qos: int, packet_id: int, dup: bool
     return b"".join((header, len(topic).to_bytes(2, "big"), topic, packet_id.to_bytes(2, "big"), payload))
 
 
-def publish_qos1_parts(topic: bytes, payload: bytes, *, websocket: bool) -> tuple[bytes, bytes]:
-    """A QoS 1 PUBLISH (in a WebSocket frame if asked) as (head, tail): the packet id goes between.
-
-    Only the 2-byte packet id differs between subscribers, so the rest is built once.
+def publish_acked_parts(
+    topic: bytes, payload: bytes, *, qos: int = 1, retain: bool = False, websocket: bool
+) -> tuple[bytes, bytes]:
+    """A QoS 1 or 2 PUBLISH (in a WebSocket frame if asked) as (head, tail): the packet id
+    goes between. Only the 2-byte packet id differs between subscribers, so the rest is built once.
     """
+    if qos not in (1, 2):
+        raise ValueError(f"QoS {qos} PUBLISH has no packet id")
     body_length = 2 + len(topic) + 2 + len(payload)
-    head = b"".join((b"\x32", remaining_length(body_length), len(topic).to_bytes(2, "big"), topic))
+    first = 0x30 | (qos << 1) | (1 if retain else 0)
+    head = b"".join((bytes((first,)), remaining_length(body_length), len(topic).to_bytes(2, "big"), topic))
     if websocket:
         head = ws_frame_header(len(head) + 2 + len(payload)) + head
     return head, payload

@@ -75,6 +75,7 @@ from bridge.core.connect import (
 )
 from bridge.core.connection import Event, State, advance
 from bridge.core.context import ConnectionContext
+from bridge.core.delivery import Encoded, Pipeline, Plan, Target, group, push_all
 from bridge.core.envelope import open_envelope
 from bridge.core.hooks import ConnectRequest, Hooks, Refused
 from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
@@ -91,8 +92,8 @@ from bridge.core.store import (
     Snapshot,
     StoreError,
 )
-from bridge.core.tick import Tick
-from bridge.core.timezones import LocalClock, TopicSwitch, is_valid_zone, rewrite
+from bridge.core.tick import Tick, TickParts
+from bridge.core.timezones import LocalClock, is_valid_zone
 from bridge.core.topics import (
     MARKET_PREFIX,
     SERVICE_PREFIX,
@@ -100,12 +101,12 @@ from bridge.core.topics import (
     TopicIndex,
     is_valid_filter,
     is_valid_topic,
+    matcher,
     matches,
     topic_class,
 )
 from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
-from bridge.edge.fanout import FanOut, Target
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.lean import LeanEvent
 from bridge.edge.mailbox_link import HandlerLink
@@ -126,6 +127,7 @@ from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
 from broker_plugins.auth import AllowAll, JwtAuth
 from broker_plugins.offline_store import OfflineStorePlugin
+from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -138,6 +140,10 @@ _SUBACK_FAILURE = 0x80
 _ZONE_TTL_S = 600.0
 # How long a replay the store stopped waits before it tries again.
 REPLAY_RETRY_S = 1.0
+# Snapshot caches (per filter set; frames also per zone and transport): few entries in
+# practice, but filter sets are the clients' choice, so entries and bytes are bounded.
+_SNAPSHOT_ENTRIES = 256
+_SNAPSHOT_BYTES = 32 << 20
 # Longest a user-addressed message may wait (an envelope may ask for less).
 MAX_TTL_S = 30 * 86400.0
 
@@ -161,20 +167,6 @@ class _Connection:
     # overtakes them ([MQTT-4.6.0-1]).
     state: State = State.ADMITTED
     done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
-
-
-class _TickParts:
-    """A sequenced tick's wire form (``data``) and the pieces every zone's variant shares."""
-
-    __slots__ = ("data", "head", "ms", "second", "tail", "ts")
-
-    def __init__(self, data: bytes, head: bytes, ts: str, tail: bytes, second: int, ms: int) -> None:
-        self.data = data
-        self.head = head
-        self.ts = ts
-        self.tail = tail
-        self.second = second
-        self.ms = ms
 
 
 @dataclass(frozen=True)
@@ -259,24 +251,32 @@ class MarketBroker(Broker):
         self._connect_budget = 4096 + auth.max_token_bytes + config.limits.max_topic_bytes
         tz = config.timezones
         self._tz_enabled = tz.enabled
-        self._tz_fields = frozenset(tz.fields)
-        self._tz_switch = TopicSwitch([(rule.filter, rule.enabled) for rule in tz.rules])
-        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant).
-        self._retained_variants: dict[str, tuple[bytes, dict[str, bytes]]] = {}
+        self._timezone = TimezonePlugin(
+            fields=tz.fields, rules=[(rule.filter, rule.enabled) for rule in tz.rules], counted=self._count_tz
+        )
+        self.hooks.register(self._timezone)  # on_deliver: once per (message, zone)
+        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant);
+        # a tick's are the ones its live fan-out built, so a snapshot in a zone that had
+        # subscribers costs nothing more.
+        self._retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
         # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
-        self._tick_parts: dict[str, _TickParts] = {}
+        self._tick_parts: dict[str, TickParts] = {}
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
-        self._batcher = Batcher()
-        self._fanout = FanOut(self._matching, self._resolve_target)
+        self._batcher = Batcher(config.broker.flush_interval_ms / 1000)
+        self._fanout = Pipeline(self._matching, self._resolve_target)
+        # Retained snapshot frames per (granted filters, zone, transport): valid while
+        # _retained_version is what it was when they were built (bumped on every change).
+        self._retained_version = 0
+        self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        self._snapshot_bytes = 0  # held by _snapshot_frames
+        # Which retained topics each set of granted filters selects, at which QoS: valid
+        # while _retained_topics (bumped when a topic appears or goes) is unchanged.
+        self._retained_topics = 0
+        self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
         self._clock_tz = LocalClock()
-        # Ticks are localised from their parts when the only tick key rewrite() would
-        # touch is ``ts`` (the default); other field sets take the generic rewrite().
-        tick_fields = self._tz_fields & set(Tick.model_fields)
-        self._tick_fast_tz = tick_fields <= {"ts"}
-        self._tick_ts_field = "ts" in tick_fields
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
         if isinstance(store, GuardedStore):
@@ -884,19 +884,21 @@ class MarketBroker(Broker):
                 context.zone = await self._zone_for(user, claims, claims.tz if claims is not None else None)
         self._fanout.invalidate()
 
-    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str, bytes]) -> bytes:
-        """``data`` with timestamps in ``zone``: rewritten once per zone, shared via ``memo``."""
-        if zone is None or not self._tz_switch.enabled(topic):
+    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str | None, bytes]) -> bytes:
+        """``data`` as subscribers in ``zone`` get it: the on_deliver hook (the timezone
+        plugin) called once per zone, its result shared via ``memo``."""
+        if zone is None:
             return data
         variant = memo.get(zone)
         if variant is None:
-            result = rewrite(data, zone, fields=self._tz_fields)
-            variant = memo[zone] = result.payload
-            if result.rewritten:
-                self.stats.tz_rewrites += 1
-            else:
-                self.stats.tz_passthrough += 1
+            variant = memo[zone] = self.hooks.on_deliver(data, zone, topic)
         return variant
+
+    def _count_tz(self, rewritten: bool) -> None:
+        if rewritten:
+            self.stats.tz_rewrites += 1
+        else:
+            self.stats.tz_passthrough += 1
 
     def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
         """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""
@@ -906,11 +908,7 @@ class MarketBroker(Broker):
         memo = entry[1]
         packet = memo.get(zone)
         if packet is None:
-            parts = self._tick_parts.get(topic)
-            if parts is not None and parts.data is data:
-                payload = self._tick_variant(topic, parts, zone)
-            else:
-                payload = self._retained_localized(topic, data, zone)
+            payload = self._retained_localized(topic, data, zone)
             packet = memo[zone] = publish_qos0(topic.encode(), payload, retain=True)
         return packet
 
@@ -1527,29 +1525,7 @@ class MarketBroker(Broker):
     def _deliver_live(self, targets: list[tuple[Session, int]], topic: str, payload: bytes, qos: int) -> None:
         """To sessions that are not the user's mailbox (clean ones, other users'): once, at
         min(publish QoS, subscription QoS); a persistent one keeps it in flight until acked."""
-        variants: dict[str, bytes] = {}
-        for session, sub_qos in targets:
-            handler = self._get_handler(session)
-            if handler is None:
-                continue
-            localized = self._localized(topic, payload, context_of(session).zone, variants)
-            task = asyncio.create_task(self._deliver_one(handler, topic, localized, min(qos, sub_qos)))
-            self.stats.messages_out["user"] += 1
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
-
-    async def _deliver_one(
-        self, handler: BrokerProtocolHandler, topic: str, payload: bytes, qos: int
-    ) -> None:
-        try:
-            await handler.mqtt_publish(topic, payload, qos, retain=False)
-            self.stats.deliveries += 1
-        except asyncio.CancelledError:
-            # The connection closed first; a persistent session has it in flight for next time.
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                raise
-        except Exception as exc:
-            log.info("delivery on %s failed: %s", clip(topic), clip(exc, 200), extra=CLIENT)
+        self._deliver_message(topic, payload, qos, targets, "user")
 
     async def _replay_offline(self, connection: _Connection) -> None:
         """Glue: the mailbox replays the user's queue over this connection (bridge/core/mailbox.py)."""
@@ -1627,22 +1603,16 @@ class MarketBroker(Broker):
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent (``seq`` 0: dropped,
         no number could be given safely)."""
-        if qos > QOS_1:
-            seq = self._sequencer.next(tick.topic)
-            if not seq:
-                self.stats.publishes_dropped["seq_unreserved"] += 1
-                return tick.with_seq(0)
-            data = tick.encode(seq)
-            self._remember(tick.topic, data, seq)
-            await self._broadcast_message(None, tick.topic, data, qos)
-            return tick.with_seq(seq)
         return tick.with_seq(self._publish_tick_now(tick, qos))
 
     def _remember(self, topic: str, data: bytes, seq: int) -> None:
         self.stats.ticks_accepted += 1
         # The snapshot is kept whatever the publisher's retain flag: a new subscriber
         # always gets the last valid tick per topic.
+        if topic not in self._retained_messages:
+            self._retained_topics += 1
         self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
+        self._retained_version += 1
         if self._snapshots is not None:
             self._snapshots.mark(Snapshot(topic, data, seq))
 
@@ -1664,10 +1634,7 @@ class MarketBroker(Broker):
         tail = tick.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
-        parts = self._tick_parts[topic] = _TickParts(data, head, ts, tail, second, ms)
-        plan = self._fanout.plan(topic)
-        if not plan.subscribers:
-            return seq
+        parts = self._tick_parts[topic] = TickParts(data, head, ts, tail, second, ms)
         variants: dict[str | None, bytes] = {None: data}
 
         def localize(zone: str | None) -> bytes:
@@ -1676,43 +1643,19 @@ class MarketBroker(Broker):
                 variant = variants[zone] = self._tick_variant(topic, parts, zone)
             return variant
 
-        sent = self._fanout.deliver(plan, topic, qos, localize)
-        for session, sub_qos in plan.slow:
-            self._deliver_via_amqtt(session, topic, localize(context_of(session).zone), min(qos, sub_qos))
+        sent = self._fanout.deliver(topic, qos, localize)
+        self._retained_variants[topic] = (data, variants)
+        if not sent:
+            return seq
         self.stats.deliveries += sent
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
         return seq
 
-    def _tick_variant(self, topic: str, parts: _TickParts, zone: str | None) -> bytes:
-        """A tick's wire form with ``ts`` in ``zone``: what rewrite() gives, built from its parts
-        instead of re-parsing JSON (tests hold them byte-for-byte equal)."""
-        if zone is None:
-            return parts.data
-        if not self._tick_fast_tz or not self._tz_switch.enabled(topic):
-            return self._localized(topic, parts.data, zone, {})
-        local = self._clock_tz.local_at(parts.second, parts.ms, zone) if self._tick_ts_field else None
-        self.stats.tz_rewrites += 1
-        return b"".join(
-            (
-                parts.head,
-                b'"ts":"',
-                (local or parts.ts).encode(),
-                parts.tail[:-1],
-                b',"tz":"',
-                zone.encode(),
-                b'"}',
-            )
-        )
-
-    def _deliver_via_amqtt(self, session: Session, topic: str, payload: bytes, qos: int) -> None:
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
-        self._deliveries.add(task)
-        task.add_done_callback(self._delivery_done)
-        self.stats.messages_out[topic_class(topic)] += 1
+    def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes:
+        """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from
+        its parts instead of re-parsing JSON (tests hold it byte-for-byte equal to rewrite())."""
+        return self.hooks.on_deliver_tick(parts, zone, topic)
 
     def _ingest(self, session: Session, topic: str, payload: bytes, qos: int) -> bool:
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
@@ -1749,15 +1692,44 @@ class MarketBroker(Broker):
             yield from subscriptions.get(topic_filter, ())
 
     def _resolve_target(self, session: Session, sub_qos: int) -> Target | None:
-        """Connected sessions only: market ticks are not queued (a returning client gets the snapshot)."""
-        if not session.transitions.is_connected():
-            return None
+        """Live connections only: market ticks are not queued (a returning client, or one not
+        yet live, gets the snapshot)."""
+        outbox = self._live_outbox(session)
+        return None if outbox is None else Target(outbox, context_of(session).zone, sub_qos)
+
+    def _live_outbox(self, session: Session) -> Outbox | None:
+        """The outbox of ``session``'s connection once it is LIVE: CONNACK and the resends of
+        unacknowledged messages are out, so nothing new overtakes them ([MQTT-4.6.0-1])."""
         connection = self._connections.get(session.client_id or "")
-        if connection is None or connection.session is not session:
-            return Target(None, context_of(session).zone, sub_qos)  # amqtt's path
-        if connection.state is not State.LIVE:
-            return None  # a resumed session gets the snapshots right after
-        return Target(connection.outbox, context_of(session).zone, sub_qos)
+        if connection is None or connection.session is not session or connection.state is not State.LIVE:
+            return None
+        return connection.outbox
+
+    def _deliver_message(
+        self, topic: str, data: bytes, qos: int, targets: list[tuple[Session, int]], klass: str
+    ) -> int:
+        """A message that is never conflated (user messages, wills, service notices) to
+        ``targets`` at min(``qos``, subscription QoS), through the one pipeline. A session
+        not live yet, or a persistent one gone at QoS 1/2, keeps it in its offline queue
+        (sent right after its next CONNACK)."""
+        live: list[Target] = []
+        market = topic.startswith(MARKET_PREFIX)
+        for session, sub_qos in targets:
+            outbox = self._live_outbox(session)
+            if outbox is not None:
+                live.append(Target(outbox, context_of(session).zone, sub_qos))
+            elif session.transitions.is_connected() or (
+                min(qos, sub_qos) > QOS_0 and not session.clean_session and not market
+            ):
+                self._queue_offline(session, topic, data, min(qos, sub_qos))
+        if not live:
+            return 0
+        variants: dict[str | None, bytes] = {}
+        message = Encoded(topic, lambda zone: self._localized(topic, data, zone, variants))
+        sent = push_all(group(live), message, qos, conflate=False)
+        self.stats.deliveries += sent
+        self.stats.messages_out[klass] += sent
+        return sent
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -1899,40 +1871,74 @@ class MarketBroker(Broker):
     async def _send_retained(
         self, session: Session, handler: BrokerProtocolHandler, granted: list[tuple[str, int]]
     ) -> None:
-        """Each retained topic matching this SUBSCRIBE's granted filters, once, at the best QoS."""
-        if not granted:
-            return
-        # QoS 0 snapshots (every tick's) go straight into the connection's batch, in one write.
-        # One WebSocket frame may carry many MQTT packets (MQTT 3.1.1 section 6), so the
-        # whole snapshot is one frame and one write.
+        """Each retained topic matching this SUBSCRIBE's granted filters, once, at the best QoS.
+
+        One WebSocket frame may carry many MQTT packets (MQTT 3.1.1 section 6), so the QoS 0
+        snapshots (every tick's) are one frame, one append to the outbox and one write; that
+        frame is cached per (filters, zone, transport) until a snapshot changes.
+        """
         connection = self._connections.get(session.client_id or "")
         outbox = connection.outbox if connection is not None and connection.session is session else None
+        if not granted or outbox is None:
+            return
         zone = context_of(session).zone
+        filters = tuple(granted)
+        key = (filters, zone, outbox.websocket)
+        cached = self._snapshot_frames.get(key)
+        if cached is not None and cached[0] == self._retained_version:
+            outbox.push_message(cached[1])
+            return
         packets: list[bytes] = []
-        sends = []
-        for topic, retained in list(self._retained_messages.items()):
-            qos = max((q for f, q in granted if matches(topic, f)), default=None)
-            if qos is None:
+        acked: list[tuple[str, bytes, int]] = []
+        retained_messages = self._retained_messages
+        for topic, granted_qos in self._snapshot_topics(filters):
+            retained = retained_messages.get(topic)
+            if retained is None:
                 continue
             data = bytes(retained.data)
-            qos = min(qos, retained.qos or QOS_0)
-            if qos == QOS_0 and outbox is not None:
+            qos = min(granted_qos, retained.qos or QOS_0)
+            if qos == QOS_0:
                 packets.append(self._retained_packet(topic, data, zone))
-                continue
-            sends.append(
-                handler.mqtt_publish(topic, self._retained_localized(topic, data, zone), qos, retain=True)
-            )
-        if packets and outbox is not None:
-            outbox.push_control(b"".join(packets))
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.info(
-                    "retained delivery to %s failed: %s",
-                    clip(session.client_id),
-                    clip(result, 200),
-                    extra=CLIENT,
-                )
+            else:
+                acked.append((topic, data, qos))
+        frame = b"".join(packets)
+        if frame and outbox.websocket:
+            frame = ws_binary_frame(frame)
+        if not acked:
+            stale = self._snapshot_frames.get(key)
+            held = self._snapshot_bytes + len(frame) - (len(stale[1]) if stale is not None else 0)
+            if len(self._snapshot_frames) >= _SNAPSHOT_ENTRIES or held > _SNAPSHOT_BYTES:
+                self._snapshot_frames.clear()  # rebuilt on the next SUBSCRIBE
+                held = len(frame)
+            self._snapshot_bytes = held
+            self._snapshot_frames[key] = (self._retained_version, frame)
+        if frame:
+            outbox.push_message(frame)
+        target = Plan([((zone, outbox.websocket, QOS_2), [outbox])], 1)
+        for topic, data, qos in acked:
+            message = Encoded(topic, partial(self._retained_localized, topic, data), retain=True)
+            push_all(target, message, qos, conflate=False)
+
+    def _snapshot_topics(self, filters: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
+        """The retained topics ``filters`` select, each once at the best granted QoS."""
+        known = self._snapshot_members.get(filters)
+        if known is not None and known[0] == self._retained_topics:
+            return known[1]
+        chosen = []
+        if len(filters) == 1:  # the usual SUBSCRIBE: one filter, compared as a string
+            ((topic_filter, qos),) = filters
+            selects = matcher(topic_filter)
+            chosen = [(topic, qos) for topic in self._retained_messages if selects(topic)]
+        else:
+            tests = [(matcher(f), q) for f, q in filters]
+            for topic in self._retained_messages:
+                best = max((q for selects, q in tests if selects(topic)), default=None)
+                if best is not None:
+                    chosen.append((topic, best))
+        if len(self._snapshot_members) >= _SNAPSHOT_ENTRIES:
+            self._snapshot_members.clear()  # bounded; rebuilt on the next SUBSCRIBE
+        self._snapshot_members[filters] = (self._retained_topics, chosen)
+        return chosen
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = self._remove_subscriber(a_filter, session)
@@ -1989,96 +1995,43 @@ class MarketBroker(Broker):
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        broadcast: dict[str, Any] = {
-            "session": session,
-            "topic": topic,
-            "data": data,
-            "queued": time.perf_counter(),
-        }
-        if force_qos is not None:
-            broadcast["qos"] = force_qos
-        await self._broadcast_queue.put(broadcast)
-
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        broadcast = await self._broadcast_queue.get()
-        topic: str = broadcast["topic"]
-        data = broadcast["data"]
+        """A non-market message (a client's, a will, a service notice) to every matching
+        subscription, through the pipeline at once: amqtt's broadcast queue and its task per
+        delivery are not used (its loop is not started, see :meth:`_broadcast_loop`)."""
         if topic is None or data is None:
             return
-        publish_qos: int | None = broadcast.get("qos")
-        market = topic.startswith(MARKET_PREFIX)
-        klass = topic_class(topic)
-        variants: dict[str, bytes] = {}
-        encoded: dict[tuple[str | None, bool], bytes] = {}
-        topic_bytes = topic.encode()
-        for topic_filter in self._index.match(topic):
-            for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                qos = sub_qos if publish_qos is None else min(publish_qos, sub_qos)
-                if not target.transitions.is_connected():
-                    # Market ticks are not queued: a reconnecting client gets the snapshot.
-                    if qos in (QOS_1, QOS_2) and not target.clean_session and not market:
-                        self._queue_offline(target, topic, data, qos)
-                    continue
-                zone = context_of(target).zone
-                connection = self._connections.get(target.client_id or "")
-                outbox = (
-                    connection.outbox if connection is not None and connection.session is target else None
-                )
-                if qos == QOS_0 and outbox is not None:
-                    # Encoded once per (zone, transport kind), written without a task.
-                    key = (zone, outbox.websocket)
-                    frame = encoded.get(key)
-                    if frame is None:
-                        packet = encoded.get((zone, False))
-                        if packet is None:
-                            packet = encoded[(zone, False)] = publish_qos0(
-                                topic_bytes, self._localized(topic, data, zone, variants)
-                            )
-                        frame = encoded[key] = ws_binary_frame(packet) if outbox.websocket else packet
-                    outbox.push(topic, frame)
-                    self.stats.deliveries += 1
-                    self.stats.messages_out[klass] += 1
-                    continue
-                handler = self._get_handler(target)
-                if handler is None:
-                    continue
-                payload = self._localized(topic, data, zone, variants)
-                task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
-                self._deliveries.add(task)
-                task.add_done_callback(self._delivery_done)
-                self.stats.messages_out[klass] += 1
-        if "queued" in broadcast:
-            self.stats.fanout_seconds.observe(time.perf_counter() - broadcast["queued"])
+        started = time.perf_counter()
+        qos = QOS_2 if force_qos is None else force_qos  # None: each at its subscription's QoS
+        self._deliver_message(topic, bytes(data), qos, list(self._matching(topic)), topic_class(topic))
+        self.stats.fanout_seconds.observe(time.perf_counter() - started)
 
-    def _delivery_done(self, task: asyncio.Task[Any]) -> None:
-        self._deliveries.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            self.stats.deliveries += 1
-        else:
-            log.debug("delivery failed: %s", exc)
+    async def _broadcast_loop(self) -> None:
+        """amqtt's broadcast loop: nothing goes through its queue (see _broadcast_message)."""
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        await super().retain_message(source_session, topic_name, data, qos)
+        self._retained_version += 1  # cached snapshot frames are stale
+        self._retained_topics += 1  # and maybe which topics there are
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Replay the offline queue, each message at its QoS, only what the session may receive."""
-        handler = self._get_handler(session)
+        outbox = self._live_outbox(session)
         queue = session.retained_messages
         may_receive = self._may_receive(session)
-        sends = []
-        while handler is not None and not queue.empty():
+        zone = context_of(session).zone
+        while outbox is not None and not queue.empty():
             message = queue.get_nowait()
             if may_receive(message.topic):
-                data = self._localized(message.topic, bytes(message.data), context_of(session).zone, {})
-                sends.append(handler.mqtt_publish(message.topic, data, message.qos, retain=False))
-        for result in await asyncio.gather(*sends, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.info(
-                    "offline replay to %s failed: %s",
-                    clip(session.client_id),
-                    clip(result, 200),
-                    extra=CLIENT,
-                )
+                topic, data = message.topic, bytes(message.data)
+                target = Plan([((zone, outbox.websocket, QOS_2), [outbox])], 1)
+                encoded = Encoded(topic, partial(self._localized, topic, data, memo={}))
+                push_all(target, encoded, message.qos or QOS_0, conflate=False)
 
     def _queue_offline(self, session: Session, topic: str, data: bytes | bytearray, qos: int) -> None:
         queue = session.retained_messages

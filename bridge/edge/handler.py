@@ -325,6 +325,8 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             waiter.set_result(PubcompPacket.build(packet_id))
         elif message is not None:
             self._acknowledged(message)
+        if message is not None and self.outbox is not None:
+            self.outbox.acked()  # a QoS 2 delivery's slot is free: held ones may go
 
     def _acknowledged(self, message: OutgoingApplicationMessage) -> None:
         if isinstance(message, StoredMessage):

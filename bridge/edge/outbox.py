@@ -1,10 +1,13 @@
 """Direct delivery: pre-encoded bytes batched per connection and written with one ``write``.
 
 amqtt delivers each message to each subscriber in its own task, encoding it again every
-time and writing it with its own ``send()``. Here the broker encodes a PUBLISH (and, for
-WebSocket, its frame) once per payload variant; each connection's :class:`Outbox` appends
-it to a batch, and the :class:`Batcher` writes every touched connection once, after the
-event-loop step that produced the batch (a publisher's whole read chunk, say).
+time and writing it with its own ``send()``. Here the delivery pipeline
+(bridge/core/delivery.py) encodes a PUBLISH (and, for WebSocket, its frame) once per group;
+each connection's :class:`Outbox` appends it to a batch, and the :class:`Batcher` writes
+every touched connection once per ``broker.flush_interval_ms`` (market data), or at the
+end of the event-loop step for what a client waits on (acknowledgements, QoS 1/2
+deliveries, snapshots, user messages). A compressed WebSocket's outbox takes bare packets
+and frames each write itself.
 
 Slow consumers: once a connection's transport buffer holds more than ``high_water`` bytes,
 new market messages are conflated: the latest per topic is kept, older ones are superseded
@@ -18,32 +21,26 @@ own writes (SUBACK, retained messages, user messages).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
 
 from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter, WriterAdapter
-from amqtt.mqtt.constants import QOS_1
 from amqtt.session import OutgoingApplicationMessage, Session
 from websockets.protocol import State
 
+from bridge.core.delivery import AckedPublish
 from bridge.core.ratelimit import TopicGate
 from bridge.core.wire import ws_binary_frame
+from bridge.logs import CLIENT, clip
 
-__all__ = ["Batcher", "Outbox", "Qos1Publish"]
+__all__ = ["Batcher", "Outbox"]
 
+log = logging.getLogger(__name__)
 
-class Qos1Publish:
-    """A QoS 1 PUBLISH encoded once: ``head + packet id + tail`` is one connection's copy."""
-
-    __slots__ = ("head", "payload", "size", "tail", "topic")
-
-    def __init__(self, topic: str, head: bytes, tail: bytes, payload: bytes) -> None:
-        self.topic = topic
-        self.head = head
-        self.tail = tail
-        self.payload = payload  # kept for a resend after reconnecting (amqtt rebuilds it)
-        self.size = len(head) + 2 + len(tail)  # bytes on the wire
+# Packet ids are 16-bit: a client this far behind on acknowledgements is not reading.
+_MAX_INFLIGHT_IDS = 65_000
 
 
 # Marks a message as sent once, so amqtt's resend after a reconnect sets DUP.
@@ -51,13 +48,17 @@ _SENT = object()
 
 
 class Batcher:
-    """Connections with bytes waiting, written once per event-loop step."""
+    """Connections with bytes waiting, written once per event-loop step, or once per
+    ``interval_s`` when set: at a few ticks a second per subscriber, one ``send()`` per
+    window instead of one per tick, for at most ``interval_s`` of added latency."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled", "backlogged")
+    __slots__ = ("_dirty", "_interval", "_loop", "_scheduled", "_urgent", "backlogged")
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = 0.0) -> None:
         self._dirty: list[Outbox] = []
         self._scheduled = False
+        self._urgent: list[Outbox] = []  # written at the end of this loop step whatever the interval
+        self._interval = interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self.backlogged: set[Outbox] = set()
 
@@ -71,7 +72,24 @@ class Batcher:
         self._dirty.append(outbox)
         if not self._scheduled:
             self._scheduled = True
-            self.loop().call_soon(self.flush)
+            if self._interval:
+                self.loop().call_later(self._interval, self.flush)
+            else:
+                self.loop().call_soon(self.flush)
+
+    def soon(self, outbox: Outbox) -> None:
+        """Write ``outbox`` at the end of this loop step, not after the interval: it holds
+        what its client waits on (an acknowledgement, a snapshot, a user message)."""
+        if not self._interval:
+            return  # every batch goes at the end of the step anyway
+        if not self._urgent:
+            self.loop().call_soon(self._flush_urgent)
+        self._urgent.append(outbox)
+
+    def _flush_urgent(self) -> None:
+        urgent, self._urgent = self._urgent, []
+        for outbox in urgent:
+            outbox.flush()
 
     def flush(self) -> None:
         self._scheduled = False
@@ -92,10 +110,12 @@ class Outbox:
         "_batcher",
         "_conflated",
         "_high_water",
+        "_hurried",
         "_is_open",
         "_over",
         "_pending",
         "_queued",
+        "_send",
         "_timer",
         "_transport",
         "closed",
@@ -117,6 +137,7 @@ class Outbox:
         session: Session | None = None,
         max_inflight: int = 1000,
         gate: TopicGate | None = None,
+        send: Callable[[bytes], None] | None = None,
     ) -> None:
         self.websocket = websocket
         self.session = session
@@ -130,8 +151,11 @@ class Outbox:
         self._batch: list[bytes] = []
         self._batched = 0  # bytes in _batch
         self._over = False  # conflating until the transport buffer drains to half
+        self._hurried = False  # this batch goes at the end of the loop step, not the interval
         self._queued = 0  # the transport's buffer when this batch began
-        self._pending: dict[str, bytes | Qos1Publish] = {}
+        self._pending: dict[str, bytes | AckedPublish] = {}
+        # Writes bytes that still need framing (a compressed WebSocket); None: the transport's.
+        self._send = send
         # Per-topic update cap for this subscriber (None: every update); held topics are
         # released by one timer.
         self.gate = gate
@@ -145,16 +169,26 @@ class Outbox:
         send_buffer: int | None = None,
         **kwargs: object,
     ) -> Outbox | None:
-        """An outbox for amqtt's writer, or None where bytes cannot be shared (compression)."""
+        """An outbox for amqtt's writer (None: a writer of a kind we do not know)."""
         found = cls._transport_of(writer)
+        send = None
         if found is None:
-            return None
+            found, send = _deflating(writer)
+            if found is None:
+                return None
         transport, websocket, is_open = found
         if send_buffer is not None:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        return cls(transport, websocket=websocket, high_water=high_water, is_open=is_open, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            transport,
+            websocket=websocket,
+            high_water=high_water,
+            is_open=is_open,
+            send=send,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     @staticmethod
     def _transport_of(
@@ -201,8 +235,8 @@ class Outbox:
             return
         self._queue(data)
 
-    def push_qos1(self, publish: Qos1Publish) -> None:
-        """A QoS 1 market message: sent with the next packet id, held while the client lags."""
+    def push_acked(self, publish: AckedPublish) -> None:
+        """A QoS 1/2 market message: sent with the next packet id, held while the client lags."""
         if self.closed:
             return
         session = self.session
@@ -217,17 +251,46 @@ class Outbox:
         if self.gate is not None and not self._gate_admits(publish.topic):
             self._hold(publish.topic, publish, backlog=False)
             return
-        self._send_qos1(session, publish)
+        self._send_acked(session, publish)
+
+    def push_message(self, item: bytes | AckedPublish) -> None:
+        """A message that is never conflated (user messages, wills, retained snapshots).
+
+        A client so far behind that even these pile up past :attr:`swamped` is not reading:
+        its connection is closed (a persistent session keeps QoS 1/2 ones in flight and gets
+        them again, with DUP, when it comes back).
+        """
+        if self.closed:
+            return
+        if isinstance(item, AckedPublish):
+            session = self.session
+            if session is None or len(session.inflight_out) >= _MAX_INFLIGHT_IDS:
+                self._give_up("acknowledgements")
+                return
+            self._send_acked(session, item)
+        else:
+            self._queue(item)
+        self._hurry()  # not market data: no reason to wait for the flush interval
+        if self.swamped:
+            self._give_up("bytes")
+
+    def _give_up(self, behind_on: str) -> None:
+        client_id = self.session.client_id if self.session is not None else None
+        log.info("client %s too far behind on %s: closing", clip(client_id), behind_on, extra=CLIENT)
+        self.abort()
 
     def push_control(self, packet: bytes) -> None:
         """A protocol packet (PUBACK): never conflated, written with this step's batch."""
         if self.closed:
             return
         self._queue(ws_binary_frame(packet) if self.websocket else packet)
+        self._hurry()
 
-    def _send_qos1(self, session: Session, publish: Qos1Publish) -> None:
+    def _send_acked(self, session: Session, publish: AckedPublish) -> None:
         packet_id = session.next_packet_id
-        message = OutgoingApplicationMessage(packet_id, publish.topic, QOS_1, publish.payload, False)
+        message = OutgoingApplicationMessage(
+            packet_id, publish.topic, publish.qos, publish.payload, publish.retain
+        )
         message.publish_packet = _SENT  # type: ignore[assignment]
         session.inflight_out[packet_id] = message
         batch = self._batch
@@ -237,6 +300,14 @@ class Outbox:
         if not self._batched:
             self._batcher.touch(self)
         self._batched += publish.size
+        # Acknowledged deliveries are paced by the client's acks: holding them back for the
+        # flush interval only holds back the acks (and measurably costs CPU in the QoS 1 bench).
+        self._hurry()
+
+    def _hurry(self) -> None:
+        if not self._hurried:
+            self._hurried = True
+            self._batcher.soon(self)
 
     def _fits(self, size: int) -> bool:
         """Room for ``size`` more bytes: transport buffer plus this batch stay within high_water."""
@@ -250,7 +321,7 @@ class Outbox:
             return False
         return True
 
-    def _hold(self, topic: str, item: bytes | Qos1Publish, *, backlog: bool = True) -> None:
+    def _hold(self, topic: str, item: bytes | AckedPublish, *, backlog: bool = True) -> None:
         if topic in self._pending:
             self._conflated["conflated"] += 1
         self._pending[topic] = item
@@ -289,16 +360,16 @@ class Outbox:
             item = self._pending.get(topic)
             if item is None:
                 continue
-            size = item.size if isinstance(item, Qos1Publish) else len(item)
+            size = item.size if isinstance(item, AckedPublish) else len(item)
             if not self._fits(size):
                 continue  # sent by resume() once the client catches up
-            if isinstance(item, Qos1Publish):
+            if isinstance(item, AckedPublish):
                 session = self.session
                 if session is None or len(session.inflight_out) >= self.max_inflight:
                     self._batcher.backlogged.add(self)
                     continue
                 del self._pending[topic]
-                self._send_qos1(session, item)
+                self._send_acked(session, item)
             else:
                 del self._pending[topic]
                 self._queue(item)
@@ -307,6 +378,7 @@ class Outbox:
     # ------------------------------------------------------------------ writing
 
     def flush(self) -> None:
+        self._hurried = False
         batch = self._batch
         if not batch:
             return
@@ -314,7 +386,11 @@ class Outbox:
         self._batched = 0
         if self.closed or not self._is_open():
             return
-        self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        if self._send is None:
+            self._transport.write(data)
+        else:
+            self._send(data)
         if self._transport.get_write_buffer_size() > self._high_water:
             self._over = True
             self._batcher.backlogged.add(self)
@@ -338,18 +414,18 @@ class Outbox:
         session = self.session
         gate = self.gate
         for topic, item in list(pending.items()):
-            qos1 = isinstance(item, Qos1Publish)
+            qos1 = isinstance(item, AckedPublish)
             if qos1 and (session is None or len(session.inflight_out) >= self.max_inflight):
                 return  # the next PUBACK calls acked()
-            size = item.size if isinstance(item, Qos1Publish) else len(item)
+            size = item.size if isinstance(item, AckedPublish) else len(item)
             if not self._fits(size):
                 return  # still behind: the next backlog pass tries again
             if gate is not None and not self._gate_admits(topic):
                 continue  # the gate's timer sends it
             del pending[topic]
-            if isinstance(item, Qos1Publish):
+            if isinstance(item, AckedPublish):
                 assert session is not None
-                self._send_qos1(session, item)
+                self._send_acked(session, item)
             else:
                 self._queue(item)
         self._batcher.backlogged.discard(self)
@@ -375,3 +451,26 @@ class Outbox:
         self._batched = 0
         self._pending.clear()
         self._batcher.backlogged.discard(self)
+
+
+def _deflating(
+    writer: WriterAdapter,
+) -> tuple[tuple[asyncio.WriteTransport, bool, Callable[[], bool]] | None, Callable[[bytes], None] | None]:
+    """A WebSocket with permessage-deflate: every connection's frames differ (its own deflate
+    context), so it takes bare packets and frames each write itself through websockets'
+    protocol, synchronously, the way websockets' own ``send`` does."""
+    if not isinstance(writer, WebSocketsWriter):
+        return None, None
+    # amqtt 0.12.1 private attribute, as in _transport_of: pinned and covered by tests.
+    connection = writer._protocol
+    if not connection.protocol.extensions:
+        return None, None
+
+    def send(data: bytes) -> None:
+        connection.protocol.send_binary(data)
+        connection.send_data()
+
+    def is_open() -> bool:
+        return connection.protocol.state is State.OPEN
+
+    return (connection.transport, False, is_open), send

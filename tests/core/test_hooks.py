@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.core.hooks import Admitted, ConnectRequest, Hooks, Refused
+from bridge.core.tick import TickParts
 
 REQUEST = ConnectRequest("c1", "alice", b"t", True, "ws", "127.0.0.1:1", 0.0)
 ALICE = Admitted("alice")
@@ -121,3 +122,18 @@ def test_on_lease_first_holder_decides_and_release_frees() -> None:
 
 def test_without_a_lease_plugin_nothing_is_counted() -> None:
     assert Hooks([Yes()]).on_lease("alice", None) is None
+
+
+class FastTick:
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        return b"slow:" + payload
+
+    def on_deliver_tick(self, parts: TickParts, zone: str | None, topic: str) -> bytes:
+        return b"fast:" + parts.data
+
+
+def test_on_deliver_tick_takes_the_first_plugins_fast_path_then_chains() -> None:
+    parts = TickParts(b"{}", b"{", "2026-01-01T00:00:00Z", b"}", 0, 0)
+    assert Hooks().on_deliver_tick(parts, "Africa/Lagos", "t") == b"{}"
+    assert Hooks([FastTick(), Suffix()]).on_deliver_tick(parts, "Africa/Cairo", "t") == b"fast:{}Africa/Cairo"
+    assert Hooks([Suffix(), FastTick()]).on_deliver_tick(parts, None, "t") == b"slow:{}UTC"

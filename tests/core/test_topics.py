@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.core.topics import TopicIndex, is_valid_filter, is_valid_topic, matches
+from bridge.core.topics import TopicIndex, is_valid_filter, is_valid_topic, matcher, matches
 
 # --- is_valid_topic ---------------------------------------------------------------------------
 
@@ -139,6 +139,11 @@ MATCH_CASES: list[tuple[str, str, bool]] = [
 @pytest.mark.parametrize(("topic", "topic_filter", "expected"), MATCH_CASES)
 def test_matches(topic: str, topic_filter: str, expected: bool) -> None:
     assert matches(topic, topic_filter) is expected
+
+
+@pytest.mark.parametrize(("topic", "topic_filter", "expected"), MATCH_CASES)
+def test_matcher(topic: str, topic_filter: str, expected: bool) -> None:
+    assert matcher(topic_filter)(topic) is expected
 
 
 # --- TopicIndex -------------------------------------------------------------------------------
@@ -333,6 +338,7 @@ def test_index_agrees_with_matches(filters: set[str], topics: list[str]) -> None
     for topic in topics:
         assert is_valid_topic(topic)
         assert sorted(index.match(topic)) == sorted(f for f in filters if matches(topic, f))
+        assert {f for f in filters if matcher(f)(topic)} == {f for f in filters if matches(topic, f)}
 
 
 @settings(max_examples=200, deadline=None)

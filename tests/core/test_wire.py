@@ -14,8 +14,8 @@ from bridge.core.topics import is_valid_topic
 from bridge.core.wire import (
     connack,
     publish,
+    publish_acked_parts,
     publish_qos0,
-    publish_qos1_parts,
     remaining_length,
     suback,
     ws_binary_frame,
@@ -65,10 +65,14 @@ def test_ws_frame_matches_websockets(size: int) -> None:
     st.text(min_size=1, max_size=80).filter(is_valid_topic),
     st.one_of(st.binary(max_size=300), st.sampled_from([bytes(120), bytes(65_520), bytes(70_000)])),
     st.integers(min_value=1, max_value=65535),
+    st.sampled_from([1, 2]),
+    st.booleans(),
 )
-def test_qos1_parts_around_a_packet_id_match_amqtt(topic: str, payload: bytes, packet_id: int) -> None:
-    head, tail = publish_qos1_parts(topic.encode(), payload, websocket=False)
-    expected = bytes(PublishPacket.build(topic, payload, packet_id, False, 1, False).to_bytes())
+def test_acked_parts_around_a_packet_id_match_amqtt(
+    topic: str, payload: bytes, packet_id: int, qos: int, retain: bool
+) -> None:
+    head, tail = publish_acked_parts(topic.encode(), payload, qos=qos, retain=retain, websocket=False)
+    expected = bytes(PublishPacket.build(topic, payload, packet_id, False, qos, retain).to_bytes())
     assert head + packet_id.to_bytes(2, "big") + tail == expected
 
 
@@ -81,16 +85,22 @@ def test_qos1_parts_around_a_packet_id_match_amqtt(topic: str, payload: bytes, p
     st.integers(min_value=1, max_value=65535),
 )
 def test_qos1_parts_in_a_websocket_frame_match_websockets(topic: str, payload: bytes, packet_id: int) -> None:
-    head, tail = publish_qos1_parts(topic.encode(), payload, websocket=True)
+    head, tail = publish_acked_parts(topic.encode(), payload, websocket=True)
     packet = bytes(PublishPacket.build(topic, payload, packet_id, False, 1, False).to_bytes())
     expected = Frame(Opcode.BINARY, packet).serialize(mask=False, extensions=[])
     assert head + packet_id.to_bytes(2, "big") + tail == expected
 
 
 def test_qos1_parts_share_everything_but_the_packet_id() -> None:
-    head, tail = publish_qos1_parts(b"market/luno/BTC-ZAR", b"{}", websocket=False)
+    head, tail = publish_acked_parts(b"market/luno/BTC-ZAR", b"{}", websocket=False)
     assert head == b"\x32\x19\x00\x13market/luno/BTC-ZAR"
     assert tail == b"{}"
+
+
+@pytest.mark.parametrize("qos", [0, 3])
+def test_acked_parts_refuse_a_qos_without_packet_id(qos: int) -> None:
+    with pytest.raises(ValueError, match="packet id"):
+        publish_acked_parts(b"t", b"", qos=qos, websocket=False)
 
 
 @pytest.mark.parametrize(

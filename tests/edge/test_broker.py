@@ -112,6 +112,71 @@ def test_late_subscriber_gets_one_snapshot_per_topic_then_live(
     assert (live.retain, json.loads(live.payload)["last"], json.loads(live.payload)["seq"]) == (False, "3", 3)
 
 
+def test_cached_snapshot_frames_follow_every_change(broker: BrokerThread, clients: ClientFactory) -> None:
+    # Subscribers with the same filters and zone share one cached snapshot frame; a tick, a
+    # new topic, a retained non-market message or its removal each make the next one current.
+    pub = clients(broker.tcp_port)
+    pub.connect()
+    other = unique("other")
+
+    def snapshots(expected: int) -> list[tuple[str, str]]:
+        sub = clients(broker.tcp_port)
+        sub.connect()
+        sub.subscribe("#")
+        got = sub.expect(expected)
+        assert all(m.retain for m in got)
+        sub.close()
+        return sorted((m.topic, m.payload.decode()) for m in got)
+
+    def retained_count() -> int:
+        return len(broker.call(lambda: dict(broker.broker.retained_messages)))
+
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="1").encode())
+    wait_until(lambda: retained_count() == 1, what="snapshot")
+    first = snapshots(1)
+    assert snapshots(1) == first  # from the cache
+    assert json.loads(first[0][1])["last"] == "1"
+    pub.publish("market/luno/BTC-ZAR", make_tick(last="2").encode())
+    wait_until(
+        lambda: (
+            b'"last":"2"'
+            in broker.call(lambda: bytes(broker.broker.retained_messages["market/luno/BTC-ZAR"].data))
+        ),
+        what="new snapshot",
+    )
+    assert json.loads(snapshots(1)[0][1])["last"] == "2"
+    pub.publish("market/valr/BTC-ZAR", make_tick("valr", last="7").encode())
+    wait_until(lambda: retained_count() == 2, what="second topic")
+    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
+    pub.publish(f"{other}/status", b"up", retain=True)
+    wait_until(lambda: retained_count() == 3, what="retained status")
+    assert (f"{other}/status", "up") in snapshots(3)
+    pub.publish(f"{other}/status", b"", retain=True)  # an empty retained message removes it
+    wait_until(lambda: retained_count() == 2, what="status removed")
+    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
+
+
+def test_snapshot_caches_stay_bounded_whatever_filters_clients_choose(clients: ClientFactory) -> None:
+    config = bridge_config(limits={"max_subscriptions_per_connection": 1000})
+    with BrokerThread(config) as broker:
+        pub = clients(broker.tcp_port)
+        pub.connect()
+        pub.publish("market/luno/BTC-ZAR", make_tick().encode())
+        wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
+        sub = clients(broker.tcp_port)
+        sub.connect()
+        for n in range(300):  # a new filter set each time: a new cache key
+            assert sub.subscribe([("market/#", 0), (f"x/{n}", 0)]) == [0, 0]
+        assert len(sub.expect(300)) == 300
+
+        def sizes() -> tuple[int, int]:
+            return len(broker.broker._snapshot_frames), len(broker.broker._snapshot_members)
+
+        frames, members = broker.call(sizes)
+        assert 0 < frames <= 256
+        assert 0 < members <= 256
+
+
 def test_overlapping_filters_in_one_subscribe_get_each_snapshot_once(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
@@ -419,7 +484,7 @@ def test_listeners_are_independent(clients: ClientFactory) -> None:
 def test_broker_class_is_the_pinned_amqtt_subclass() -> None:
     # We override private methods of amqtt 0.12.1: an upgrade must fail here first.
     assert version("amqtt") == "0.12.1"
-    for name in ("_client_connected", "_run_broadcast", "_handle_message_delivery", "_start_listeners"):
+    for name in ("_client_connected", "_broadcast_loop", "_handle_message_delivery", "_start_listeners"):
         assert name in MarketBroker.__dict__
 
 

@@ -195,6 +195,33 @@ def test_qos1_subscriber_that_never_acks_is_capped_then_gets_the_latest(raw_clie
         assert sub.read().tick()["seq"] == per_topic + 1
 
 
+def test_qos2_ticks_take_the_pipeline_bounded_by_inflight_until_pubcomp(raw_clients: RawFactory) -> None:
+    config = bridge_config(broker={"max_inflight_messages": 2})
+    with BrokerThread(config) as broker:
+        sub = raw_clients(broker.tcp_port, role="subscriber")
+        sub.subscribe("market/#", qos=2)
+        for n in range(1, 6):
+            broker.run(broker.broker.publish_tick(make_tick(last=str(n)), qos=2))
+        first = sub.read_many(2)
+        assert [(p.kind, p.qos, p.dup, p.tick()["last"]) for p in first] == [
+            (3, 2, False, "1"),
+            (3, 2, False, "2"),
+        ]
+        ids = [p.packet_id for p in first]
+        assert None not in ids
+        # PUBREC -> PUBREL from the broker; the slot is free only at PUBCOMP.
+        sub.send(b"".join(b"\x50\x02" + i.to_bytes(2, "big") for i in ids if i is not None))
+        pubrels = sub.read_many(2)
+        assert [(p.first, p.packet_id) for p in pubrels] == [(0x62, i) for i in ids]
+        assert sorted(inflight(broker, sub.client_id)) == sorted(i for i in ids if i is not None)
+        sub.send(b"".join(b"\x70\x02" + i.to_bytes(2, "big") for i in ids if i is not None))
+        # The held latest tick of the topic goes next, once; the ones in between were conflated.
+        (latest,) = sub.read_many(1)
+        assert (latest.qos, latest.tick()["last"], latest.tick()["seq"]) == (2, "5", 5)
+        assert inflight(broker, sub.client_id) == [latest.packet_id]
+        assert stat(broker, lambda s: s.publishes_dropped["conflated"]) == 2
+
+
 def test_persistent_subscriber_gets_unacked_qos1_again_with_dup_after_reconnecting(
     broker: BrokerThread, raw_clients: RawFactory
 ) -> None:
@@ -343,7 +370,7 @@ def test_each_tick_is_localised_once_per_zone_whatever_the_subscribers(
     assert stat(broker, lambda s: s.tz_rewrites) - before == len(zones) * ticks
 
 
-# --- compressed WebSocket (the slow path) -----------------------------------------------------
+# --- compressed WebSocket (framed per connection) -----------------------------------------
 
 
 def _deflate_client(port: int, client_id: str) -> ClientConnection:
@@ -386,12 +413,16 @@ def test_compressed_websocket_subscriber_still_gets_every_tick(
             plain.connect()
             plain.subscribe("market/#")
 
-            def outboxes() -> tuple[bool, bool]:
-                connections = broker.broker._connections
-                return connections[client_id].outbox is None, connections[plain.client_id].outbox is None
+            def framing() -> tuple[bool | None, bool | None]:
+                def websocket(name: str) -> bool | None:
+                    outbox = broker.broker._connections[name].outbox
+                    return None if outbox is None else outbox.websocket
 
-            # The compressed connection takes amqtt's path; the plain one the direct path.
-            assert broker.call(outboxes) == (True, False)
+                return websocket(client_id), websocket(plain.client_id)
+
+            # Both take the one pipeline: the compressed connection is given bare packets and
+            # frames them with its own deflate context; the plain one shares pre-built frames.
+            assert broker.call(framing) == (False, True)
             feed = raw_clients(broker.tcp_port, role="feed")
             data, ticks = tick_stream(50)
             feed.send(data)

@@ -1,0 +1,74 @@
+"""Timezone plugin: ``on_deliver`` shows a message's timestamps in the subscriber's zone.
+
+A thin adapter over the pure :mod:`bridge.core.timezones` (``rewrite``, ``TopicSwitch``,
+``LocalClock``). The delivery pipeline calls it once per (message, zone), never per
+subscriber, and shares the result with every subscriber in that zone. Ticks take
+:meth:`TimezonePlugin.on_deliver_tick`: the tick is already split around its ``ts``
+(:class:`~bridge.core.tick.TickParts`), so its local variant is a join, not a JSON parse;
+tests hold both byte-for-byte equal to ``rewrite``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from bridge.core.tick import Tick, TickParts
+from bridge.core.timezones import DEFAULT_FIELDS, LocalClock, TopicSwitch, rewrite
+
+__all__ = ["TimezonePlugin"]
+
+_TICK_FIELDS: Final = frozenset(Tick.model_fields)
+
+
+class TimezonePlugin:
+    """``on_deliver`` (bridge/core/hooks.py) for local time; ``counted(rewritten)`` is told of
+    every rewrite (True) or pass-through of a payload that is not JSON (False)."""
+
+    def __init__(
+        self,
+        *,
+        fields: Iterable[str] = DEFAULT_FIELDS,
+        rules: Iterable[tuple[str, bool]] = (),
+        counted: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._fields = frozenset(fields)
+        self._switch = TopicSwitch(list(rules))
+        self._counted = counted
+        self._clock = LocalClock()
+        # A tick is localised from its parts when ``ts`` is the only tick key rewrite()
+        # would touch (the default); other field sets take the generic rewrite().
+        tick_fields = self._fields & _TICK_FIELDS
+        self._tick_fast = tick_fields <= {"ts"}
+        self._tick_ts = "ts" in tick_fields
+
+    def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
+        """``payload`` with its timestamps in ``zone`` (None, or a topic switched off: as is)."""
+        if zone is None or not self._switch.enabled(topic):
+            return payload
+        result = rewrite(payload, zone, fields=self._fields)
+        if self._counted is not None:
+            self._counted(result.rewritten)
+        return result.payload
+
+    def on_deliver_tick(self, parts: TickParts, zone: str | None, topic: str) -> bytes:
+        """A tick's wire form in ``zone``: what :meth:`on_deliver` gives for ``parts.data``,
+        built from the parts."""
+        if zone is None:
+            return parts.data
+        if not self._tick_fast or not self._switch.enabled(topic):
+            return self.on_deliver(parts.data, zone, topic)
+        local = self._clock.local_at(parts.second, parts.ms, zone) if self._tick_ts else None
+        if self._counted is not None:
+            self._counted(True)
+        return b"".join(
+            (
+                parts.head,
+                b'"ts":"',
+                (local or parts.ts).encode(),
+                parts.tail[:-1],
+                b',"tz":"',
+                zone.encode(),
+                b'"}',
+            )
+        )
