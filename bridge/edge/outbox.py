@@ -22,13 +22,14 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
-from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.adapters import WriterAdapter
 from amqtt.mqtt.constants import QOS_1
 from amqtt.session import OutgoingApplicationMessage, Session
-from websockets.protocol import State
 
 from bridge.core.ratelimit import TopicGate
 from bridge.core.wire import ws_binary_frame
+from bridge.edge.streams import StreamConnection
+from bridge.edge.ws_connection import WsConnection
 
 __all__ = ["Batcher", "Outbox", "Qos1Publish"]
 
@@ -160,15 +161,14 @@ class Outbox:
     def _transport_of(
         writer: WriterAdapter,
     ) -> tuple[asyncio.WriteTransport, bool, Callable[[], bool]] | None:
-        # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
-        if isinstance(writer, StreamWriterAdapter):
-            transport = writer._writer.transport
-            return transport, False, lambda: not writer.is_closed and not transport.is_closing()
-        if isinstance(writer, WebSocketsWriter):
-            connection = writer._protocol
-            if connection.protocol.extensions:
+        """The socket under a connection, whether frames must be WebSocket ones, and a test
+        that it is still open; None for a writer that cannot take pre-encoded bytes."""
+        if isinstance(writer, WsConnection):
+            if writer.compressed:
                 return None  # permessage-deflate: every connection's frames differ
-            return connection.transport, True, lambda: connection.protocol.state is State.OPEN
+            return writer.transport, True, lambda: writer.is_open
+        if isinstance(writer, StreamConnection):
+            return writer.transport, False, lambda: writer.is_open
         return None
 
     @property
