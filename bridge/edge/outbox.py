@@ -166,9 +166,9 @@ class Outbox:
         if isinstance(writer, WsConnection):
             if writer.compressed:
                 return None  # permessage-deflate: every connection's frames differ
-            return writer.transport, True, lambda: writer.is_open
+            return writer.transport, True, writer.is_open
         if isinstance(writer, StreamConnection):
-            return writer.transport, False, lambda: writer.is_open
+            return writer.transport, False, writer.is_open
         return None
 
     @property

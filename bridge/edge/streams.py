@@ -174,7 +174,6 @@ class StreamConnection(ChunkReader, WriterAdapter, asyncio.Protocol):
 
     # ------------------------------------------------------------------ writing (amqtt's WriterAdapter)
 
-    @property
     def is_open(self) -> bool:
         return not self.transport.is_closing()
 

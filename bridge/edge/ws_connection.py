@@ -43,8 +43,9 @@ from websockets.extensions import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 
 from bridge.core.wire import ws_binary_frame
@@ -154,7 +155,17 @@ class WsListener(Listener):
 class WsConnection(StreamConnection):
     """One WebSocket connection (see module docstring)."""
 
-    __slots__ = ("_max_unsent", "_ping", "_pings", "_text", "_timer", "_ws", "authenticated", "compressed")
+    __slots__ = (
+        "_eof_sent",
+        "_max_unsent",
+        "_ping",
+        "_pings",
+        "_text",
+        "_timer",
+        "_ws",
+        "authenticated",
+        "compressed",
+    )
 
     _listener: WsListener
 
@@ -166,6 +177,7 @@ class WsConnection(StreamConnection):
         self._ping: bytes | None = None  # our unanswered ping, if any (its payload)
         self._max_unsent = PREAUTH_UNSENT
         self._text = False  # a text frame came: reading ends with a protocol error
+        self._eof_sent = False  # we half-closed: the closing handshake is done on our side
         self.authenticated = False
         self.compressed = False
 
@@ -249,6 +261,7 @@ class WsConnection(StreamConnection):
             return
         self._timer.cancel()  # type: ignore[union-attr]
         self._timer = None
+        _forget_request(ws)
         self.compressed = bool(ws.extensions)
         if listener.ping_interval is not None:
             self._timer = asyncio.get_running_loop().call_later(listener.ping_interval, self._keepalive)
@@ -311,9 +324,12 @@ class WsConnection(StreamConnection):
         (the client then closes, or is cut after the closing timeout)."""
         transport = self.transport
         for data in ws.data_to_send():
+            if self._eof_sent or transport.is_closing():
+                return  # after our end of stream (or an abort) nothing more goes out
             if data:
                 transport.write(data)
             elif transport.can_write_eof():
+                self._eof_sent = True
                 try:
                     transport.write_eof()
                 except (OSError, RuntimeError):  # uvloop raises RuntimeError on a closed one
@@ -366,15 +382,14 @@ class WsConnection(StreamConnection):
         if self._ws is not None:
             self._ws.max_size = self._listener.max_size
 
-    @property
     def is_open(self) -> bool:
         ws = self._ws
-        return ws is not None and ws.state is _OPEN and not self.transport.is_closing()
+        return ws is not None and ws.state is _OPEN and not self._eof_sent and not self.transport.is_closing()
 
     def write(self, data: bytes) -> None:
         """One binary frame (MQTT does not care where frames begin or end)."""
         ws = self._ws
-        if ws is None or ws.state is not _OPEN or self.transport.is_closing():
+        if ws is None or ws.state is not _OPEN or self._eof_sent or self.transport.is_closing():
             return
         if self.compressed:
             ws.send_binary(data)
@@ -407,3 +422,23 @@ class WsConnection(StreamConnection):
             ws.send_close(code)
             self._send(ws)
         self._closing_deadline()
+
+
+def _forget_request(ws: ServerProtocol) -> None:
+    """Let the handshake request go once the connection is open.
+
+    ``ServerProtocol.parse`` keeps the request (its headers: ~2.6 KB) in its generator frame
+    for the connection's whole life, then parses frames as ``Protocol.parse``. Between two
+    frames (the inner parser waiting in ``at_eof``, nothing of a frame consumed) that parser
+    can be started afresh without the request. Anywhere else (a frame half-read, another
+    websockets version) the parser is left as it is: the cost is memory, never behaviour.
+    """
+    frames = getattr(ws.parser, "gi_yieldfrom", None)
+    waiting = getattr(frames, "gi_yieldfrom", None)
+    if getattr(waiting, "gi_code", None) is not _AT_EOF or ws.reader.buffer:
+        return
+    ws.parser = Protocol.parse(ws)
+    next(ws.parser)
+
+
+_AT_EOF = StreamReader.at_eof.__code__
