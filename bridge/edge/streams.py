@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
+
+from bridge.errors import ProtocolError
 
 __all__ = ["ChunkReader", "Listener", "StreamConnection", "TcpConnection"]
 
@@ -49,14 +51,8 @@ class ChunkReader(ReaderAdapter):
         """Bytes that arrived past the CONNECT: the next :meth:`read_chunk` returns them first."""
         self._pending = data + self._pending
 
-    async def read_chunk(self) -> bytes:
+    def read_chunk(self) -> Awaitable[bytes]:
         """Whatever has arrived (at least one byte), or ``b""`` at the end of the stream."""
-        if self._pending:
-            data, self._pending = self._pending, b""
-            return data
-        return await self._receive()
-
-    async def _receive(self) -> bytes:
         raise NotImplementedError
 
     async def read(self, n: int = -1) -> bytes:
@@ -139,6 +135,7 @@ class StreamConnection(ChunkReader, WriterAdapter, asyncio.Protocol):
         """Bytes for the broker: to the waiting reader, or kept until it reads."""
         waiter = self._waiter
         if waiter is not None and not waiter.done() and not self._pending:
+            self._waiter = None
             waiter.set_result(data)
             return
         self._pending += data
@@ -148,25 +145,31 @@ class StreamConnection(ChunkReader, WriterAdapter, asyncio.Protocol):
     def _end(self) -> None:
         """The stream ended: the reader gets what is left, then ``b""``."""
         self._eof = True
-        waiter = self._waiter
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(b"")
+            self._finish(waiter)
 
-    async def read_chunk(self) -> bytes:
+    def read_chunk(self) -> asyncio.Future[bytes]:
+        """A future, not a coroutine: an idle connection's reader waits on it with no frame
+        of this method kept alive."""
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         pending = self._pending
         if pending:
             self._pending = b""
             if len(pending) > _CHUNK and not self._eof:
                 self.transport.resume_reading()
-            return pending
-        if self._eof:
-            return self._end_of_stream()
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter.set_result(pending)
+        elif self._eof:
+            self._finish(waiter)
+        else:
+            self._waiter = waiter
+        return waiter
+
+    def _finish(self, waiter: asyncio.Future[bytes]) -> None:
         try:
-            data = await waiter
-        finally:
-            self._waiter = None
-        return data or self._end_of_stream()
+            waiter.set_result(self._end_of_stream())
+        except ProtocolError as exc:
+            waiter.set_exception(exc)
 
     def _end_of_stream(self) -> bytes:
         """What reading returns once the stream has ended (a subclass may raise instead)."""
