@@ -49,6 +49,7 @@ from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 
 from bridge.core.wire import ws_binary_frame
+from bridge.core.wsframes import BINARY, CLOSE, CONT, PING, PONG, FrameError, FrameReader, close_echo
 from bridge.edge.streams import Listener, Serve, StreamConnection
 from bridge.errors import ProtocolError
 from bridge.logs import HandshakeLog, handshake_failed
@@ -157,9 +158,11 @@ class WsConnection(StreamConnection):
 
     __slots__ = (
         "_eof_sent",
+        "_frames",
         "_max_unsent",
         "_ping",
         "_pings",
+        "_sent_close",
         "_text",
         "_timer",
         "_ws",
@@ -178,6 +181,10 @@ class WsConnection(StreamConnection):
         self._max_unsent = PREAUTH_UNSENT
         self._text = False  # a text frame came: reading ends with a protocol error
         self._eof_sent = False  # we half-closed: the closing handshake is done on our side
+        # Open and uncompressed: our own frame reader instead of websockets' parser, and the
+        # close code we sent (0: none yet).
+        self._frames: FrameReader | None = None
+        self._sent_close = 0
         self.authenticated = False
         self.compressed = False
 
@@ -196,6 +203,9 @@ class WsConnection(StreamConnection):
         self._timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT_S, self._open_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._frames is not None:
+            self._frames_received(self._frames, data)
+            return
         ws = self._ws
         if ws is None:
             return  # a handshake that failed or timed out: nothing more is read
@@ -217,6 +227,11 @@ class WsConnection(StreamConnection):
         self._send(ws)
         if ws.state > _OPEN:  # closing or closed: nothing more will be read
             self._end()
+        elif not self.compressed and not self._eof:
+            self._own_frames(ws)
+        self._check_unsent()
+
+    def _check_unsent(self) -> None:
         unsent = self.transport.get_write_buffer_size()
         if unsent > self._max_unsent:
             self._abort(f"{unsent} bytes unread by the client")
@@ -224,6 +239,7 @@ class WsConnection(StreamConnection):
     def eof_received(self) -> bool:
         ws = self._ws
         if ws is None:
+            self._end()  # without a closing handshake: the stream just ends
             return False
         opening = ws.state is State.CONNECTING
         ws.receive_eof()
@@ -261,8 +277,9 @@ class WsConnection(StreamConnection):
             return
         self._timer.cancel()  # type: ignore[union-attr]
         self._timer = None
-        _forget_request(ws)
         self.compressed = bool(ws.extensions)
+        if self.compressed:
+            _forget_request(ws)
         if listener.ping_interval is not None:
             self._timer = asyncio.get_running_loop().call_later(listener.ping_interval, self._keepalive)
         listener.start(self)
@@ -315,9 +332,91 @@ class WsConnection(StreamConnection):
             raise ProtocolError(
                 "text_frame", "MQTT over WebSocket is sent in binary frames"
             )  # [MQTT-6.0.0-1]
-        if ws is not None and ws.close_sent is not None and ws.close_sent.code == CloseCode.MESSAGE_TOO_BIG:
+        if self._sent_close == CloseCode.MESSAGE_TOO_BIG or (
+            ws is not None and ws.close_sent is not None and ws.close_sent.code == CloseCode.MESSAGE_TOO_BIG
+        ):
             raise ProtocolError("too_large", "WebSocket message over the size limit")
         return b""
+
+    # ------------------------------------------------------------------ frames, open and uncompressed
+
+    def _own_frames(self, ws: ServerProtocol) -> None:
+        """From now on frames are read by :class:`FrameReader`: websockets' parser is let go
+        between two frames (its inner parser waiting in ``at_eof``, nothing of a frame read,
+        no fragmented message under way). Otherwise it stays, at a memory cost only."""
+        if not _between_frames(ws) or ws.cur_size is not None:
+            _forget_request(ws)
+            return
+        self._frames = FrameReader(ws.max_size or self._listener.max_size)
+        self._ws = None
+
+    def _frames_received(self, reader: FrameReader, data: bytes) -> None:
+        if self._eof_sent:
+            return  # the closing handshake is over on our side: nothing more is read
+        try:
+            frames = reader.feed(data)
+        except FrameError as exc:
+            self._fail(exc.code)
+            return
+        for opcode, payload in frames:
+            if opcode in (BINARY, CONT):
+                # An empty binary frame carries nothing ([MQTT-6.0.0-1..4]); after a text
+                # frame or a close only the closing handshake goes on.
+                if payload and not self._eof:
+                    self._feed(payload)
+            elif opcode == PING:
+                if not self.authenticated:
+                    self._pings += 1
+                    if self._pings > PREAUTH_PINGS:
+                        self._abort(f"more than {PREAUTH_PINGS} pings before CONNECT")
+                        return
+                self._control(0x8A, payload)  # the pong ([RFC 6455] 5.5.2)
+            elif opcode == PONG:
+                if payload == self._ping:
+                    self._ping = None
+            elif opcode == CLOSE:
+                try:
+                    echo = close_echo(payload)
+                except FrameError as exc:
+                    self._fail(exc.code)
+                    return
+                if not self._sent_close:
+                    self._sent_close = CloseCode.NORMAL_CLOSURE
+                    self._control(0x88, echo)
+                self._half_close()  # a server closes the TCP connection first ([RFC 6455] 7.1.1)
+                self._end()
+                return
+            else:  # TEXT: MQTT travels in binary frames only
+                self._fail_reading()
+        self._check_unsent()
+
+    def _control(self, first: int, payload: bytes) -> None:
+        if not self._eof_sent and not self.transport.is_closing():
+            self.transport.write(bytes((first, len(payload))) + payload)
+
+    def _fail(self, code: int, reason: str = "") -> None:
+        """Fail the connection ([RFC 6455] 7.1.7): a close frame with ``code``, then our end
+        of the stream; nothing more is read."""
+        if not self._sent_close:
+            self._sent_close = code
+            self._control(0x88, code.to_bytes(2, "big") + reason.encode()[:120])
+        self._half_close()
+        self._end()
+
+    def _half_close(self) -> None:
+        transport = self.transport
+        if self._eof_sent or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()  # TLS cannot half-close
+            return
+        self._eof_sent = True
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):  # uvloop raises RuntimeError on a closed one
+            transport.abort()
+            return
+        self._closing_deadline()
 
     def _send(self, ws: ServerProtocol) -> None:
         """Write what websockets has for the network; its end-of-stream marker half-closes
@@ -355,7 +454,7 @@ class WsConnection(StreamConnection):
     def _keepalive(self) -> None:
         ws = self._ws
         interval = self._listener.ping_interval
-        if ws is None or ws.state is not _OPEN or interval is None:
+        if not self.is_open() or interval is None:
             self._timer = None
             return
         loop = asyncio.get_running_loop()
@@ -363,14 +462,20 @@ class WsConnection(StreamConnection):
             (sent,) = struct.unpack("!d", self._ping[:8])
             if loop.time() - sent >= PING_TIMEOUT_S:
                 self._timer = None
-                ws.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                self._send(ws)
-                self._end()
+                if ws is None:
+                    self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                else:
+                    ws.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                    self._send(ws)
+                    self._end()
                 return
         else:
             self._ping = struct.pack("!d", loop.time()) + os.urandom(4)
-            ws.send_ping(self._ping)
-            self._send(ws)
+            if ws is None:
+                self._control(0x89, self._ping)
+            else:
+                ws.send_ping(self._ping)
+                self._send(ws)
         self._timer = loop.call_later(interval, self._keepalive)
 
     # ------------------------------------------------------------------ the broker's side
@@ -379,19 +484,25 @@ class WsConnection(StreamConnection):
         """The CONNECT was accepted: full-size messages, the post-login bound on unread bytes."""
         self.authenticated = True
         self._max_unsent = max_unsent
+        if self._frames is not None:
+            self._frames.max_size = self._listener.max_size
         if self._ws is not None:
             self._ws.max_size = self._listener.max_size
 
     def is_open(self) -> bool:
+        if self._eof_sent or self.transport.is_closing():
+            return False
+        if self._frames is not None:
+            return not self._sent_close
         ws = self._ws
-        return ws is not None and ws.state is _OPEN and not self._eof_sent and not self.transport.is_closing()
+        return ws is not None and ws.state is _OPEN
 
     def write(self, data: bytes) -> None:
         """One binary frame (MQTT does not care where frames begin or end)."""
-        ws = self._ws
-        if ws is None or ws.state is not _OPEN or self._eof_sent or self.transport.is_closing():
+        if not self.is_open():
             return
-        if self.compressed:
+        ws = self._ws
+        if ws is not None and self.compressed:
             ws.send_binary(data)
             self._send(ws)
         else:
@@ -400,7 +511,9 @@ class WsConnection(StreamConnection):
     async def drain(self) -> None:
         await super().drain()
         ws = self._ws
-        if ws is not None and ws.state is _CLOSED:
+        if (ws is not None and ws.state is _CLOSED) or (
+            self._frames is not None and self._eof and self._eof_sent
+        ):
             raise ConnectionResetError("WebSocket closed")
 
     async def close(self) -> None:
@@ -414,6 +527,12 @@ class WsConnection(StreamConnection):
     def _close(self, code: int) -> None:
         ws = self._ws
         if self.transport.is_closing():
+            return
+        if self._frames is not None:
+            if not self._sent_close:
+                self._sent_close = code
+                self._control(0x88, code.to_bytes(2, "big"))
+            self._closing_deadline()
             return
         if ws is None or ws.state is State.CONNECTING:
             self.transport.abort()
@@ -433,12 +552,18 @@ def _forget_request(ws: ServerProtocol) -> None:
     can be started afresh without the request. Anywhere else (a frame half-read, another
     websockets version) the parser is left as it is: the cost is memory, never behaviour.
     """
-    frames = getattr(ws.parser, "gi_yieldfrom", None)
-    waiting = getattr(frames, "gi_yieldfrom", None)
-    if getattr(waiting, "gi_code", None) is not _AT_EOF or ws.reader.buffer:
-        return
-    ws.parser = Protocol.parse(ws)
-    next(ws.parser)
+    if ws.parser.gi_code is ServerProtocol.parse.__code__ and _between_frames(ws):  # type: ignore[attr-defined]
+        ws.parser = Protocol.parse(ws)
+        next(ws.parser)
+
+
+def _between_frames(ws: ServerProtocol) -> bool:
+    """websockets' parser waits for the next frame with none of it read (its innermost
+    generator is ``StreamReader.at_eof`` and nothing is buffered)."""
+    inner = ws.parser
+    while (outer := getattr(inner, "gi_yieldfrom", None)) is not None:
+        inner = outer
+    return getattr(inner, "gi_code", None) is _AT_EOF and not ws.reader.buffer
 
 
 _AT_EOF = StreamReader.at_eof.__code__
