@@ -8,12 +8,21 @@ closing listener ends its connections with 1001.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.sync.client import connect as ws_connect
 
 from bench.mqttws import masked_frame
 from bridge.auth import Role
@@ -175,3 +184,54 @@ def test_a_closing_listener_ends_its_connections_with_1001(broker: BrokerThread)
     sock.close()
     drain.join(DEADLINE_S)
     assert not drain.is_alive()
+
+
+# --- TLS: the same protocols under asyncio's TLS transport --------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return certfile, keyfile
+
+
+def test_tls_listeners_serve_websocket_and_tcp_clients(tmp_path: Path) -> None:
+    certfile, keyfile = _self_signed(tmp_path)
+    tls = {"certfile": str(certfile), "keyfile": str(keyfile)}
+    config = bridge_config(listeners={"ws": {"port": 0, "tls": tls}, "tcp": {"port": 0, "tls": tls}})
+    client_tls = ssl.create_default_context(cafile=str(certfile))
+    with BrokerThread(config) as running:
+        with ws_connect(
+            f"wss://127.0.0.1:{running.ws_port}/mqtt",
+            subprotocols=["mqtt"],  # type: ignore[list-item]
+            ssl=client_tls,
+            open_timeout=DEADLINE_S,
+        ) as ws:
+            ws.send(authed_connect(unique("wss"), role="subscriber"))
+            assert ws.recv(timeout=DEADLINE_S) == b"\x20\x02\x00\x00"
+        raw = socket.create_connection(("127.0.0.1", running.tcp_port), timeout=DEADLINE_S)
+        with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(authed_connect(unique("tls"), role="subscriber"))
+            assert _recv_exactly(sock, 4) == b"\x20\x02\x00\x00"
+        wait_until(lambda: running.call(lambda: running.broker.stats.connections) == 0, what="both closed")
