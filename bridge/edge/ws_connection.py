@@ -3,9 +3,12 @@
 websockets' asyncio server gave every connection a handler task, a ``ServerConnection``
 with its queues, futures and handshake headers, and a task of ours parked in ``recv()``:
 ~3.5 KB over a TCP connection while idle. Here :class:`WsConnection` feeds the bytes to
-``websockets.server.ServerProtocol`` (handshake, frame parsing, pongs, the closing
-handshake) and keeps nothing else: binary frames go straight to the broker's reader
-(:class:`~bridge.edge.streams.StreamConnection`), writes straight to the transport.
+``websockets.server.ServerProtocol`` for the opening handshake; once open, an uncompressed
+connection's frames are read by :class:`~bridge.core.wsframes.FrameReader` (websockets'
+protocol, its parser generators and the request they held are let go), a compressed one's
+by websockets still. Binary frames go straight to the broker's reader
+(:class:`~bridge.edge.streams.StreamConnection`), writes straight to the transport; pings
+are answered and the closing handshake done here.
 
 The handshake: only :attr:`WsListener.path` is served (else 404), subprotocol ``mqtt``
 required (else 400, websockets' own checks give 400/426 for the rest), permessage-deflate
