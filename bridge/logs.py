@@ -43,6 +43,7 @@ __all__ = [
     "RateLimitFilter",
     "clip",
     "flush",
+    "handshake_failed",
     "log_handler",
     "safe_message",
     "setup_logging",
@@ -339,16 +340,22 @@ class HandshakeLog(logging.LoggerAdapter[logging.Logger]):
         if msg == "opening handshake failed" and isinstance(exc, _client_handshake_errors()):
             extra = kwargs.get("extra")
             connection = extra.get("websocket") if isinstance(extra, Mapping) else None
-            self._to.info(
-                "bad WebSocket handshake from %s on %s: %s",
-                getattr(connection, "remote_address", None),
-                self._listener,
-                clip(_exception_chain(exc), 200),
-                extra=CLIENT,
-            )
+            handshake_failed(self._to, self._listener, getattr(connection, "remote_address", None), exc)
             return
         # Straight to the logger: LoggerAdapter.process() would replace websockets' ``extra``.
         self.logger.log(level, msg, *args, **kwargs)
+
+
+def handshake_failed(log: logging.Logger, listener: str, peer: object, exc: BaseException) -> None:
+    """A client's failed WebSocket handshake (junk bytes, a plain HTTP GET, gone before the
+    answer): one line naming the peer, marked :data:`CLIENT` (rate-limited), no traceback."""
+    log.info(
+        "bad WebSocket handshake from %s on %s: %s",
+        peer,
+        listener,
+        clip(_exception_chain(exc), 200),
+        extra=CLIENT,
+    )
 
 
 def _client_handshake_errors() -> tuple[type[BaseException], ...]:

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from websockets.asyncio.server import Server as WebSocketServer
 from websockets.exceptions import InvalidMessage
 from websockets.sync.client import connect as ws_connect
 
 from bridge.auth import Role
 from bridge.config import LoggingConfig
+from bridge.edge.ws_connection import WsListener
 from bridge.logs import (
     CLIENT,
     MAX_MESSAGE_CHARS,
@@ -693,9 +693,9 @@ def test_junk_websocket_handshakes_write_a_few_lines_and_no_traceback(
         sent += len(batch)
     assert sent >= 200
     server = broker.broker._servers["ws"].instance
-    assert isinstance(server, WebSocketServer)
-    # websockets logs a failed handshake just before its connection handler ends.
-    wait_until(lambda: broker.call(lambda: not server.handlers), what="every handshake handled")
+    assert isinstance(server, WsListener)
+    # A failed handshake is logged before its connection is forgotten.
+    wait_until(lambda: broker.call(lambda: not server.connections), what="every handshake handled")
 
     shown = output.lines("bad WebSocket handshake from ('127.0.0.1', ")
     assert len(shown) == 10, output.text

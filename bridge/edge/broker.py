@@ -43,11 +43,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from http import HTTPStatus
 from typing import Any
 
-import websockets
-from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError
@@ -60,9 +58,7 @@ from amqtt.session import (
     Session,
 )
 from amqtt.utils import gen_client_id
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from bridge.auth import Claims, TokenPolicy
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
@@ -113,13 +109,12 @@ from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
-from bridge.edge.streams import ChunkReader, TcpReader, WsReader
-from bridge.edge.ws_connection import MqttWsConnection, connection_class
-from bridge.edge.ws_slim import slim as slim_websocket
+from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
+from bridge.edge.ws_connection import WsListener
 from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
-from bridge.logs import CLIENT, STORE, HandshakeLog, clip
+from bridge.logs import CLIENT, STORE, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
@@ -555,27 +550,27 @@ class MarketBroker(Broker):
             ssl_context = _ssl_context(listener.tls) if listener.tls else None
         except (OSError, ValueError) as exc:
             raise ListenerError(name, listener.host, listener.port, f"TLS certificate or key: {exc}") from exc
+        serve = partial(self._client_connected, name)
         try:
+            # Our own protocols, one object per socket (bridge/edge/streams.py, ws_connection.py).
             if isinstance(listener, WsListenerConfig):
-                return await websockets.serve(
-                    partial(self._ws_connected, listener_name=name),
-                    listener.host,
-                    listener.port,
-                    ssl=ssl_context,
-                    subprotocols=[websockets.Subprotocol("mqtt")],
-                    compression="deflate" if listener.compression else None,
+                ws = WsListener(
+                    name,
+                    serve,
+                    path=listener.path,
+                    connect_budget=self._connect_budget,
                     max_size=listener.max_message_bytes,
+                    compression=listener.compression,
                     ping_interval=listener.ping_interval_s,
-                    process_request=_only_path(listener.path),
-                    create_connection=connection_class(self._connect_budget),
-                    logger=HandshakeLog(log, name),  # a junk handshake: one line, no traceback
+                    log=log,
                 )
-            return await asyncio.start_server(
-                partial(self.stream_connected, listener_name=name),
-                listener.host,
-                listener.port,
-                ssl=ssl_context,
-                reuse_address=True,
+                ws.server = await asyncio.get_running_loop().create_server(
+                    ws.connection, listener.host, listener.port, ssl=ssl_context, reuse_address=True
+                )
+                return ws
+            tcp = Listener(name, serve)
+            return await asyncio.get_running_loop().create_server(
+                partial(TcpConnection, tcp), listener.host, listener.port, ssl=ssl_context, reuse_address=True
             )
         except OSError as exc:
             # asyncio's strerror repeats the address: "error while attempting to bind on ...".
@@ -583,16 +578,6 @@ class MarketBroker(Broker):
             raise ListenerError(name, listener.host, listener.port, reason) from exc
 
     # ------------------------------------------------------------------ connections
-
-    def _ws_connected(self, websocket: ServerConnection, listener_name: str) -> Awaitable[None]:
-        slim_websocket(websocket)  # the handshake's headers are not needed once open (~3 KB)
-        # Returned, not awaited here: one coroutine frame less per connection.
-        return self._client_connected(listener_name, WsReader(websocket), WebSocketsWriter(websocket))
-
-    def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> Coroutine[Any, Any, None]:
-        return self._client_connected(listener_name, TcpReader(reader), StreamWriterAdapter(writer))
 
     async def _read_connect(
         self, listener_name: str, peer: object, reader: ChunkReader, writer: WriterAdapter
@@ -750,10 +735,9 @@ class MarketBroker(Broker):
                 connection.expiry = self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
             self._fanout.invalidate()
-        if isinstance(reader, WsReader) and isinstance(reader.connection, MqttWsConnection):
-            # Logged in: full-size messages; unread output may now reach the outbox's bound
-            # (market data), plus room for a retained snapshot and amqtt's own writes.
-            reader.connection.accept(4 * settings.max_outbound_bytes + (1 << 20))
+        # Logged in: full-size WebSocket messages; unread output may now reach the outbox's
+        # bound (market data), plus room for a retained snapshot and amqtt's own writes.
+        reader.logged_in(4 * settings.max_outbound_bytes + (1 << 20))
         self.stats.connections += 1
         self.stats.connects += 1
         _log_connected(client_id, user, peer, listener_name)
@@ -2081,10 +2065,8 @@ def _log_connected(client_id: str, user: str, peer: object, listener_name: str) 
 
 def _writer_closed(writer: WriterAdapter) -> bool:
     """The peer's transport is gone (uvloop raises RuntimeError writing to one, asyncio does not)."""
-    if isinstance(writer, StreamWriterAdapter):
-        return writer._writer.transport.is_closing()
-    if isinstance(writer, WebSocketsWriter):
-        return writer._protocol.transport.is_closing()
+    if isinstance(writer, StreamConnection):
+        return writer.transport.is_closing()
     return False
 
 
@@ -2099,12 +2081,3 @@ def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     )
     context.load_cert_chain(str(tls.certfile), str(tls.keyfile))
     return context
-
-
-def _only_path(path: str) -> Callable[[ServerConnection, Request], Response | None]:
-    def check(connection: ServerConnection, request: Request) -> Response | None:
-        if request.path.split("?", 1)[0] != path:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"MQTT is served on {path}\n")
-        return None
-
-    return check

@@ -65,26 +65,22 @@ async def client_message_loop(broker: Broker, session: Session, handler: BrokerP
                 await broker._handle_disconnect(session, handler, disconnect or _done(loop, None))
                 return
             else:
-                await _next_event(loop, queues, disconnect)
+                # Until something is put on one of the queues or the disconnect completes
+                # (inline, not a helper coroutine: one frame less per idle connection).
+                wake: asyncio.Future[None] = loop.create_future()
+                for queue in queues:
+                    # asyncio.Queue wakes its getters by completing the futures in this list.
+                    queue._getters.append(wake)  # type: ignore[attr-defined]
+                wake_on_done = partial(_wake, wake)
+                disconnect.add_done_callback(wake_on_done)
+                try:
+                    await wake
+                finally:
+                    disconnect.remove_done_callback(wake_on_done)
+                    for queue in queues:
+                        with suppress(ValueError):
+                            queue._getters.remove(wake)  # type: ignore[attr-defined]
+                    del wake, wake_on_done
     except asyncio.CancelledError:
         # As amqtt's loop: a cancelled client loop ends quietly and the caller cleans up.
         return
-
-
-async def _next_event(
-    loop: asyncio.AbstractEventLoop, queues: tuple[asyncio.Queue[Any], ...], disconnect: asyncio.Future[Any]
-) -> None:
-    """Until something is put on one of ``queues`` or ``disconnect`` completes."""
-    wake: asyncio.Future[None] = loop.create_future()
-    for queue in queues:
-        # asyncio.Queue wakes its getters by completing the futures in this list.
-        queue._getters.append(wake)  # type: ignore[attr-defined]
-    wake_on_done = partial(_wake, wake)
-    disconnect.add_done_callback(wake_on_done)
-    try:
-        await wake
-    finally:
-        disconnect.remove_done_callback(wake_on_done)
-        for queue in queues:
-            with suppress(ValueError):
-                queue._getters.remove(wake)  # type: ignore[attr-defined]

@@ -26,13 +26,14 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
-from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.adapters import WriterAdapter
 from amqtt.session import OutgoingApplicationMessage, Session
-from websockets.protocol import State
 
 from bridge.core.delivery import AckedPublish
 from bridge.core.ratelimit import TopicGate
 from bridge.core.wire import ws_binary_frame
+from bridge.edge.streams import StreamConnection
+from bridge.edge.ws_connection import WsConnection
 from bridge.logs import CLIENT, clip
 
 __all__ = ["Batcher", "Outbox"]
@@ -194,15 +195,14 @@ class Outbox:
     def _transport_of(
         writer: WriterAdapter,
     ) -> tuple[asyncio.WriteTransport, bool, Callable[[], bool]] | None:
-        # amqtt 0.12.1 private attributes: the version is pinned and tests cover this.
-        if isinstance(writer, StreamWriterAdapter):
-            transport = writer._writer.transport
-            return transport, False, lambda: not writer.is_closed and not transport.is_closing()
-        if isinstance(writer, WebSocketsWriter):
-            connection = writer._protocol
-            if connection.protocol.extensions:
+        """The socket under a connection, whether frames must be WebSocket ones, and a test
+        that it is still open; None for a writer that cannot take pre-encoded bytes."""
+        if isinstance(writer, WsConnection):
+            if writer.compressed:
                 return None  # permessage-deflate: every connection's frames differ
-            return connection.transport, True, lambda: connection.protocol.state is State.OPEN
+            return writer.transport, True, writer.is_open
+        if isinstance(writer, StreamConnection):
+            return writer.transport, False, writer.is_open
         return None
 
     @property
@@ -457,20 +457,8 @@ def _deflating(
     writer: WriterAdapter,
 ) -> tuple[tuple[asyncio.WriteTransport, bool, Callable[[], bool]] | None, Callable[[bytes], None] | None]:
     """A WebSocket with permessage-deflate: every connection's frames differ (its own deflate
-    context), so it takes bare packets and frames each write itself through websockets'
-    protocol, synchronously, the way websockets' own ``send`` does."""
-    if not isinstance(writer, WebSocketsWriter):
+    context), so it takes bare packets and the connection frames each write itself
+    (:meth:`WsConnection.write` through websockets' protocol), synchronously."""
+    if not (isinstance(writer, WsConnection) and writer.compressed):
         return None, None
-    # amqtt 0.12.1 private attribute, as in _transport_of: pinned and covered by tests.
-    connection = writer._protocol
-    if not connection.protocol.extensions:
-        return None, None
-
-    def send(data: bytes) -> None:
-        connection.protocol.send_binary(data)
-        connection.send_data()
-
-    def is_open() -> bool:
-        return connection.protocol.state is State.OPEN
-
-    return (connection.transport, False, is_open), send
+    return (writer.transport, False, writer.is_open), writer.write

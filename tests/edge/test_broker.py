@@ -438,7 +438,7 @@ def test_websocket_pings_are_off_unless_configured(
 
         def ping_interval() -> Any:
             (connection,) = running.broker._connections.values()
-            return connection.handler.writer._protocol.ping_interval  # type: ignore[union-attr]
+            return connection.handler.writer._listener.ping_interval  # type: ignore[union-attr]
 
         assert running.call(ping_interval) == expected
 

@@ -1,20 +1,43 @@
-"""bridge.edge.ws_connection: what a WebSocket client can make the broker hold is bounded.
+"""bridge.edge.ws_connection: our WebSocket protocol around websockets' sans-I/O one.
 
-Before these bounds one connection that never sent CONNECT and never read grew the broker
-by 120 MB with 1M pings (security issue, finding 3).
+What a client can make the broker hold is bounded: before these bounds one connection that
+never sent CONNECT and never read grew the broker by 120 MB with 1M pings (security issue,
+finding 3). An open connection keeps nothing of its handshake; opt-in pings go out; a
+closing listener ends its connections with 1001.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.sync.client import connect as ws_connect
 
 from bench.mqttws import masked_frame
-from bridge.edge.ws_connection import PREAUTH_PINGS
-from tests.conftest import DEADLINE_S, BrokerThread, authed_connect, bridge_config, unique, wait_until
+from bridge.auth import Role
+from bridge.core.wire import publish_qos0
+from bridge.core.wsframes import FrameReader
+from bridge.edge.ws_connection import PREAUTH_PINGS, WsConnection, WsListener
+from tests.conftest import (
+    DEADLINE_S,
+    BrokerThread,
+    authed_connect,
+    bridge_config,
+    subscribe_packet,
+    unique,
+    wait_until,
+)
 from tests.edge.test_streams import closed_by_peer, raw_ws
 
 OP_BINARY, OP_PING = 0x2, 0x9
@@ -92,3 +115,123 @@ def test_unread_pongs_after_login_close_the_connection(patient_broker: BrokerThr
     assert closed or closed_by_peer(sock)
     wait_until(lambda: broker.call(lambda: broker.broker.stats.connections) == 0, what="closed")
     sock.close()
+
+
+CONNACK_FRAME = b"\x82\x04\x20\x02\x00\x00"
+
+
+def _logged_in(port: int, name: str, role: Role = "admin") -> socket.socket:
+    sock = raw_ws(port)
+    sock.sendall(masked_frame(authed_connect(unique(name), role=role)))
+    assert _recv_exactly(sock, 6) == CONNACK_FRAME
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"closed; got {data!r}"
+        data += chunk
+    return data
+
+
+def _connections(broker: BrokerThread) -> list[WsConnection]:
+    def listed() -> list[WsConnection]:
+        listener = broker.broker._servers["ws"].instance
+        assert isinstance(listener, WsListener)
+        return list(listener.connections)
+
+    return broker.call(listed)
+
+
+def test_an_open_connection_keeps_nothing_of_its_handshake_and_still_works(broker: BrokerThread) -> None:
+    sock = _logged_in(broker.ws_port, "slim")
+    (connection,) = _connections(broker)
+    # websockets' protocol (and the request its parser held) is gone; our frame reader is left.
+    assert broker.call(lambda: (connection._ws, type(connection._frames))) == (None, FrameReader)
+    # Frames still flow both ways through the restarted parser.
+    topic = f"chat/{unique('room')}"
+    sock.sendall(masked_frame(subscribe_packet(1, topic)))
+    assert _recv_exactly(sock, 7) == b"\x82\x05\x90\x03\x00\x01\x00"
+    packet = publish_qos0(topic.encode(), b"hello")
+    sock.sendall(masked_frame(packet))
+    assert _recv_exactly(sock, 2 + len(packet)) == bytes((0x82, len(packet))) + packet
+    sock.close()
+
+
+def test_pings_go_out_only_when_the_listener_asks() -> None:
+    config = bridge_config(listeners={"ws": {"port": 0, "ping_interval_s": 0.2}, "tcp": {"port": 0}})
+    with BrokerThread(config) as running:
+        sock = _logged_in(running.ws_port, "pinged", role="subscriber")
+        header = _recv_exactly(sock, 2)
+        assert header == bytes((0x89, 12))  # a ping: the send time and 4 random bytes
+        payload = _recv_exactly(sock, 12)
+        sock.sendall(masked_frame(payload, 0xA))  # answered: the connection stays
+        assert _recv_exactly(sock, 2) == bytes((0x89, 12))
+        sock.close()
+
+
+def test_a_closing_listener_ends_its_connections_with_1001(broker: BrokerThread) -> None:
+    sock = _logged_in(broker.ws_port, "drained", role="subscriber")
+    # The drain waits for the closing handshake, which this thread completes.
+    drain = threading.Thread(target=broker.run, args=(broker.broker.drain(1.0),))
+    drain.start()
+    close = _recv_exactly(sock, 4)
+    assert (close[0], close[2:]) == (0x88, (1001).to_bytes(2, "big"))
+    sock.sendall(masked_frame(close[2:], 0x8))
+    assert closed_by_peer(sock)  # the broker half-closes; the client then closes TCP
+    sock.close()
+    drain.join(DEADLINE_S)
+    assert not drain.is_alive()
+
+
+# --- TLS: the same protocols under asyncio's TLS transport --------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return certfile, keyfile
+
+
+def test_tls_listeners_serve_websocket_and_tcp_clients(tmp_path: Path) -> None:
+    certfile, keyfile = _self_signed(tmp_path)
+    tls = {"certfile": str(certfile), "keyfile": str(keyfile)}
+    config = bridge_config(listeners={"ws": {"port": 0, "tls": tls}, "tcp": {"port": 0, "tls": tls}})
+    client_tls = ssl.create_default_context(cafile=str(certfile))
+    with BrokerThread(config) as running:
+        with ws_connect(
+            f"wss://127.0.0.1:{running.ws_port}/mqtt",
+            subprotocols=["mqtt"],  # type: ignore[list-item]
+            ssl=client_tls,
+            open_timeout=DEADLINE_S,
+        ) as ws:
+            ws.send(authed_connect(unique("wss"), role="subscriber"))
+            assert ws.recv(timeout=DEADLINE_S) == b"\x20\x02\x00\x00"
+        raw = socket.create_connection(("127.0.0.1", running.tcp_port), timeout=DEADLINE_S)
+        with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(authed_connect(unique("tls"), role="subscriber"))
+            assert _recv_exactly(sock, 4) == b"\x20\x02\x00\x00"
+        wait_until(lambda: running.call(lambda: running.broker.stats.connections) == 0, what="both closed")
