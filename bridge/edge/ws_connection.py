@@ -430,16 +430,8 @@ class WsConnection(StreamConnection):
                 return  # after our end of stream (or an abort) nothing more goes out
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
-                self._eof_sent = True
-                try:
-                    transport.write_eof()
-                except (OSError, RuntimeError):  # uvloop raises RuntimeError on a closed one
-                    transport.abort()
-                    return
-                self._closing_deadline()
             else:
-                transport.close()  # TLS cannot half-close
+                self._half_close()
 
     def _closing_deadline(self) -> None:
         if self._timer is not None:
