@@ -106,13 +106,14 @@ from bridge.core.topics import (
 from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
 from bridge.edge.fanout import FanOut, Target
-from bridge.edge.handler import MarketProtocolHandler
+from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
 from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, TcpReader, WsReader
+from bridge.edge.user_inbound import UserInbound
 from bridge.edge.ws_connection import MqttWsConnection, connection_class
 from bridge.edge.ws_slim import slim as slim_websocket
 from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
@@ -742,6 +743,7 @@ class MarketBroker(Broker):
             )
             handler.outbox = connection.outbox
             handler.ingest = self._ingest
+            handler.take_user = self._user_inbound(session)
             handler.max_packet = settings.max_packet_bytes
             handler.publish_limit = self.bridge_config.limits.rate
             handler.dropped = self.stats.publishes_dropped
@@ -1356,34 +1358,50 @@ class MarketBroker(Broker):
         if not self._publish_allowed(sender, topic):
             handler.hand_off(message, True)
             return True
-        sent = self._user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
+        sent = self._send_user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
         if sent is None:
             handler.hand_off(message, True)
         else:
-            sent.add_done_callback(partial(self._user_publish_done, sender, handler, message))
+            sent.add_done_callback(lambda done: handler.hand_off(message, _succeeded(done)))
         return True
 
-    def _user_publish_done(
-        self,
-        sender: Session,
-        handler: MarketProtocolHandler,
-        message: ApplicationMessage,
-        sent: asyncio.Future[SendResult],
-    ) -> None:
+    def _user_inbound(self, session: Session) -> TakeUser:
+        """What the handler's read path calls for each of this connection's PUBLISHes to ``user/...``."""
+        context = context_of(session)
+
+        def may_publish(topic: str) -> bool:
+            return not context.admitted or self.hooks.on_publish(context, topic)
+
+        return UserInbound(
+            session.client_id or "",
+            max_topic=self._max_topic,
+            may_publish=may_publish,
+            send=partial(self._send_user_publish, session),
+            dropped=self.stats.publishes_dropped,
+            received=self.stats.messages_in,
+        ).take
+
+    def _send_user_publish(
+        self, sender: Session, topic: str, data: bytes, qos: int
+    ) -> asyncio.Future[SendResult] | None:
+        sent = self._user_publish(sender, topic, data, qos)
+        if sent is not None:
+            sent.add_done_callback(partial(self._user_publish_done, sender, topic))
+        return sent
+
+    def _user_publish_done(self, sender: Session, topic: str, sent: asyncio.Future[SendResult]) -> None:
         exc = None if sent.cancelled() else sent.exception()
         if sent.cancelled() or exc is not None:
             self.stats.publishes_dropped["store_unavailable"] += 1
             log.error(
                 "could not take %s's message on %s: %s",
                 clip(sender.client_id),
-                clip(message.topic),
+                clip(topic),
                 exc or "cancelled",
                 extra=STORE,
             )
-            handler.hand_off(message, False)
             return
-        handler.hand_off(message, True)
-        self._evictions_of(sender, message.topic or "", sent.result())
+        self._evictions_of(sender, topic, sent.result())
 
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
         """A will (or other awaited publish) to ``user/...``: done once it is stored."""
@@ -1511,14 +1529,10 @@ class MarketBroker(Broker):
     def _user_targets(self, user: str, topic: str) -> tuple[list[tuple[Session, int]], bool]:
         """Connected sessions subscribed to ``topic`` (best QoS each), and whether the user
         has a persistent session (connected or not) subscribed to it."""
-        best: dict[str, tuple[Session, int]] = {}
-        for topic_filter in self._index.match(topic):
-            for session, sub_qos in self._subscriptions.get(topic_filter, ()):
-                key = session.client_id or ""
-                if key not in best or best[key][1] < sub_qos:
-                    best[key] = (session, sub_qos)
         live, mailboxes = [], False
-        for session, sub_qos in best.values():
+        # The subscribers are remembered per topic until subscriptions or connections change
+        # (a burst to one user does not search the topic tree per message).
+        for session, sub_qos in self._fanout.best_per_session(topic):
             if session.transitions.is_connected():
                 live.append((session, sub_qos))
             mailboxes = mailboxes or self._is_mailbox(session, user)
@@ -2098,6 +2112,10 @@ class MarketBroker(Broker):
 
 # How a connection ended, from its handler: what the broker ended itself owes no will.
 _BROKER_ENDS = frozenset({"token_expired", "taken_over", "shutdown"})
+
+
+def _succeeded(done: asyncio.Future[Any]) -> bool:
+    return not done.cancelled() and done.exception() is None
 
 
 def _end_event(handler: MarketProtocolHandler) -> Event:
