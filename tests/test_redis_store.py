@@ -197,18 +197,11 @@ async def test_a_retried_enqueue_script_stores_once(store: RedisStore, raw: aior
     seq = int(first.stored.id)
     encoded = await raw.hget(redis_keys.queue_messages("hal"), first.stored.id)
     assert isinstance(encoded, bytes)
-    args: list[bytes | str | int] = [
-        first.stored.id,
-        2 * 2**40 + seq,
-        repr(NOW + 86400),
-        4,
-        encoded,
-        100,
-        64 * 1024,
-        2,
-    ]
+    # The group script's layout: max_messages, max_bytes, then per message its user's slot,
+    # id, class, expires_at, size, encoded.
+    args: list[bytes | str | int] = [100, 64 * 1024, 0, first.stored.id, 2, repr(NOW + 86400), 4, encoded]
     reply = await store._enqueue(keys=redis_keys.queue_keys("hal"), args=args)
-    assert reply == [1]
+    assert reply == [[1]]
     assert await store.queue_size("hal") == (1, 4)
 
 
