@@ -194,7 +194,6 @@ async def test_a_retried_enqueue_script_stores_once(store: RedisStore, raw: aior
     """A timeout can hide a success; redis-py then resends the same script with the same id."""
     first = await store.enqueue("hal", msg(b"once"), now=NOW)
     assert first.stored is not None
-    seq = int(first.stored.id)
     encoded = await raw.hget(redis_keys.queue_messages("hal"), first.stored.id)
     assert isinstance(encoded, bytes)
     # The group script's layout: max_messages, max_bytes, then per message its user's slot,

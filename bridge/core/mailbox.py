@@ -41,6 +41,7 @@ from bridge.logs import CLIENT, STORE, clip
 from bridge.stats import BrokerStats
 
 __all__ = [
+    "Committed",
     "GroupCommit",
     "Mailbox",
     "MailboxLink",
@@ -298,29 +299,39 @@ def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: St
     result.bookkeeping_failures += 1
 
 
+# What a submitter hears once its message's group is written: (result, None) or (None, the
+# error; CancelledError if the writer was cancelled). Called on the event loop, synchronously
+# from the group's write: no future or callback hop per message.
+Committed = Callable[["EnqueueResult | None", "BaseException | None"], None]
+
+
 class GroupCommit:
     """Group commit of enqueues: every message submitted in one event-loop step (and while
     the previous group is being written) goes to the store in one
     :meth:`~bridge.core.store.OfflineStore.enqueue_many`, at most ``max_group`` at a time,
-    groups one after another so arrival order is store order. Each submitter's future
-    completes only once the commit holding its message has returned: a sender is
-    acknowledged for what is durably stored, never before."""
+    groups one after another so arrival order is store order. Each submitter hears of its
+    message only once the commit holding it has returned: a sender is acknowledged for what
+    is durably stored, never before."""
 
     def __init__(self, store: OfflineStore, *, clock: Callable[[], float], max_group: int = 512) -> None:
         self._store = store
         self._clock = clock
         self.max_group = max_group
-        self._waiting: list[tuple[str, NewMessage, asyncio.Future[EnqueueResult]]] = []
+        self._waiting: list[tuple[str, NewMessage, Committed]] = []
         self._writer: asyncio.Task[None] | None = None
         self.groups = 0  # commits so far (each one write)
         self.committed = 0  # messages they held
 
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((user, message, future))
+        self.submit_then(user, message, partial(_resolve, future))
+        return future
+
+    def submit_then(self, user: str, message: NewMessage, then: Committed) -> None:
+        """:meth:`submit` with a plain callback instead of a future."""
+        self._waiting.append((user, message, then))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="mailbox-group-commit")
-        return future
 
     async def _write(self) -> None:
         while self._waiting:
@@ -330,25 +341,44 @@ class GroupCommit:
             try:
                 results = await self._store.enqueue_many([(u, m) for u, m, _ in group], now=self._clock())
             except Exception as exc:  # StoreError, or a bug: every submitter hears of it
-                for _, _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
+                for _, _, then in group:
+                    _tell(then, None, exc)
                 continue
-            except asyncio.CancelledError:
-                for _, _, future in group + self._waiting:
-                    future.cancel()
+            except asyncio.CancelledError as exc:
+                for _, _, then in group + self._waiting:
+                    _tell(then, None, exc)
                 self._waiting = []
                 raise
             self.groups += 1
             self.committed += len(group)
-            for (_, _, future), result in zip(group, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for (_, _, then), result in zip(group, results, strict=True):
+                _tell(then, result, None)
 
     async def close(self) -> None:
         """Let the groups already submitted be written."""
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
+
+
+def _tell(then: Committed, result: EnqueueResult | None, exc: BaseException | None) -> None:
+    try:
+        then(result, exc)
+    except Exception:  # one submitter's bug must not keep the others from hearing
+        log.exception("group commit: a submitter's callback failed")
+
+
+def _resolve(
+    future: asyncio.Future[EnqueueResult], result: EnqueueResult | None, exc: BaseException | None
+) -> None:
+    if future.done():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+    elif exc is not None:
+        future.set_exception(exc)
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 class Mailbox:
@@ -377,22 +407,32 @@ class Mailbox:
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         """Store durably, in the next group commit; the future says what became of it (or
         raises :class:`StoreError`: nothing is reported stored that was not)."""
-        started = time.perf_counter()
-        future = self.commits.submit(user, message)
-        future.add_done_callback(lambda done: self._committed(user, done, started))
+        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self.submit_then(user, message, partial(_resolve, future))
         return future
+
+    def submit_then(self, user: str, message: NewMessage, then: Committed) -> None:
+        """:meth:`submit` with a callback, called once the commit holding it returns."""
+        started = time.perf_counter()
+
+        def committed(result: EnqueueResult | None, exc: BaseException | None) -> None:
+            self._committed(user, result, exc, started)
+            then(result, exc)
+
+        self.commits.submit_then(user, message, committed)
 
     async def enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
         """:meth:`submit`, awaited."""
         return await self.submit(user, message)
 
-    def _committed(self, user: str, future: asyncio.Future[EnqueueResult], started: float) -> None:
-        if future.cancelled():
+    def _committed(
+        self, user: str, result: EnqueueResult | None, exc: BaseException | None, started: float
+    ) -> None:
+        if isinstance(exc, asyncio.CancelledError):
             return
-        if future.exception() is not None:
+        if exc is not None or result is None:
             self._stats.store_errors += 1
             return
-        result = future.result()
         self._stats.store_seconds.observe(time.perf_counter() - started)
         self._stats.offline_stored += result.stored is not None
         self._stats.offline_evicted += len(result.evicted)

@@ -1376,7 +1376,7 @@ class MarketBroker(Broker):
             session.client_id or "",
             max_topic=self._max_topic,
             may_publish=may_publish,
-            send=partial(self._send_user_publish, session),
+            send=partial(self._take_user_message, session),
             dropped=self.stats.publishes_dropped,
             received=self.stats.messages_in,
         ).take
@@ -1391,7 +1391,13 @@ class MarketBroker(Broker):
 
     def _user_publish_done(self, sender: Session, topic: str, sent: asyncio.Future[SendResult]) -> None:
         exc = None if sent.cancelled() else sent.exception()
-        if sent.cancelled() or exc is not None:
+        self._user_publish_settled(sender, topic, None if exc or sent.cancelled() else sent.result(), exc)
+
+    def _user_publish_settled(
+        self, sender: Session, topic: str, result: SendResult | None, exc: BaseException | None
+    ) -> bool:
+        """Count and log a message the store did not take, or notify what its queue evicted; whether it was taken."""
+        if result is None:
             self.stats.publishes_dropped["store_unavailable"] += 1
             log.error(
                 "could not take %s's message on %s: %s",
@@ -1400,8 +1406,47 @@ class MarketBroker(Broker):
                 exc or "cancelled",
                 extra=STORE,
             )
-            return
-        self._evictions_of(sender, topic, sent.result())
+            return False
+        self._evictions_of(sender, topic, result)
+        return True
+
+    def _take_user_message(
+        self, sender: Session, topic: str, data: bytes, qos: int, settle: Callable[[bool], None]
+    ) -> bool:
+        """The read path's PUBLISH to ``user/...`` (checked): True when done now, False when
+        ``settle`` will say, once the group commit returns, whether it was stored."""
+        cfg = self.bridge_config.store
+        try:
+            envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
+            user = topic.split("/", 2)[1]
+            full = user_topic(user, topic)
+        except MessageError as exc:
+            self._dropped_message(sender, topic, exc)
+            return True
+
+        def then(result: SendResult | None, exc: BaseException | None) -> None:
+            settle(self._user_publish_settled(sender, topic, result, exc))
+
+        now = self._send(
+            user,
+            full,
+            envelope.payload,
+            priority=envelope.priority,
+            ttl_s=envelope.ttl_s,
+            qos=max(qos, QOS_1),
+            then=then,
+        )
+        return now is not None
+
+    def _dropped_message(self, sender: Session, topic: str, exc: MessageError) -> None:
+        self.stats.publishes_dropped[exc.reason] += 1
+        log.warning(
+            "dropped message from %s on %s: %s",
+            clip(sender.client_id),
+            clip(topic),
+            clip(exc, 200),
+            extra=CLIENT,
+        )
 
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
         """A will (or other awaited publish) to ``user/...``: done once it is stored."""
@@ -1426,14 +1471,7 @@ class MarketBroker(Broker):
                 qos=max(qos, QOS_1),
             )
         except MessageError as exc:
-            self.stats.publishes_dropped[exc.reason] += 1
-            log.warning(
-                "dropped message from %s on %s: %s",
-                clip(sender.client_id),
-                clip(topic),
-                clip(exc, 200),
-                extra=CLIENT,
-            )
+            self._dropped_message(sender, topic, exc)
             return None
 
     def _evictions_of(self, sender: Session, topic: str, result: SendResult) -> None:
@@ -1473,41 +1511,64 @@ class MarketBroker(Broker):
     ) -> asyncio.Future[SendResult]:
         """:meth:`send_to_user` without waiting: its future completes once the message is
         stored (in the mailbox's next group commit) and delivered to whoever is live."""
+        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+
+        def then(result: SendResult | None, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            elif exc is not None:
+                done.set_exception(exc)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        now = self._send(user, full, payload, priority=priority, ttl_s=ttl_s, qos=qos, then=then)
+        if now is not None:
+            done.set_result(now)
+        return done
+
+    def _send(
+        self,
+        user: str,
+        full: str,
+        payload: bytes,
+        *,
+        priority: Priority,
+        ttl_s: float | None,
+        qos: int,
+        then: Callable[[SendResult | None, BaseException | None], None],
+    ) -> SendResult | None:
+        """Deliver or store: the result at once when nothing has to be stored, else None and
+        ``then`` is called once the group commit holding the message returns."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
         live, mailboxes = self._user_targets(user, full)
-        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         if not mailboxes:
             if not live:
                 self.stats.publishes_dropped["no_subscriber"] += 1
-                done.set_result(SendResult(0, None))
-                return done
+                return SendResult(0, None)
             self._deliver_live(live, full, payload, qos)
-            done.set_result(SendResult(len(live), None))
-            return done
+            return SendResult(len(live), None)
         # The user keeps a persistent session for this topic: the message goes into their
         # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
         # offline, online but not yet acknowledging, or the broker is killed meanwhile,
         # what the sender was told is stored stays stored until delivered.
         assert self.mailbox is not None
-        stored = self.mailbox.submit(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
 
-        def committed(commit: asyncio.Future[EnqueueResult]) -> None:
-            if commit.cancelled():
-                done.cancel()
+        def committed(result: EnqueueResult | None, exc: BaseException | None) -> None:
+            if exc is not None or result is None:
+                then(None, exc)
                 return
-            exc = commit.exception()
-            if exc is not None:
-                done.set_exception(exc)
-                return
-            result = commit.result()
-            self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
-            for session, _ in live:
-                if self._is_mailbox(session, user):
-                    self._pump(session)
-            done.set_result(SendResult(len(live), result.stored, result.evicted))
+            if live:
+                self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
+                for session, _ in live:
+                    if self._is_mailbox(session, user):
+                        self._pump(session)
+            then(SendResult(len(live), result.stored, result.evicted), None)
 
-        stored.add_done_callback(committed)
-        return done
+        self.mailbox.submit_then(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)), committed)
+        return None
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:

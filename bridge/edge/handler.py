@@ -62,10 +62,11 @@ log = logging.getLogger(__name__)
 
 # (client session, topic, payload, qos) -> keep the connection?
 Ingest = Callable[[Any, str, bytes, int], bool]
-# (topic, payload, qos) of a PUBLISH to ``user/...`` -> True: done, acknowledge now; False:
-# a protocol violation, close; a future: acknowledge once it completes, end the connection
-# (no PUBACK) if it fails (the publisher sends it again after reconnecting).
-TakeUser = Callable[[str, bytes, int], "asyncio.Future[Any] | bool"]
+# (topic, payload, qos, settle) of a PUBLISH to ``user/...`` -> True: done, acknowledge now;
+# False: a protocol violation, close; None: ``settle(stored)`` comes once the group commit
+# holding it returns: acknowledged if stored, else the connection ends without a PUBACK (the
+# publisher sends it again after reconnecting).
+TakeUser = Callable[[str, bytes, int, Callable[[bool], None]], "bool | None"]
 
 _DEFAULT_MAX_PACKET = 1024 * 1024
 
@@ -86,6 +87,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     protocol_errors: Counter[str] | None = None
     _bucket: PublishBucket | None = None
     _watchdog: asyncio.TimerHandle | None = None
+    _release_due = False  # a release of owed PUBACKs is scheduled for this step
     _last_read: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -196,20 +198,29 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                     continue
                 take = self.take_user
                 if take is not None and publish.qos < QOS_2 and publish.topic.startswith(USER_PREFIX):
+                    if acks:
+                        self._push_acks(acks)  # before any wait: nothing may overtake them
+                        acks = []
                     await self._pace_publish()
-                    verdict = take(publish.topic, publish.payload, publish.qos)
+                    if publish.packet_id is None:
+                        if take(publish.topic, publish.payload, publish.qos, _ignore) is False:
+                            keep = False
+                            break
+                        continue
+                    entry = _Owed(publish.packet_id, None)
+                    verdict = take(
+                        publish.topic, publish.payload, publish.qos, partial(self._settle_owed, entry)
+                    )
                     if verdict is False:
                         keep = False
                         break
-                    if publish.packet_id is None:
-                        continue
-                    if verdict is True and not self._owed:
-                        acks.append(publish.packet_id)
-                    elif verdict is True:
-                        self._owe(publish.packet_id, True)
+                    if verdict and entry.accepted is None:
+                        entry.accepted = True
+                    owed = self._owed
+                    if entry.accepted and not owed:
+                        acks.append(entry.packet_id)
                     else:
-                        entry = self._owe(publish.packet_id, None)
-                        verdict.add_done_callback(partial(self._settle_owed, entry))
+                        self._append_owed(entry)
                     continue
                 if publish.qos == QOS_1:
                     # amqtt's flow: its PUBACK waits for the broker's hand_off, in this order.
@@ -238,6 +249,9 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             if kind == PUBLISH:
                 # Every PUBLISH counts against the connection's rate; past it, reading waits
                 # (messages for users are never dropped, the client is slowed instead).
+                if acks:
+                    self._push_acks(acks)
+                    acks = []
                 await self._pace_publish()
             task = await self._amqtt_packet(kind, first, body)
             if task is not None:
@@ -245,12 +259,16 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             if kind == DISCONNECT:
                 break
         if acks:
-            if self.outbox is not None:
-                self.outbox.push_control(puback(acks))
-            else:
-                for packet_id in acks:
-                    await self._send_packet(PubackPacket.build(packet_id))
+            self._push_acks(acks)
         return keep
+
+    def _push_acks(self, packet_ids: list[int]) -> None:
+        """PUBACKs, with this step's batch (one write)."""
+        packets = puback(packet_ids)
+        if self.outbox is not None:
+            self.outbox.push_control(packets)
+        elif self.writer is not None:
+            self.writer.write(packets)  # bounded by the publisher's window of unacknowledged
 
     async def _amqtt_packet(self, kind: int, first: int, body: bytes) -> asyncio.Task[None] | None:
         """Decode with amqtt's packet classes and start the handler amqtt would."""
@@ -476,11 +494,14 @@ class MarketProtocolHandler(BrokerProtocolHandler):
 
     def _owe(self, packet_id: int, accepted: bool | None) -> _Owed:
         entry = _Owed(packet_id, accepted)
+        self._append_owed(entry)
+        return entry
+
+    def _append_owed(self, entry: _Owed) -> None:
         owed = self.__dict__.get("_owed_acks")
         if owed is None:
             owed = self.__dict__["_owed_acks"] = deque()
         owed.append(entry)
-        return entry
 
     @property
     def _owed(self) -> deque[_Owed] | None:
@@ -488,12 +509,16 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         owed: deque[_Owed] | None = self.__dict__.get("_owed_acks")
         return owed
 
-    def _settle_owed(self, entry: _Owed, done: asyncio.Future[Any]) -> None:
-        entry.accepted = not done.cancelled() and done.exception() is None
-        self._release_owed()
+    def _settle_owed(self, entry: _Owed, accepted: bool) -> None:
+        """Decided; the PUBACKs now due go out once per event-loop step, in one write."""
+        entry.accepted = accepted
+        if not self._release_due:
+            self._release_due = True
+            self._loop.call_soon(self._release_owed)
 
     def _release_owed(self) -> None:
         """Write the PUBACKs now due (with this step's batch); a refused hand-off ends the connection."""
+        self._release_due = False
         owed = self._owed
         if not owed:
             return
@@ -506,11 +531,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             else:
                 refused = True
         if due:
-            packets = puback(due)
-            if self.outbox is not None:
-                self.outbox.push_control(packets)
-            elif self.writer is not None:
-                self.writer.write(packets)  # bounded by the publisher's window of unacknowledged
+            self._push_acks(due)
         if refused:
             self.end("handoff_failed")
 
@@ -535,8 +556,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             return
         entry = self._owed_amqtt(message.packet_id, claimed=True)
         if entry is not None:
-            entry.accepted = accepted
-            self._release_owed()
+            self._settle_owed(entry, accepted)
 
     def _owed_amqtt(self, packet_id: int, *, claimed: bool) -> _Owed | None:
         """The oldest undecided entry of amqtt's flow for ``packet_id`` (few: its window)."""
@@ -601,6 +621,10 @@ _PUBREC, _PUBCOMP = 5, 7
 
 def _pubrel(packet_id: int) -> bytes:
     return b"\x62\x02" + packet_id.to_bytes(2, "big")
+
+
+def _ignore(_stored: bool) -> None:
+    """QoS 0: nothing is owed to the publisher."""
 
 
 class _Owed:

@@ -9,11 +9,9 @@ change while the connection lives; the cache is bounded all the same.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from bridge.core.topics import is_valid_topic
 from bridge.logs import CLIENT, clip
@@ -28,7 +26,7 @@ _ALLOWED = ""
 
 
 class UserInbound:
-    """``take(topic, payload, qos)`` for one publishing connection (see ``TakeUser``)."""
+    """``take(topic, payload, qos, settle)`` for one publishing connection (see ``TakeUser``)."""
 
     __slots__ = ("_client_id", "_decisions", "_dropped", "_max_topic", "_may_publish", "_received", "_send")
 
@@ -38,7 +36,7 @@ class UserInbound:
         *,
         max_topic: int,
         may_publish: Callable[[str], bool],
-        send: Callable[[str, bytes, int], asyncio.Future[Any] | None],
+        send: Callable[[str, bytes, int, Callable[[bool], None]], bool],
         dropped: Counter[str],
         received: Counter[str],
     ) -> None:
@@ -50,9 +48,10 @@ class UserInbound:
         self._received = received
         self._decisions: dict[str, str] = {}  # topic -> "" (allowed) or why it is dropped
 
-    def take(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any] | bool:
+    def take(self, topic: str, payload: bytes, qos: int, settle: Callable[[bool], None]) -> bool | None:
         """True: done (dropped and counted, or nothing to wait for); False: an invalid topic,
-        the connection ends; a future that completes once the message is stored."""
+        the connection ends; None: ``settle`` says once the group commit holding the message
+        returns whether it was stored."""
         self._received["user"] += 1
         decision = self._decisions.get(topic)
         if decision is None:
@@ -73,8 +72,7 @@ class UserInbound:
         if decision:
             self._dropped[decision] += 1
             return True  # 3.1.1 has no way to say "refused": acknowledged, dropped
-        sent = self._send(topic, payload, qos)
-        return True if sent is None else sent
+        return True if self._send(topic, payload, qos, settle) else None
 
     def _decide(self, topic: str) -> str:
         """Logged once per topic: a refused topic repeated is only counted."""

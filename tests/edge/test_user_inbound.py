@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,6 +11,10 @@ import pytest
 from bridge.edge.user_inbound import MAX_TOPICS, UserInbound
 
 pytestmark = pytest.mark.timeout(10)
+
+
+def _settle(_stored: bool) -> None:
+    pass
 
 
 class Recorder:
@@ -21,6 +25,7 @@ class Recorder:
         self.dropped_by_sender = dropped_by_sender
         self.acl_checks: list[str] = []
         self.sent: list[tuple[str, bytes, int]] = []
+        self.settles: list[Callable[[bool], None]] = []
         self.dropped: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
 
@@ -28,12 +33,10 @@ class Recorder:
         self.acl_checks.append(topic)
         return self.allowed
 
-    def send(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any] | None:
+    def send(self, topic: str, payload: bytes, qos: int, settle: Callable[[bool], None]) -> bool:
         self.sent.append((topic, payload, qos))
-        if self.dropped_by_sender:
-            return None
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return future
+        self.settles.append(settle)
+        return self.dropped_by_sender  # True: done at once, nothing to wait for
 
     def inbound(self, max_topic: int = 64) -> UserInbound:
         return UserInbound(
@@ -49,7 +52,7 @@ class Recorder:
 @pytest.mark.parametrize(
     ("topic", "allowed", "verdict", "dropped"),
     [
-        ("user/bob/fills", True, "future", None),
+        ("user/bob/fills", True, "pending", None),
         ("user/bob/fills", False, True, "acl"),
         ("user/bob/" + "x" * 100, True, True, "topic_too_long"),
         ("user/bob/+", True, False, "invalid_topic"),
@@ -57,12 +60,13 @@ class Recorder:
         ("user/bob/a\x00", True, False, "invalid_topic"),
     ],
 )
-async def test_take_decides_each_topic(topic: str, allowed: bool, verdict: Any, dropped: str | None) -> None:
+def test_take_decides_each_topic(topic: str, allowed: bool, verdict: Any, dropped: str | None) -> None:
     recorder = Recorder(allowed=allowed)
-    got = recorder.inbound().take(topic, b"p", 1)
-    if verdict == "future":
-        assert isinstance(got, asyncio.Future)
+    got = recorder.inbound().take(topic, b"p", 1, _settle)
+    if verdict == "pending":
+        assert got is None
         assert recorder.sent == [(topic, b"p", 1)]
+        assert recorder.settles == [_settle]
     else:
         assert got is verdict
         assert recorder.sent == []
@@ -70,24 +74,24 @@ async def test_take_decides_each_topic(topic: str, allowed: bool, verdict: Any, 
     assert recorder.received == Counter(user=1)
 
 
-async def test_a_topic_is_checked_once_and_every_refusal_counted() -> None:
+def test_a_topic_is_checked_once_and_every_refusal_counted() -> None:
     recorder = Recorder(allowed=False)
     inbound = recorder.inbound()
-    assert [inbound.take("user/bob/x", b"p", 1) for _ in range(3)] == [True, True, True]
+    assert [inbound.take("user/bob/x", b"p", 1, _settle) for _ in range(3)] == [True, True, True]
     assert recorder.acl_checks == ["user/bob/x"]
     assert recorder.dropped == Counter(acl=3)
 
 
-async def test_the_topic_memory_is_bounded() -> None:
+def test_the_topic_memory_is_bounded() -> None:
     recorder = Recorder()
     inbound = recorder.inbound()
     for index in range(MAX_TOPICS + 1):
-        inbound.take(f"user/u{index}/x", b"p", 1)
-    inbound.take("user/u0/x", b"p", 1)  # forgotten when the memory started again: checked again
+        inbound.take(f"user/u{index}/x", b"p", 1, _settle)
+    inbound.take("user/u0/x", b"p", 1, _settle)  # forgotten when the memory started again: checked again
     assert len(recorder.acl_checks) == MAX_TOPICS + 2
 
 
-async def test_a_message_the_sender_drops_needs_no_wait() -> None:
+def test_a_message_the_sender_drops_needs_no_wait() -> None:
     recorder = Recorder(dropped_by_sender=True)
-    assert recorder.inbound().take("user/bob/x", b"not an envelope", 0) is True
+    assert recorder.inbound().take("user/bob/x", b"not an envelope", 0, _settle) is True
     assert recorder.sent == [("user/bob/x", b"not an envelope", 0)]
