@@ -127,10 +127,12 @@ end
 """
 
 # A group of enqueues in one script call (atomic, one round trip, one AOF write). KEYS: the
-# queue keys of each user in the group (five each). ARGV: max_messages, max_bytes, then per
-# message: user slot (0-based), id, class (3 - priority), expires_at, size, encoded. Returns
-# per message {0} when it lost, else {1, id1, value1, sent1, ...} for what it evicted. An id
-# already stored (a call retried after a dropped connection) is not stored again.
+# queue keys of each user in the group (five each). ARGV: max_messages, max_bytes, the first
+# id (the others follow it), the users' slots (0-based, one per message, space-separated),
+# then each message encoded (its size, priority and expiry are read from its header).
+# Returns per message {0} when it lost, else {1, id1, value1, sent1, ...} for what it
+# evicted. An id already stored (a call retried after a dropped connection) is not stored
+# again.
 _ENQUEUE = (
     _LUA_COMMON
     + """
@@ -176,15 +178,20 @@ local function enqueue_one(id, score, expires_at, size, encoded, max_messages, m
   return result
 end
 
-local max_messages, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_messages, max_bytes, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
-for a = 3, #ARGV, 6 do
-  local k = tonumber(ARGV[a]) * 5
+local a = 5
+for slot in string.gmatch(ARGV[4], '%d+') do
+  local k = tonumber(slot) * 5
   order, msgs, expiry, sent, bytes = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  local id, class = ARGV[a + 1], tonumber(ARGV[a + 2])
+  local encoded = ARGV[a]
+  local size, priority, expires_at = string.match(encoded, '^(%d+) (%d+) %d+ [^ ]+ ([^ ]+) ')
+  local class = 3 - tonumber(priority)
+  local seq = first + a - 5
   out[#out + 1] = enqueue_one(
-    id, class * SPAN + tonumber(id), ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5],
+    string.format('%.0f', seq), class * SPAN + seq, expires_at, tonumber(size), encoded,
     max_messages, max_bytes, class)
+  a = a + 1
 end
 return out
 """
@@ -438,21 +445,16 @@ class RedisStore:
             first = last - len(fits) + 1
             slots: dict[str, int] = {}
             script_keys: list[str] = []
-            args: list[Any] = [self.limits.max_messages, self.limits.max_bytes]
-            for seq, index in enumerate(fits, start=first):
-                user, message = messages[index]
+            order: list[str] = []
+            for index in fits:
+                user = messages[index][0]
                 slot = slots.get(user)
                 if slot is None:
                     slot = slots[user] = len(slots)
                     script_keys.extend(keys.queue_keys(user))
-                args += [
-                    slot,
-                    seq,
-                    3 - int(message.priority),
-                    repr(now + message.ttl_s),
-                    len(message.payload),
-                ]
-                args.append(encoded[index])
+                order.append(str(slot))
+            args: list[Any] = [self.limits.max_messages, self.limits.max_bytes, first, " ".join(order)]
+            args += [encoded[index] for index in fits]
             # One script for the whole group: atomic, one round trip, one AOF write.
             replies = await self._enqueue(keys=script_keys, args=args)
         results: list[EnqueueResult | None] = [None] * len(messages)

@@ -196,9 +196,9 @@ async def test_a_retried_enqueue_script_stores_once(store: RedisStore, raw: aior
     assert first.stored is not None
     encoded = await raw.hget(redis_keys.queue_messages("hal"), first.stored.id)
     assert isinstance(encoded, bytes)
-    # The group script's layout: max_messages, max_bytes, then per message its user's slot,
-    # id, class, expires_at, size, encoded.
-    args: list[bytes | str | int] = [100, 64 * 1024, 0, first.stored.id, 2, repr(NOW + 86400), 4, encoded]
+    # The group script's layout: max_messages, max_bytes, the first id, each message's user
+    # slot, then the messages encoded.
+    args: list[bytes | str | int] = [100, 64 * 1024, first.stored.id, "0", encoded]
     reply = await store._enqueue(keys=redis_keys.queue_keys("hal"), args=args)
     assert reply == [[1]]
     assert await store.queue_size("hal") == (1, 4)
