@@ -46,6 +46,7 @@ __all__ = [
     "Mailbox",
     "MailboxLink",
     "ReplayResult",
+    "Turns",
     "eviction_notice",
     "mailbox_packet_id",
     "replay",
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Replay rounds (acks, a page, mark_sent) at the store at once, across all users.
 STORE_TURNS = 4
+# A round's page while other replays wait for a turn: users take turns a page at a time
+# (round-robin), so nobody waits for another user's whole queue.
+FAIR_PAGE = 50
 # Packet ids are 1..65535 ([MQTT-2.3.1-1]).
 _PACKET_IDS = 65535
 
@@ -131,6 +135,29 @@ class ReplayResult:
     store_down: bool = False  # stopped because the store could not be reached: try again later
 
 
+class Turns:
+    """Turns at the store for replay rounds: ``size`` at once, the others wait in arrival
+    order. ``contended`` while any waits: a round then reads one fair page, not a window."""
+
+    def __init__(self, size: int = STORE_TURNS) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._waiting = 0
+
+    @property
+    def contended(self) -> bool:
+        return self._waiting > 0 or self._slots.locked()
+
+    async def __aenter__(self) -> None:
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._slots.release()
+
+
 async def replay(
     store: OfflineStore,
     user: str,
@@ -140,7 +167,7 @@ async def replay(
     window: int,
     clock: Callable[[], float],
     wake: asyncio.Event | None = None,
-    turns: asyncio.Semaphore | None = None,
+    turns: Turns | None = None,
 ) -> ReplayResult:
     """Deliver ``user``'s queue in priority order, pipelined, with up to ``window`` messages
     in flight.
@@ -156,7 +183,8 @@ async def replay(
     take (``accepts``) stay in the store for another session of the same user. With
     ``turns``, each round of store calls (acks, a page, its ``mark_sent``) waits for a turn:
     many users draining at once queue there, first come first served, instead of piling
-    onto the store past its call deadline. Returns when
+    onto the store past its call deadline; while others wait, a round reads at most
+    :data:`FAIR_PAGE` messages, so users take turns a page at a time (round-robin). Returns when
     the queue is empty and nothing is in flight, or when a send fails (the connection is gone).
 
     What is stored is delivered even when the store cannot keep its books (a full disk, Redis
@@ -218,6 +246,8 @@ async def replay(
         if room <= 0 or not (not exhausted or new_stored or not in_flight):
             return False
         room = window - len(in_flight)
+        if turns is not None and turns.contended:
+            room = min(room, FAIR_PAGE)  # others wait: one page, then the back of the line
         # Acknowledged while the last batch of acks was being removed: still stored.
         pending = await store.pending(
             user, now=clock(), limit=room, exclude=exclude | in_flight.keys() | set(acked)
@@ -402,7 +432,7 @@ class Mailbox:
         self.commits = GroupCommit(store, clock=clock)
         # Replays at the store at once: more wait their turn (FIFO), so a reconnect storm of
         # users with backlogs queues here rather than past the store's call deadline.
-        self.turns = asyncio.Semaphore(STORE_TURNS)
+        self.turns = Turns(STORE_TURNS)
 
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         """Store durably, in the next group commit; the future says what became of it (or
