@@ -113,20 +113,28 @@ async def _open(port: int, client_id: str, user: str, token: str, *, clean: bool
 
 
 async def _fanout(
-    port: int, auth: Auth, subscribers: list[_Conn], seconds: float, until: asyncio.Event | None = None
+    port: int,
+    auth: Auth,
+    subscribers: list[_Conn],
+    seconds: float,
+    until: asyncio.Event | None = None,
+    rate: float = 0,
 ) -> float:
-    """Deliveries/s to ``subscribers`` while a feed publishes ticks as fast as it can, for
-    ``seconds`` at least and, with ``until``, until it is set (the whole drain)."""
+    """Deliveries/s to ``subscribers`` while a feed publishes ticks as fast as it can (or
+    ``rate`` ticks/s), for ``seconds`` at least and, with ``until``, until it is set."""
     feed = await _open(port, "bench-feed", "feed", auth.token("feed", "feed"), clean=True)
     maker = TickMaker([f"market/luno/{base}-ZAR" for base in ("BTC", "ETH", "SOL", "XRP", "ADA", "DOT")])
     before = sum(s.received for s in subscribers)
     started = time.monotonic()
     end = started + seconds
+    sent = 0
     while time.monotonic() < end or (until is not None and not until.is_set()):
         packets, _ = maker.packets(50, qos=0, retain=False, packet_id=1)
         feed.writer.write(packets)
+        sent += 50
         await feed.writer.drain()
-        await asyncio.sleep(0)
+        ahead = sent / rate - (time.monotonic() - started) if rate else 0
+        await asyncio.sleep(max(0.0, ahead))
     rate = (sum(s.received for s in subscribers) - before) / (time.monotonic() - started)
     await feed.close()
     return rate
@@ -146,7 +154,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 async def _scenario(
-    broker: RunningBroker, users: int, per_user: int, subscribers: int, whole_drain: bool
+    broker: RunningBroker, users: int, per_user: int, subscribers: int, whole_drain: bool, feed_rate: float
 ) -> dict[str, Any]:
     port, auth = broker.tcp_port, broker.auth
     assert auth is not None
@@ -190,14 +198,16 @@ async def _scenario(
     for conn in live:
         conn.writer.write(mqttws.subscribe(1, "market/#", 0))
         await asyncio.wait_for(conn.suback.wait(), 30)
-    alone = await _fanout(port, auth, live, 3.0)
+    alone = await _fanout(port, auth, live, 5.0 if feed_rate else 3.0, rate=feed_rate)
 
     rss_peak = broker.ps.memory_info().rss
     drain_started = time.monotonic()
     phones = await asyncio.gather(*(_open(port, f"{n}-phone", n, tokens[n], clean=False) for n in names))
     drained = asyncio.Event()
     # Fan-out measured over the whole drain (3 s at least), or only over its first 3 s.
-    fanout_task = asyncio.create_task(_fanout(port, auth, live, 3.0, drained if whole_drain else None))
+    fanout_task = asyncio.create_task(
+        _fanout(port, auth, live, 3.0, drained if whole_drain else None, rate=feed_rate)
+    )
     deadline = time.monotonic() + 120
     while sum(p.received for p in phones) < total and time.monotonic() < deadline:
         rss_peak = max(rss_peak, broker.ps.memory_info().rss)
@@ -234,9 +244,11 @@ def run(
     subscribers: int = 20,
     redis_url: str | None = None,
     fanout_whole_drain: bool = False,
+    feed_rate: float = 0,
 ) -> dict[str, Any]:
-    """With ``fanout_whole_drain`` the feed publishes as fast as it can for the whole drain
-    (the drain then competes with it throughout), else for its first 3 s."""
+    """With ``fanout_whole_drain`` the feed publishes for the whole drain, else for its first
+    3 s; as fast as it can (the drain then competes with a saturating feed), or at
+    ``feed_rate`` ticks/s."""
     raise_nofile_limit()
     store: dict[str, Any] = {"queue_max_messages": max(per_user, 1000)}
     if redis_url:
@@ -244,9 +256,11 @@ def run(
     with running(
         "market-bridge", max_connections=users + subscribers + 100, extra={"store": store}
     ) as broker:
-        result = asyncio.run(_scenario(broker, users, per_user, subscribers, fanout_whole_drain))
+        result = asyncio.run(_scenario(broker, users, per_user, subscribers, fanout_whole_drain, feed_rate))
     kind = "redis" if redis_url else "sqlite"
     window = "whole_drain" if fanout_whole_drain else "first_3s"
+    if feed_rate:
+        result["feed_ticks_per_s"] = feed_rate
     return {
         "scenario": "mailbox_drain",
         "broker": "market-bridge",
@@ -265,6 +279,7 @@ def main() -> None:
     parser.add_argument(
         "--fanout-whole-drain", action="store_true", help="feed at full rate for the whole drain, not 3 s"
     )
+    parser.add_argument("--feed-rate", type=float, default=0, help="ticks/s (default: as fast as it can)")
     args = parser.parse_args()
     result = run(
         users=args.users,
@@ -272,6 +287,7 @@ def main() -> None:
         subscribers=args.subscribers,
         redis_url=args.redis_url,
         fanout_whole_drain=args.fanout_whole_drain,
+        feed_rate=args.feed_rate,
     )
     print(json.dumps(result), flush=True)
 

@@ -4,7 +4,8 @@ The handler's read path gives each one to :meth:`UserInbound.take`, synchronousl
 is checked (length, then the ACL) once per topic per connection, then the message goes to
 the mailbox's group commit, and the handler writes its PUBACK once the commit returns. The
 ACL is decided once per connection from the token's claims, so a topic's answer does not
-change while the connection lives; the cache is bounded all the same.
+change while the connection lives; the cache is bounded all the same. A refusal is counted
+and logged every time, as on amqtt's path.
 """
 
 from __future__ import annotations
@@ -70,21 +71,26 @@ class UserInbound:
                 self._decisions.clear()
             self._decisions[topic] = decision
         if decision:
-            self._dropped[decision] += 1
+            self._refused(topic, decision)
             return True  # 3.1.1 has no way to say "refused": acknowledged, dropped
         return True if self._send(topic, payload, qos, settle) else None
 
     def _decide(self, topic: str) -> str:
-        """Logged once per topic: a refused topic repeated is only counted."""
         if len(topic) > self._max_topic and len(topic.encode()) > self._max_topic:
+            return "topic_too_long"
+        if not self._may_publish(topic):
+            return "acl"
+        return _ALLOWED
+
+    def _refused(self, topic: str, reason: str) -> None:
+        """Counted and logged every time (the log's rate limit keeps a flood to a few lines)."""
+        self._dropped[reason] += 1
+        if reason == "topic_too_long":
             log.info(
                 "client %s published to a topic over %d bytes",
                 clip(self._client_id),
                 self._max_topic,
                 extra=CLIENT,
             )
-            return "topic_too_long"
-        if not self._may_publish(topic):
+        else:
             log.info("client %s may not publish to %s", clip(self._client_id), clip(topic), extra=CLIENT)
-            return "acl"
-        return _ALLOWED
