@@ -112,23 +112,50 @@ async def _open(port: int, client_id: str, user: str, token: str, *, clean: bool
     return conn
 
 
-async def _fanout(port: int, auth: Auth, subscribers: list[_Conn], seconds: float) -> float:
-    """Deliveries/s to ``subscribers`` while a feed publishes ticks as fast as it can."""
+async def _fanout(
+    port: int,
+    auth: Auth,
+    subscribers: list[_Conn],
+    seconds: float,
+    until: asyncio.Event | None = None,
+    rate: float = 0,
+) -> float:
+    """Deliveries/s to ``subscribers`` while a feed publishes ticks as fast as it can (or
+    ``rate`` ticks/s), for ``seconds`` at least and, with ``until``, until it is set."""
     feed = await _open(port, "bench-feed", "feed", auth.token("feed", "feed"), clean=True)
     maker = TickMaker([f"market/luno/{base}-ZAR" for base in ("BTC", "ETH", "SOL", "XRP", "ADA", "DOT")])
     before = sum(s.received for s in subscribers)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    started = time.monotonic()
+    end = started + seconds
+    sent = 0
+    while time.monotonic() < end or (until is not None and not until.is_set()):
         packets, _ = maker.packets(50, qos=0, retain=False, packet_id=1)
         feed.writer.write(packets)
+        sent += 50
         await feed.writer.drain()
-        await asyncio.sleep(0)
-    rate = (sum(s.received for s in subscribers) - before) / seconds
+        ahead = sent / rate - (time.monotonic() - started) if rate else 0
+        await asyncio.sleep(max(0.0, ahead))
+    rate = (sum(s.received for s in subscribers) - before) / (time.monotonic() - started)
     await feed.close()
     return rate
 
 
-async def _scenario(broker: RunningBroker, users: int, per_user: int, subscribers: int) -> dict[str, Any]:
+def _spread(values: list[float]) -> dict[str, float]:
+    """p50, p90 and max of ``values`` (seconds), rounded."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    last = len(ordered) - 1
+    return {
+        "p50": round(ordered[min(last, len(ordered) // 2)], 2),
+        "p90": round(ordered[min(last, len(ordered) * 9 // 10)], 2),
+        "max": round(ordered[-1], 2),
+    }
+
+
+async def _scenario(
+    broker: RunningBroker, users: int, per_user: int, subscribers: int, whole_drain: bool, feed_rate: float
+) -> dict[str, Any]:
     port, auth = broker.tcp_port, broker.auth
     assert auth is not None
     names = [f"u{i}" for i in range(users)]
@@ -171,16 +198,21 @@ async def _scenario(broker: RunningBroker, users: int, per_user: int, subscriber
     for conn in live:
         conn.writer.write(mqttws.subscribe(1, "market/#", 0))
         await asyncio.wait_for(conn.suback.wait(), 30)
-    alone = await _fanout(port, auth, live, 3.0)
+    alone = await _fanout(port, auth, live, 5.0 if feed_rate else 3.0, rate=feed_rate)
 
     rss_peak = broker.ps.memory_info().rss
     drain_started = time.monotonic()
     phones = await asyncio.gather(*(_open(port, f"{n}-phone", n, tokens[n], clean=False) for n in names))
-    fanout_task = asyncio.create_task(_fanout(port, auth, live, 3.0))
+    drained = asyncio.Event()
+    # Fan-out measured over the whole drain (3 s at least), or only over its first 3 s.
+    fanout_task = asyncio.create_task(
+        _fanout(port, auth, live, 3.0, drained if whole_drain else None, rate=feed_rate)
+    )
     deadline = time.monotonic() + 120
     while sum(p.received for p in phones) < total and time.monotonic() < deadline:
         rss_peak = max(rss_peak, broker.ps.memory_info().rss)
         await asyncio.sleep(0.05)
+    drained.set()
     drained_s = max(p.last_at for p in phones) - drain_started
     during = await fanout_task
     firsts = sorted(p.first_at - drain_started for p in phones if p.first_at)
@@ -195,6 +227,9 @@ async def _scenario(broker: RunningBroker, users: int, per_user: int, subscriber
         "drain_s": round(drained_s, 2),
         "first_user_done_s": round(lasts[0], 2) if lasts else None,
         "last_user_started_s": round(firsts[-1], 2) if firsts else None,
+        # Per user, from the reconnect: its first message and its last (fairness).
+        "user_first_message_s": _spread(firsts),
+        "user_last_message_s": _spread(lasts),
         "fanout_alone_per_s": round(alone),
         "fanout_during_drain_per_s": round(during),
         "fanout_ratio": round(during / alone, 2) if alone else None,
@@ -202,14 +237,37 @@ async def _scenario(broker: RunningBroker, users: int, per_user: int, subscriber
     }
 
 
-def run(*, users: int = 1000, per_user: int = 100, subscribers: int = 20) -> dict[str, Any]:
+def run(
+    *,
+    users: int = 1000,
+    per_user: int = 100,
+    subscribers: int = 20,
+    redis_url: str | None = None,
+    fanout_whole_drain: bool = False,
+    feed_rate: float = 0,
+) -> dict[str, Any]:
+    """With ``fanout_whole_drain`` the feed publishes for the whole drain, else for its first
+    3 s; as fast as it can (the drain then competes with a saturating feed), or at
+    ``feed_rate`` ticks/s."""
     raise_nofile_limit()
-    store = {"queue_max_messages": max(per_user, 1000)}
+    store: dict[str, Any] = {"queue_max_messages": max(per_user, 1000)}
+    if redis_url:
+        store["redis_url"] = redis_url
     with running(
         "market-bridge", max_connections=users + subscribers + 100, extra={"store": store}
     ) as broker:
-        result = asyncio.run(_scenario(broker, users, per_user, subscribers))
-    return {"scenario": "mailbox_drain", "broker": "market-bridge", "store": "sqlite", **result}
+        result = asyncio.run(_scenario(broker, users, per_user, subscribers, fanout_whole_drain, feed_rate))
+    kind = "redis" if redis_url else "sqlite"
+    window = "whole_drain" if fanout_whole_drain else "first_3s"
+    if feed_rate:
+        result["feed_ticks_per_s"] = feed_rate
+    return {
+        "scenario": "mailbox_drain",
+        "broker": "market-bridge",
+        "store": kind,
+        "fanout_window": window,
+        **result,
+    }
 
 
 def main() -> None:
@@ -217,8 +275,21 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--per-user", type=int, default=100)
     parser.add_argument("--subscribers", type=int, default=20)
+    parser.add_argument("--redis-url", help="drain from this Redis instead of the embedded store")
+    parser.add_argument(
+        "--fanout-whole-drain", action="store_true", help="feed at full rate for the whole drain, not 3 s"
+    )
+    parser.add_argument("--feed-rate", type=float, default=0, help="ticks/s (default: as fast as it can)")
     args = parser.parse_args()
-    print(json.dumps(run(users=args.users, per_user=args.per_user, subscribers=args.subscribers)), flush=True)
+    result = run(
+        users=args.users,
+        per_user=args.per_user,
+        subscribers=args.subscribers,
+        redis_url=args.redis_url,
+        fanout_whole_drain=args.fanout_whole_drain,
+        feed_rate=args.feed_rate,
+    )
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ from bridge.core.store import (
     Snapshot,
     StoreError,
     StoreUnavailable,
+    stored_message,
 )
 
 __all__ = ["RedisStore"]
@@ -125,56 +126,74 @@ local function purge_expired(now)
 end
 """
 
-# ARGV: id, score, expires_at, size, encoded, max_messages, max_bytes, class (3 - priority)
-# Returns {0} when the new message lost, else {1, id1, value1, sent1, ...} for the evicted.
+# A group of enqueues in one script call (atomic, one round trip, one AOF write). KEYS: the
+# queue keys of each user in the group (five each). ARGV: max_messages, max_bytes, the first
+# id (the others follow it), the users' slots (0-based, one per message, space-separated),
+# then each message encoded (its size, priority and expiry are read from its header).
+# Returns per message {0} when it lost, else {1, id1, value1, sent1, ...} for what it
+# evicted. An id already stored (a call retried after a dropped connection) is not stored
+# again.
 _ENQUEUE = (
     _LUA_COMMON
     + """
-local id, score, expires_at = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local size, encoded = tonumber(ARGV[4]), ARGV[5]
-local max_messages, max_bytes, class = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local SPAN = 1099511627776
 
-if redis.call('HEXISTS', msgs, id) == 1 then return {1} end  -- a retried call: already stored
-if size > max_bytes then return {0} end
-
-local count = redis.call('ZCARD', order)
-local total = tonumber(redis.call('GET', bytes) or '0')
-
-local need_count = count + 1 - max_messages
-local need_bytes = total + size - max_bytes
-local victims, result = {}, {1}
-local c = 3
-while c >= class and (need_count > 0 or need_bytes > 0) do
-  local lo = string.format('%.0f', c * SPAN)
-  local hi
-  if c == class then hi = '(' .. string.format('%.0f', score) else hi = '(' .. string.format('%.0f', (c + 1) * SPAN) end
-  local offset = 0
-  while need_count > 0 or need_bytes > 0 do
-    local ids = redis.call('ZRANGE', order, lo, hi, 'BYSCORE', 'LIMIT', offset, 64)
-    if #ids == 0 then break end
-    for _, vid in ipairs(ids) do
-      local value = redis.call('HGET', msgs, vid)
-      victims[#victims + 1] = vid
-      result[#result + 1] = vid
-      result[#result + 1] = value or ''
-      result[#result + 1] = redis.call('HGET', sent, vid) or '0'
-      need_count = need_count - 1
-      need_bytes = need_bytes - size_of(value)
-      if need_count <= 0 and need_bytes <= 0 then break end
+local function enqueue_one(id, score, expires_at, size, encoded, max_messages, max_bytes, class)
+  if redis.call('HEXISTS', msgs, id) == 1 then return {1} end
+  if size > max_bytes then return {0} end
+  local count = redis.call('ZCARD', order)
+  local total = tonumber(redis.call('GET', bytes) or '0')
+  local need_count = count + 1 - max_messages
+  local need_bytes = total + size - max_bytes
+  local victims, result = {}, {1}
+  local c = 3
+  while c >= class and (need_count > 0 or need_bytes > 0) do
+    local lo = string.format('%.0f', c * SPAN)
+    local hi
+    if c == class then hi = '(' .. string.format('%.0f', score) else hi = '(' .. string.format('%.0f', (c + 1) * SPAN) end
+    local offset = 0
+    while need_count > 0 or need_bytes > 0 do
+      local ids = redis.call('ZRANGE', order, lo, hi, 'BYSCORE', 'LIMIT', offset, 64)
+      if #ids == 0 then break end
+      for _, vid in ipairs(ids) do
+        local value = redis.call('HGET', msgs, vid)
+        victims[#victims + 1] = vid
+        result[#result + 1] = vid
+        result[#result + 1] = value or ''
+        result[#result + 1] = redis.call('HGET', sent, vid) or '0'
+        need_count = need_count - 1
+        need_bytes = need_bytes - size_of(value)
+        if need_count <= 0 and need_bytes <= 0 then break end
+      end
+      offset = offset + #ids
     end
-    offset = offset + #ids
+    c = c - 1
   end
-  c = c - 1
+  if need_count > 0 or need_bytes > 0 then return {0} end
+  remove(victims)
+  redis.call('ZADD', order, string.format('%.0f', score), id)
+  redis.call('ZADD', expiry, expires_at, id)
+  redis.call('HSET', msgs, id, encoded)
+  redis.call('INCRBY', bytes, size)
+  return result
 end
-if need_count > 0 or need_bytes > 0 then return {0} end
 
-remove(victims)
-redis.call('ZADD', order, string.format('%.0f', score), id)
-redis.call('ZADD', expiry, expires_at, id)
-redis.call('HSET', msgs, id, encoded)
-redis.call('INCRBY', bytes, size)
-return result
+local max_messages, max_bytes, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+local a = 5
+for slot in string.gmatch(ARGV[4], '%d+') do
+  local k = tonumber(slot) * 5
+  order, msgs, expiry, sent, bytes = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local encoded = ARGV[a]
+  local size, priority, expires_at = string.match(encoded, '^(%d+) (%d+) %d+ [^ ]+ ([^ ]+) ')
+  local class = 3 - tonumber(priority)
+  local seq = first + a - 5
+  out[#out + 1] = enqueue_one(
+    string.format('%.0f', seq), class * SPAN + seq, expires_at, tonumber(size), encoded,
+    max_messages, max_bytes, class)
+  a = a + 1
+end
+return out
 """
 )
 
@@ -306,6 +325,10 @@ def _decode(message_id: str, user: str, value: bytes, sent: int) -> OfflineMessa
     )
 
 
+def _refused(user: str, message: NewMessage, now: float) -> EnqueueResult:
+    return EnqueueResult(stored=None, evicted=(stored_message("", user, message, now),))
+
+
 def _triples(user: str, flat: Sequence[Any]) -> tuple[OfflineMessage, ...]:
     """``(id, value, sent)`` triples from a script's flat reply, decoded."""
     return tuple(
@@ -407,50 +430,44 @@ class RedisStore:
         self, messages: Sequence[tuple[str, NewMessage]], *, now: float
     ) -> list[EnqueueResult]:
         """:meth:`enqueue` each (user, message) in order: one ``INCRBY`` for their ids, then
-        every enqueue script in one MULTI/EXEC pipeline (one round trip, one AOF write)."""
+        one script call storing the whole group (atomic, one round trip, one AOF write)."""
         encoded = [
             _encode(message, created_at=now, expires_at=now + message.ttl_s) for _, message in messages
-        ]
-        refused = [
-            EnqueueResult(stored=None, evicted=(_decode("", user, data, 0),))
-            for (user, _), data in zip(messages, encoded, strict=True)
         ]
         # Refused whatever is queued (the script checks too).
         fits = [i for i, (_, message) in enumerate(messages) if len(message.payload) <= self.limits.max_bytes]
         if not fits:
-            return refused
+            return [_refused(user, message, now) for user, message in messages]
         with self._errors("enqueue"):
             last = int(await self._redis.incrby(keys.message_seq(), len(fits)))
             if last >= PRIORITY_SPAN:
                 raise StoreError(f"message counter {keys.message_seq()} overflowed ({last})")
             first = last - len(fits) + 1
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for seq, index in enumerate(fits, start=first):
-                    user, message = messages[index]
-                    await self._enqueue(
-                        keys=keys.queue_keys(user),
-                        args=[
-                            str(seq),
-                            (3 - int(message.priority)) * PRIORITY_SPAN + seq,
-                            repr(now + message.ttl_s),
-                            len(message.payload),
-                            encoded[index],
-                            self.limits.max_messages,
-                            self.limits.max_bytes,
-                            3 - int(message.priority),
-                        ],
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
-        results = list(refused)
-        for seq, index, reply in zip(range(first, last + 1), fits, replies, strict=True):
-            if int(reply[0]) == 0:
+            slots: dict[str, int] = {}
+            script_keys: list[str] = []
+            order: list[str] = []
+            for index in fits:
+                user = messages[index][0]
+                slot = slots.get(user)
+                if slot is None:
+                    slot = slots[user] = len(slots)
+                    script_keys.extend(keys.queue_keys(user))
+                order.append(str(slot))
+            args: list[Any] = [self.limits.max_messages, self.limits.max_bytes, first, " ".join(order)]
+            args += [encoded[index] for index in fits]
+            # One script for the whole group: atomic, one round trip, one AOF write.
+            replies = await self._enqueue(keys=script_keys, args=args)
+        results: list[EnqueueResult | None] = [None] * len(messages)
+        for seq, index, one in zip(range(first, last + 1), fits, replies, strict=True):
+            if int(one[0]) == 0:
                 continue
-            user = messages[index][0]
-            results[index] = EnqueueResult(
-                stored=_decode(str(seq), user, encoded[index], 0), evicted=_triples(user, reply[1:])
-            )
-        return results
+            user, message = messages[index]
+            stored = stored_message(str(seq), user, message, now)
+            results[index] = EnqueueResult(stored, _triples(user, one[1:]) if len(one) > 1 else ())
+        return [
+            _refused(user, message, now) if result is None else result
+            for (user, message), result in zip(messages, results, strict=True)
+        ]
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:
         with self._errors("pending"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 from collections.abc import Callable, Coroutine
@@ -145,6 +146,10 @@ async def serve(
             http = await stack.enter_async_context(HttpServer(broker, config.http.host, config.http.port))
         if on_ready is not None:
             on_ready(broker, http)
+        # Everything loaded so far (modules, config, the restored sessions) lives as long as
+        # the process: keep it out of the cyclic collector's full passes, which otherwise
+        # walked it every few thousand messages (~3 us of each stored message's time).
+        gc.freeze()
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(pump(feed, broker), name=f"feed:{feed.name}") for feed in feeds]
             if http is not None:

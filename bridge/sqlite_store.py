@@ -30,7 +30,6 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +47,7 @@ from bridge.core.store import (
     Snapshot,
     StoreError,
     StoreUnavailable,
+    stored_message,
 )
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -369,22 +369,10 @@ class SqliteStore:
     ) -> list[EnqueueResult]:
         """:meth:`enqueue` each (user, message) in order, all in one transaction: one trip to
         the connection's thread and one commit (one WAL sync point) for the whole group."""
-        created = [
-            OfflineMessage(
-                id="",
-                user=user,
-                topic=message.topic,
-                payload=message.payload,
-                priority=Priority(message.priority),
-                qos=message.qos,
-                created_at=now,
-                expires_at=now + message.ttl_s,
-            )
-            for user, message in messages
-        ]
         limits = self.limits
+        expires = [now + message.ttl_s for _, message in messages]
         work: list[tuple[tuple[Any, ...], tuple[Any, ...]] | None] = []
-        for (user, message), new in zip(messages, created, strict=True):
+        for (user, message), expires_at in zip(messages, expires, strict=True):
             size = len(message.payload)
             if size > limits.max_bytes:
                 work.append(None)  # refused whatever is queued
@@ -395,8 +383,8 @@ class SqliteStore:
                 message.payload,
                 int(message.priority),
                 message.qos,
-                new.created_at,
-                new.expires_at,
+                now,
+                expires_at,
                 size,
                 limits.max_messages,
                 limits.max_bytes,
@@ -409,13 +397,13 @@ class SqliteStore:
                 _enqueue_group, db._conn, work
             )
         results = []
-        for new, outcome in zip(created, outcomes, strict=True):
+        for (user, message), outcome in zip(messages, outcomes, strict=True):
             if outcome is None:
-                results.append(EnqueueResult(stored=None, evicted=(new,)))
+                results.append(EnqueueResult(stored=None, evicted=(stored_message("", user, message, now),)))
                 continue
             row_id, evicted = outcome
-            victims = sorted(map(_message, evicted), key=lambda m: (m.priority, int(m.id)))
-            results.append(EnqueueResult(stored=replace(new, id=str(row_id)), evicted=tuple(victims)))
+            victims = sorted(map(_message, evicted), key=lambda m: (m.priority, int(m.id))) if evicted else ()
+            results.append(EnqueueResult(stored_message(str(row_id), user, message, now), tuple(victims)))
         return results
 
     async def pending(self, user: str, *, now: float, limit: int, exclude: Collection[str] = ()) -> Pending:

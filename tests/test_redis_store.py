@@ -194,21 +194,13 @@ async def test_a_retried_enqueue_script_stores_once(store: RedisStore, raw: aior
     """A timeout can hide a success; redis-py then resends the same script with the same id."""
     first = await store.enqueue("hal", msg(b"once"), now=NOW)
     assert first.stored is not None
-    seq = int(first.stored.id)
     encoded = await raw.hget(redis_keys.queue_messages("hal"), first.stored.id)
     assert isinstance(encoded, bytes)
-    args: list[bytes | str | int] = [
-        first.stored.id,
-        2 * 2**40 + seq,
-        repr(NOW + 86400),
-        4,
-        encoded,
-        100,
-        64 * 1024,
-        2,
-    ]
+    # The group script's layout: max_messages, max_bytes, the first id, each message's user
+    # slot, then the messages encoded.
+    args: list[bytes | str | int] = [100, 64 * 1024, first.stored.id, "0", encoded]
     reply = await store._enqueue(keys=redis_keys.queue_keys("hal"), args=args)
-    assert reply == [1]
+    assert reply == [[1]]
     assert await store.queue_size("hal") == (1, 4)
 
 

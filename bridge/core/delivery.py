@@ -188,9 +188,27 @@ class Pipeline:
         self._resolve = resolve
         self._plans: dict[str, Plan] = {}
         self._max_plans = max_plans
+        self._best: dict[str, list[tuple[Any, int]]] = {}
 
     def invalidate(self) -> None:
         self._plans.clear()
+        self._best.clear()
+
+    def best_per_session(self, topic: str) -> list[tuple[Any, int]]:
+        """Every session subscribed to ``topic``, once, with its best QoS (connected or not):
+        a burst of user messages to one topic resolves its sessions once."""
+        best = self._best.get(topic)
+        if best is None:
+            per_session: dict[str, tuple[Any, int]] = {}
+            for session, sub_qos in self._matching(topic):
+                key = session.client_id or ""
+                if key not in per_session or per_session[key][1] < sub_qos:
+                    per_session[key] = (session, sub_qos)
+            best = list(per_session.values())
+            if len(self._best) >= self._max_plans:
+                self._best.clear()
+            self._best[topic] = best
+        return best
 
     def plan(self, topic: str) -> Plan:
         plan = self._plans.get(topic)

@@ -29,6 +29,7 @@ from bridge.errors import MessageError
 __all__ = ["ENVELOPE_KEY", "Envelope", "EnvelopeError", "open_envelope"]
 
 ENVELOPE_KEY = "mb_envelope"
+_ENVELOPE_KEY_BYTES = ENVELOPE_KEY.encode()
 _FIELDS = frozenset({ENVELOPE_KEY, "priority", "ttl_s", "payload", "payload_b64"})
 
 
@@ -48,6 +49,8 @@ def open_envelope(data: bytes, *, default_ttl_s: float, max_ttl_s: float) -> Env
     plain = Envelope(data, Priority.NORMAL, default_ttl_s)
     if not data.lstrip().startswith(b"{"):
         return plain
+    if _ENVELOPE_KEY_BYTES not in data and b"\\u" not in data:
+        return plain  # no key could be spelled in it: skip parsing a plain JSON payload
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError):

@@ -41,10 +41,12 @@ from bridge.logs import CLIENT, STORE, clip
 from bridge.stats import BrokerStats
 
 __all__ = [
+    "Committed",
     "GroupCommit",
     "Mailbox",
     "MailboxLink",
     "ReplayResult",
+    "Turns",
     "eviction_notice",
     "mailbox_packet_id",
     "replay",
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Replay rounds (acks, a page, mark_sent) at the store at once, across all users.
 STORE_TURNS = 4
+# A round's page while other replays wait for a turn: users take turns a page at a time
+# (round-robin), so nobody waits for another user's whole queue.
+FAIR_PAGE = 50
 # Packet ids are 1..65535 ([MQTT-2.3.1-1]).
 _PACKET_IDS = 65535
 
@@ -130,6 +135,29 @@ class ReplayResult:
     store_down: bool = False  # stopped because the store could not be reached: try again later
 
 
+class Turns:
+    """Turns at the store for replay rounds: ``size`` at once, the others wait in arrival
+    order. ``contended`` while any waits: a round then reads one fair page, not a window."""
+
+    def __init__(self, size: int = STORE_TURNS) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._waiting = 0
+
+    @property
+    def contended(self) -> bool:
+        return self._waiting > 0 or self._slots.locked()
+
+    async def __aenter__(self) -> None:
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._slots.release()
+
+
 async def replay(
     store: OfflineStore,
     user: str,
@@ -139,7 +167,7 @@ async def replay(
     window: int,
     clock: Callable[[], float],
     wake: asyncio.Event | None = None,
-    turns: asyncio.Semaphore | None = None,
+    turns: Turns | None = None,
 ) -> ReplayResult:
     """Deliver ``user``'s queue in priority order, pipelined, with up to ``window`` messages
     in flight.
@@ -155,7 +183,8 @@ async def replay(
     take (``accepts``) stay in the store for another session of the same user. With
     ``turns``, each round of store calls (acks, a page, its ``mark_sent``) waits for a turn:
     many users draining at once queue there, first come first served, instead of piling
-    onto the store past its call deadline. Returns when
+    onto the store past its call deadline; while others wait, a round reads at most
+    :data:`FAIR_PAGE` messages, so users take turns a page at a time (round-robin). Returns when
     the queue is empty and nothing is in flight, or when a send fails (the connection is gone).
 
     What is stored is delivered even when the store cannot keep its books (a full disk, Redis
@@ -217,6 +246,8 @@ async def replay(
         if room <= 0 or not (not exhausted or new_stored or not in_flight):
             return False
         room = window - len(in_flight)
+        if turns is not None and turns.contended:
+            room = min(room, FAIR_PAGE)  # others wait: one page, then the back of the line
         # Acknowledged while the last batch of acks was being removed: still stored.
         pending = await store.pending(
             user, now=clock(), limit=room, exclude=exclude | in_flight.keys() | set(acked)
@@ -298,29 +329,39 @@ def _bookkeeping_failed(result: ReplayResult, user: str, operation: str, exc: St
     result.bookkeeping_failures += 1
 
 
+# What a submitter hears once its message's group is written: (result, None) or (None, the
+# error; CancelledError if the writer was cancelled). Called on the event loop, synchronously
+# from the group's write: no future or callback hop per message.
+Committed = Callable[["EnqueueResult | None", "BaseException | None"], None]
+
+
 class GroupCommit:
     """Group commit of enqueues: every message submitted in one event-loop step (and while
     the previous group is being written) goes to the store in one
     :meth:`~bridge.core.store.OfflineStore.enqueue_many`, at most ``max_group`` at a time,
-    groups one after another so arrival order is store order. Each submitter's future
-    completes only once the commit holding its message has returned: a sender is
-    acknowledged for what is durably stored, never before."""
+    groups one after another so arrival order is store order. Each submitter hears of its
+    message only once the commit holding it has returned: a sender is acknowledged for what
+    is durably stored, never before."""
 
     def __init__(self, store: OfflineStore, *, clock: Callable[[], float], max_group: int = 512) -> None:
         self._store = store
         self._clock = clock
         self.max_group = max_group
-        self._waiting: list[tuple[str, NewMessage, asyncio.Future[EnqueueResult]]] = []
+        self._waiting: list[tuple[str, NewMessage, Committed]] = []
         self._writer: asyncio.Task[None] | None = None
         self.groups = 0  # commits so far (each one write)
         self.committed = 0  # messages they held
 
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((user, message, future))
+        self.submit_then(user, message, partial(_resolve, future))
+        return future
+
+    def submit_then(self, user: str, message: NewMessage, then: Committed) -> None:
+        """:meth:`submit` with a plain callback instead of a future."""
+        self._waiting.append((user, message, then))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="mailbox-group-commit")
-        return future
 
     async def _write(self) -> None:
         while self._waiting:
@@ -330,25 +371,44 @@ class GroupCommit:
             try:
                 results = await self._store.enqueue_many([(u, m) for u, m, _ in group], now=self._clock())
             except Exception as exc:  # StoreError, or a bug: every submitter hears of it
-                for _, _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
+                for _, _, then in group:
+                    _tell(then, None, exc)
                 continue
-            except asyncio.CancelledError:
-                for _, _, future in group + self._waiting:
-                    future.cancel()
+            except asyncio.CancelledError as exc:
+                for _, _, then in group + self._waiting:
+                    _tell(then, None, exc)
                 self._waiting = []
                 raise
             self.groups += 1
             self.committed += len(group)
-            for (_, _, future), result in zip(group, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for (_, _, then), result in zip(group, results, strict=True):
+                _tell(then, result, None)
 
     async def close(self) -> None:
         """Let the groups already submitted be written."""
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
+
+
+def _tell(then: Committed, result: EnqueueResult | None, exc: BaseException | None) -> None:
+    try:
+        then(result, exc)
+    except Exception:  # one submitter's bug must not keep the others from hearing
+        log.exception("group commit: a submitter's callback failed")
+
+
+def _resolve(
+    future: asyncio.Future[EnqueueResult], result: EnqueueResult | None, exc: BaseException | None
+) -> None:
+    if future.done():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+    elif exc is not None:
+        future.set_exception(exc)
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 class Mailbox:
@@ -372,27 +432,37 @@ class Mailbox:
         self.commits = GroupCommit(store, clock=clock)
         # Replays at the store at once: more wait their turn (FIFO), so a reconnect storm of
         # users with backlogs queues here rather than past the store's call deadline.
-        self.turns = asyncio.Semaphore(STORE_TURNS)
+        self.turns = Turns(STORE_TURNS)
 
     def submit(self, user: str, message: NewMessage) -> asyncio.Future[EnqueueResult]:
         """Store durably, in the next group commit; the future says what became of it (or
         raises :class:`StoreError`: nothing is reported stored that was not)."""
-        started = time.perf_counter()
-        future = self.commits.submit(user, message)
-        future.add_done_callback(lambda done: self._committed(user, done, started))
+        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self.submit_then(user, message, partial(_resolve, future))
         return future
+
+    def submit_then(self, user: str, message: NewMessage, then: Committed) -> None:
+        """:meth:`submit` with a callback, called once the commit holding it returns."""
+        started = time.perf_counter()
+
+        def committed(result: EnqueueResult | None, exc: BaseException | None) -> None:
+            self._committed(user, result, exc, started)
+            then(result, exc)
+
+        self.commits.submit_then(user, message, committed)
 
     async def enqueue(self, user: str, message: NewMessage) -> EnqueueResult:
         """:meth:`submit`, awaited."""
         return await self.submit(user, message)
 
-    def _committed(self, user: str, future: asyncio.Future[EnqueueResult], started: float) -> None:
-        if future.cancelled():
+    def _committed(
+        self, user: str, result: EnqueueResult | None, exc: BaseException | None, started: float
+    ) -> None:
+        if isinstance(exc, asyncio.CancelledError):
             return
-        if future.exception() is not None:
+        if exc is not None or result is None:
             self._stats.store_errors += 1
             return
-        result = future.result()
         self._stats.store_seconds.observe(time.perf_counter() - started)
         self._stats.offline_stored += result.stored is not None
         self._stats.offline_evicted += len(result.evicted)

@@ -61,6 +61,7 @@ __all__ = [
     "Snapshot",
     "StoreError",
     "StoreUnavailable",
+    "stored_message",
 ]
 
 
@@ -105,6 +106,20 @@ class OfflineMessage:
     created_at: float
     expires_at: float
     sent: int = 0  # deliveries without an ack so far: a resend sets DUP
+
+
+def stored_message(message_id: str, user: str, message: NewMessage, now: float) -> OfflineMessage:
+    """``message`` as the store holds it once enqueued at ``now`` under ``message_id``."""
+    return OfflineMessage(
+        id=message_id,
+        user=user,
+        topic=message.topic,
+        payload=message.payload,
+        priority=Priority(message.priority),
+        qos=message.qos,
+        created_at=now,
+        expires_at=now + message.ttl_s,
+    )
 
 
 @dataclass(frozen=True)

@@ -103,13 +103,14 @@ from bridge.core.topics import (
 )
 from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
-from bridge.edge.handler import MarketProtocolHandler
+from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
 from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
+from bridge.edge.user_inbound import UserInbound
 from bridge.edge.ws_connection import WsListener
 from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
 from bridge.keys import load_keyring
@@ -727,6 +728,7 @@ class MarketBroker(Broker):
             )
             handler.outbox = connection.outbox
             handler.ingest = self._ingest
+            handler.take_user = self._user_inbound(session)
             handler.max_packet = settings.max_packet_bytes
             handler.publish_limit = self.bridge_config.limits.rate
             handler.dropped = self.stats.publishes_dropped
@@ -1338,34 +1340,95 @@ class MarketBroker(Broker):
         if not self._publish_allowed(sender, topic):
             handler.hand_off(message, True)
             return True
-        sent = self._user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
+        sent = self._send_user_publish(sender, topic, bytes(message.data or b""), message.qos or QOS_0)
         if sent is None:
             handler.hand_off(message, True)
         else:
-            sent.add_done_callback(partial(self._user_publish_done, sender, handler, message))
+            sent.add_done_callback(lambda done: handler.hand_off(message, _succeeded(done)))
         return True
 
-    def _user_publish_done(
-        self,
-        sender: Session,
-        handler: MarketProtocolHandler,
-        message: ApplicationMessage,
-        sent: asyncio.Future[SendResult],
-    ) -> None:
+    def _user_inbound(self, session: Session) -> TakeUser:
+        """What the handler's read path calls for each of this connection's PUBLISHes to ``user/...``."""
+        context = context_of(session)
+
+        def may_publish(topic: str) -> bool:
+            return not context.admitted or self.hooks.on_publish(context, topic)
+
+        return UserInbound(
+            session.client_id or "",
+            max_topic=self._max_topic,
+            may_publish=may_publish,
+            send=partial(self._take_user_message, session),
+            dropped=self.stats.publishes_dropped,
+            received=self.stats.messages_in,
+        ).take
+
+    def _send_user_publish(
+        self, sender: Session, topic: str, data: bytes, qos: int
+    ) -> asyncio.Future[SendResult] | None:
+        sent = self._user_publish(sender, topic, data, qos)
+        if sent is not None:
+            sent.add_done_callback(partial(self._user_publish_done, sender, topic))
+        return sent
+
+    def _user_publish_done(self, sender: Session, topic: str, sent: asyncio.Future[SendResult]) -> None:
         exc = None if sent.cancelled() else sent.exception()
-        if sent.cancelled() or exc is not None:
+        self._user_publish_settled(sender, topic, None if exc or sent.cancelled() else sent.result(), exc)
+
+    def _user_publish_settled(
+        self, sender: Session, topic: str, result: SendResult | None, exc: BaseException | None
+    ) -> bool:
+        """Count and log a message the store did not take, or notify what its queue evicted; whether it was taken."""
+        if result is None:
             self.stats.publishes_dropped["store_unavailable"] += 1
             log.error(
                 "could not take %s's message on %s: %s",
                 clip(sender.client_id),
-                clip(message.topic),
+                clip(topic),
                 exc or "cancelled",
                 extra=STORE,
             )
-            handler.hand_off(message, False)
-            return
-        handler.hand_off(message, True)
-        self._evictions_of(sender, message.topic or "", sent.result())
+            return False
+        self._evictions_of(sender, topic, result)
+        return True
+
+    def _take_user_message(
+        self, sender: Session, topic: str, data: bytes, qos: int, settle: Callable[[bool], None]
+    ) -> bool:
+        """The read path's PUBLISH to ``user/...`` (checked): True when done now, False when
+        ``settle`` will say, once the group commit returns, whether it was stored."""
+        cfg = self.bridge_config.store
+        try:
+            envelope = open_envelope(data, default_ttl_s=cfg.default_ttl_s, max_ttl_s=MAX_TTL_S)
+            user = topic.split("/", 2)[1]
+            full = user_topic(user, topic)
+        except MessageError as exc:
+            self._dropped_message(sender, topic, exc)
+            return True
+
+        def then(result: SendResult | None, exc: BaseException | None) -> None:
+            settle(self._user_publish_settled(sender, topic, result, exc))
+
+        now = self._send(
+            user,
+            full,
+            envelope.payload,
+            priority=envelope.priority,
+            ttl_s=envelope.ttl_s,
+            qos=max(qos, QOS_1),
+            then=then,
+        )
+        return now is not None
+
+    def _dropped_message(self, sender: Session, topic: str, exc: MessageError) -> None:
+        self.stats.publishes_dropped[exc.reason] += 1
+        log.warning(
+            "dropped message from %s on %s: %s",
+            clip(sender.client_id),
+            clip(topic),
+            clip(exc, 200),
+            extra=CLIENT,
+        )
 
     async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None:
         """A will (or other awaited publish) to ``user/...``: done once it is stored."""
@@ -1390,14 +1453,7 @@ class MarketBroker(Broker):
                 qos=max(qos, QOS_1),
             )
         except MessageError as exc:
-            self.stats.publishes_dropped[exc.reason] += 1
-            log.warning(
-                "dropped message from %s on %s: %s",
-                clip(sender.client_id),
-                clip(topic),
-                clip(exc, 200),
-                extra=CLIENT,
-            )
+            self._dropped_message(sender, topic, exc)
             return None
 
     def _evictions_of(self, sender: Session, topic: str, result: SendResult) -> None:
@@ -1437,41 +1493,64 @@ class MarketBroker(Broker):
     ) -> asyncio.Future[SendResult]:
         """:meth:`send_to_user` without waiting: its future completes once the message is
         stored (in the mailbox's next group commit) and delivered to whoever is live."""
+        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+
+        def then(result: SendResult | None, exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            elif exc is not None:
+                done.set_exception(exc)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        now = self._send(user, full, payload, priority=priority, ttl_s=ttl_s, qos=qos, then=then)
+        if now is not None:
+            done.set_result(now)
+        return done
+
+    def _send(
+        self,
+        user: str,
+        full: str,
+        payload: bytes,
+        *,
+        priority: Priority,
+        ttl_s: float | None,
+        qos: int,
+        then: Callable[[SendResult | None, BaseException | None], None],
+    ) -> SendResult | None:
+        """Deliver or store: the result at once when nothing has to be stored, else None and
+        ``then`` is called once the group commit holding the message returns."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
         live, mailboxes = self._user_targets(user, full)
-        done: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         if not mailboxes:
             if not live:
                 self.stats.publishes_dropped["no_subscriber"] += 1
-                done.set_result(SendResult(0, None))
-                return done
+                return SendResult(0, None)
             self._deliver_live(live, full, payload, qos)
-            done.set_result(SendResult(len(live), None))
-            return done
+            return SendResult(len(live), None)
         # The user keeps a persistent session for this topic: the message goes into their
         # mailbox first, durably, and leaves it only on their PUBACK. Whether the phone is
         # offline, online but not yet acknowledging, or the broker is killed meanwhile,
         # what the sender was told is stored stays stored until delivered.
         assert self.mailbox is not None
-        stored = self.mailbox.submit(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)))
 
-        def committed(commit: asyncio.Future[EnqueueResult]) -> None:
-            if commit.cancelled():
-                done.cancel()
+        def committed(result: EnqueueResult | None, exc: BaseException | None) -> None:
+            if exc is not None or result is None:
+                then(None, exc)
                 return
-            exc = commit.exception()
-            if exc is not None:
-                done.set_exception(exc)
-                return
-            result = commit.result()
-            self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
-            for session, _ in live:
-                if self._is_mailbox(session, user):
-                    self._pump(session)
-            done.set_result(SendResult(len(live), result.stored, result.evicted))
+            if live:
+                self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], full, payload, qos)
+                for session, _ in live:
+                    if self._is_mailbox(session, user):
+                        self._pump(session)
+            then(SendResult(len(live), result.stored, result.evicted), None)
 
-        stored.add_done_callback(committed)
-        return done
+        self.mailbox.submit_then(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)), committed)
+        return None
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
@@ -1493,14 +1572,10 @@ class MarketBroker(Broker):
     def _user_targets(self, user: str, topic: str) -> tuple[list[tuple[Session, int]], bool]:
         """Connected sessions subscribed to ``topic`` (best QoS each), and whether the user
         has a persistent session (connected or not) subscribed to it."""
-        best: dict[str, tuple[Session, int]] = {}
-        for topic_filter in self._index.match(topic):
-            for session, sub_qos in self._subscriptions.get(topic_filter, ()):
-                key = session.client_id or ""
-                if key not in best or best[key][1] < sub_qos:
-                    best[key] = (session, sub_qos)
         live, mailboxes = [], False
-        for session, sub_qos in best.values():
+        # The subscribers are remembered per topic until subscriptions or connections change
+        # (a burst to one user does not search the topic tree per message).
+        for session, sub_qos in self._fanout.best_per_session(topic):
             if session.transitions.is_connected():
                 live.append((session, sub_qos))
             mailboxes = mailboxes or self._is_mailbox(session, user)
@@ -2035,6 +2110,10 @@ class MarketBroker(Broker):
 
 # How a connection ended, from its handler: what the broker ended itself owes no will.
 _BROKER_ENDS = frozenset({"token_expired", "taken_over", "shutdown"})
+
+
+def _succeeded(done: asyncio.Future[Any]) -> bool:
+    return not done.cancelled() and done.exception() is None
 
 
 def _end_event(handler: MarketProtocolHandler) -> Event:

@@ -8,6 +8,9 @@ handler reads whatever the socket has, splits it into packets (:mod:`bridge.core
 - hands market PUBLISHes (QoS 0/1) straight to the broker's ``ingest``, synchronously, so
   one chunk's ticks fan out in one step and each subscriber connection is written once;
   their PUBACKs go out after that hand-off, in one write;
+- hands PUBLISHes to ``user/...`` (QoS 0/1) to ``take_user`` (the broker's mailbox group
+  commit), with no task, future or queue of amqtt's per message; each PUBACK goes out once
+  the commit holding its message returns;
 - settles PUBACKs for the broker's direct QoS 1 deliveries without a task;
 - passes every other packet to amqtt's own handlers, as amqtt would.
 
@@ -20,15 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter
 from amqtt.errors import MQTTError, ProtocolHandlerError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_dict
-from amqtt.mqtt.constants import QOS_2
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRIBE, MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
@@ -45,19 +49,24 @@ from websockets.exceptions import ConnectionClosed
 from bridge.config import RateLimitConfig
 from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.core.ratelimit import PublishBucket, publisher_bucket
-from bridge.core.topics import MARKET_PREFIX
+from bridge.core.topics import MARKET_PREFIX, USER_PREFIX
 from bridge.edge.lean import LeanEvent, LeanQueue
 from bridge.edge.outbox import Outbox
 from bridge.edge.streams import ChunkReader
 from bridge.errors import ProtocolError
 from bridge.logs import CLIENT, clip
 
-__all__ = ["Ingest", "MarketProtocolHandler"]
+__all__ = ["Ingest", "MarketProtocolHandler", "TakeUser"]
 
 log = logging.getLogger(__name__)
 
 # (client session, topic, payload, qos) -> keep the connection?
 Ingest = Callable[[Any, str, bytes, int], bool]
+# (topic, payload, qos, settle) of a PUBLISH to ``user/...`` -> True: done, acknowledge now;
+# False: a protocol violation, close; None: ``settle(stored)`` comes once the group commit
+# holding it returns: acknowledged if stored, else the connection ends without a PUBACK (the
+# publisher sends it again after reconnecting).
+TakeUser = Callable[[str, bytes, int, Callable[[bool], None]], "bool | None"]
 
 _DEFAULT_MAX_PACKET = 1024 * 1024
 
@@ -68,6 +77,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     end_reason: str | None = None
     goodbye = False  # the client sent DISCONNECT (no will)
     ingest: Ingest | None = None
+    take_user: TakeUser | None = None
     outbox: Outbox | None = None
     max_packet: int = _DEFAULT_MAX_PACKET
     # Inbound PUBLISH limit: the config, and the bucket made on the first PUBLISH (so
@@ -77,6 +87,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
     protocol_errors: Counter[str] | None = None
     _bucket: PublishBucket | None = None
     _watchdog: asyncio.TimerHandle | None = None
+    _release_due = False  # a release of owed PUBACKs is scheduled for this step
     _last_read: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -180,8 +191,40 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                     if not keep:
                         break
                     if publish.packet_id is not None:
-                        acks.append(publish.packet_id)
+                        if self._owed:
+                            self._owe(publish.packet_id, True)  # behind older ones still owed
+                        else:
+                            acks.append(publish.packet_id)
                     continue
+                take = self.take_user
+                if take is not None and publish.qos < QOS_2 and publish.topic.startswith(USER_PREFIX):
+                    if acks:
+                        self._push_acks(acks)  # before any wait: nothing may overtake them
+                        acks = []
+                    await self._pace_publish()
+                    if publish.packet_id is None:
+                        if take(publish.topic, publish.payload, publish.qos, _ignore) is False:
+                            keep = False
+                            break
+                        continue
+                    entry = _Owed(publish.packet_id, None)
+                    verdict = take(
+                        publish.topic, publish.payload, publish.qos, partial(self._settle_owed, entry)
+                    )
+                    if verdict is False:
+                        keep = False
+                        break
+                    if verdict and entry.accepted is None:
+                        entry.accepted = True
+                    owed = self._owed
+                    if entry.accepted and not owed:
+                        acks.append(entry.packet_id)
+                    else:
+                        self._append_owed(entry)
+                    continue
+                if publish.qos == QOS_1:
+                    # amqtt's flow: its PUBACK waits for the broker's hand_off, in this order.
+                    self._owe(publish.packet_id or 0, None).via_amqtt = True
             elif kind == PINGREQ:
                 check_header(first, len(body))
                 await self._pong()
@@ -206,6 +249,9 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             if kind == PUBLISH:
                 # Every PUBLISH counts against the connection's rate; past it, reading waits
                 # (messages for users are never dropped, the client is slowed instead).
+                if acks:
+                    self._push_acks(acks)
+                    acks = []
                 await self._pace_publish()
             task = await self._amqtt_packet(kind, first, body)
             if task is not None:
@@ -213,12 +259,16 @@ class MarketProtocolHandler(BrokerProtocolHandler):
             if kind == DISCONNECT:
                 break
         if acks:
-            if self.outbox is not None:
-                self.outbox.push_control(puback(acks))
-            else:
-                for packet_id in acks:
-                    await self._send_packet(PubackPacket.build(packet_id))
+            self._push_acks(acks)
         return keep
+
+    def _push_acks(self, packet_ids: list[int]) -> None:
+        """PUBACKs, with this step's batch (one write)."""
+        packets = puback(packet_ids)
+        if self.outbox is not None:
+            self.outbox.push_control(packets)
+        elif self.writer is not None:
+            self.writer.write(packets)  # bounded by the publisher's window of unacknowledged
 
     async def _amqtt_packet(self, kind: int, first: int, body: bytes) -> asyncio.Task[None] | None:
         """Decode with amqtt's packet classes and start the handler amqtt would."""
@@ -435,58 +485,96 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         else:
             self._watchdog = self._loop.call_later(keepalive - idle, self._check_keepalive, keepalive)
 
-    # ------------------------------------------------------------------ inbound QoS 1 (queued path)
+    # ------------------------------------------------------------------ inbound QoS 1
+    #
+    # Every inbound QoS 1 PUBLISH owes a PUBACK, and PUBACKs leave in the order the
+    # PUBLISHes came ([MQTT-4.6.0-2]) whichever path decided them: ``_owed`` holds them in
+    # arrival order and releases the decided ones at its head. A PUBACK is only written once
+    # the message is stored or delivered, so a publisher that disconnects never loses an
+    # acknowledged message (amqtt acknowledged on queueing). A failed hand-off (store down)
+    # gets no PUBACK and ends the connection: the publisher's library sends it again.
+
+    def _owe(self, packet_id: int, accepted: bool | None) -> _Owed:
+        entry = _Owed(packet_id, accepted)
+        self._append_owed(entry)
+        return entry
+
+    def _append_owed(self, entry: _Owed) -> None:
+        owed = self.__dict__.get("_owed_acks")
+        if owed is None:
+            owed = self.__dict__["_owed_acks"] = deque()
+        owed.append(entry)
+
+    @property
+    def _owed(self) -> deque[_Owed] | None:
+        """Inbound QoS 1 PUBLISHes not yet acknowledged, oldest first (None: never any)."""
+        owed: deque[_Owed] | None = self.__dict__.get("_owed_acks")
+        return owed
+
+    def _settle_owed(self, entry: _Owed, accepted: bool) -> None:
+        """Decided; the PUBACKs now due go out once per event-loop step, in one write."""
+        entry.accepted = accepted
+        if not self._release_due:
+            self._release_due = True
+            self._loop.call_soon(self._release_owed)
+
+    def _release_owed(self) -> None:
+        """Write the PUBACKs now due (with this step's batch); a refused hand-off ends the connection."""
+        self._release_due = False
+        owed = self._owed
+        if not owed:
+            return
+        due: list[int] = []
+        refused = False
+        while owed and owed[0].accepted is not None:
+            entry = owed.popleft()
+            if entry.accepted:
+                due.append(entry.packet_id)
+            else:
+                refused = True
+        if due:
+            self._push_acks(due)
+        if refused:
+            self.end("handoff_failed")
 
     async def _incoming_qos1(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
     ) -> None:
-        """Inbound QoS 1: PUBACK only once the broker has handed the message on.
-
-        amqtt acknowledges as soon as the message is queued, so a publisher that disconnects
-        can lose acknowledged messages. Here the broker resolves the hand-off after storing or
-        delivering; a failed hand-off (store down) gets no PUBACK and ends the connection, so
-        the publisher's library sends it again after reconnecting.
-        """
+        """amqtt's inbound QoS 1 (topics other than ``market/`` and ``user/``): queued for the
+        broker's client loop, acknowledged on its :meth:`hand_off`, not on queueing."""
         if app_message.packet_id is None or self.session is None:
             await super()._handle_qos1_message_flow(app_message)
             return
-        handed_off: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._handoffs[id(app_message)] = handed_off
-        try:
-            await self.session.delivered_message_queue.put(app_message)
-            accepted = await handed_off
-        finally:
-            self._handoffs.pop(id(app_message), None)
-        if accepted:
-            puback_packet = PubackPacket.build(app_message.packet_id)
-            # With this step's batch: a window of PUBACKs from one group commit is one write.
-            await self._send_control(b"\x40\x02" + app_message.packet_id.to_bytes(2, "big"))
-            app_message.puback_packet = puback_packet
-        else:
-            self.end("handoff_failed")
+        entry = self._owed_amqtt(app_message.packet_id, claimed=False)
+        if entry is None:  # read by amqtt's own reader: owed from now
+            entry = self._owe(app_message.packet_id, None)
+            entry.via_amqtt = True
+        entry.claimed = True
+        await self.session.delivered_message_queue.put(app_message)
 
     def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
-        """The broker is done with an inbound QoS 1 message. PUBACKs leave in the order the
-        PUBLISHes came ([MQTT-4.6.0-2]): a message decided before an older one (a live
-        delivery overtaking a group commit) waits for it."""
-        handoffs = self._handoffs
-        future = handoffs.get(id(message))
-        if future is None or future.done():
+        """The broker is done with an inbound message that came through amqtt's flow."""
+        if message.qos != QOS_1 or message.packet_id is None:
             return
-        decided = self._decided
-        decided[id(message)] = accepted
-        for key, waiting in handoffs.items():  # arrival order
-            if waiting.done():
-                continue
-            if key not in decided:
-                break
-            waiting.set_result(decided.pop(key))
+        entry = self._owed_amqtt(message.packet_id, claimed=True)
+        if entry is not None:
+            self._settle_owed(entry, accepted)
+
+    def _owed_amqtt(self, packet_id: int, *, claimed: bool) -> _Owed | None:
+        """The oldest undecided entry of amqtt's flow for ``packet_id`` (few: its window)."""
+        for entry in self._owed or ():
+            if (
+                entry.via_amqtt
+                and entry.claimed is claimed
+                and entry.accepted is None
+                and entry.packet_id == packet_id
+            ):
+                return entry
+        return None
 
     async def stop(self) -> None:
-        for future in self._handoffs.values():
-            if not future.done():
-                future.set_result(False)
-        self._decided.clear()
+        if self._owed:
+            self._owed.clear()  # not acknowledged: the publisher sends them again
         if self._watchdog is not None:
             self._watchdog.cancel()
         reader = self._reader_task
@@ -497,21 +585,6 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 reader.cancel()
                 await asyncio.wait({reader}, timeout=0.5)
         await super().stop()
-
-    @property
-    def _decided(self) -> dict[int, bool]:
-        """Hand-offs decided while an older one was not (see :meth:`hand_off`)."""
-        decided: dict[int, bool] | None = self.__dict__.get("_decided_map")
-        if decided is None:
-            decided = self.__dict__["_decided_map"] = {}
-        return decided
-
-    @property
-    def _handoffs(self) -> dict[int, asyncio.Future[bool]]:
-        handoffs: dict[int, asyncio.Future[bool]] | None = self.__dict__.get("_handoff_map")
-        if handoffs is None:
-            handoffs = self.__dict__["_handoff_map"] = {}
-        return handoffs
 
 
 # amqtt's handler for each packet type (those only a server sends just get logged by it).
@@ -550,6 +623,22 @@ _PUBREC, _PUBCOMP = 5, 7
 
 def _pubrel(packet_id: int) -> bytes:
     return b"\x62\x02" + packet_id.to_bytes(2, "big")
+
+
+def _ignore(_stored: bool) -> None:
+    """QoS 0: nothing is owed to the publisher."""
+
+
+class _Owed:
+    """One inbound QoS 1 PUBLISH's PUBACK: ``accepted`` None until decided."""
+
+    __slots__ = ("accepted", "claimed", "packet_id", "via_amqtt")
+
+    def __init__(self, packet_id: int, accepted: bool | None) -> None:
+        self.packet_id = packet_id
+        self.accepted = accepted
+        self.via_amqtt = False  # decided by the broker's hand_off after amqtt's flow
+        self.claimed = False  # amqtt's flow has queued it (so hand_off may decide it)
 
 
 class StoredMessage(OutgoingApplicationMessage):

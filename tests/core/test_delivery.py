@@ -180,3 +180,29 @@ def test_plans_are_bounded() -> None:
     for n in range(10):
         pipeline.plan(f"market/x/T{n}-ZAR")
     assert len(pipeline._plans) <= 3
+
+
+@dataclass(frozen=True)
+class _Session:
+    client_id: str
+
+
+def test_best_per_session_takes_each_sessions_highest_qos_once_until_invalidated() -> None:
+    a, b = _Session("a"), _Session("b")
+    matched: list[tuple[_Session, int]] = [(a, QOS_0), (b, QOS_1), (a, QOS_1)]
+    calls: list[str] = []
+
+    def matching(topic: str) -> list[tuple[_Session, int]]:
+        calls.append(topic)
+        return list(matched)
+
+    pipeline = Pipeline(matching, lambda outbox, qos: None, max_plans=2)
+    assert pipeline.best_per_session("user/u/x") == [(a, QOS_1), (b, QOS_1)]
+    matched.append((b, 2))
+    assert pipeline.best_per_session("user/u/x") == [(a, QOS_1), (b, QOS_1)]  # cached
+    pipeline.invalidate()
+    assert pipeline.best_per_session("user/u/x") == [(a, QOS_1), (b, 2)]
+    assert calls == ["user/u/x", "user/u/x"]
+    for n in range(5):
+        pipeline.best_per_session(f"user/u/{n}")
+    assert len(pipeline._best) <= 2

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge.core.mailbox import Mailbox, eviction_notice, mailbox_packet_id, user_topic
+from bridge.core.mailbox import (
+    FAIR_PAGE,
+    STORE_TURNS,
+    Mailbox,
+    eviction_notice,
+    mailbox_packet_id,
+    user_topic,
+)
 from bridge.core.store import NewMessage, OfflineMessage, Priority, QueueLimits
 from bridge.errors import MessageError
 from bridge.sqlite_store import SqliteStore
@@ -214,3 +221,45 @@ async def test_a_pipelined_replay_sends_each_message_once_in_order(store: Sqlite
     assert link.sent == [(i, False) for i in ids]
     assert result.pages < 60  # read in pages, not per message
     assert await store.queue_size("u") == (0, 0)
+
+
+@pytest.mark.timeout(60)
+async def test_a_huge_queue_delays_a_small_one_by_one_page_at_most(tmp_path: Path) -> None:
+    """Six users with 1,000 messages each and one with 5 replay at once (the small one last).
+    Four rounds start at once with whole windows; once others wait, each round is one
+    FAIR_PAGE: the users who came after the first four had one page each (not a window)
+    before the small user had all of its messages."""
+    big_store = await SqliteStore.open(tmp_path / "fair.sqlite3", QueueLimits(5000, 1 << 24))
+    try:
+        mailbox = Mailbox(big_store, window=500, clock=lambda: NOW, stats=BrokerStats())
+        bigs = [f"big{i}" for i in range(6)]
+        for user in [*bigs, "small"]:
+            count = 5 if user == "small" else 1000
+            group = [(user, NewMessage(f"user/{user}/m", b"%d" % i)) for i in range(count)]
+            await big_store.enqueue_many(group, now=NOW)
+        order: list[str] = []
+
+        class Recording(Link):
+            def __init__(self, user: str) -> None:
+                super().__init__()
+                self.user = user
+
+            def publish(
+                self, message: OfflineMessage, *, dup: bool, on_ack: Callable[[], None]
+            ) -> asyncio.Future[None]:
+                order.append(self.user)
+                return super().publish(message, dup=dup, on_ack=on_ack)
+
+        replays = [
+            asyncio.create_task(mailbox.replay(user, Recording(user), lambda _t: True, asyncio.Event()))
+            for user in [*bigs, "small"]
+        ]
+        results = await asyncio.gather(*replays)
+        assert all(result.complete for result in results)
+        assert order.count("small") == 5
+        before_small_done = order[: len(order) - order[::-1].index("small")]
+        late_bigs = bigs[STORE_TURNS:]
+        assert [before_small_done.count(user) for user in late_bigs] == [FAIR_PAGE] * len(late_bigs)
+        assert all(before_small_done.count(user) <= 500 for user in bigs)
+    finally:
+        await big_store.close()

@@ -24,6 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from bridge.auth import Role
 from bridge.core.tick import Tick
+from bridge.core.wire import remaining_length
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -687,3 +688,101 @@ def test_an_amqtt_packet_task_ending_with_its_connection_logs_no_traceback(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
         r.getMessage() for r in caplog.records
     ]
+
+
+# --- inbound PUBLISH to user/...: the read path's own, PUBACK after the group commit ------------
+
+
+def _raw_publish(topic: str, packet_id: int, *, qos: int = 1, payload: bytes = b"x") -> bytes:
+    """A PUBLISH built by hand, so it can carry what no encoder would (QoS 3, packet id 0)."""
+    topic_bytes = topic.encode()
+    body = len(topic_bytes).to_bytes(2, "big") + topic_bytes + packet_id.to_bytes(2, "big") + payload
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        pytest.param(_raw_publish("user/bob/+", 1), "invalid_topic", id="wildcard-topic"),
+        pytest.param(_raw_publish("user/bob/a\x00b", 1), "invalid_topic", id="nul-in-topic"),
+        pytest.param(_raw_publish("user/bob/x", 1, qos=3), "malformed_publish", id="qos-3"),
+        pytest.param(_raw_publish("user/bob/x", 0), "malformed_publish", id="packet-id-0"),
+    ],
+)
+def test_a_malformed_publish_to_a_user_closes_only_that_connection(
+    broker: BrokerThread,
+    raw_clients: Callable[..., RawClient],
+    clients: ClientFactory,
+    packet: bytes,
+    reason: str,
+) -> None:
+    user = unique("bob")
+    phone = clients(broker.tcp_port, role="subscriber", username=user)
+    phone.connect()
+    phone.subscribe(f"user/{user}/#", 1)
+    service = raw_clients(broker.tcp_port, role="service")
+    before = stat(broker, lambda s: s.publishes_dropped["invalid_topic"] + s.protocol_errors[reason])
+    service.send(packet)
+    assert service.wait_closed(), "the broker kept a connection that broke the protocol"
+    after = stat(broker, lambda s: s.publishes_dropped["invalid_topic"] + s.protocol_errors[reason])
+    assert after == before + 1
+    # Nobody else is affected: another service still reaches the user.
+    other = raw_clients(broker.tcp_port, role="service")
+    other.send(_raw_publish(f"user/{user}/ok", 9, payload=b"ok"))
+    assert other.read().body == b"\x00\x09"
+    assert phone.expect(1)[0].payload == b"ok"
+
+
+def test_refused_publishes_to_users_are_acknowledged_dropped_and_counted_each_time(
+    broker: BrokerThread, raw_clients: Callable[..., RawClient], clients: ClientFactory
+) -> None:
+    """Over-long and forbidden topics: acknowledged (3.1.1 cannot say "refused"), never
+    stored or delivered, counted every time though decided once per topic."""
+    user = unique("bob")
+    phone = clients(broker.tcp_port, role="subscriber", username=user)
+    phone.connect()
+    phone.subscribe(f"user/{user}/#", 1)
+    long_topic = f"user/{user}/" + "y" * 300
+    service = raw_clients(broker.tcp_port, role="service")
+    service.send(_raw_publish(long_topic, 1) + _raw_publish(long_topic, 2))
+    assert [p.body for p in service.read_many(2)] == [b"\x00\x01", b"\x00\x02"]
+    # A subscriber may not publish, not even to its own mailbox.
+    sender = raw_clients(broker.tcp_port, role="subscriber", client_id=user)
+    sender.send(_raw_publish(f"user/{user}/x", 3) + _raw_publish(f"user/{user}/x", 4))
+    assert [p.body for p in sender.read_many(2)] == [b"\x00\x03", b"\x00\x04"]
+    assert stat(broker, lambda s: s.publishes_dropped["topic_too_long"]) == 2
+    assert stat(broker, lambda s: s.publishes_dropped["acl"]) == 2
+    assert sender.ping() == []
+    assert service.ping() == []
+    # Nothing refused reached the user: the next message it gets is the one allowed.
+    service.send(_raw_publish(f"user/{user}/ok", 5, payload=b"ok"))
+    assert service.read().body == b"\x00\x05"
+    assert [m.payload for m in phone.expect(1)] == [b"ok"]
+
+
+def test_pubacks_keep_the_arrival_order_across_the_stored_amqtt_and_market_paths(
+    broker: BrokerThread, raw_clients: Callable[..., RawClient], clients: ClientFactory
+) -> None:
+    """[MQTT-4.6.0-2]: one write with a message for a user (PUBACK after its group commit), one
+    on another topic (amqtt's flow), a QoS 1 tick (handed off at once) and another for the user:
+    the PUBACKs come 1, 2, 3, 4, the tick's waiting for the user's message before it."""
+    user = unique("bob")
+    phone = clients(
+        broker.tcp_port, role="subscriber", username=user, client_id=unique("phone"), clean_session=False
+    )
+    phone.connect()
+    phone.subscribe(f"user/{user}/#", 1)
+    status = clients(broker.tcp_port)
+    status.connect()
+    status.subscribe("status/#", 1)
+    admin = raw_clients(broker.tcp_port, role="admin")
+    admin.send(
+        publish_packet(f"user/{user}/a", b"first", qos=1, packet_id=1)
+        + publish_packet("status/x", b"s", qos=1, packet_id=2)
+        + publish_packet("market/luno/BTC-ZAR", make_tick().encode(), qos=1, packet_id=3)
+        + publish_packet(f"user/{user}/b", b"second", qos=1, packet_id=4)
+    )
+    acks = admin.read_many(4)
+    assert [(p.first, p.packet_id) for p in acks] == [(0x40, 1), (0x40, 2), (0x40, 3), (0x40, 4)]
+    assert [m.payload for m in phone.expect(2)] == [b"first", b"second"]
+    assert status.expect(1)[0].payload == b"s"
