@@ -61,6 +61,8 @@ from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import Claims, TokenPolicy
+from bridge.cluster import tickwire
+from bridge.cluster.link import ClusterLink
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import (
     CONNACK_NOT_AUTHORIZED,
@@ -111,7 +113,14 @@ from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
 from bridge.edge.ws_connection import WsListener
-from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
+from bridge.errors import (
+    ClusterUnavailable,
+    ListenerError,
+    MarketBridgeError,
+    MessageError,
+    ProtocolError,
+    TickError,
+)
 from bridge.keys import load_keyring
 from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, STORE, clip
@@ -272,6 +281,12 @@ class MarketBroker(Broker):
         self._retained_topics = 0
         self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
         self._clock_tz = LocalClock()
+        # One node of several (issue 15): ticks go through the cluster's bus, which stamps the
+        # seq and hands every tick back (own ones too) to _deliver_stamped.
+        self.cluster: ClusterLink | None = None
+        if config.cluster.enabled:
+            self.cluster = ClusterLink(config.cluster, on_tick=self._cluster_tick)
+        self._cluster_seq: dict[str, int] = {}  # topic -> last seq delivered from the bus
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
         if isinstance(store, GuardedStore):
@@ -327,6 +342,8 @@ class MarketBroker(Broker):
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         if self.mailbox is not None:
             await self.mailbox.settle()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self._close_store()
         flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
@@ -432,6 +449,8 @@ class MarketBroker(Broker):
             self.store, window=self.bridge_config.store.replay_window, clock=self._clock, stats=self.stats
         )
         await self._restore()
+        if self.cluster is not None:
+            await self._join_cluster(self.cluster)
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
         self._reserver = SeqReserver(self.store, self._sequencer, clock=self._clock)
@@ -1587,7 +1606,12 @@ class MarketBroker(Broker):
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent (``seq`` 0: dropped,
         no number could be given safely)."""
-        return tick.with_seq(self._publish_tick_now(tick, qos))
+        if self.cluster is None:
+            return tick.with_seq(self._publish_tick_now(tick, qos))
+        try:
+            return tick.with_seq(await self._to_cluster(self.cluster, tick, qos))
+        except ClusterUnavailable:
+            return tick.with_seq(0)  # counted by _to_cluster's callback
 
     def _remember(self, topic: str, data: bytes, seq: int) -> None:
         self.stats.ticks_accepted += 1
@@ -1606,16 +1630,25 @@ class MarketBroker(Broker):
         Returns the seq, or 0 when the tick was dropped: no number is safe to give (past its
         reservation faster than bridge.core.sequencer.OVERRUN_PER_S while the store is down).
         """
+        if self.cluster is not None:
+            self._to_cluster(self.cluster, tick, qos)
+            return -1
         started = time.perf_counter()
         topic = tick.topic
         seq = self._sequencer.next(topic)
         if not seq:
             self.stats.publishes_dropped["seq_unreserved"] += 1
             return 0
-        head = tick.wire_head()
         second, ms = LocalClock.split(tick.ts)
+        self._deliver_stamped(topic, seq, tick.wire_head(), second, ms, qos, started)
+        return seq
+
+    def _deliver_stamped(
+        self, topic: str, seq: int, head: bytes, second: int, ms: int, qos: int, started: float
+    ) -> None:
+        """Snapshot and fan out a tick with its seq (this node's, or the cluster's)."""
         ts = self._clock_tz.utc_at(second, ms)
-        tail = tick.wire_tail(seq)
+        tail = tickwire.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
         parts = self._tick_parts[topic] = TickParts(data, head, ts, tail, second, ms)
@@ -1630,11 +1663,43 @@ class MarketBroker(Broker):
         sent = self._fanout.deliver(topic, qos, localize)
         self._retained_variants[topic] = (data, variants)
         if not sent:
-            return seq
+            return
         self.stats.deliveries += sent
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
-        return seq
+
+    # ------------------------------------------------------------------ cluster (issue 15)
+
+    async def _join_cluster(self, cluster: ClusterLink) -> None:
+        """Join before the listeners open; the shared snapshots replace the local store's
+        (the cluster's are the newest), unless the bus delivered a newer tick meanwhile."""
+        for topic, seq, parts in await cluster.start():
+            if seq <= self._cluster_seq.get(topic, 0):
+                continue
+            self._cluster_seq[topic] = seq
+            ts = self._clock_tz.utc_at(parts.second, parts.ms)
+            tail = tickwire.wire_tail(seq)
+            data = b"".join((parts.head, b'"ts":"', ts.encode(), tail))
+            if topic not in self._retained_messages:
+                self._retained_topics += 1
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
+            self._retained_version += 1
+            self._tick_parts[topic] = TickParts(data, parts.head, ts, tail, parts.second, parts.ms)
+
+    def _to_cluster(self, cluster: ClusterLink, tick: Tick, qos: int) -> asyncio.Future[int]:
+        """Hand an accepted tick to the bus: it comes back stamped through _cluster_tick."""
+        future = cluster.publish(tick, qos)
+        future.add_done_callback(self._cluster_published)
+        return future
+
+    def _cluster_published(self, future: asyncio.Future[int]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.stats.publishes_dropped["cluster_unavailable"] += 1
+
+    def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
+        """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""
+        self._cluster_seq[topic] = seq
+        self._deliver_stamped(topic, seq, parts.head, parts.second, parts.ms, parts.qos, time.perf_counter())
 
     def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes:
         """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from
