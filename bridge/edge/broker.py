@@ -62,6 +62,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import Claims, TokenPolicy
 from bridge.cluster import tickwire
+from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
 from bridge.cluster.link import ClusterLink
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import (
@@ -122,7 +123,7 @@ from bridge.errors import (
     TickError,
 )
 from bridge.keys import load_keyring
-from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
+from bridge.limits import ConnectionLimits, Lease, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, STORE, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter
@@ -201,9 +202,27 @@ class MarketBroker(Broker):
         self.mailbox: Mailbox | None = None  # on the store, once it is open
         self._clock = clock
         auth = config.auth
-        self.limits: ConnectionLimits = limits or LocalConnectionLimits(
-            config.limits.max_connections_per_user, config.limits.max_connections
-        )
+        # One node of several (issue 15): ticks go through the cluster's bus, which stamps the
+        # seq and hands every tick back (own ones too) to _cluster_tick; connections are
+        # counted and client ids owned cluster-wide.
+        self.cluster: ClusterLink | None = None
+        self.limits: AsyncConnectionLimits
+        if config.cluster.enabled:
+            self.cluster = ClusterLink(
+                config.cluster,
+                on_tick=self._cluster_tick,
+                on_takeover=self._cluster_takeover,
+                max_per_user=config.limits.max_connections_per_user,
+                max_total=config.limits.max_connections,
+            )
+            self.limits = self.cluster.limits
+        else:
+            self.limits = LocalAsyncLimits(
+                limits
+                or LocalConnectionLimits(
+                    config.limits.max_connections_per_user, config.limits.max_connections
+                )
+            )
         # One per broker, bound to its keys and policy: a reconnect verifies a token once.
         # The admin API reads its keys and policy from here (one policy for every door).
         self.tokens: TokenCache | None = None
@@ -281,11 +300,6 @@ class MarketBroker(Broker):
         self._retained_topics = 0
         self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
         self._clock_tz = LocalClock()
-        # One node of several (issue 15): ticks go through the cluster's bus, which stamps the
-        # seq and hands every tick back (own ones too) to _deliver_stamped.
-        self.cluster: ClusterLink | None = None
-        if config.cluster.enabled:
-            self.cluster = ClusterLink(config.cluster, on_tick=self._cluster_tick)
         self._cluster_seq: dict[str, int] = {}  # topic -> last seq delivered from the bus
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
@@ -717,7 +731,12 @@ class MarketBroker(Broker):
                 )
                 return
             live = self._connections.get(client_id)
-            lease = self.hooks.on_lease(user, live.lease if live is not None else None)
+            lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
+            if self.cluster is not None and isinstance(lease, Lease):
+                refused = await self.cluster.claim(client_id, user, lease)
+                if refused is not None:
+                    await self.hooks.on_release(lease)
+                    lease = refused
             if isinstance(lease, Refused):
                 await self._refuse(writer, lease.code, lease.reason, lease.detail)
                 return
@@ -1024,7 +1043,9 @@ class MarketBroker(Broker):
             connection.expiry.cancel()
         if connection.replay is not None:
             connection.replay.cancel()
-        self.hooks.on_release(connection.lease)
+        await self.hooks.on_release(connection.lease)
+        if self.cluster is not None and isinstance(connection.lease, Lease):
+            await self.cluster.unclaim(client_id, connection.lease)
         session = connection.session
         registered = self._sessions.get(client_id, (None, None))[1] is connection.handler
         if session.transitions.is_connected() and registered:
@@ -1080,7 +1101,7 @@ class MarketBroker(Broker):
             if live is not None:
                 live.lease = lease  # acquired as its replacement: it stays that connection's
             else:
-                self.hooks.on_release(lease)
+                await self.hooks.on_release(lease)
             await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE, room.reason, f"{user!r}: {room.detail}")
             return False
         held.add(client_id)
@@ -1695,6 +1716,19 @@ class MarketBroker(Broker):
     def _cluster_published(self, future: asyncio.Future[int]) -> None:
         if not future.cancelled() and future.exception() is not None:
             self.stats.publishes_dropped["cluster_unavailable"] += 1
+
+    def _cluster_takeover(self, notice: TakeoverNotice) -> None:
+        """Another node took this client id over: close our connection holding that lease
+        (its session is saved on release; the other node resumes it from the shared store)."""
+        connection = self._connections.get(notice.client_id)
+        lease = None if connection is None else connection.lease
+        if connection is None or not isinstance(lease, Lease) or lease.id != notice.lease:
+            return  # gone already, or a newer connection of the id: not the one to close
+        log.info("client %s connected on node %s: closing it here", clip(notice.client_id), clip(notice.by))
+        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
+        task = asyncio.create_task(connection.handler.handle_connection_closed(), name="cluster-takeover")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
         """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""

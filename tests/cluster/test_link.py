@@ -14,7 +14,16 @@ import pytest
 from bridge.cluster import tickwire
 from bridge.core.tick import Tick
 from bridge.errors import ClusterUnavailable
-from tests.conftest import BrokerThread, Client, bridge_config, make_tick, unique
+from tests.conftest import (
+    DEADLINE_S,
+    BrokerThread,
+    Client,
+    bridge_config,
+    make_tick,
+    token_for,
+    unique,
+    wait_until,
+)
 from tests.redis_cluster import RedisCluster as RedisClusterProcesses
 
 pytestmark = pytest.mark.timeout(90)
@@ -34,9 +43,10 @@ def nodes(seeds: list[str]) -> Iterator[Callable[..., BrokerThread]]:
     """Broker nodes of one cluster (``nodes("a")``), stopped after the test."""
     with ExitStack() as stack:
 
-        def start(node_id: str, **cluster: Any) -> BrokerThread:
+        def start(node_id: str, *, limits: dict[str, Any] | None = None, **cluster: Any) -> BrokerThread:
             config = bridge_config(
-                cluster={"enabled": True, "node_id": node_id, "redis_cluster_nodes": seeds, **cluster}
+                cluster={"enabled": True, "node_id": node_id, "redis_cluster_nodes": seeds, **cluster},
+                **({"limits": limits} if limits else {}),
             )
             return stack.enter_context(BrokerThread(config))
 
@@ -46,6 +56,11 @@ def nodes(seeds: list[str]) -> Iterator[Callable[..., BrokerThread]]:
 def fresh_pair() -> str:
     """A pair no other test feeds (the shared snapshots outlive a test only until flushall)."""
     return unique("P").replace("-", "").upper() + "-ZAR"
+
+
+def leases(node: BrokerThread, user: str) -> int:
+    """``user``'s connections counted cluster-wide, as ``node`` last saw them (its heartbeat)."""
+    return node.call(lambda: node.broker.limits.count(user))
 
 
 def seqs(messages: list[Any]) -> list[int]:
@@ -170,3 +185,59 @@ def test_a_node_that_cannot_reach_redis_does_not_start() -> None:
             thread.__enter__()
     finally:
         thread.stop()
+
+
+def test_connection_limits_count_across_nodes(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    limits = {"max_connections_per_user": 2, "max_connections": 3}
+    a, b = nodes("a", limits=limits), nodes("b", limits=limits)
+    alice = unique("alice")
+    clients(a.tcp_port, username=alice, password=token_for(alice, "subscriber")).connect()
+    clients(
+        b.ws_port, transport="websockets", username=alice, password=token_for(alice, "subscriber")
+    ).connect()
+    third = clients(a.tcp_port, username=alice, password=token_for(alice, "subscriber"))
+    third.connect(expect=3)  # user_limit: 2 held, one on each node
+    clients(b.tcp_port).connect()
+    full = clients(a.tcp_port)
+    full.connect(expect=3)  # global_limit: 3 in the cluster
+    assert a.call(lambda: a.broker.stats.refusals["user_limit"]) == 1
+    assert a.call(lambda: a.broker.stats.refusals["global_limit"]) == 1
+
+
+def test_a_client_id_stays_its_users_cluster_wide(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    a, b = nodes("a"), nodes("b")
+    cid = unique("cid")
+    first = clients(a.tcp_port, client_id=cid)
+    first.connect()
+    first.close()
+    other = clients(b.tcp_port, client_id=cid)  # another user
+    other.connect(expect=5)
+    assert b.call(lambda: b.broker.stats.refusals["client_id_owned"]) == 1
+
+
+def test_the_same_client_id_on_another_node_takes_the_connection_over(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    a, b = nodes("a"), nodes("b")
+    user, cid = unique("bob"), unique("cid")
+    on_a = clients(a.tcp_port, client_id=cid, username=user, password=token_for(user, "subscriber"))
+    on_a.connect()
+    on_b = clients(
+        b.ws_port,
+        transport="websockets",
+        client_id=cid,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    on_b.connect()
+    assert on_a.disconnected.wait(DEADLINE_S), "node a did not close the taken-over connection"
+    on_a.close()  # no automatic reconnect taking it back
+    wait_until(lambda: a.call(lambda: len(a.broker.connection_list())) == 0, what="a released it")
+    assert [c["client_id"] for c in b.call(b.broker.connection_list)] == [cid]
+    assert not on_b.disconnected.is_set()
+    # The lease moved with the connection: one counted for the user, seen from either node.
+    wait_until(lambda: leases(a, user) == leases(b, user) == 1, what="one lease")
