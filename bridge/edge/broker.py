@@ -517,16 +517,7 @@ class MarketBroker(Broker):
             if record.client_id in gone or record.client_id in over:
                 await self.store.delete_session(record.client_id)
                 continue
-            handler, session = self.create_offline_session(record.client_id)
-            session.clean_session = False
-            context = context_of(session)
-            context.user = record.owner
-            context.disconnected_at = times[record.client_id]
-            self._sessions[record.client_id] = (session, handler)
-            self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
-            for topic_filter, qos in record.subscriptions.items():
-                # Re-checked against the owner's token when they reconnect.
-                await self.add_subscription((topic_filter, qos), session)
+            await self._materialise(record, times[record.client_id])
         unknown = [
             r.client_id for r in records if r.disconnected_at is None and r.client_id in self._sessions
         ]
@@ -545,6 +536,19 @@ class MarketBroker(Broker):
             )
         log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
         await self._reserve_seq(self.store, {s.topic: s.seq for s in snapshots})
+
+    async def _materialise(self, record: SessionRecord, disconnected_at: float) -> None:
+        """A stored persistent session, disconnected, with its subscriptions, in memory."""
+        handler, session = self.create_offline_session(record.client_id)
+        session.clean_session = False
+        context = context_of(session)
+        context.user = record.owner
+        context.disconnected_at = disconnected_at
+        self._sessions[record.client_id] = (session, handler)
+        self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
+        for topic_filter, qos in record.subscriptions.items():
+            # Re-checked against the owner's token when they reconnect.
+            await self.add_subscription((topic_filter, qos), session)
 
     async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None:
         """Continue each topic's seq after anything an earlier run may have sent, and reserve
@@ -730,6 +734,8 @@ class MarketBroker(Broker):
                     f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
+            if self.cluster is not None and not incoming.clean_session and client_id not in self._sessions:
+                await self._load_shared_session(user, client_id)
             live = self._connections.get(client_id)
             lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
             if self.cluster is not None and isinstance(lease, Lease):
@@ -1725,10 +1731,39 @@ class MarketBroker(Broker):
         if connection is None or not isinstance(lease, Lease) or lease.id != notice.lease:
             return  # gone already, or a newer connection of the id: not the one to close
         log.info("client %s connected on node %s: closing it here", clip(notice.client_id), clip(notice.by))
-        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
-        task = asyncio.create_task(connection.handler.handle_connection_closed(), name="cluster-takeover")
+        task = asyncio.create_task(self._hand_over(connection), name="cluster-takeover")
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+    async def _hand_over(self, connection: _Connection) -> None:
+        """Close a connection another node took over and forget its session here: the other
+        node resumed it from the shared store, which this node must no longer write to."""
+        session = connection.session
+        # Marked as left already, so the release does not save it over the new holder's record.
+        context_of(session).disconnected_at = self._clock()
+        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
+        await connection.handler.handle_connection_closed()
+        try:
+            await asyncio.wait_for(connection.done.wait(), self.bridge_config.broker.takeover_timeout_s)
+        except TimeoutError:
+            await self._release(connection)
+        stored = self._sessions.get(connection.client_id)
+        if stored is not None and stored[0] is session and not session.clean_session:
+            await self._delete_session(connection.client_id)
+
+    async def _load_shared_session(self, user: str, client_id: str) -> None:
+        """A persistent session another node held (the store is shared): resumed here with its
+        subscriptions, its offline queue being the shared store's already."""
+        assert self.store is not None
+        try:
+            records = await self.store.user_sessions(user)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store: could not load the sessions of %s: %s", clip(user), exc, extra=STORE)
+            return
+        for record in records:
+            if record.client_id == client_id and client_id not in self._sessions:
+                await self._materialise(record, record.disconnected_at or self._clock())
 
     def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
         """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""

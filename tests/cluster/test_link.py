@@ -43,10 +43,17 @@ def nodes(seeds: list[str]) -> Iterator[Callable[..., BrokerThread]]:
     """Broker nodes of one cluster (``nodes("a")``), stopped after the test."""
     with ExitStack() as stack:
 
-        def start(node_id: str, *, limits: dict[str, Any] | None = None, **cluster: Any) -> BrokerThread:
+        def start(
+            node_id: str, *, limits: dict[str, Any] | None = None, store: str | None = None, **cluster: Any
+        ) -> BrokerThread:
+            extra: dict[str, Any] = {}
+            if limits:
+                extra["limits"] = limits
+            if store:
+                extra["store"] = {"redis_url": store}
             config = bridge_config(
                 cluster={"enabled": True, "node_id": node_id, "redis_cluster_nodes": seeds, **cluster},
-                **({"limits": limits} if limits else {}),
+                **extra,
             )
             return stack.enter_context(BrokerThread(config))
 
@@ -241,3 +248,65 @@ def test_the_same_client_id_on_another_node_takes_the_connection_over(
     assert not on_b.disconnected.is_set()
     # The lease moved with the connection: one counted for the user, seen from either node.
     wait_until(lambda: leases(a, user) == leases(b, user) == 1, what="one lease")
+
+
+def test_a_persistent_session_moves_to_another_node_with_its_backlog(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    """The store is the shared Redis: B resumes A's session (subscriptions, offline queue)."""
+    a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
+    user, cid = unique("carol"), unique("phone")
+    phone = clients(
+        a.tcp_port, client_id=cid, clean_session=False, username=user, password=token_for(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+    phone.close()
+    wait_until(
+        lambda: cid not in [c["client_id"] for c in a.call(a.broker.connection_list)], what="a saw it go"
+    )
+    assert a.run(a.broker.send_to_user(user, "alerts", b"while away")).stored is not None
+    again = clients(
+        b.ws_port,
+        transport="websockets",
+        client_id=cid,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    again.connect()
+    assert again.session_present
+    (backlog,) = again.expect(1)
+    assert (backlog.topic, backlog.payload) == (f"user/{user}/alerts", b"while away")
+    # Live on B now: B's own sends reach it at once, through the resumed subscription.
+    assert b.run(b.broker.send_to_user(user, "alerts", b"live")).delivered == 1
+    assert again.expect(1)[0].payload == b"live"
+
+
+def test_a_takeover_across_nodes_keeps_the_session(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
+    user, cid = unique("dave"), unique("phone")
+
+    def phone(node: BrokerThread) -> Client:
+        return clients(
+            node.tcp_port,
+            client_id=cid,
+            clean_session=False,
+            username=user,
+            password=token_for(user, "subscriber"),
+        )
+
+    first = phone(a)
+    first.connect()
+    assert first.subscribe(f"user/{user}/#", qos=1) == [1]
+    second = phone(b)
+    second.connect()
+    assert second.session_present
+    assert first.disconnected.wait(DEADLINE_S)
+    first.close()
+    # A forgot it (the session is B's now); B delivers to it.
+    wait_until(lambda: a.call(lambda: cid in a.broker._sessions) is False, what="a forgot the session")
+    assert b.run(b.broker.send_to_user(user, "alerts", b"after takeover")).delivered == 1
+    assert second.expect(1)[0].payload == b"after takeover"
