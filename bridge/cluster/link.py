@@ -121,11 +121,13 @@ class ClusterLink:
 
     async def stop(self) -> None:
         self._started = False
-        await self.bus.stop()
-        await self.control.stop()
-        await self.limits.stop()
-        await self.registry.stop()
-        await self.backbone.aclose()
+        # Each part stops whatever the others did: a node must stop even when Redis is gone.
+        steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:  # logged; the next part still stops
+                log.warning("cluster node %s: %s on stop: %s", self.node_id, type(exc).__name__, exc)
 
     async def claim(self, client_id: str, user: str, lease: Lease) -> Refused | None:
         """Make this connection the client id's holder cluster-wide; another node holding it

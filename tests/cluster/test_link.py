@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.cluster import tickwire
+from bridge.cluster.local import RedisCluster as RedisClusterProcesses
 from bridge.core.tick import Tick
 from bridge.errors import ClusterUnavailable
 from tests.conftest import (
@@ -24,7 +25,6 @@ from tests.conftest import (
     unique,
     wait_until,
 )
-from tests.redis_cluster import RedisCluster as RedisClusterProcesses
 
 pytestmark = pytest.mark.timeout(90)
 
