@@ -17,14 +17,18 @@ the request), no amqtt.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
-from bridge.cluster.limits import AsyncConnectionLimits
 from bridge.core.connect import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
 from bridge.core.hooks import Admitted, ConnectRequest, Principal, Refused
 from bridge.errors import AuthError, ClusterUnavailable
 from bridge.limits import Lease, LimitRefusal
 from bridge.logs import clip
 from bridge.token_cache import TokenCache
+
+if TYPE_CHECKING:  # the protocol only: the plugins load no Redis client
+    from bridge.cluster.limits import AsyncConnectionLimits
 
 __all__ = ["AllowAll", "JwtAuth"]
 

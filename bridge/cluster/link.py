@@ -44,6 +44,9 @@ __all__ = ["ClusterLink", "OnTick"]
 
 log = logging.getLogger(__name__)
 
+# The longest one part of the link may take to stop.
+STOP_STEP_S = 3.0
+
 OnTick = Callable[[str, int, tickwire.BusTick], None]
 
 
@@ -121,12 +124,24 @@ class ClusterLink:
 
     async def stop(self) -> None:
         self._started = False
-        # Each part stops whatever the others did: a node must stop even when Redis is gone.
+        # Each part stops whatever the others did, each within STOP_STEP_S: a node must stop
+        # even when Redis is gone (a subscriber stuck closing a dead shard's connection is
+        # left behind rather than holding the whole shutdown).
         steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
         for step in steps:
-            try:
-                await step()
-            except Exception as exc:  # logged; the next part still stops
+            task = asyncio.ensure_future(step())
+            done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
+            if not done:
+                task.cancel()
+                log.warning(
+                    "cluster node %s: %s did not finish within %g s",
+                    self.node_id,
+                    step.__qualname__,
+                    STOP_STEP_S,
+                )
+                continue
+            exc = task.exception()
+            if exc is not None:  # logged; the next part still stops
                 log.warning("cluster node %s: %s on stop: %s", self.node_id, type(exc).__name__, exc)
 
     async def claim(self, client_id: str, user: str, lease: Lease) -> Refused | None:
