@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit unit-uvloop bench bench-cluster clean
+.PHONY: install demo cluster-demo test lint typecheck unit unit-uvloop bench bench-cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/market-bridge demo
+
+# A local Redis Cluster (3 masters + 3 replicas), three broker nodes, the simulator on node 1.
+cluster-demo: $(STAMP)
+	$(BIN)/python -m bridge.cluster.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -45,7 +45,7 @@ from redis.asyncio.cluster import ClusterNode
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.bus import Batch, TickBus
-from tests.redis_cluster import RedisCluster as ClusterProcesses
+from bridge.cluster.local import RedisCluster as ClusterProcesses
 
 PARTITIONS = 16
 IN_FLIGHT = 8  # saturate: loop steps published ahead of their seqs

@@ -3,8 +3,8 @@
 - ``GET /healthz``: the process is alive (200).
 - ``GET /readyz``: 200 when listeners are up and the store answers; 503 with the reason
   otherwise: the store does not answer within ``store.quick_timeout_s``, or refused a call
-  in the last 30 s (a full disk, Redis over ``maxmemory``), and from the first moment of a
-  graceful stop.
+  in the last 30 s (a full disk, Redis over ``maxmemory``), a cluster node cannot reach
+  its Redis (bridge/cluster/node.py), and from the first moment of a graceful stop.
 - ``GET /metrics``: Prometheus text (bridge/metrics.py).
 - ``/admin/...``: an ``admin``-role JWT as ``Authorization: Bearer <token>``, checked with
   the broker's own keys; no/invalid token 401, another role 403. OpenAPI at ``/openapi.json``
@@ -34,7 +34,7 @@ from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.config import redacted
 from bridge.core.store import Priority, StoreError
 from bridge.edge.broker import MarketBroker
-from bridge.errors import ListenerError, MessageError
+from bridge.errors import ClusterUnavailable, ListenerError, MessageError
 from bridge.metrics import MetricsRegistry
 
 __all__ = ["HttpServer", "build_app"]
@@ -141,6 +141,10 @@ def build_app(broker: MarketBroker) -> FastAPI:
             reason = "listeners are not up"
         elif broker.store is None:
             reason = "store is not open"
+        elif broker.cluster is not None and not broker.cluster.ready:
+            # Not ready while Redis cannot be reached: new connections go to other nodes (the
+            # limits fail closed anyway); the ones here keep their local subscribers.
+            reason = f"cluster: {broker.cluster.unready_reason}"
         else:
             try:
                 await broker.store.ping()  # within store.quick_timeout_s
@@ -172,6 +176,7 @@ def build_app(broker: MarketBroker) -> FastAPI:
             "refusals": dict(broker.stats.refusals),
             "token_expiries": broker.stats.token_expiries,
             "connections": broker.connection_list(),
+            **(await _cluster_view(broker)),
         }
 
     @app.get("/admin/users/{user}/subscriptions", tags=["admin"])
@@ -304,3 +309,17 @@ class HttpServer:
             await self._task
         if self._socket is not None:
             self._socket.close()
+
+
+async def _cluster_view(broker: MarketBroker) -> dict[str, Any]:
+    """In a cluster, ``total`` and ``per_user`` are cluster-wide (the limits' view, at most
+    ``lease_ttl_s / 3`` old) and ``connections`` this node's; which node answered, and the
+    live nodes, say where to look for the others."""
+    cluster = broker.cluster
+    if cluster is None:
+        return {}
+    try:
+        nodes: list[str] | None = await cluster.registry.live_nodes()
+    except ClusterUnavailable:
+        nodes = None
+    return {"node": cluster.node_id, "cluster_nodes": nodes}

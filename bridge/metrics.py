@@ -2,12 +2,14 @@
 
 A custom collector reads :class:`~bridge.stats.BrokerStats` when ``/metrics`` is fetched,
 so nothing is done per message for metrics. Each broker gets its own registry (several
-brokers in one process, as in tests, never collide).
+brokers in one process, as in tests, never collide). A node of a cluster labels every sample
+with ``node`` (its id) and adds the ``mb_cluster_*`` families; a single node is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -19,6 +21,7 @@ from prometheus_client.registry import Collector
 from bridge.stats import Histogram
 
 if TYPE_CHECKING:
+    from bridge.cluster.link import ClusterLink
     from bridge.edge.broker import MarketBroker
 
 __all__ = ["LoopLagMonitor", "MetricsRegistry"]
@@ -154,13 +157,66 @@ class _BrokerCollector(Collector):
         )
 
 
+class _ClusterCollector(Collector):
+    """One node of a cluster: its bus, limits and readiness, every sample of the broker's own
+    families labelled with the node id (one scrape config for every node)."""
+
+    def __init__(self, broker: MarketBroker, cluster: ClusterLink, inner: Collector) -> None:
+        self._broker = broker
+        self._cluster = cluster
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        node = self._cluster.node_id
+        for family in itertools.chain(self._inner.collect(), self._own()):
+            family.samples = [s._replace(labels={**s.labels, "node": node}) for s in family.samples]
+            yield family
+
+    def _own(self) -> Iterator[Metric]:
+        cluster = self._cluster
+        bus = cluster.bus.stats
+        yield GaugeMetricFamily(
+            "mb_cluster_ready", "Redis reachable and every channel subscribed", value=int(cluster.ready)
+        )
+        ticks = CounterMetricFamily("mb_cluster_ticks", "Ticks through the cluster bus", labels=["event"])
+        ticks.add_metric(["published"], bus.ticks_published)
+        ticks.add_metric(["delivered"], bus.entries_delivered)
+        ticks.add_metric(["stale_dropped"], bus.stale_dropped)
+        ticks.add_metric(["refused_full"], bus.refused_full)
+        ticks.add_metric(["malformed"], cluster.bad_ticks)
+        yield ticks
+        batches = CounterMetricFamily(
+            "mb_cluster_batches", "Bus batches (one Redis script each when published)", labels=["event"]
+        )
+        batches.add_metric(["published"], bus.batches_published)
+        batches.add_metric(["received"], bus.batches_received)
+        batches.add_metric(["publish_errors"], bus.publish_errors)
+        yield batches
+        yield CounterMetricFamily(
+            "mb_cluster_resubscribes", "Sharded pub/sub resubscriptions", value=cluster.bus.resubscribes
+        )
+        yield GaugeMetricFamily(
+            "mb_cluster_connections",
+            "Connections counted cluster-wide (last heartbeat)",
+            value=cluster.limits.total,
+        )
+        yield CounterMetricFamily(
+            "mb_cluster_takeovers_sent",
+            "Client ids taken over from another node",
+            value=cluster.takeovers_sent,
+        )
+
+
 class MetricsRegistry:
     """The broker's metrics: ``render()`` gives Prometheus text for ``/metrics``."""
 
     def __init__(self, broker: MarketBroker) -> None:
         self.lag = LoopLagMonitor()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_BrokerCollector(broker, self.lag))
+        collector: Collector = _BrokerCollector(broker, self.lag)
+        if broker.cluster is not None:
+            collector = _ClusterCollector(broker, broker.cluster, collector)
+        self.registry.register(collector)
         self.started = time.time()
 
     def render(self) -> bytes:

@@ -4,8 +4,9 @@ publish, and how many connections each user and the broker may hold.
 A thin adapter over pure code: the token decision is :class:`~bridge.token_cache.TokenCache`
 (:func:`bridge.auth.decide_auth`, a token verified once is remembered until its ``exp``), the
 permissions :func:`bridge.acl.acl_for`, the will :func:`bridge.acl.will_refusal`, and the
-accounting :class:`~bridge.limits.ConnectionLimits`. No I/O, no clock (``now`` arrives in the
-request), no amqtt.
+accounting an :class:`~bridge.cluster.limits.AsyncConnectionLimits` (this node's counts, or the
+cluster's in Redis: the lease hooks await it). No I/O of its own, no clock (``now`` arrives in
+the request), no amqtt.
 
 - :class:`JwtAuth`: the token is the MQTT password and the username must be its ``sub``.
   A missing token is CONNACK 4 (bad user name or password), any other refusal CONNACK 5 (not
@@ -16,13 +17,18 @@ request), no amqtt.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
 from bridge.core.connect import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
 from bridge.core.hooks import Admitted, ConnectRequest, Principal, Refused
-from bridge.errors import AuthError
-from bridge.limits import ConnectionLimits, Lease, LimitRefusal
+from bridge.errors import AuthError, ClusterUnavailable
+from bridge.limits import Lease, LimitRefusal
 from bridge.logs import clip
 from bridge.token_cache import TokenCache
+
+if TYPE_CHECKING:  # the protocol only: the plugins load no Redis client
+    from bridge.cluster.limits import AsyncConnectionLimits
 
 __all__ = ["AllowAll", "JwtAuth"]
 
@@ -30,21 +36,28 @@ _REFUSE = 0x80  # SUBACK failure
 
 
 class _Limits:
-    """The lease hooks over a :class:`ConnectionLimits` (per user and global counts)."""
+    """The lease hooks over connection limits (per user and global counts): this node's
+    (:class:`~bridge.cluster.limits.LocalAsyncLimits`) or the cluster's, counted in Redis."""
 
-    def __init__(self, limits: ConnectionLimits, *, max_topic_bytes: int) -> None:
+    def __init__(self, limits: AsyncConnectionLimits, *, max_topic_bytes: int) -> None:
         self.limits = limits
         self.max_topic_bytes = max_topic_bytes
 
-    def on_lease(self, user: str, replacing: object | None) -> Lease | Refused:
-        lease = self.limits.acquire(user, replacing=replacing if isinstance(replacing, Lease) else None)
+    async def on_lease(self, user: str, replacing: object | None) -> Lease | Refused:
+        try:
+            lease = await self.limits.acquire(
+                user, replacing=replacing if isinstance(replacing, Lease) else None
+            )
+        except ClusterUnavailable as exc:
+            # Fail closed: a node that cannot count cluster-wide admits nobody.
+            return Refused(CONNACK_SERVER_UNAVAILABLE, "cluster_unavailable", f"{clip(user)}: {exc}")
         if isinstance(lease, LimitRefusal):
             return Refused(CONNACK_SERVER_UNAVAILABLE, lease.reason, f"{clip(user)}: {lease.detail}")
         return lease
 
-    def on_release(self, lease: object) -> None:
+    async def on_release(self, lease: object) -> None:
         if isinstance(lease, Lease):
-            self.limits.release(lease)
+            await self.limits.release(lease)
 
     def _will(self, request: ConnectRequest, acl: Acl) -> Refused | None:
         will = request.will
@@ -61,7 +74,7 @@ class _Limits:
 class JwtAuth(_Limits):
     """CONNECT by JWT, SUBSCRIBE and PUBLISH by the token's ACL, connection limits."""
 
-    def __init__(self, tokens: TokenCache, limits: ConnectionLimits, *, max_topic_bytes: int) -> None:
+    def __init__(self, tokens: TokenCache, limits: AsyncConnectionLimits, *, max_topic_bytes: int) -> None:
         super().__init__(limits, max_topic_bytes=max_topic_bytes)
         self.tokens = tokens
 

@@ -80,6 +80,37 @@ def test_readyz_follows_redis_going_away_and_coming_back(tmp_path: Path) -> None
         redis.stop()
 
 
+def test_a_cluster_node_is_unready_while_its_redis_is_not_answering(tmp_path: Path) -> None:
+    """The cluster's Redis here is one server (sharded pub/sub works there too), paused."""
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    config = bridge_config(
+        cluster={"enabled": True, "node_id": "n7", "redis_url": redis.url, "lease_ttl_s": 3}
+    )
+    try:
+        with (
+            BrokerThread(config, http=True) as running,
+            httpx.Client(base_url=running.http_url, timeout=10) as http,
+        ):
+            assert http.get("/readyz").status_code == 200
+            metrics = http.get("/metrics").text
+            assert _metric(metrics, "mb_cluster_ready", node="n7") == 1
+            assert 'mb_connections{node="n7"}' in metrics  # every family labelled with the node
+            admin = http.get("/admin/connections", headers=_admin()).json()
+            assert (admin["node"], admin["cluster_nodes"]) == ("n7", ["n7"])
+            with redis.paused():
+                wait_until(lambda: http.get("/readyz").status_code == 503, what="unready", timeout=20)
+                assert http.get("/readyz").json()["reason"].startswith("cluster: ")
+                sub = Client(running.tcp_port, username="u1", password=token_for("u1", "subscriber"))
+                try:
+                    sub.connect(expect=3)  # fail closed: nobody is admitted uncounted
+                finally:
+                    sub.close()
+            wait_until(lambda: http.get("/readyz").status_code == 200, what="ready again", timeout=20)
+    finally:
+        redis.stop()
+
+
 def test_readyz_and_admin_api_answer_in_time_while_redis_is_hung(
     tmp_path: Path, clients: ClientFactory
 ) -> None:

@@ -62,7 +62,7 @@ from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import ShardedSubscriber
 from bridge.errors import ClusterMessageError, ClusterUnavailable
-from bridge.limits import Lease, LimitRefusal, LocalConnectionLimits
+from bridge.limits import ConnectionLimits, Lease, LimitRefusal
 from bridge.logs import clip
 
 __all__ = [
@@ -153,7 +153,7 @@ class AsyncConnectionLimits(Protocol):
 class LocalAsyncLimits:
     """The single-node limiter in the async shape (no I/O; answers at once)."""
 
-    def __init__(self, limits: LocalConnectionLimits) -> None:
+    def __init__(self, limits: ConnectionLimits) -> None:
         self.local = limits
 
     async def acquire(self, user: str, *, replacing: Lease | None = None) -> Lease | LimitRefusal:

@@ -113,15 +113,16 @@ class OnDeliver(Protocol):
 
 @runtime_checkable
 class OnLease(Protocol):
-    def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
+    async def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
         """Count a connection of ``user`` about to go live: a lease (opaque, given back to
         ``on_release``), a refusal, or None (this plugin holds no limits). ``replacing`` is
-        the lease of the live connection it takes over, if any."""
+        the lease of the live connection it takes over, if any. A coroutine: cluster-wide
+        limits ask Redis (bridge.cluster.limits); a local limiter answers without waiting."""
 
 
 @runtime_checkable
 class OnRelease(Protocol):
-    def on_release(self, lease: object) -> None:
+    async def on_release(self, lease: object) -> None:
         """The connection holding ``lease`` is gone (called once or more: must be idempotent)."""
 
 
@@ -194,16 +195,16 @@ class Hooks:
             payload = plugin.on_deliver(payload, zone, topic)
         return payload
 
-    def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
+    async def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
         """The first plugin that holds limits decides (one lease per connection)."""
         for plugin in self.lease:
-            decision = plugin.on_lease(user, replacing)
+            decision = await plugin.on_lease(user, replacing)
             if decision is not None:
                 return decision
         return None
 
-    def on_release(self, lease: object | None) -> None:
+    async def on_release(self, lease: object | None) -> None:
         if lease is None:
             return
         for plugin in self.release:
-            plugin.on_release(lease)
+            await plugin.on_release(lease)

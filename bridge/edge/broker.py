@@ -61,6 +61,9 @@ from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import Claims, TokenPolicy
+from bridge.cluster import tickwire
+from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
+from bridge.cluster.link import ClusterLink
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import (
     CONNACK_NOT_AUTHORIZED,
@@ -112,9 +115,16 @@ from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
 from bridge.edge.user_inbound import UserInbound
 from bridge.edge.ws_connection import WsListener
-from bridge.errors import ListenerError, MarketBridgeError, MessageError, ProtocolError, TickError
+from bridge.errors import (
+    ClusterUnavailable,
+    ListenerError,
+    MarketBridgeError,
+    MessageError,
+    ProtocolError,
+    TickError,
+)
 from bridge.keys import load_keyring
-from bridge.limits import ConnectionLimits, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
+from bridge.limits import ConnectionLimits, Lease, LocalConnectionLimits, SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, STORE, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter
@@ -193,9 +203,27 @@ class MarketBroker(Broker):
         self.mailbox: Mailbox | None = None  # on the store, once it is open
         self._clock = clock
         auth = config.auth
-        self.limits: ConnectionLimits = limits or LocalConnectionLimits(
-            config.limits.max_connections_per_user, config.limits.max_connections
-        )
+        # One node of several (issue 15): ticks go through the cluster's bus, which stamps the
+        # seq and hands every tick back (own ones too) to _cluster_tick; connections are
+        # counted and client ids owned cluster-wide.
+        self.cluster: ClusterLink | None = None
+        self.limits: AsyncConnectionLimits
+        if config.cluster.enabled:
+            self.cluster = ClusterLink(
+                config.cluster,
+                on_tick=self._cluster_tick,
+                on_takeover=self._cluster_takeover,
+                max_per_user=config.limits.max_connections_per_user,
+                max_total=config.limits.max_connections,
+            )
+            self.limits = self.cluster.limits
+        else:
+            self.limits = LocalAsyncLimits(
+                limits
+                or LocalConnectionLimits(
+                    config.limits.max_connections_per_user, config.limits.max_connections
+                )
+            )
         # One per broker, bound to its keys and policy: a reconnect verifies a token once.
         # The admin API reads its keys and policy from here (one policy for every door).
         self.tokens: TokenCache | None = None
@@ -273,6 +301,7 @@ class MarketBroker(Broker):
         self._retained_topics = 0
         self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
         self._clock_tz = LocalClock()
+        self._cluster_seq: dict[str, int] = {}  # topic -> last seq delivered from the bus
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
         if isinstance(store, GuardedStore):
@@ -328,6 +357,8 @@ class MarketBroker(Broker):
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         if self.mailbox is not None:
             await self.mailbox.settle()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self._close_store()
         flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
@@ -433,6 +464,8 @@ class MarketBroker(Broker):
             self.store, window=self.bridge_config.store.replay_window, clock=self._clock, stats=self.stats
         )
         await self._restore()
+        if self.cluster is not None:
+            await self._join_cluster(self.cluster)
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)
         self._snapshot_task = asyncio.create_task(self._snapshots.run(), name="snapshot-writer")
         self._reserver = SeqReserver(self.store, self._sequencer, clock=self._clock)
@@ -485,16 +518,7 @@ class MarketBroker(Broker):
             if record.client_id in gone or record.client_id in over:
                 await self.store.delete_session(record.client_id)
                 continue
-            handler, session = self.create_offline_session(record.client_id)
-            session.clean_session = False
-            context = context_of(session)
-            context.user = record.owner
-            context.disconnected_at = times[record.client_id]
-            self._sessions[record.client_id] = (session, handler)
-            self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
-            for topic_filter, qos in record.subscriptions.items():
-                # Re-checked against the owner's token when they reconnect.
-                await self.add_subscription((topic_filter, qos), session)
+            await self._materialise(record, times[record.client_id])
         unknown = [
             r.client_id for r in records if r.disconnected_at is None and r.client_id in self._sessions
         ]
@@ -513,6 +537,19 @@ class MarketBroker(Broker):
             )
         log.info("restored %d sessions and %d snapshots", len(self._sessions), len(self._retained_messages))
         await self._reserve_seq(self.store, {s.topic: s.seq for s in snapshots})
+
+    async def _materialise(self, record: SessionRecord, disconnected_at: float) -> None:
+        """A stored persistent session, disconnected, with its subscriptions, in memory."""
+        handler, session = self.create_offline_session(record.client_id)
+        session.clean_session = False
+        context = context_of(session)
+        context.user = record.owner
+        context.disconnected_at = disconnected_at
+        self._sessions[record.client_id] = (session, handler)
+        self._user_sessions.setdefault(record.owner, set()).add(record.client_id)
+        for topic_filter, qos in record.subscriptions.items():
+            # Re-checked against the owner's token when they reconnect.
+            await self.add_subscription((topic_filter, qos), session)
 
     async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None:
         """Continue each topic's seq after anything an earlier run may have sent, and reserve
@@ -698,8 +735,15 @@ class MarketBroker(Broker):
                     f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
+            if self.cluster is not None and not incoming.clean_session and client_id not in self._sessions:
+                await self._load_shared_session(user, client_id)
             live = self._connections.get(client_id)
-            lease = self.hooks.on_lease(user, live.lease if live is not None else None)
+            lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
+            if self.cluster is not None and isinstance(lease, Lease):
+                refused = await self.cluster.claim(client_id, user, lease)
+                if refused is not None:
+                    await self.hooks.on_release(lease)
+                    lease = refused
             if isinstance(lease, Refused):
                 await self._refuse(writer, lease.code, lease.reason, lease.detail)
                 return
@@ -1007,7 +1051,9 @@ class MarketBroker(Broker):
             connection.expiry.cancel()
         if connection.replay is not None:
             connection.replay.cancel()
-        self.hooks.on_release(connection.lease)
+        await self.hooks.on_release(connection.lease)
+        if self.cluster is not None and isinstance(connection.lease, Lease):
+            await self.cluster.unclaim(client_id, connection.lease)
         session = connection.session
         registered = self._sessions.get(client_id, (None, None))[1] is connection.handler
         if session.transitions.is_connected() and registered:
@@ -1063,7 +1109,7 @@ class MarketBroker(Broker):
             if live is not None:
                 live.lease = lease  # acquired as its replacement: it stays that connection's
             else:
-                self.hooks.on_release(lease)
+                await self.hooks.on_release(lease)
             await self._refuse(writer, CONNACK_SERVER_UNAVAILABLE, room.reason, f"{user!r}: {room.detail}")
             return False
         held.add(client_id)
@@ -1662,7 +1708,12 @@ class MarketBroker(Broker):
     async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick:
         """Sequence, snapshot and fan out a validated tick; returns it as sent (``seq`` 0: dropped,
         no number could be given safely)."""
-        return tick.with_seq(self._publish_tick_now(tick, qos))
+        if self.cluster is None:
+            return tick.with_seq(self._publish_tick_now(tick, qos))
+        try:
+            return tick.with_seq(await self._to_cluster(self.cluster, tick, qos))
+        except ClusterUnavailable:
+            return tick.with_seq(0)  # counted by _to_cluster's callback
 
     def _remember(self, topic: str, data: bytes, seq: int) -> None:
         self.stats.ticks_accepted += 1
@@ -1681,16 +1732,25 @@ class MarketBroker(Broker):
         Returns the seq, or 0 when the tick was dropped: no number is safe to give (past its
         reservation faster than bridge.core.sequencer.OVERRUN_PER_S while the store is down).
         """
+        if self.cluster is not None:
+            self._to_cluster(self.cluster, tick, qos)
+            return -1
         started = time.perf_counter()
         topic = tick.topic
         seq = self._sequencer.next(topic)
         if not seq:
             self.stats.publishes_dropped["seq_unreserved"] += 1
             return 0
-        head = tick.wire_head()
         second, ms = LocalClock.split(tick.ts)
+        self._deliver_stamped(topic, seq, tick.wire_head(), second, ms, qos, started)
+        return seq
+
+    def _deliver_stamped(
+        self, topic: str, seq: int, head: bytes, second: int, ms: int, qos: int, started: float
+    ) -> None:
+        """Snapshot and fan out a tick with its seq (this node's, or the cluster's)."""
         ts = self._clock_tz.utc_at(second, ms)
-        tail = tick.wire_tail(seq)
+        tail = tickwire.wire_tail(seq)
         data = b"".join((head, b'"ts":"', ts.encode(), tail))
         self._remember(topic, data, seq)
         parts = self._tick_parts[topic] = TickParts(data, head, ts, tail, second, ms)
@@ -1705,11 +1765,85 @@ class MarketBroker(Broker):
         sent = self._fanout.deliver(topic, qos, localize)
         self._retained_variants[topic] = (data, variants)
         if not sent:
-            return seq
+            return
         self.stats.deliveries += sent
         self.stats.messages_out["market"] += sent
         self.stats.fanout_seconds.observe(time.perf_counter() - started)
-        return seq
+
+    # ------------------------------------------------------------------ cluster (issue 15)
+
+    async def _join_cluster(self, cluster: ClusterLink) -> None:
+        """Join before the listeners open; the shared snapshots replace the local store's
+        (the cluster's are the newest), unless the bus delivered a newer tick meanwhile."""
+        for topic, seq, parts in await cluster.start():
+            if seq <= self._cluster_seq.get(topic, 0):
+                continue
+            self._cluster_seq[topic] = seq
+            ts = self._clock_tz.utc_at(parts.second, parts.ms)
+            tail = tickwire.wire_tail(seq)
+            data = b"".join((parts.head, b'"ts":"', ts.encode(), tail))
+            if topic not in self._retained_messages:
+                self._retained_topics += 1
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, QOS_0)
+            self._retained_version += 1
+            self._tick_parts[topic] = TickParts(data, parts.head, ts, tail, parts.second, parts.ms)
+
+    def _to_cluster(self, cluster: ClusterLink, tick: Tick, qos: int) -> asyncio.Future[int]:
+        """Hand an accepted tick to the bus: it comes back stamped through _cluster_tick."""
+        future = cluster.publish(tick, qos)
+        future.add_done_callback(self._cluster_published)
+        return future
+
+    def _cluster_published(self, future: asyncio.Future[int]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.stats.publishes_dropped["cluster_unavailable"] += 1
+
+    def _cluster_takeover(self, notice: TakeoverNotice) -> None:
+        """Another node took this client id over: close our connection holding that lease
+        (its session is saved on release; the other node resumes it from the shared store)."""
+        connection = self._connections.get(notice.client_id)
+        lease = None if connection is None else connection.lease
+        if connection is None or not isinstance(lease, Lease) or lease.id != notice.lease:
+            return  # gone already, or a newer connection of the id: not the one to close
+        log.info("client %s connected on node %s: closing it here", clip(notice.client_id), clip(notice.by))
+        task = asyncio.create_task(self._hand_over(connection), name="cluster-takeover")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _hand_over(self, connection: _Connection) -> None:
+        """Close a connection another node took over and forget its session here: the other
+        node resumed it from the shared store, which this node must no longer write to."""
+        session = connection.session
+        # Marked as left already, so the release does not save it over the new holder's record.
+        context_of(session).disconnected_at = self._clock()
+        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
+        await connection.handler.handle_connection_closed()
+        try:
+            await asyncio.wait_for(connection.done.wait(), self.bridge_config.broker.takeover_timeout_s)
+        except TimeoutError:
+            await self._release(connection)
+        stored = self._sessions.get(connection.client_id)
+        if stored is not None and stored[0] is session and not session.clean_session:
+            await self._delete_session(connection.client_id)
+
+    async def _load_shared_session(self, user: str, client_id: str) -> None:
+        """A persistent session another node held (the store is shared): resumed here with its
+        subscriptions, its offline queue being the shared store's already."""
+        assert self.store is not None
+        try:
+            records = await self.store.user_sessions(user)
+        except StoreError as exc:
+            self.stats.store_errors += 1
+            log.error("store: could not load the sessions of %s: %s", clip(user), exc, extra=STORE)
+            return
+        for record in records:
+            if record.client_id == client_id and client_id not in self._sessions:
+                await self._materialise(record, record.disconnected_at or self._clock())
+
+    def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
+        """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""
+        self._cluster_seq[topic] = seq
+        self._deliver_stamped(topic, seq, parts.head, parts.second, parts.ms, parts.qos, time.perf_counter())
 
     def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes:
         """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from

@@ -7,10 +7,12 @@ from typing import Any
 import pytest
 
 from bridge.auth import KeyRing, SigningKey, TokenPolicy, VerificationKey, mint_token
+from bridge.cluster.limits import LocalAsyncLimits
 from bridge.core.connect import Will
 from bridge.core.context import ConnectionContext
 from bridge.core.hooks import Admitted, ConnectRequest, Hooks, Refused
-from bridge.limits import Lease, LocalConnectionLimits
+from bridge.errors import ClusterUnavailable
+from bridge.limits import Lease, LimitRefusal, LocalConnectionLimits
 from bridge.token_cache import TokenCache
 from broker_plugins.auth import AllowAll, JwtAuth
 from tests.conftest import make_tick
@@ -34,7 +36,9 @@ def request(
 def jwt_plugin(max_per_user: int = 2, max_total: int = 3) -> JwtAuth:
     keys = KeyRing((VerificationKey("k", SECRET, frozenset({"HS256"})),))
     cache = TokenCache(keys, TokenPolicy(leeway_s=0), max_entries=16)
-    return JwtAuth(cache, LocalConnectionLimits(max_per_user, max_total), max_topic_bytes=256)
+    return JwtAuth(
+        cache, LocalAsyncLimits(LocalConnectionLimits(max_per_user, max_total)), max_topic_bytes=256
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,41 +124,56 @@ def test_a_connection_without_our_acl_may_do_nothing() -> None:
     assert plugin.on_publish(ConnectionContext(), "market/luno/XBTZAR") is False
 
 
-def test_limits_per_user_then_global_and_takeover() -> None:
+async def test_limits_per_user_then_global_and_takeover() -> None:
     plugin = jwt_plugin(max_per_user=2, max_total=3)
-    first, second = plugin.on_lease("alice", None), plugin.on_lease("alice", None)
+    first, second = await plugin.on_lease("alice", None), await plugin.on_lease("alice", None)
     assert isinstance(first, Lease)
     assert isinstance(second, Lease)
-    refused = plugin.on_lease("alice", None)
+    refused = await plugin.on_lease("alice", None)
     assert isinstance(refused, Refused)
     assert (refused.code, refused.reason) == (3, "user_limit")
-    taken_over = plugin.on_lease("alice", first)  # a user at the limit can still reconnect
+    taken_over = await plugin.on_lease("alice", first)  # a user at the limit can still reconnect
     assert isinstance(taken_over, Lease)
-    plugin.on_release(first)  # late release of the taken-over connection: no slot freed
-    assert isinstance(plugin.on_lease("bob", None), Lease)
-    full = plugin.on_lease("carol", None)
+    await plugin.on_release(first)  # late release of the taken-over connection: no slot freed
+    assert isinstance(await plugin.on_lease("bob", None), Lease)
+    full = await plugin.on_lease("carol", None)
     assert isinstance(full, Refused)
     assert full.reason == "global_limit"
-    plugin.on_release(second)
-    plugin.on_release(second)  # idempotent
-    plugin.on_release("not a lease")
-    assert isinstance(plugin.on_lease("carol", None), Lease)
+    await plugin.on_release(second)
+    await plugin.on_release(second)  # idempotent
+    await plugin.on_release("not a lease")
+    assert isinstance(await plugin.on_lease("carol", None), Lease)
+
+
+class Unreachable(LocalAsyncLimits):
+    """Cluster limits whose Redis cannot be reached (what ClusterConnectionLimits raises)."""
+
+    async def acquire(self, user: str, *, replacing: Lease | None = None) -> Lease | LimitRefusal:
+        raise ClusterUnavailable("acquire", "ConnectionError: refused")
+
+
+async def test_limits_that_cannot_be_counted_refuse_the_connection() -> None:
+    """Fail closed: a node that cannot reach the cluster's counts admits nobody (CONNACK 3)."""
+    plugin = AllowAll(Unreachable(LocalConnectionLimits(1, 10)), max_topic_bytes=256)
+    refused = await plugin.on_lease("alice", None)
+    assert isinstance(refused, Refused)
+    assert (refused.code, refused.reason) == (3, "cluster_unavailable")
 
 
 @pytest.mark.parametrize(
     ("req", "user"),
     [(request(None), "alice"), (request(b"anything", username=None), "c1")],
 )
-def test_allow_all_admits_anyone(req: ConnectRequest, user: str) -> None:
-    plugin = AllowAll(LocalConnectionLimits(1, 10), max_topic_bytes=256)
+async def test_allow_all_admits_anyone(req: ConnectRequest, user: str) -> None:
+    plugin = AllowAll(LocalAsyncLimits(LocalConnectionLimits(1, 10)), max_topic_bytes=256)
     decision = plugin.on_connect(req)
     assert isinstance(decision, Admitted)
     assert decision.user == user
     assert decision.claims is None
     assert plugin.on_subscribe(decision, "#", 2) == 2
     assert plugin.on_publish(decision, "anything/at/all") is True
-    assert isinstance(plugin.on_lease(user, None), Lease)
-    assert isinstance(plugin.on_lease(user, None), Refused)
+    assert isinstance(await plugin.on_lease(user, None), Lease)
+    assert isinstance(await plugin.on_lease(user, None), Refused)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +186,7 @@ def test_allow_all_admits_anyone(req: ConnectRequest, user: str) -> None:
     ],
 )
 def test_allow_all_holds_the_will_to_the_publish_rules(will: Will, admitted: bool) -> None:
-    plugin = AllowAll(LocalConnectionLimits(1, 10), max_topic_bytes=256)
+    plugin = AllowAll(LocalAsyncLimits(LocalConnectionLimits(1, 10)), max_topic_bytes=256)
     assert isinstance(plugin.on_connect(request(None, will=will)), Admitted) is admitted
 
 

@@ -1,5 +1,5 @@
 """Fixtures for the cluster tests: one real local Redis Cluster per session (3 masters + 3
-replicas, tests/redis_cluster.py), emptied before each test; backbones that close themselves."""
+replicas, bridge/cluster/local.py), emptied before each test; backbones that close themselves."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 
 from bridge.cluster.backbone import Backbone
-from tests.redis_cluster import RedisCluster as RedisClusterProcesses
+from bridge.cluster.local import RedisCluster as RedisClusterProcesses
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
+from bridge.cluster.local import RedisCluster as RedisClusterProcesses
 from bridge.config import ClusterConfig
 from bridge.errors import ClusterUnavailable
-from tests.redis_cluster import RedisCluster as RedisClusterProcesses
 from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)

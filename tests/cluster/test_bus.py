@@ -23,9 +23,9 @@ from bridge.cluster.bus import (
     encode_batch,
     partition_of,
 )
+from bridge.cluster.local import RedisCluster as RedisClusterProcesses
 from bridge.errors import ClusterUnavailable
 from tests.cluster.conftest import eventually
-from tests.redis_cluster import RedisCluster as RedisClusterProcesses
 from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)

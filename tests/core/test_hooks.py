@@ -45,13 +45,13 @@ class Counting:
     def __init__(self) -> None:
         self.held: dict[str, object] = {}
 
-    def on_lease(self, user: str, replacing: object | None) -> object | Refused:
+    async def on_lease(self, user: str, replacing: object | None) -> object | Refused:
         if user in self.held and self.held[user] is not replacing:
             return Refused(3, "user_limit", f"{user} holds one")
         lease = self.held[user] = object()
         return lease
 
-    def on_release(self, lease: object) -> None:
+    async def on_release(self, lease: object) -> None:
         self.held = {user: held for user, held in self.held.items() if held is not lease}
 
 
@@ -103,25 +103,25 @@ def test_a_plugin_without_hooks_is_refused() -> None:
         Hooks([object()])
 
 
-def test_on_lease_first_holder_decides_and_release_frees() -> None:
+async def test_on_lease_first_holder_decides_and_release_frees() -> None:
     counting = Counting()
     hooks = Hooks([Abstain(), counting])
-    first = hooks.on_lease("alice", None)
+    first = await hooks.on_lease("alice", None)
     assert not isinstance(first, Refused)
     assert first is not None
-    assert hooks.on_lease("alice", None) == Refused(3, "user_limit", "alice holds one")
-    second = hooks.on_lease("alice", first)  # a takeover transfers the slot
+    assert await hooks.on_lease("alice", None) == Refused(3, "user_limit", "alice holds one")
+    second = await hooks.on_lease("alice", first)  # a takeover transfers the slot
     assert not isinstance(second, Refused)
     assert second is not first
-    hooks.on_release(first)  # the old connection's late release frees nothing
-    assert isinstance(hooks.on_lease("alice", None), Refused)
-    hooks.on_release(second)
-    hooks.on_release(None)
-    assert not isinstance(hooks.on_lease("alice", None), Refused)
+    await hooks.on_release(first)  # the old connection's late release frees nothing
+    assert isinstance(await hooks.on_lease("alice", None), Refused)
+    await hooks.on_release(second)
+    await hooks.on_release(None)
+    assert not isinstance(await hooks.on_lease("alice", None), Refused)
 
 
-def test_without_a_lease_plugin_nothing_is_counted() -> None:
-    assert Hooks([Yes()]).on_lease("alice", None) is None
+async def test_without_a_lease_plugin_nothing_is_counted() -> None:
+    assert await Hooks([Yes()]).on_lease("alice", None) is None
 
 
 class FastTick:

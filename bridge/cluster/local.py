@@ -1,5 +1,6 @@
-"""A real local Redis Cluster for tests: 3 masters + 3 replicas of ``redis-server
---cluster-enabled yes`` on free loopback ports, created with ``redis-cli --cluster create``.
+"""A real local Redis Cluster for tests and ``make cluster-demo``: 3 masters + 3 replicas of
+``redis-server --cluster-enabled yes`` on free loopback ports, created with ``redis-cli
+--cluster create``.
 
 Never a fake: slot ownership, MOVED, sharded pub/sub and failover are what is under test.
 ``failover()`` promotes a replica the clean way (``CLUSTER FAILOVER``); ``kill_master()``
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from bridge.errors import ClusterError
 
 __all__ = ["ClusterNodeProcess", "RedisCluster"]
 
@@ -126,7 +127,7 @@ class RedisCluster:
     def __init__(self, workdir: Path) -> None:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if server is None or cli is None:
-            pytest.fail("redis-server/redis-cli are not installed: apt-get install redis-server")
+            raise ClusterError("redis-server/redis-cli are not installed: apt-get install redis-server")
         self.server_binary, self.cli_binary = server, cli
         self.workdir = workdir
         taken: set[int] = set()
@@ -165,6 +166,8 @@ class RedisCluster:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C meant for the demo does not kill Redis under the nodes.
+            start_new_session=True,
         )
 
     def start(self) -> None:
@@ -204,7 +207,7 @@ class RedisCluster:
             except (OSError, RuntimeError):  # not up yet, or an error reply such as LOADING
                 pass
             time.sleep(0.05)
-        pytest.fail(f"redis cluster: {what} not reached within {deadline_s:g} s")
+        raise ClusterError(f"redis cluster: {what} not reached within {deadline_s:g} s")
 
     def _state_ok(self, node: ClusterNodeProcess) -> bool:
         return "cluster_state:ok" in node.text("CLUSTER", "INFO")

@@ -1,0 +1,191 @@
+"""A broker node's link to the cluster: what a node starts when ``cluster.enabled`` is true.
+
+It owns the backbone, the node registry, the cluster-wide connection limits with client-id
+ownership and this node's control channel, and the tick bus, in the start order of
+:mod:`bridge.cluster` (registry first, so an unreachable Redis fails the start; the bus
+subscribed before the shared snapshots are read, so no tick falls between the two: the broker
+keeps a snapshot only when nothing newer came on the bus meanwhile)::
+
+    link = ClusterLink(config.cluster, on_tick=deliver, on_takeover=close,  # deliver(topic, seq, BusTick)
+                       max_per_user=10, max_total=10_000)
+    snapshots = await link.start()   # [(topic, seq, BusTick)]: the cluster's retained ticks
+    link.publish(tick, qos)          # -> Future[int]: the cluster-wide seq
+    link.limits                      # AsyncConnectionLimits counted in Redis (the auth plugin's)
+    await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
+    await link.unclaim(client_id, lease)
+    link.ready                       # Redis reachable and every channel subscribed
+    await link.stop()
+
+``on_tick`` gets every tick to deliver on this node, the node's own included (the bus hands
+those back once stamped), so the broker delivers nothing locally on publish. Malformed
+entries are counted in ``bad_ticks`` and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from bridge.cluster import tickwire
+from bridge.cluster.backbone import Backbone, unavailable_as
+from bridge.cluster.bus import Batch, TickBus
+from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits, ControlListener, TakeoverNotice
+from bridge.cluster.node import NodeRegistry, default_node_id
+from bridge.config import ClusterConfig
+from bridge.core.connect import CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
+from bridge.core.hooks import Refused
+from bridge.core.tick import Tick
+from bridge.errors import ClusterUnavailable
+from bridge.limits import Lease
+from bridge.logs import clip
+
+__all__ = ["ClusterLink", "OnTick"]
+
+log = logging.getLogger(__name__)
+
+# The longest one part of the link may take to stop.
+STOP_STEP_S = 3.0
+
+OnTick = Callable[[str, int, tickwire.BusTick], None]
+
+
+class ClusterLink:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        on_tick: OnTick,
+        on_takeover: Callable[[TakeoverNotice], None],
+        max_per_user: int,
+        max_total: int,
+        backbone: Backbone | None = None,
+    ) -> None:
+        self.config = config
+        self.node_id = default_node_id(config.node_id)
+        self.backbone = backbone or Backbone.from_config(config)
+        self.registry = NodeRegistry(self.backbone, node_id=self.node_id, lease_ttl_s=config.lease_ttl_s)
+        self.limits = ClusterConnectionLimits(
+            self.backbone,
+            node_id=self.node_id,
+            max_per_user=max_per_user,
+            max_total=max_total,
+            lease_ttl_s=config.lease_ttl_s,
+        )
+        self.owners = ClientOwnership(self.backbone, node_id=self.node_id)
+        self.control = ControlListener(self.backbone, node_id=self.node_id, on_close=on_takeover)
+        self.bus = TickBus(
+            self.backbone, node_id=self.node_id, partitions=config.partitions, on_batch=self._batch
+        )
+        self._on_tick = on_tick
+        self.bad_ticks = 0
+        self.takeovers_sent = 0
+        self._started = False
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self.registry.ready and self.bus.ready and self.control.ready
+
+    @property
+    def unready_reason(self) -> str | None:
+        if self.ready:
+            return None
+        if not self.registry.ready:
+            return self.registry.unready_reason
+        return "not subscribed to every cluster channel"
+
+    async def start(self) -> list[tuple[str, int, tickwire.BusTick]]:
+        """Connect, register, read the shared snapshots, subscribe; raises
+        :class:`~bridge.errors.ClusterUnavailable` when Redis cannot be reached."""
+        try:
+            with unavailable_as("join the cluster"):
+                await self.backbone.connect()
+                await self.registry.start()
+                await self.limits.start()
+            await self.control.start()
+            await self.bus.start()
+            stored = await self.bus.ledger.snapshots(range(self.config.partitions))
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+        snapshots = []
+        for snapshot in stored:
+            parts = self._decoded(snapshot.topic, snapshot.payload)
+            if parts is not None:
+                snapshots.append((snapshot.topic, snapshot.seq, parts))
+        log.info(
+            "cluster node %s: joined (%d partitions, %d shared snapshots)",
+            self.node_id,
+            self.config.partitions,
+            len(snapshots),
+        )
+        return snapshots
+
+    async def stop(self) -> None:
+        self._started = False
+        # Each part stops whatever the others did, each within STOP_STEP_S: a node must stop
+        # even when Redis is gone (a subscriber stuck closing a dead shard's connection is
+        # left behind rather than holding the whole shutdown).
+        steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
+        for step in steps:
+            task = asyncio.ensure_future(step())
+            done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
+            if not done:
+                task.cancel()
+                log.warning(
+                    "cluster node %s: %s did not finish within %g s",
+                    self.node_id,
+                    step.__qualname__,
+                    STOP_STEP_S,
+                )
+                continue
+            exc = task.exception()
+            if exc is not None:  # logged; the next part still stops
+                log.warning("cluster node %s: %s on stop: %s", self.node_id, type(exc).__name__, exc)
+
+    async def claim(self, client_id: str, user: str, lease: Lease) -> Refused | None:
+        """Make this connection the client id's holder cluster-wide; another node holding it
+        is told to close its connection. The Refused to send when the id is another user's
+        or Redis cannot be reached (fail closed)."""
+        try:
+            claim = await self.owners.claim(client_id, user, lease.id)
+            if claim.action == "notify" and claim.previous is not None:
+                self.takeovers_sent += 1
+                await self.owners.notify_takeover(claim.previous, client_id)
+        except ClusterUnavailable as exc:
+            return Refused(
+                CONNACK_SERVER_UNAVAILABLE, "cluster_unavailable", f"client {clip(client_id)}: {exc}"
+            )
+        if claim.action == "refused":
+            return Refused(
+                CONNACK_NOT_AUTHORIZED,
+                "client_id_owned",
+                f"{clip(user)} may not use client id {clip(client_id)} (another user's, cluster-wide)",
+            )
+        return None
+
+    async def unclaim(self, client_id: str, lease: Lease) -> None:
+        """The connection holding ``lease`` ended (a no-op when another took the id over)."""
+        try:
+            await self.owners.release(client_id, lease.id)
+        except ClusterUnavailable as exc:
+            # The id stays recorded on this node; the next CONNECT with it claims it anyway.
+            log.warning("cluster: could not release client id %s: %s", clip(client_id), exc)
+
+    def publish(self, tick: Tick, qos: int) -> asyncio.Future[int]:
+        return self.bus.publish(tick.topic, tickwire.encode(tick, qos))
+
+    def _decoded(self, topic: str, payload: bytes) -> tickwire.BusTick | None:
+        try:
+            return tickwire.decode(payload)
+        except tickwire.TickWireError as exc:
+            self.bad_ticks += 1
+            log.warning("cluster: dropped a tick for %r: %s", topic[:200], exc)
+            return None
+
+    def _batch(self, batch: Batch) -> None:
+        for entry in batch.entries:
+            parts = self._decoded(entry.topic, entry.payload)
+            if parts is not None:
+                self._on_tick(entry.topic, entry.seq, parts)
