@@ -152,7 +152,6 @@ class _Connection:
     session: Session
     handler: MarketProtocolHandler
     lease: object  # from the on_lease hook, given back by on_release
-    expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     task: asyncio.Task[Any] | None = None  # the one serving this connection
     wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
@@ -732,7 +731,7 @@ class MarketBroker(Broker):
             handler.dropped = self.stats.publishes_dropped
             handler.protocol_errors = self.stats.protocol_errors
             if claims is not None:
-                connection.expiry = self._schedule_expiry(handler, claims)
+                self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
             self._fanout.invalidate()
         # Logged in: full-size WebSocket messages; unread output may now reach the outbox's
@@ -916,17 +915,11 @@ class MarketBroker(Broker):
         stored = self._sessions.get(client_id)
         return context_of(stored[0]).user if stored is not None else None
 
-    def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> asyncio.TimerHandle:
-        loop = asyncio.get_running_loop()
-        # The same leeway that admitted the token bounds its life.
+    def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> None:
+        # The same leeway that admitted the token bounds its life; the handler's one timer
+        # (with keep-alive) ends it then, without a will.
         delay = max(0.0, claims.exp + self.bridge_config.auth.leeway_s - self._clock())
-        # No will on expiry: the client did nothing wrong on the network.
-        return loop.call_later(delay, self._expire, handler)
-
-    def _expire(self, handler: MarketProtocolHandler) -> None:
-        if handler.session is not None:
-            handler.session.will_flag = False
-        handler.end("token_expired")
+        handler.expire_at(asyncio.get_running_loop().time() + delay)
 
     def _drop_subscriptions_outside(self, session: Session, context: ConnectionContext) -> None:
         """A persistent session resumed with a new token keeps only what that token allows."""
@@ -1001,8 +994,7 @@ class MarketBroker(Broker):
         if connection.outbox is not None:
             connection.outbox.close()
         self._fanout.invalidate()
-        if connection.expiry is not None:
-            connection.expiry.cancel()
+        connection.handler.stop_watchdog()
         if connection.replay is not None:
             connection.replay.cancel()
         self.hooks.on_release(connection.lease)

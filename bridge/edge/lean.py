@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 from typing import Any, TypeVar
 
-__all__ = ["LeanEvent", "LeanQueue", "SmallDeque"]
+__all__ = ["TIMER_CONTEXT", "LeanEvent", "LeanQueue", "SmallDeque"]
+
+# The context per-connection timers run in: asyncio copies the current one for every
+# ``call_later`` otherwise (a Context object per timer per connection). Nothing of ours
+# sets context variables; the callbacks that get it (keep-alive, token expiry) set none.
+TIMER_CONTEXT = contextvars.Context()
 
 _T = TypeVar("_T")
 
