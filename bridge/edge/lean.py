@@ -57,9 +57,26 @@ class LeanQueue(asyncio.Queue[_T]):
         super().__init__(maxsize)
         self._getters: Any = SmallDeque()
         self._putters: Any = SmallDeque()
-        finished = LeanEvent()
-        finished.set()
-        self._finished: Any = finished
+        self._finished_event = None  # the one __init__ made and set: made again when needed
+
+    # join()'s Event, made on first use (a put clears it, task_done sets it, join waits on it):
+    # a queue nothing was ever put on needs none, and keeps no Event and waiter list for it.
+    # (Plain attribute access, never ``self.__dict__``, which would materialise a full dict.)
+    _finished_event: asyncio.Event | None = None
+
+    @property
+    def _finished(self) -> asyncio.Event:
+        event = self._finished_event
+        if event is None:
+            event = self._finished_event = LeanEvent()
+            if not self._unfinished_tasks:  # type: ignore[attr-defined]
+                event.set()
+        return event
+
+    @_finished.setter
+    def _finished(self, event: asyncio.Event) -> None:
+        # asyncio.Queue.__init__ assigns a new, set Event: not kept, made lazily above instead.
+        self._finished_event = None
 
     def _init(self, maxsize: int) -> None:
         self._queue = ()
