@@ -300,8 +300,20 @@ class Verified:
     the username only (its bytes, key, signature, aud, iss and claims cannot change)."""
 
     claims: Claims
-    # exp, and nbf and iat when the token has them: finite numbers.
-    times: dict[str, float]
+    # nbf and iat when the token has them (exp is the claims'): finite numbers. Fields, not
+    # a dict: the token cache holds one Verified per token, ~one per connection.
+    nbf: float | None = None
+    iat: float | None = None
+
+    @property
+    def times(self) -> dict[str, float]:
+        """exp, and nbf and iat when the token has them."""
+        times = {"exp": self.claims.exp}
+        if self.nbf is not None:
+            times["nbf"] = self.nbf
+        if self.iat is not None:
+            times["iat"] = self.iat
+        return times
 
     def admit(self, username: str | None, now: float, leeway_s: float) -> Claims | AuthError:
         """The claims if the token is valid at ``now`` and ``username`` is its sub, as ``decide_auth``
@@ -399,7 +411,8 @@ def decide_verified(
         return claims
     if username != claims.sub:
         return _username_mismatch(username)
-    return Verified(claims, _time_claims(payload))
+    times = _time_claims(payload)
+    return Verified(claims, times.get("nbf"), times.get("iat"))
 
 
 def mint_token(
