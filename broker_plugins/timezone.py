@@ -56,20 +56,23 @@ class TimezonePlugin:
         of many topics in one zone: the same bytes, without a call chain per topic."""
         if not self._tick_fast:
             return [self.on_deliver_tick(parts, zone, topic) for topic, parts in ticks]
-        enabled = self._switch.enabled
+        enabled = None if self._switch.always_on else self._switch.enabled
         local_at = self._clock.local_at if self._tick_ts else None
         zone_tail = b',"tz":"' + zone.encode() + b'"}'
         join = b"".join
+        stamps: dict[tuple[int, int], bytes] = {}  # (second, ms) -> local ts: ticks share instants
         out: list[bytes] = []
         rewritten = 0
         for topic, parts in ticks:
-            if not enabled(topic):
+            if enabled is not None and not enabled(topic):
                 out.append(parts.data)
                 continue
-            local = local_at(parts.second, parts.ms, zone) if local_at is not None else None
-            out.append(
-                join((parts.head, b'"ts":"', (local or parts.ts).encode(), parts.tail[:-1], zone_tail))
-            )
+            instant = (parts.second, parts.ms)
+            stamp = stamps.get(instant)
+            if stamp is None:
+                local = local_at(parts.second, parts.ms, zone) if local_at is not None else None
+                stamp = stamps[instant] = (local or parts.ts).encode()
+            out.append(join((parts.head, b'"ts":"', stamp, parts.tail[:-1], zone_tail)))
             rewritten += 1
         if self._counted is not None:
             for _ in range(rewritten):

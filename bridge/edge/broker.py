@@ -1952,7 +1952,14 @@ class MarketBroker(Broker):
                 known[1][zone] = variant
         for (at, topic, data), payload in zip(missing, payloads, strict=True):
             assert payload is not None
-            packet = publish_qos0(topic.encode(), payload, retain=True)
+            name = topic.encode()
+            size = 2 + len(name) + len(payload)
+            # publish_qos0(name, payload, retain=True), inline: the usual 2-byte remaining length.
+            if 128 <= size < 16384:
+                head = bytes((0x31, size & 0x7F | 0x80, size >> 7, len(name) >> 8, len(name) & 0xFF))
+                packet = b"".join((head, name, payload))
+            else:
+                packet = publish_qos0(name, payload, retain=True)
             entry = cache.get(topic)
             if entry is None or entry[0] is not data:
                 entry = cache[topic] = (data, {})
