@@ -39,7 +39,13 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
-from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
+from amqtt.session import (
+    INCOMING,
+    ApplicationMessage,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
@@ -60,6 +66,8 @@ log = logging.getLogger(__name__)
 Ingest = Callable[[Any, str, bytes, int], bool]
 
 _DEFAULT_MAX_PACKET = 1024 * 1024
+
+_AMQTT_LOG = logging.LoggerAdapter(logging.getLogger("amqtt.mqtt.protocol.handler"), {"client_id": None})
 
 
 class MarketProtocolHandler(BrokerProtocolHandler):
@@ -119,10 +127,16 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         self.keepalive_timeout = None
         await ProtocolHandler.start(self)
         # amqtt's start() makes two asyncio.Events (a 760-byte deque each) that live as long as
-        # the connection; the reader loop reaches them through self, so lean copies replace them.
-        if self._reader_ready is not None:
-            self._reader_ready = _lean_event(self._reader_ready)
+        # the connection. The reader has started: nothing waits for "ready" again. "Stopped"
+        # is reached through self by stop(): a lean copy replaces it.
+        self._reader_ready = None
         self._reader_stopped = _lean_event(self._reader_stopped)
+
+    def _init_session(self, session: Session) -> None:
+        super()._init_session(session)
+        # amqtt gives each handler its own LoggerAdapter (and dict) only to tag its debug
+        # lines with the client id; ours name the client themselves. One shared adapter.
+        self.logger = _AMQTT_LOG
 
     def end(self, reason: str) -> None:
         """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
