@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,6 +52,7 @@ __all__ = [
 
 Role = Literal["subscriber", "feed", "service", "admin"]
 ROLES: tuple[Role, ...] = ("subscriber", "feed", "service", "admin")
+_ROLE_NAMES: dict[str, Role] = {role: role for role in ROLES}
 
 _MAX_SUB_CHARS = 128
 _MAX_ACL_ENTRIES = 32
@@ -330,8 +332,9 @@ def _claims(payload: dict[str, Any]) -> Claims | AuthError:
         model = ClaimsModel.model_validate(payload)
         return Claims(
             sub=model.sub,
-            role=model.role,
-            tz=model.tz,
+            # One string per role and per zone name for all connections, not one per token.
+            role=_ROLE_NAMES[model.role],
+            tz=sys.intern(model.tz) if model.tz is not None else None,
             sub_acl=model.sub_acl,
             pub_acl=model.pub_acl,
             rate=model.rate,

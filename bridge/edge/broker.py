@@ -734,6 +734,9 @@ class MarketBroker(Broker):
                 self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
             self._fanout.invalidate()
+        # This frame lives as long as the connection: let go of what only admission needed (the
+        # CONNECT and its token, the request, the session made for it, the client id's lock).
+        del read, connect, incoming, request, admitted, lock
         # Logged in: full-size WebSocket messages; unread output may now reach the outbox's
         # bound (market data), plus room for a retained snapshot and amqtt's own writes.
         reader.logged_in(4 * settings.max_outbound_bytes + (1 << 20))
