@@ -45,8 +45,10 @@ class SmallDeque(list[Any]):
 
 class LeanEvent(asyncio.Event):
     def __init__(self) -> None:
-        super().__init__()
+        # asyncio.Event.__init__'s two attributes, without the deque it would make and drop
+        # (a 760-byte allocation outside pymalloc, at every CONNECT).
         self._waiters: Any = SmallDeque()
+        self._value = False
 
 
 class LeanQueue(asyncio.Queue[_T]):
@@ -54,10 +56,14 @@ class LeanQueue(asyncio.Queue[_T]):
     _queue: collections.deque[_T] | tuple[()]
 
     def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize)
+        # asyncio.Queue.__init__'s attributes (3.11), set here rather than made and replaced:
+        # it would allocate three deques and an Event per queue, four queues per CONNECT.
+        self._maxsize = maxsize
         self._getters: Any = SmallDeque()
         self._putters: Any = SmallDeque()
-        self._finished_event = None  # the one __init__ made and set: made again when needed
+        self._unfinished_tasks = 0
+        self._finished_event = None
+        self._init(maxsize)
 
     # join()'s Event, made on first use (a put clears it, task_done sets it, join waits on it):
     # a queue nothing was ever put on needs none, and keeps no Event and waiter list for it.
@@ -69,14 +75,13 @@ class LeanQueue(asyncio.Queue[_T]):
         event = self._finished_event
         if event is None:
             event = self._finished_event = LeanEvent()
-            if not self._unfinished_tasks:  # type: ignore[attr-defined]
+            if not self._unfinished_tasks:
                 event.set()
         return event
 
     @_finished.setter
     def _finished(self, event: asyncio.Event) -> None:
-        # asyncio.Queue.__init__ assigns a new, set Event: not kept, made lazily above instead.
-        self._finished_event = None
+        self._finished_event = event
 
     def _init(self, maxsize: int) -> None:
         self._queue = ()
