@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ROLES",
     "Claims",
+    "ClaimsModel",
     "KeyRing",
     "Role",
     "SigningKey",
@@ -50,6 +52,7 @@ __all__ = [
 
 Role = Literal["subscriber", "feed", "service", "admin"]
 ROLES: tuple[Role, ...] = ("subscriber", "feed", "service", "admin")
+_ROLE_NAMES: dict[str, Role] = {role: role for role in ROLES}
 
 _MAX_SUB_CHARS = 128
 _MAX_ACL_ENTRIES = 32
@@ -75,8 +78,23 @@ def _known_zone(name: str) -> bool:
     return True
 
 
-class Claims(BaseModel):
-    """What the broker uses from a verified token."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claims:
+    """What the broker uses from a verified token: made by :func:`decide_auth` from a
+    validated :class:`ClaimsModel`. A slotted record, not the pydantic model, because every
+    connection (and the token cache, one entry per token) holds one: ~80 bytes, not ~600."""
+
+    sub: str
+    role: Role = "subscriber"
+    tz: str | None = None
+    sub_acl: tuple[str, ...] | None = None
+    pub_acl: tuple[str, ...] | None = None
+    rate: float | None = None  # max updates per second per topic; overrides the role's
+    exp: float
+
+
+class ClaimsModel(BaseModel):
+    """The token's claims as validated (see :class:`Claims` for what is kept)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -284,8 +302,20 @@ class Verified:
     the username only (its bytes, key, signature, aud, iss and claims cannot change)."""
 
     claims: Claims
-    # exp, and nbf and iat when the token has them: finite numbers.
-    times: dict[str, float]
+    # nbf and iat when the token has them (exp is the claims'): finite numbers. Fields, not
+    # a dict: the token cache holds one Verified per token, ~one per connection.
+    nbf: float | None = None
+    iat: float | None = None
+
+    @property
+    def times(self) -> dict[str, float]:
+        """exp, and nbf and iat when the token has them."""
+        times = {"exp": self.claims.exp}
+        if self.nbf is not None:
+            times["nbf"] = self.nbf
+        if self.iat is not None:
+            times["iat"] = self.iat
+        return times
 
     def admit(self, username: str | None, now: float, leeway_s: float) -> Claims | AuthError:
         """The claims if the token is valid at ``now`` and ``username`` is its sub, as ``decide_auth``
@@ -299,7 +329,17 @@ class Verified:
 
 def _claims(payload: dict[str, Any]) -> Claims | AuthError:
     try:
-        return Claims.model_validate(payload)
+        model = ClaimsModel.model_validate(payload)
+        return Claims(
+            sub=model.sub,
+            # One string per role and per zone name for all connections, not one per token.
+            role=_ROLE_NAMES[model.role],
+            tz=sys.intern(model.tz) if model.tz is not None else None,
+            sub_acl=model.sub_acl,
+            pub_acl=model.pub_acl,
+            rate=model.rate,
+            exp=model.exp,
+        )
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "claims"
@@ -374,7 +414,8 @@ def decide_verified(
         return claims
     if username != claims.sub:
         return _username_mismatch(username)
-    return Verified(claims, _time_claims(payload))
+    times = _time_claims(payload)
+    return Verified(claims, times.get("nbf"), times.get("iat"))
 
 
 def mint_token(

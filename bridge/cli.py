@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bridge.auth import ROLES, Claims, Role, mint_token
+from bridge.auth import ROLES, ClaimsModel, Role, mint_token
 from bridge.config import (
     DEFAULT_CONFIG_PATH,
     DEV_SECRET_PATH,
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra["pub_acl"] = args.pub_acl
             ttl_s = parse_duration(args.ttl)
             # Refuse to mint what the broker would refuse (bad sub, role, tz, ACL filters).
-            Claims.model_validate({"sub": args.sub, "role": args.role, "tz": args.tz, "exp": 0, **extra})
+            ClaimsModel.model_validate({"sub": args.sub, "role": args.role, "tz": args.tz, "exp": 0, **extra})
             print(
                 mint(config, sub=args.sub, role=args.role, ttl_s=ttl_s, tz=args.tz, kid=args.kid, extra=extra)
             )

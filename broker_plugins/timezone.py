@@ -10,7 +10,7 @@ tests hold both byte-for-byte equal to ``rewrite``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from bridge.core.tick import Tick, TickParts
@@ -50,6 +50,34 @@ class TimezonePlugin:
         if self._counted is not None:
             self._counted(result.rewritten)
         return result.payload
+
+    def on_deliver_ticks(self, ticks: Sequence[tuple[str, TickParts]], zone: str) -> list[bytes]:
+        """:meth:`on_deliver_tick` of each (topic, parts) in one pass, for a retained snapshot
+        of many topics in one zone: the same bytes, without a call chain per topic."""
+        if not self._tick_fast:
+            return [self.on_deliver_tick(parts, zone, topic) for topic, parts in ticks]
+        enabled = None if self._switch.always_on else self._switch.enabled
+        local_at = self._clock.local_at if self._tick_ts else None
+        zone_tail = b',"tz":"' + zone.encode() + b'"}'
+        join = b"".join
+        stamps: dict[tuple[int, int], bytes] = {}  # (second, ms) -> local ts: ticks share instants
+        out: list[bytes] = []
+        rewritten = 0
+        for topic, parts in ticks:
+            if enabled is not None and not enabled(topic):
+                out.append(parts.data)
+                continue
+            instant = (parts.second, parts.ms)
+            stamp = stamps.get(instant)
+            if stamp is None:
+                local = local_at(parts.second, parts.ms, zone) if local_at is not None else None
+                stamp = stamps[instant] = (local or parts.ts).encode()
+            out.append(join((parts.head, b'"ts":"', stamp, parts.tail[:-1], zone_tail)))
+            rewritten += 1
+        if self._counted is not None:
+            for _ in range(rewritten):
+                self._counted(True)
+        return out
 
     def on_deliver_tick(self, parts: TickParts, zone: str | None, topic: str) -> bytes:
         """A tick's wire form in ``zone``: what :meth:`on_deliver` gives for ``parts.data``,

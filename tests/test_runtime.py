@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -420,3 +421,24 @@ def test_bridge_runs_on_uvloop_when_configured(procs: Callable[..., Proc], tmp_p
     )
     proc.wait_for_line(r"event loop: uvloop")
     proc.wait_for_line(r"listener tcp bound to")
+
+
+def test_tune_gc_freezes_startup_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        runtime.tune_gc()
+        assert gc.get_threshold() == (runtime.GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_a_started_bridge_tunes_its_collector(procs: Callable[..., Proc], tmp_path: Path) -> None:
+    generate_dev_secret(tmp_path / DEV_SECRET_PATH)
+    proc = procs(
+        "run", env={**EPHEMERAL, "MARKET_BRIDGE_FEEDS": "[]", "MARKET_BRIDGE_HTTP__ENABLED": "false"}
+    )
+    match = proc.wait_for_line(r"gc: (\d+) startup objects frozen, thresholds \((\d+),")
+    assert int(match.group(1)) > 0
+    assert int(match.group(2)) == runtime.GC_GEN0_THRESHOLD

@@ -15,7 +15,7 @@ what happens around each call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,7 +108,8 @@ class OnDeliver(Protocol):
     def on_deliver(self, payload: bytes, zone: str | None, topic: str) -> bytes:
         """The payload as subscribers in ``zone`` get it: called once per (message, zone), for
         subscribers with a zone (the others get it as published). A plugin may also offer
-        ``on_deliver_tick(parts, zone, topic)``, the same result built from a tick's parts."""
+        ``on_deliver_tick(parts, zone, topic)``, the same result built from a tick's parts,
+        and ``on_deliver_ticks(ticks, zone)``, that for many (topic, parts) at once."""
 
 
 @runtime_checkable
@@ -194,6 +195,23 @@ class Hooks:
         for plugin in rest:
             payload = plugin.on_deliver(payload, zone, topic)
         return payload
+
+    def on_deliver_ticks(self, ticks: Sequence[tuple[str, TickParts]], zone: str) -> list[bytes]:
+        """:meth:`on_deliver_tick` of many (topic, parts) in one zone (a retained snapshot):
+        through the first plugin's ``on_deliver_ticks`` when it has one, in one call."""
+        if not self.deliver:
+            return [parts.data for _, parts in ticks]
+        first, *rest = self.deliver
+        batch = getattr(first, "on_deliver_ticks", None)
+        if batch is None:
+            return [self.on_deliver_tick(parts, zone, topic) for topic, parts in ticks]
+        payloads: list[bytes] = batch(ticks, zone)
+        for plugin in rest:
+            payloads = [
+                plugin.on_deliver(payload, zone, topic)
+                for payload, (topic, _) in zip(payloads, ticks, strict=True)
+            ]
+        return payloads
 
     async def on_lease(self, user: str, replacing: object | None) -> object | Refused | None:
         """The first plugin that holds limits decides (one lease per connection)."""

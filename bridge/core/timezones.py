@@ -278,6 +278,7 @@ class TopicSwitch:
                 raise ValueError(f"invalid topic filter {topic_filter!r}")
         self._rules = tuple((topic_filter, bool(enabled)) for topic_filter, enabled in rules)
         self._memo: dict[str, bool] = {}
+        self.always_on = not any(not enabled for _, enabled in self._rules)  # enabled() is always True
 
     def enabled(self, topic: str) -> bool:
         known = self._memo.get(topic)

@@ -163,7 +163,6 @@ class _Connection:
     session: Session
     handler: MarketProtocolHandler
     lease: object  # from the on_lease hook, given back by on_release
-    expiry: asyncio.TimerHandle | None = None
     replay: asyncio.Task[None] | None = None
     task: asyncio.Task[Any] | None = None  # the one serving this connection
     wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
@@ -778,9 +777,12 @@ class MarketBroker(Broker):
             handler.dropped = self.stats.publishes_dropped
             handler.protocol_errors = self.stats.protocol_errors
             if claims is not None:
-                connection.expiry = self._schedule_expiry(handler, claims)
+                self._schedule_expiry(handler, claims)
             self._connections[client_id] = connection
             self._fanout.invalidate()
+        # This frame lives as long as the connection: let go of what only admission needed (the
+        # CONNECT and its token, the request, the session made for it, the client id's lock).
+        del read, connect, incoming, request, admitted, lock
         # Logged in: full-size WebSocket messages; unread output may now reach the outbox's
         # bound (market data), plus room for a retained snapshot and amqtt's own writes.
         reader.logged_in(4 * settings.max_outbound_bytes + (1 << 20))
@@ -962,17 +964,11 @@ class MarketBroker(Broker):
         stored = self._sessions.get(client_id)
         return context_of(stored[0]).user if stored is not None else None
 
-    def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> asyncio.TimerHandle:
-        loop = asyncio.get_running_loop()
-        # The same leeway that admitted the token bounds its life.
+    def _schedule_expiry(self, handler: MarketProtocolHandler, claims: Claims) -> None:
+        # The same leeway that admitted the token bounds its life; the handler's one timer
+        # (with keep-alive) ends it then, without a will.
         delay = max(0.0, claims.exp + self.bridge_config.auth.leeway_s - self._clock())
-        # No will on expiry: the client did nothing wrong on the network.
-        return loop.call_later(delay, self._expire, handler)
-
-    def _expire(self, handler: MarketProtocolHandler) -> None:
-        if handler.session is not None:
-            handler.session.will_flag = False
-        handler.end("token_expired")
+        handler.expire_at(asyncio.get_running_loop().time() + delay)
 
     def _drop_subscriptions_outside(self, session: Session, context: ConnectionContext) -> None:
         """A persistent session resumed with a new token keeps only what that token allows."""
@@ -1047,8 +1043,7 @@ class MarketBroker(Broker):
         if connection.outbox is not None:
             connection.outbox.close()
         self._fanout.invalidate()
-        if connection.expiry is not None:
-            connection.expiry.cancel()
+        connection.handler.stop_watchdog()
         if connection.replay is not None:
             connection.replay.cancel()
         await self.hooks.on_release(connection.lease)
@@ -2081,19 +2076,7 @@ class MarketBroker(Broker):
         if cached is not None and cached[0] == self._retained_version:
             outbox.push_message(cached[1])
             return
-        packets: list[bytes] = []
-        acked: list[tuple[str, bytes, int]] = []
-        retained_messages = self._retained_messages
-        for topic, granted_qos in self._snapshot_topics(filters):
-            retained = retained_messages.get(topic)
-            if retained is None:
-                continue
-            data = bytes(retained.data)
-            qos = min(granted_qos, retained.qos or QOS_0)
-            if qos == QOS_0:
-                packets.append(self._retained_packet(topic, data, zone))
-            else:
-                acked.append((topic, data, qos))
+        packets, acked = self._snapshot_packets(self._snapshot_topics(filters), zone)
         frame = b"".join(packets)
         if frame and outbox.websocket:
             frame = ws_binary_frame(frame)
@@ -2111,6 +2094,89 @@ class MarketBroker(Broker):
         for topic, data, qos in acked:
             message = Encoded(topic, partial(self._retained_localized, topic, data), retain=True)
             push_all(target, message, qos, conflate=False)
+
+    def _snapshot_packets(
+        self, chosen: list[tuple[str, int]], zone: str | None
+    ) -> tuple[list[bytes], list[tuple[str, bytes, int]]]:
+        """The QoS 0 retained PUBLISHes of ``chosen`` in ``zone`` (each built once per zone and
+        kept), and the (topic, payload, QoS) of those sent at QoS 1/2.
+
+        One pass: the packets a zone already has are looked up, the ticks it lacks are
+        localised together (the on_deliver_ticks hook) and encoded in a second loop, so a
+        cold 500-topic snapshot is not 500 trips through the per-message call chain."""
+        retained_messages = self._retained_messages
+        cache = self._retained_packets
+        packets: list[bytes] = []
+        acked: list[tuple[str, bytes, int]] = []
+        missing: list[tuple[int, str, bytes]] = []  # (where in packets, topic, payload)
+        for topic, granted_qos in chosen:
+            retained = retained_messages.get(topic)
+            if retained is None:
+                continue
+            data = bytes(retained.data)
+            if granted_qos and retained.qos:
+                acked.append((topic, data, min(granted_qos, retained.qos)))
+                continue
+            entry = cache.get(topic)
+            packet = entry[1].get(zone) if entry is not None and entry[0] is data else None
+            if packet is None:
+                missing.append((len(packets), topic, data))
+                packet = b""
+            packets.append(packet)
+        if missing:
+            self._build_retained_packets(missing, zone, packets)
+        return packets, acked
+
+    def _build_retained_packets(
+        self, missing: list[tuple[int, str, bytes]], zone: str | None, packets: list[bytes]
+    ) -> None:
+        """Fill ``packets`` at the places ``missing`` names; what :meth:`_retained_packet` does
+        for one topic, for many: variants the live fan-out made are reused, the ticks without
+        one localised in one hook call."""
+        cache = self._retained_packets
+        variants = self._retained_variants
+        tick_parts = self._tick_parts
+        payloads: list[bytes | None] = []
+        batch: list[tuple[str, TickParts]] = []
+        batched: list[int] = []  # indexes in payloads the batch fills
+        for _, topic, data in missing:
+            payload = None
+            parts = tick_parts.get(topic)
+            if zone is None or parts is None or parts.data is not data:
+                payload = self._retained_localized(topic, data, zone)
+            else:
+                known = variants.get(topic)
+                if known is not None and known[0] is data:
+                    payload = known[1].get(zone)
+                if payload is None:
+                    batched.append(len(payloads))
+                    batch.append((topic, parts))
+            payloads.append(payload)
+        if batch:
+            assert zone is not None
+            for index, (topic, parts), variant in zip(
+                batched, batch, self.hooks.on_deliver_ticks(batch, zone), strict=True
+            ):
+                payloads[index] = variant
+                known = variants.get(topic)
+                if known is None or known[0] is not parts.data:
+                    known = variants[topic] = (parts.data, {})
+                known[1][zone] = variant
+        for (at, topic, data), payload in zip(missing, payloads, strict=True):
+            assert payload is not None
+            name = topic.encode()
+            size = 2 + len(name) + len(payload)
+            # publish_qos0(name, payload, retain=True), inline: the usual 2-byte remaining length.
+            if 128 <= size < 16384:
+                head = bytes((0x31, size & 0x7F | 0x80, size >> 7, len(name) >> 8, len(name) & 0xFF))
+                packet = b"".join((head, name, payload))
+            else:
+                packet = publish_qos0(name, payload, retain=True)
+            entry = cache.get(topic)
+            if entry is None or entry[0] is not data:
+                entry = cache[topic] = (data, {})
+            entry[1][zone] = packet
+            packets[at] = packet
 
     def _snapshot_topics(self, filters: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
         """The retained topics ``filters`` select, each once at the best granted QoS."""

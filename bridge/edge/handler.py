@@ -43,14 +43,20 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
-from amqtt.session import INCOMING, ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage
+from amqtt.session import (
+    INCOMING,
+    ApplicationMessage,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
 from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.core.ratelimit import PublishBucket, publisher_bucket
 from bridge.core.topics import MARKET_PREFIX, USER_PREFIX
-from bridge.edge.lean import LeanEvent, LeanQueue
+from bridge.edge.lean import TIMER_CONTEXT, LeanEvent, LeanQueue
 from bridge.edge.outbox import Outbox
 from bridge.edge.streams import ChunkReader
 from bridge.errors import ProtocolError
@@ -70,27 +76,51 @@ TakeUser = Callable[[str, bytes, int, Callable[[bool], None]], "bool | None"]
 
 _DEFAULT_MAX_PACKET = 1024 * 1024
 
+_AMQTT_LOG = logging.LoggerAdapter(logging.getLogger("amqtt.mqtt.protocol.handler"), {"client_id": None})
+
 
 class MarketProtocolHandler(BrokerProtocolHandler):
     """amqtt's handler with an owned read path, keep-alive, and a way for the broker to end it."""
 
-    end_reason: str | None = None
-    goodbye = False  # the client sent DISCONNECT (no will)
-    ingest: Ingest | None = None
-    take_user: TakeUser | None = None
-    outbox: Outbox | None = None
-    max_packet: int = _DEFAULT_MAX_PACKET
-    # Inbound PUBLISH limit: the config, and the bucket made on the first PUBLISH (so
-    # subscribers, which never publish, carry none). Refusals counted in ``dropped``.
-    publish_limit: RateLimitConfig | None = None
-    dropped: Counter[str] | None = None
-    protocol_errors: Counter[str] | None = None
-    _bucket: PublishBucket | None = None
-    _watchdog: asyncio.TimerHandle | None = None
-    _release_due = False  # a release of owed PUBACKs is scheduled for this step
-    _last_read: float = 0.0
+    # Slots, not instance-dict entries: amqtt's handler already has ~20 attributes, and the
+    # broker setting these after __init__ made CPython give each idle connection's handler
+    # a full-size dict (~650 bytes more) instead of its compact shared-key values.
+    __slots__ = (
+        "_bucket",
+        "_expires_at",
+        "_keepalive",
+        "_last_read",
+        "_release_due",
+        "_watchdog",
+        "dropped",
+        "end_reason",
+        "goodbye",
+        "ingest",
+        "max_packet",
+        "outbox",
+        "protocol_errors",
+        "publish_limit",
+        "take_user",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.end_reason: str | None = None
+        self.goodbye = False  # the client sent DISCONNECT (no will)
+        self.ingest: Ingest | None = None
+        self.take_user: TakeUser | None = None
+        self.outbox: Outbox | None = None
+        self.max_packet = _DEFAULT_MAX_PACKET
+        # Inbound PUBLISH limit: the config, and the bucket made on the first PUBLISH (so
+        # subscribers, which never publish, carry none). Refusals counted in ``dropped``.
+        self.publish_limit: RateLimitConfig | None = None
+        self.dropped: Counter[str] | None = None
+        self.protocol_errors: Counter[str] | None = None
+        self._bucket: PublishBucket | None = None
+        self._watchdog: asyncio.TimerHandle | None = None  # keep-alive and token expiry
+        self._keepalive = 0.0  # seconds without a packet that end the connection (0: none)
+        self._expires_at: float | None = None  # token expiry (loop time)
+        self._last_read = 0.0
+        self._release_due = False  # a release of owed PUBACKs is scheduled for this step
         super().__init__(*args, **kwargs)
         # amqtt's two asyncio.Queue objects cost ~3 KB each while empty (bridge/edge/lean.py).
         self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
@@ -104,12 +134,22 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         # holding its user's connection slots. The waiter exists before the reader runs.
         if self._disconnect_waiter is None:
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
+        # amqtt's start() and every write of its own re-arm a timer for handle_write_timeout,
+        # a no-op on the broker side: a TimerHandle and a Context per connection for nothing.
+        # Keep-alive is enforced by the watchdog below, from session.keep_alive.
+        self.keepalive_timeout = None
         await ProtocolHandler.start(self)
         # amqtt's start() makes two asyncio.Events (a 760-byte deque each) that live as long as
-        # the connection; the reader loop reaches them through self, so lean copies replace them.
-        if self._reader_ready is not None:
-            self._reader_ready = _lean_event(self._reader_ready)
+        # the connection. The reader has started: nothing waits for "ready" again. "Stopped"
+        # is reached through self by stop(): a lean copy replaces it.
+        self._reader_ready = None
         self._reader_stopped = _lean_event(self._reader_stopped)
+
+    def _init_session(self, session: Session) -> None:
+        super()._init_session(session)
+        # amqtt gives each handler its own LoggerAdapter (and dict) only to tag its debug
+        # lines with the client id; ours name the client themselves. One shared adapter.
+        self.logger = _AMQTT_LOG
 
     def end(self, reason: str) -> None:
         """Close the connection as abnormal: the broker's client loop runs its disconnect path."""
@@ -163,8 +203,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                 "reader of %s failed: %s", clip(self.session.client_id), clip(repr(exc), 200), extra=CLIENT
             )
         finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+            self.stop_watchdog()
             for task in running:
                 task.cancel()
         await self.handle_connection_closed()
@@ -471,19 +510,49 @@ class MarketProtocolHandler(BrokerProtocolHandler):
 
     # ------------------------------------------------------------------ keep-alive
 
+    # One timer per connection for both of its deadlines, keep-alive and token expiry (two
+    # TimerHandles, each with its own copied Context, cost an idle connection ~300 bytes).
+
+    def expire_at(self, deadline: float) -> None:
+        """End the connection as ``token_expired`` (no will) at ``deadline`` (loop time)."""
+        self._expires_at = deadline
+        self._rearm()
+
     def _arm_watchdog(self) -> None:
         keepalive = self.session.keep_alive if self.session is not None else 0
         if keepalive and keepalive > 0:
+            self._keepalive = float(keepalive)
             self._last_read = self._loop.time()
-            self._watchdog = self._loop.call_later(keepalive, self._check_keepalive, keepalive)
+            self._rearm()
 
-    def _check_keepalive(self, keepalive: float) -> None:
-        idle = self._loop.time() - self._last_read
-        if idle >= keepalive:
-            self._watchdog = None
+    def _rearm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        due = self._expires_at
+        if self._keepalive:
+            keepalive_due = self._last_read + self._keepalive
+            due = keepalive_due if due is None else min(due, keepalive_due)
+        self._watchdog = None if due is None else self._loop.call_at(due, self._check, context=TIMER_CONTEXT)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        now = self._loop.time()
+        if self._expires_at is not None and now >= self._expires_at:
+            self._expires_at = None
+            if self.session is not None:
+                self.session.will_flag = False  # the client did nothing wrong on the network
+            self.end("token_expired")
+        elif self._keepalive and now - self._last_read >= self._keepalive:
             self.handle_read_timeout()
         else:
-            self._watchdog = self._loop.call_later(keepalive - idle, self._check_keepalive, keepalive)
+            self._rearm()
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._expires_at = None
+        self._keepalive = 0.0
 
     # ------------------------------------------------------------------ inbound QoS 1
     #

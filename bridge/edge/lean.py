@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 from typing import Any, TypeVar
 
-__all__ = ["LeanEvent", "LeanQueue", "SmallDeque"]
+__all__ = ["TIMER_CONTEXT", "LeanEvent", "LeanQueue", "SmallDeque"]
+
+# The context per-connection timers run in: asyncio copies the current one for every
+# ``call_later`` otherwise (a Context object per timer per connection). Nothing of ours
+# sets context variables; the callbacks that get it (keep-alive, token expiry) set none.
+TIMER_CONTEXT = contextvars.Context()
 
 _T = TypeVar("_T")
 
@@ -39,8 +45,10 @@ class SmallDeque(list[Any]):
 
 class LeanEvent(asyncio.Event):
     def __init__(self) -> None:
-        super().__init__()
+        # asyncio.Event.__init__'s two attributes, without the deque it would make and drop
+        # (a 760-byte allocation outside pymalloc, at every CONNECT).
         self._waiters: Any = SmallDeque()
+        self._value = False
 
 
 class LeanQueue(asyncio.Queue[_T]):
@@ -48,12 +56,32 @@ class LeanQueue(asyncio.Queue[_T]):
     _queue: collections.deque[_T] | tuple[()]
 
     def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize)
+        # asyncio.Queue.__init__'s attributes (3.11), set here rather than made and replaced:
+        # it would allocate three deques and an Event per queue, four queues per CONNECT.
+        self._maxsize = maxsize
         self._getters: Any = SmallDeque()
         self._putters: Any = SmallDeque()
-        finished = LeanEvent()
-        finished.set()
-        self._finished: Any = finished
+        self._unfinished_tasks = 0
+        self._finished_event = None
+        self._init(maxsize)
+
+    # join()'s Event, made on first use (a put clears it, task_done sets it, join waits on it):
+    # a queue nothing was ever put on needs none, and keeps no Event and waiter list for it.
+    # (Plain attribute access, never ``self.__dict__``, which would materialise a full dict.)
+    _finished_event: asyncio.Event | None = None
+
+    @property
+    def _finished(self) -> asyncio.Event:
+        event = self._finished_event
+        if event is None:
+            event = self._finished_event = LeanEvent()
+            if not self._unfinished_tasks:
+                event.set()
+        return event
+
+    @_finished.setter
+    def _finished(self, event: asyncio.Event) -> None:
+        self._finished_event = event
 
     def _init(self, maxsize: int) -> None:
         self._queue = ()

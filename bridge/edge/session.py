@@ -10,10 +10,11 @@ broker-side handler creates :class:`MarketSession` (see :func:`install`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from amqtt.mqtt.protocol import broker_handler
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from bridge.core.context import ConnectionContext
 from bridge.edge.lean import LeanQueue
@@ -50,8 +51,39 @@ class SessionState:
 
 
 class MarketSession(Session):
-    def __init__(self) -> None:
-        super().__init__()
+    # amqtt's Session.__init__ sets 29 attributes, most to None/False/0: with ours that is
+    # past the 30 keys CPython keeps as compact shared-key values, so every session carried
+    # a full ~1.6 KB dict. Those defaults live on the class instead (an instance entry
+    # appears only when one is set); __init__ makes just the mutable ones.
+    remote_address: str | None = None
+    remote_port: int | None = None
+    client_id: str | None = None
+    clean_session: bool | None = None
+    will_flag: bool = False
+    will_message: bytes | bytearray | None = None
+    will_qos: int | None = None
+    will_retain: bool | None = None
+    will_topic: str | None = None
+    keep_alive: int = 0
+    publish_retry_delay: int = 0
+    broker_uri: str | None = None
+    username: str | None = None
+    password: str | None = None
+    cafile: str | None = None
+    capath: str | None = None
+    cadata: bytes | None = None
+    _packet_id: int = 0
+    parent: int = 0
+    last_connect_time: int | None = None
+    ssl_object: Any = None
+    last_disconnect_time: int | None = None
+    is_anonymous: bool = False
+
+    def __init__(self) -> None:  # amqtt's Session.__init__ on purpose not called (see above)
+        self._init_states()
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: OrderedDict[int, OutgoingApplicationMessage] = OrderedDict()
+        self.inflight_in: OrderedDict[int, IncomingApplicationMessage] = OrderedDict()
         # What the broker decided about this session (owner, claims, ACL, zone, ...), typed.
         self.context = ConnectionContext()
         # amqtt's Session builds two asyncio.Queue objects; an idle connection needs neither.

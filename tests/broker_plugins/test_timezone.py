@@ -129,6 +129,34 @@ def test_tick_fast_path_equals_on_deliver(
     assert plugin.on_deliver_tick(parts, zone, LUNO) == plugin.on_deliver(parts.data, zone, LUNO)
 
 
+@pytest.mark.parametrize(
+    ("fields", "rules", "zone"),
+    [
+        (("ts",), [], "Africa/Lagos"),
+        (("ts", "seq"), [], "Asia/Kolkata"),  # another tick key: the generic rewrite, per tick
+        (("created",), [], "Africa/Lagos"),  # ts not rewritten, the zone still named
+        (("ts",), [("market/luno/#", False)], "Africa/Lagos"),  # one exchange switched off
+    ],
+)
+def test_the_batch_equals_the_fast_path_tick_by_tick(
+    fields: tuple[str, ...], rules: list[tuple[str, bool]], zone: str
+) -> None:
+    counts: list[bool] = []
+    plugin = TimezonePlugin(fields=fields, rules=rules, counted=counts.append)
+    ticks = [
+        (
+            f"market/{exchange}/T{i}-ZAR",
+            parts_of(TICK.model_copy(update={"ts": TICK.ts + timedelta(seconds=i)}), i),
+        )
+        for i, exchange in enumerate(["luno", "valr", "luno", "quidax"])
+    ]
+    batch = plugin.on_deliver_ticks(ticks, zone)
+    batch_counts = counts[:]
+    counts.clear()
+    assert batch == [plugin.on_deliver_tick(parts, zone, topic) for topic, parts in ticks]
+    assert batch_counts == counts  # the same rewrites counted
+
+
 @given(
     st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)),
     st.sampled_from(["UTC", "Africa/Lagos", "Asia/Kathmandu", "America/New_York", "Australia/Lord_Howe"]),

@@ -137,3 +137,19 @@ def test_on_deliver_tick_takes_the_first_plugins_fast_path_then_chains() -> None
     assert Hooks().on_deliver_tick(parts, "Africa/Lagos", "t") == b"{}"
     assert Hooks([FastTick(), Suffix()]).on_deliver_tick(parts, "Africa/Cairo", "t") == b"fast:{}Africa/Cairo"
     assert Hooks([Suffix(), FastTick()]).on_deliver_tick(parts, None, "t") == b"slow:{}UTC"
+
+
+class BatchTicks(FastTick):
+    def on_deliver_ticks(self, ticks: list[tuple[str, TickParts]], zone: str) -> list[bytes]:
+        return [b"batch:" + parts.data + topic.encode() for topic, parts in ticks]
+
+
+def test_on_deliver_ticks_takes_the_first_plugins_batch_then_chains_each() -> None:
+    ticks = [("a", TickParts(b"{1}", b"{", "", b"1}", 0, 0)), ("b", TickParts(b"{2}", b"{", "", b"2}", 0, 0))]
+    assert Hooks().on_deliver_ticks(ticks, "Africa/Lagos") == [b"{1}", b"{2}"]
+    assert Hooks([BatchTicks(), Suffix()]).on_deliver_ticks(ticks, "Africa/Cairo") == [
+        b"batch:{1}aAfrica/Cairo",
+        b"batch:{2}bAfrica/Cairo",
+    ]
+    # A first plugin without a batch: its per-tick fast path, tick by tick.
+    assert Hooks([FastTick(), Suffix()]).on_deliver_ticks(ticks, "UTC") == [b"fast:{1}UTC", b"fast:{2}UTC"]

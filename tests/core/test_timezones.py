@@ -638,3 +638,19 @@ def test_broker_localised_ticks_equal_rewrite_of_the_utc_tick(clients: Callable[
             got = [message.payload for message in sub.expect(len(ticks))]
             expected = [rewrite(tick.encode(seq), tz).payload for seq, tick in enumerate(ticks, 1)]
             assert got == expected, tz
+
+
+@pytest.mark.parametrize(
+    ("rules", "always_on"),
+    [
+        ([], True),
+        ([("market/#", True)], True),
+        ([("market/#", True), ("user/#", False)], False),
+        ([("market/luno/#", False), ("market/#", True)], False),
+    ],
+)
+def test_always_on_only_when_no_rule_switches_off(rules: list[tuple[str, bool]], always_on: bool) -> None:
+    switch = TopicSwitch(rules)
+    assert switch.always_on is always_on
+    if always_on:
+        assert all(switch.enabled(topic) for topic in ("market/luno/BTC-ZAR", "user/u/x", "service/y"))

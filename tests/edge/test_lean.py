@@ -86,3 +86,13 @@ async def test_event_wakes_every_waiter_and_forgets_cancelled_ones() -> None:
     event.clear()
     assert not event.is_set()
     assert "unset" in repr(event)
+
+
+async def test_lean_classes_set_every_attribute_asyncios_init_sets() -> None:
+    # LeanQueue and LeanEvent set asyncio's attributes themselves instead of calling its
+    # __init__: a Python upgrade that adds one must fail here, not in production.
+    queue, lean_queue = asyncio.Queue[int](), LeanQueue[int]()
+    assert set(vars(queue)) <= set(vars(lean_queue)) | {"_finished"}
+    assert isinstance(lean_queue._finished, asyncio.Event)
+    assert lean_queue._finished.is_set()
+    assert set(vars(asyncio.Event())) <= set(vars(LeanEvent()))
