@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -584,6 +585,46 @@ def _processes(
     return env, token, start
 
 
+@dataclass
+class _Stream:
+    user: str
+    phone_id: str
+    service: Client
+    acked: set[int]  # paho mids acknowledged so far
+    index_of: dict[int, int]  # paho mid -> message index
+
+
+def _stream_to_offline_user(
+    clients: ClientFactory, port: int, token: Callable[[str, Role], str], *, total: int, acked_first: int
+) -> _Stream:
+    """A user's persistent session subscribed to ``user/<user>/#`` goes offline; a service then
+    streams ``total`` QoS 1 messages to it with 100 in flight (so they are stored in groups).
+    Returns once ``acked_first`` are acknowledged, the stream still going."""
+    user, phone_id = unique("alice"), unique("phone")
+    phone = clients(
+        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", 1) == [1]
+    phone.close()
+    service = clients(port, username="svc", password=token("svc", "service"))
+    paho = service.paho
+    paho.max_inflight_messages_set(100)
+    service.connect()
+    acked: set[int] = set()
+    some = threading.Event()
+
+    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        acked.add(mid)
+        if len(acked) >= acked_first:
+            some.set()
+
+    paho.on_publish = on_publish
+    index_of = {paho.publish(f"user/{user}/fills", b"%d" % i, qos=1).mid: i for i in range(total)}
+    assert some.wait(DEADLINE_S)
+    return _Stream(user, phone_id, service, acked, index_of)
+
+
 @pytest.mark.parametrize(
     ("kind", "fault"), [("embedded", "full"), ("embedded", "read_only"), ("redis", "full")]
 )
@@ -770,29 +811,9 @@ def test_sigkill_between_group_commits_loses_nothing_acknowledged(
     killed -9 mid-stream. Every message it acknowledged comes to the user after the restart."""
     _env, token, start = _processes(procs, tmp_path, kind, request)
     first, port = start()
-    user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
-    )
-    phone.connect()
-    assert phone.subscribe(f"user/{user}/#", 1) == [1]
-    phone.close()
-    service = clients(port, username="svc", password=token("svc", "service"))
-    paho = service.paho
-    paho.max_inflight_messages_set(100)
-    service.connect()
-    acked: set[int] = set()
-    some = threading.Event()
-
-    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        acked.add(mid)
-        if len(acked) >= 300:
-            some.set()
-
-    paho.on_publish = on_publish
     total = 900  # the queue's default bound is 1000: nothing is evicted
-    index_of = {paho.publish(f"user/{user}/fills", b"%d" % i, qos=1).mid: i for i in range(total)}
-    assert some.wait(DEADLINE_S)
+    stream = _stream_to_offline_user(clients, port, token, total=total, acked_first=300)
+    user, phone_id, acked, index_of = stream.user, stream.phone_id, stream.acked, stream.index_of
     first.popen.send_signal(signal.SIGKILL)
     first.popen.wait(DEADLINE_S)
     told_stored = {index_of[mid] for mid in set(acked)}
@@ -825,29 +846,10 @@ def test_a_redis_outage_mid_stream_acknowledges_only_what_was_committed(
     env, token, start = _processes(procs, tmp_path, "redis", request)
     env["MARKET_BRIDGE_STORE__QUEUE_MAX_MESSAGES"] = "10000"
     broker, port = start()
-    user, phone_id = unique("alice"), unique("phone")
-    phone = clients(
-        port, client_id=phone_id, clean_session=False, username=user, password=token(user, "subscriber")
-    )
-    phone.connect()
-    assert phone.subscribe(f"user/{user}/#", 1) == [1]
-    phone.close()
-    service = clients(port, username="svc", password=token("svc", "service"))
-    paho = service.paho
-    paho.max_inflight_messages_set(100)
-    service.connect()
-    acked: set[int] = set()
-    some = threading.Event()
-
-    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        acked.add(mid)
-        if len(acked) >= 200:
-            some.set()
-
-    paho.on_publish = on_publish
     total = 5000
-    index_of = {paho.publish(f"user/{user}/fills", b"%d" % i, qos=1).mid: i for i in range(total)}
-    assert some.wait(DEADLINE_S)
+    stream = _stream_to_offline_user(clients, port, token, total=total, acked_first=200)
+    user, phone_id, acked, index_of = stream.user, stream.phone_id, stream.acked, stream.index_of
+    service = stream.service
     with redis_process.paused():
         # Past the store's call deadline (2 s) the broker gives up on the group and closes the
         # service's connection without acknowledging it.
