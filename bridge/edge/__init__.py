@@ -6,11 +6,12 @@ us, in one place:
 
 - ``Broker`` start/shutdown bookkeeping and its ``_servers`` table (listeners are ours);
 - ``Session`` objects as the per-client-id record of subscriptions and QoS 2 state;
-- ``BrokerProtocolHandler``'s packet encoders for UNSUBACK (and CONNACK/SUBACK on a
-  connection without an outbox: permessage-deflate) and its QoS 2 inbound flow;
+- ``BrokerProtocolHandler``'s SUBSCRIBE/UNSUBSCRIBE decoding, UNSUBACK, and the inbound
+  QoS 2 flow (PUBREC/PUBREL/PUBCOMP);
 - the ``plugins_manager`` event bus (client connected/disconnected, subscribed); admission
   and permissions are the plugins on the named hooks (``bridge.core.hooks``), not amqtt's.
 
-Everything else on the connection path (reading, CONNECT, admission, fan-out, outbound QoS
-1/2, keep-alive) is ours.
+Everything else on the connection path (sockets, the WebSocket handshake and frames,
+CONNECT, admission, CONNACK/SUBACK, reading packets, fan-out, QoS 0/1 user publishes,
+outbound QoS 1/2, keep-alive) is ours.
 """
