@@ -231,7 +231,7 @@ async def _fault(nodes: list[str], cluster: ClusterProcesses, kind: str) -> dict
 
     feeder = asyncio.create_task(feed())
     try:
-        await asyncio.sleep(0.5)
+        await receiver.wait_for(50, 5.0)  # ticks flowing before the fault
         master = cluster.master_of(keys.partition_channel(0))  # P0..P9 spread over shards
         target = master if kind == "failover" else cluster.master_of(keys.partition_channel(1))
         began = time.perf_counter()
@@ -240,7 +240,7 @@ async def _fault(nodes: list[str], cluster: ClusterProcesses, kind: str) -> dict
         else:
             await asyncio.to_thread(cluster.kill_master, target)
         switched = time.perf_counter() - began
-        await asyncio.sleep(2.0)
+        await receiver.wait_for(receiver.count + 200, 10.0)  # flowing again (or the deadline)
         stop.set()
         await feeder
         gap = receiver.longest_gap(began - 0.5)
