@@ -39,6 +39,7 @@ from bridge.http import HttpServer
 from bridge.keys import generate_dev_secret, load_signing_key
 from bridge.logs import setup_logging
 from bridge.runtime import build_feed, pump, run, serve
+from bridge.workers import STOP_MARGIN_S, Supervisor, parse_workers, plan_workers, signal_ready, worker_argv
 from broker_plugins.offline_store import open_store
 from feeds.poller import FEED_KINDS, POLLED_EXCHANGES
 from feeds.publisher import MqttTickPublisher
@@ -145,6 +146,7 @@ async def _run(config: BridgeConfig, *, banner: bool) -> None:
             log.info("http listening on %s:%s", config.http.host, http.port)
         if banner:
             print(connect_banner(broker, config, http), flush=True)
+        signal_ready()  # a --workers supervisor waits for this
 
     await serve(config, stop=stop, on_ready=ready)
 
@@ -202,6 +204,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the broker and the feeds in the config")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    run.add_argument(
+        "--workers",
+        default="1",
+        help="N nodes of the cluster sharing the ports (SO_REUSEPORT); 'auto' = the cores (needs cluster.enabled)",
+    )
 
     demo = commands.add_parser(
         "demo", help="run the embedded default with simulated feeds and print how to connect"
@@ -301,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mint(config, sub=args.sub, role=args.role, ttl_s=ttl_s, tz=args.tz, kid=args.kid, extra=extra)
             )
             return 0
+        workers = parse_workers(args.workers) if args.command == "run" else 1
+        if workers > 1:
+            plans = plan_workers(config, workers)
+            setup_logging(config.logging)
+            timeout = config.broker.drain_timeout_s + STOP_MARGIN_S
+            return asyncio.run(Supervisor(plans, worker_argv(args.config), stop_timeout_s=timeout).run())
         setup_logging(config.logging)
         run(_run(config, banner=args.command == "demo"), config.broker.event_loop)
         return 0

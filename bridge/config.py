@@ -117,6 +117,9 @@ class WsListenerConfig(ListenerConfig):
 class ListenersConfig(_Strict):
     ws: WsListenerConfig = WsListenerConfig()
     tcp: ListenerConfig = ListenerConfig()
+    # SO_REUSEPORT: several processes bind the same ports and the kernel spreads new
+    # connections over them (`market-bridge run --workers N` sets it for its workers).
+    reuse_port: bool = False
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
 
-__all__ = ["PROBE_S", "NodeRegistry", "default_node_id"]
+__all__ = ["PROBE_S", "NodeRegistry", "default_node_id", "worker_node_id"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ def default_node_id(configured: str | None = None, *, host: str | None = None, p
     pid = pid if pid is not None else os.getpid()
     name = _NOT_ID.sub("-", host)[:40].strip("-") or "node"
     return f"{name}-{pid}"
+
+
+def worker_node_id(configured: str | None, index: int, *, host: str | None = None) -> str:
+    """Worker ``index`` of ``market-bridge run --workers N``: ``<node_id or host>-w<index>``,
+    the base cut so the id stays within 64 characters."""
+    suffix = f"-w{index}"
+    base = configured or _NOT_ID.sub("-", host if host is not None else socket.gethostname()).strip("-")
+    return f"{(base or 'node')[: 64 - len(suffix)]}{suffix}"
 
 
 class NodeRegistry:

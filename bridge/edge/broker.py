@@ -588,6 +588,7 @@ class MarketBroker(Broker):
         except (OSError, ValueError) as exc:
             raise ListenerError(name, listener.host, listener.port, f"TLS certificate or key: {exc}") from exc
         serve = partial(self._client_connected, name)
+        reuse_port = self.bridge_config.listeners.reuse_port  # --workers: the kernel spreads
         try:
             # Our own protocols, one object per socket (bridge/edge/streams.py, ws_connection.py).
             if isinstance(listener, WsListenerConfig):
@@ -602,12 +603,22 @@ class MarketBroker(Broker):
                     log=log,
                 )
                 ws.server = await asyncio.get_running_loop().create_server(
-                    ws.connection, listener.host, listener.port, ssl=ssl_context, reuse_address=True
+                    ws.connection,
+                    listener.host,
+                    listener.port,
+                    ssl=ssl_context,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
                 )
                 return ws
             tcp = Listener(name, serve)
             return await asyncio.get_running_loop().create_server(
-                partial(TcpConnection, tcp), listener.host, listener.port, ssl=ssl_context, reuse_address=True
+                partial(TcpConnection, tcp),
+                listener.host,
+                listener.port,
+                ssl=ssl_context,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
             )
         except OSError as exc:
             # asyncio's strerror repeats the address: "error while attempting to bind on ...".
