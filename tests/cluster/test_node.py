@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bridge.cluster.backbone import Backbone
-from bridge.cluster.node import NodeRegistry, default_node_id
+from bridge.cluster.node import NodeRegistry, default_node_id, worker_node_id
 from tests.redis_server import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,6 +30,20 @@ DEADLINE_S = 20.0
 )
 def test_default_node_id(configured: str | None, host: str, pid: int, expected: str) -> None:
     assert default_node_id(configured, host=host, pid=pid) == expected
+
+
+@pytest.mark.parametrize(
+    ("configured", "index", "host", "expected"),
+    [
+        ("web", 0, "ignored", "web-w0"),
+        (None, 3, "box.example", "box.example-w3"),
+        (None, 1, "bad host{name}", "bad-host-name-w1"),
+        (None, 0, "", "node-w0"),
+        ("x" * 64, 12, "ignored", "x" * 60 + "-w12"),  # still a valid id: 64 characters at most
+    ],
+)
+def test_worker_node_id(configured: str | None, index: int, host: str, expected: str) -> None:
+    assert worker_node_id(configured, index, host=host) == expected
 
 
 async def test_registry_lists_live_nodes(make_backbone: Callable[[], Backbone]) -> None:
