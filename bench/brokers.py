@@ -13,6 +13,7 @@ working while the engine behind it is rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +103,32 @@ class RunningBroker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def _tree(self) -> list[psutil.Process]:
+        """The broker and its child processes (``--workers``: the supervisor and the workers)."""
+        main = self.ps
+        try:
+            return [main, *main.children(recursive=True)]
+        except psutil.Error:
+            return [main]
+
     def rss(self) -> int:
-        return int(self.ps.memory_info().rss)
+        total = 0
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                total += int(process.memory_info().rss)
+        return total
 
     def cpu_s(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        """CPU seconds of the broker's live processes (a worker that died takes its share along)."""
+        total = 0.0
+        for process in self._tree():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._tree()]
 
     def nofile_limit(self) -> int | None:
         """The broker's soft RLIMIT_NOFILE (Mosquitto drops to its own user: prlimit is refused)."""
@@ -187,14 +208,14 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _launch(
-    kind: BrokerKind, workdir: Path, tcp: int, ws: int, config: Mapping[str, Any]
+    kind: BrokerKind, workdir: Path, tcp: int, ws: int, config: Mapping[str, Any], args: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
     log = open(workdir / "broker.log", "wb")  # noqa: SIM115 (the child owns it; closed below)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARKET_BRIDGE_")}
     if kind == "market-bridge":
         path = workdir / "bridge.yaml"
         path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-        argv = [sys.executable, "-m", "bridge.cli", "run", "--config", str(path)]
+        argv = [sys.executable, "-m", "bridge.cli", "run", "--config", str(path), *args]
     elif kind in ("amqtt", "reference"):
         module = "bench.vanilla_amqtt" if kind == "amqtt" else "bench.reference_broker"
         argv = [sys.executable, "-m", module, "--tcp-port", str(tcp), "--ws-port", str(ws)]
@@ -243,11 +264,13 @@ def running(
     max_connections: int = 10_000,
     auth: Auth | None = None,
     extra: Mapping[str, Any] | None = None,
+    args: Sequence[str] = (),
 ) -> Iterator[RunningBroker]:
     """A broker of ``kind`` for the duration of the block; always stopped on the way out.
 
     For ``market-bridge``: ``auth`` (a new key by default) and ``extra`` config merged over
-    the bench defaults (e.g. ``{"auth": {...}}`` to trust other keys).
+    the bench defaults (e.g. ``{"auth": {...}}`` to trust other keys); ``args`` after
+    ``run --config FILE`` (e.g. ``--workers 2``).
     """
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     tcp, ws = _free_port(), _free_port()
@@ -273,7 +296,7 @@ def running(
         auth = None
         config = dict(extra or {})  # mosquitto: extra "option value" lines for its config file
     broker = RunningBroker(
-        kind, _launch(kind, workdir, tcp, ws, config), tcp, ws, auth, workdir / "broker.log"
+        kind, _launch(kind, workdir, tcp, ws, config, args), tcp, ws, auth, workdir / "broker.log"
     )
     try:
         _wait_listening(broker, 30)

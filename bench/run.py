@@ -29,6 +29,9 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
   Mosquitto with persistence on when installed.
 - ``drain`` [market-bridge]: 1,000 users x 100 queued messages reconnecting together while
   ticks fan out live (bench/mailbox_drain.py; quick: 200 x 50).
+- ``workers`` [market-bridge]: ``run --workers 1`` vs ``--workers 2`` (cluster on, one Redis):
+  WebSocket admission with HS256 tokens (3,000 connections x 2 rounds; quick 1,000 x 1) and
+  fan-out, then ``workers_summary`` with the ratios (bench/workers.py).
 
 Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
 ``summary`` line (wall time, failed scenarios). A scenario that fails prints its error as
@@ -49,6 +52,7 @@ from functools import partial
 from typing import Any
 
 from bench import connect, mailbox_drain, offline
+from bench import workers as workers_bench
 from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, running
 from bench.loadgen import raise_nofile_limit
 from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
@@ -66,6 +70,7 @@ SCENARIOS = (
     "storm",
     "offline",
     "drain",
+    "workers",
 )
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
@@ -348,6 +353,20 @@ def main() -> None:
             except Exception as exc:
                 report.emit(
                     "mailbox_drain", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
+                )
+        if "workers" in chosen:
+            try:
+                for result in workers_bench.run(
+                    connections=1000 if quick else 3000,
+                    rounds=1 if quick else 2,
+                    generators=2,
+                    concurrency=50,
+                    fanout_s=4.0 if quick else 8.0,
+                ):
+                    report.emit(result.pop("scenario"), result)
+            except Exception as exc:
+                report.emit(
+                    "workers_admission", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
                 )
 
     for other in brokers:
