@@ -220,7 +220,7 @@ class Supervisor:
         announce = asyncio.create_task(self._announce(ready))
         try:
             results = await asyncio.gather(
-                *(self._keep(plan, ready[plan.index]) for plan in self.plans), return_exceptions=True
+                *(self._guarded(plan, ready[plan.index]) for plan in self.plans), return_exceptions=True
             )
         finally:
             announce.cancel()
@@ -270,6 +270,13 @@ class Supervisor:
         self._pids[plan.index] = proc.pid
         log.info("worker %s started: pid %d, node %s", plan.name, proc.pid, plan.node_id)
         return proc, asyncio.create_task(ready())
+
+    async def _guarded(self, plan: WorkerPlan, ready: asyncio.Event) -> None:
+        try:
+            await self._keep(plan, ready)
+        except BaseException:
+            self.stop.set()  # whatever went wrong, the other workers stop instead of running on
+            raise
 
     async def _keep(self, plan: WorkerPlan, ready: asyncio.Event) -> None:
         failures, first = 0, True
