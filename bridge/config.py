@@ -457,6 +457,9 @@ class ClusterConfig(_Strict):
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    # Names this process in every line (`--workers` sets each worker's node id): N workers
+    # write to one stream.
+    tag: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
 
 
 class BridgeConfig(BaseSettings):

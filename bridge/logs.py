@@ -138,8 +138,9 @@ def clip(value: object, limit: int = 80) -> str:
 class PlainFormatter(logging.Formatter):
     """``time level logger: message``; the message escaped and capped, so one record is one line."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    def __init__(self, tag: str | None = None) -> None:
+        where = f"[{tag}] " if tag else ""
+        super().__init__(f"%(asctime)s %(levelname)-7s {where}%(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # format() has just set record.message from getMessage(); every formatter sets it anew.
@@ -149,6 +150,10 @@ class PlainFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (JSON escapes control characters); the message capped."""
+
+    def __init__(self, tag: str | None = None) -> None:
+        super().__init__()
+        self.tag = tag
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -160,6 +165,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": message,
         }
+        if self.tag:
+            event["tag"] = self.tag
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         # JSON leaves DEL raw; \\u007f is the same string to a reader and no raw control byte.
@@ -389,7 +396,7 @@ def log_handler(
     handler: logging.StreamHandler[IO[str]] = logging.StreamHandler(
         stream if stream is not None else sys.stderr
     )
-    handler.setFormatter(JsonFormatter() if config.json_format else PlainFormatter())
+    handler.setFormatter(JsonFormatter(config.tag) if config.json_format else PlainFormatter(config.tag))
     RateLimitFilter(clock=clock).attach(handler)
     return handler
 

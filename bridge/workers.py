@@ -9,7 +9,7 @@ cluster behind them (ticks, seq, limits, client ids over Redis): N > 1 needs
 
 Per worker (environment overrides over the same config file):
 
-- ``cluster.node_id``: ``<node_id or host>-w<i>``;
+- ``cluster.node_id`` and ``logging.tag`` (in every log line): ``<node_id or host>-w<i>``;
 - ``http.port``: ``http.port + i``, so a scrape reaches the worker it names (a shared port
   would answer from a random worker); each serves its own ``/metrics`` with its ``node``
   label, ``/readyz`` and the admin API (cluster-wide answers on every worker);
@@ -146,7 +146,11 @@ def plan_workers(config: BridgeConfig, count: int, *, host: str | None = None) -
     plans = []
     for index in range(count):
         node_id = worker_node_id(config.cluster.node_id, index, host=host)
-        env = {f"{_ENV}CLUSTER__NODE_ID": node_id, f"{_ENV}LISTENERS__REUSE_PORT": "true"}
+        env = {
+            f"{_ENV}CLUSTER__NODE_ID": node_id,
+            f"{_ENV}LISTENERS__REUSE_PORT": "true",
+            f"{_ENV}LOGGING__TAG": node_id,  # N workers share the supervisor's stderr
+        }
         if http_ports[index] is not None:
             env[f"{_ENV}HTTP__PORT"] = str(http_ports[index])
         if index > 0 and config.feeds:

@@ -212,6 +212,19 @@ def test_json_formatter_caps_the_message_and_keeps_tracebacks() -> None:
     assert event["exc"].endswith("RuntimeError: our own bug")
 
 
+@pytest.mark.parametrize(
+    ("tag", "plain_has", "json_tag"),
+    [
+        (None, " INFO    bridge.edge.broker: hello", None),
+        ("web-w1", " INFO    [web-w1] bridge.edge.broker: hello", "web-w1"),
+    ],
+)
+def test_formatters_name_the_tagged_process(tag: str | None, plain_has: str, json_tag: str | None) -> None:
+    """``logging.tag`` (each ``--workers`` worker's node id) in every line of a shared stream."""
+    assert PlainFormatter(tag).format(record("hello")).endswith(plain_has)
+    assert json.loads(JsonFormatter(tag).format(record("hello"))).get("tag") == json_tag
+
+
 # --- the rate limit ------------------------------------------------------------------------------
 
 

@@ -106,6 +106,7 @@ def test_plan_names_ports_feeds_and_stores_per_worker(tmp_path: Path) -> None:
     ]
     for plan in plans:
         assert plan.env["MARKET_BRIDGE_CLUSTER__NODE_ID"] == plan.node_id
+        assert plan.env["MARKET_BRIDGE_LOGGING__TAG"] == plan.node_id  # one stream, N writers
         assert plan.env["MARKET_BRIDGE_LISTENERS__REUSE_PORT"] == "true"
         assert plan.env["MARKET_BRIDGE_HTTP__PORT"] == str(plan.http_port)
         assert plan.env["MARKET_BRIDGE_STORE__PATH"] == str(tmp_path / f"db-w{plan.index}.sqlite3")
@@ -226,6 +227,9 @@ def test_both_workers_are_up_as_nodes_of_one_cluster(workers: Workers) -> None:
         assert set(workers.node_ids) <= set(view["cluster_nodes"])
         metrics = workers.get(index, "/metrics").text
         assert f'node="{node_id}"' in metrics  # /metrics per worker, labelled with its node
+        assert any(
+            f"[{node_id}] bridge.edge.broker: listener tcp bound" in line for line in workers.proc.lines
+        )
 
 
 def test_connections_spread_over_both_workers_and_ticks_cross_them(workers: Workers) -> None:
