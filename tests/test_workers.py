@@ -199,6 +199,14 @@ def _write_config(tmp_path: Path, redis_url: str, ws: int, tcp: int, http: int, 
     return path
 
 
+def _gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by whoever inherited it counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture
 def workers(redis_url: str, procs: Callable[..., Proc], tmp_path: Path) -> Iterator[Workers]:
     ws, tcp = _free_ports(2)
@@ -211,7 +219,7 @@ def workers(redis_url: str, procs: Callable[..., Proc], tmp_path: Path) -> Itera
     pids = list(running.pids().values())
     proc.stop()
     # Every worker stopped with the supervisor: none left behind.
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not [p for p in pids if not _gone(p)]
 
 
 def _client(port: int, transport: Transport = "tcp", *, username: str | None = None) -> Client:
@@ -306,7 +314,7 @@ def test_a_dead_worker_is_restarted_and_sigterm_stops_every_process(workers: Wor
     assert workers.proc.stop() == 0  # SIGTERM: every worker drains, the supervisor exits 0
     workers.proc.wait_for_line(r"workers: all 2 stopped")
     for pid in after.values():
-        wait_until(lambda pid=pid: not psutil.pid_exists(pid), what=f"worker {pid} gone")  # type: ignore[misc]
+        wait_until(lambda pid=pid: _gone(pid), what=f"worker {pid} gone")  # type: ignore[misc]
 
 
 def test_a_worker_that_cannot_start_stops_the_group(
@@ -339,3 +347,11 @@ def test_run_refuses_workers_it_cannot_share_in_one_line(
     assert proc.popen.wait(DEADLINE_S * 2) == 2
     proc.wait_for_line(field)
     assert len([line for line in proc.lines if line.strip()]) == 1, proc.lines
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(workers: Workers) -> None:
+    pids = workers.pids()
+    workers.proc.popen.kill()  # SIGKILL: the supervisor forwards nothing, the kernel tells them
+    workers.proc.popen.wait(DEADLINE_S)
+    for pid in pids.values():
+        wait_until(lambda pid=pid: _gone(pid), timeout=30, what=f"worker {pid} gone")  # type: ignore[misc]
