@@ -38,13 +38,15 @@ unit-uvloop: $(STAMP)
 	BRIDGE_TEST_EVENT_LOOP=uvloop $(BIN)/pytest
 
 # Every scenario (fan-out QoS 0/1, paced latency, idle connections, retained snapshot, stalled
-# subscriber, connect rate, offline backlog) on our broker, vanilla amqtt and Mosquitto (when
+# subscriber, connect rate, offline backlog, two cluster nodes and a node's death when
+# redis-server is installed) on our broker, vanilla amqtt and Mosquitto (when
 # installed): one JSON line each. BENCH_ARGS=--quick for a short run.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-# The cluster building blocks on a local Redis Cluster (bench/cluster.py): Redis operations per
-# tick, the seq's cost, cross-node latency, ticks through a failover and a master kill.
+# The cluster on a local Redis Cluster (bench/cluster.py): the building blocks (Redis operations
+# per tick, the seq's cost, ticks through a failover and a master kill), then real broker nodes
+# (bench/cluster_nodes.py): per-node latency and CPU per delivery, and a node killed with 1,000 clients.
 bench-cluster: $(STAMP)
 	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 

@@ -29,6 +29,11 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
   Mosquitto with persistence on when installed.
 - ``drain`` [market-bridge]: 1,000 users x 100 queued messages reconnecting together while
   ticks fan out live (bench/mailbox_drain.py; quick: 200 x 50).
+- ``cluster`` [market-bridge, when redis-server is installed]: a local Redis Cluster and
+  broker processes with ``cluster.enabled`` (bench/cluster_nodes.py): ``cluster_fanout`` (feed
+  on node 1, 50 WebSocket subscribers over nodes 1 and 2: per-node latency and CPU per
+  delivery, Redis operations per tick) and ``node_death`` (kill -9 of a node holding 1,000
+  clients, quick 200: time to all reconnected to the others, leases freed).
 
 Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
 ``summary`` line (wall time, failed scenarios). A scenario that fails prints its error as
@@ -48,7 +53,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from bench import connect, mailbox_drain, offline
+from bench import cluster_nodes, connect, mailbox_drain, offline
 from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, running
 from bench.loadgen import raise_nofile_limit
 from bench.scenarios import FanoutOptions, fanout, idle, retained_snapshot
@@ -66,6 +71,7 @@ SCENARIOS = (
     "storm",
     "offline",
     "drain",
+    "cluster",
 )
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
@@ -194,6 +200,19 @@ def _phone(
             report.run("phone", "market-bridge", measure, max_connections=subscribers + 100, extra=extra)
     if "mosquitto" in brokers:
         report.run("phone", "mosquitto", lambda b: fanout(b, phone))
+
+
+def _cluster(report: Report, quick: bool) -> None:
+    if not cluster_nodes.available():
+        print(json.dumps({"scenario": "note", "cluster": "redis-server not on PATH: skipped"}), flush=True)
+        return
+    try:
+        for result in cluster_nodes.run_all(quick=quick):
+            report.emit(result.pop("scenario"), result)
+    except Exception as exc:
+        report.emit(
+            "cluster_fanout", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        )
 
 
 def main() -> None:
@@ -349,6 +368,9 @@ def main() -> None:
                 report.emit(
                     "mailbox_drain", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
                 )
+
+        if "cluster" in chosen:
+            _cluster(report, quick)
 
     for other in brokers:
         if other != "market-bridge" and (line := ratios(report, other)) is not None:
