@@ -311,14 +311,16 @@ async def _subscribed(client: Client, limit_s: float) -> None:
     await client.until(lambda: client.rx.publishes >= 1, limit_s)
 
 
-async def _back(endpoint: Endpoint, credentials: Credentials, deadline: float) -> bool:
-    """Connect, subscribe ``market/#`` and wait for a snapshot, retrying until ``deadline``."""
+async def _back(endpoint: Endpoint, credentials: Credentials, deadline: float, retries: Counter[str]) -> bool:
+    """Connect, subscribe ``market/#`` and wait for a snapshot, retrying until ``deadline``
+    (each failed try counted in ``retries`` by its reason)."""
     while time.monotonic() < deadline:
         client: Client | None = None
         try:
             client = await open_client(endpoint, credentials, limit_s=max(0.1, deadline - time.monotonic()))
             await _subscribed(client, max(0.1, deadline - time.monotonic()))
-        except (Refused, OSError, TimeoutError, mqttws.ProtocolError):
+        except (Refused, OSError, TimeoutError, mqttws.ProtocolError) as exc:
+            retries[str(exc) if isinstance(exc, Refused) else type(exc).__name__] += 1
             if client is not None:
                 client.close()
             await asyncio.sleep(0.25)  # a phone's backoff before the next try
@@ -357,24 +359,38 @@ async def _node_death(seeds: Sequence[str], nodes: list[RunningBroker], clients:
         killed = time.monotonic()
         deadline = killed + 60
 
+        back_at: list[float] = []
+        retries: Counter[str] = Counter()
+        noticed_at: list[float] = []
+
         async def again(index: int, client: Client) -> bool:
             with contextlib.suppress(ConnectionResetError, TimeoutError):
                 await client.until(lambda: client.lost, 30)  # the phone notices the drop
+            noticed_at.append(time.monotonic() - killed)
             async with gate:
-                return await _back(survivors[index % len(survivors)].ws, credentials[index], deadline)
+                ok = await _back(survivors[index % len(survivors)].ws, credentials[index], deadline, retries)
+            if ok:
+                back_at.append(time.monotonic() - killed)
+            return ok
 
+        async def expiries() -> tuple[float | None, float | None]:
+            """When A's last lease and its registry entry stopped counting (polled meanwhile)."""
+            leases_s = registry_s = None
+            while time.monotonic() < deadline and (leases_s is None or registry_s is None):
+                now = time.monotonic() - killed
+                if leases_s is None and not any(
+                    m.startswith(prefix) for m in await _live(redis, keys.lease_all())
+                ):
+                    leases_s = now
+                if registry_s is None and "node1" not in await _live(redis, keys.nodes()):
+                    registry_s = now
+                await asyncio.sleep(0.05)
+            return leases_s, registry_s
+
+        watch = asyncio.create_task(expiries())
         back = await asyncio.gather(*(again(i, c) for i, c in enumerate(held)))
         all_back_s = time.monotonic() - killed
-        leases_s = registry_s = None
-        while time.monotonic() < deadline and (leases_s is None or registry_s is None):
-            now = time.monotonic() - killed
-            if leases_s is None and not any(
-                m.startswith(prefix) for m in await _live(redis, keys.lease_all())
-            ):
-                leases_s = now
-            if registry_s is None and "node1" not in await _live(redis, keys.nodes()):
-                registry_s = now
-            await asyncio.sleep(0.05)
+        leases_s, registry_s = await watch
     finally:
         await redis.aclose()
         victim.process.wait(10)
@@ -384,6 +400,9 @@ async def _node_death(seeds: Sequence[str], nodes: list[RunningBroker], clients:
         "victim_leases_before": len(mine),
         "reconnected": sum(back),
         "all_reconnected_s": round(all_back_s, 2) if all(back) else None,
+        "median_reconnected_s": round(statistics.median(back_at), 2) if back_at else None,
+        "failed_tries": dict(retries),
+        "last_drop_noticed_s": round(max(noticed_at), 2) if noticed_at else None,
         "leases_freed_s": None if leases_s is None else round(leases_s, 2),
         "left_registry_s": None if registry_s is None else round(registry_s, 2),
     }
