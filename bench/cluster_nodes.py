@@ -208,11 +208,9 @@ def fanout_over(
         result["redis_ops_per_tick"] = round(commands.total() / max(ticks, 1), 4)
         result["redis_scripts_per_tick"] = round(sum(commands[n] for n in SCRIPTS) / max(ticks, 1), 4)
         result["redis_top_commands"] = dict(commands.most_common(6))
-    total = 0
     for index, name in enumerate(names):
         got = done[name]
         received = got["received"]
-        total += received
         span = got["last_mono"] - published["start_mono"]
         samples: array[int] = array("q")
         samples.frombytes(got["samples"])
