@@ -57,6 +57,7 @@ __all__ = ["available", "cluster_fanout", "master_commands", "node_death", "run_
 
 DRAIN_IDLE_S = 2.0
 PACED_RATE = 50.0  # ticks/s: 2,500 deliveries/s to 50 subscribers
+TOPICS_PER_RUN = 8
 SCRIPTS = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall")
 _runs = itertools.count(1)
 
@@ -145,13 +146,18 @@ def fanout_over(
     rate: float | None,
     duration_s: float,
     seeds: Sequence[str] | None,
+    retained_topics: int = 0,
 ) -> dict[str, Any]:
-    """The feed on ``nodes[0]``, ``subscribers`` split evenly over ``nodes``; figures per node."""
+    """The feed on ``nodes[0]``, ``subscribers`` split evenly over ``nodes``; figures per node.
+
+    ``retained_topics``: snapshots each subscriber gets on SUBSCRIBE (the topics of earlier
+    runs on these nodes); they arrive before publishing starts and are not counted.
+    """
     slots = tuple(range(len(nodes)))
     per_node = subscribers // len(nodes)
     # Fresh topics per run: no snapshot of an earlier run counts as a delivery or a sample.
     run = next(_runs)
-    topics = tuple(f"market/luno/R{run}T{i}-ZAR" for i in range(8))
+    topics = tuple(f"market/luno/R{run}T{i}-ZAR" for i in range(TOPICS_PER_RUN))
     sample_every = 1 if rate is not None else 16
     with Fleet(slots=len(nodes)) as fleet:
         names = []
@@ -185,11 +191,16 @@ def fanout_over(
         connected = sum(ready[n]["connected"] for n in names)
         if connected < per_node * len(nodes):
             raise RuntimeError(f"{connected}/{per_node * len(nodes)} subscribers connected: {ready}")
+        snapshots = retained_topics * per_node
+        _wait_drained(fleet, slots, snapshots * len(nodes), limit_s=10.0)
+        before = [fleet.received([slot]) for slot in slots]
+        if sum(before) != snapshots * len(nodes):
+            raise RuntimeError(f"{sum(before)} snapshots on SUBSCRIBE, expected {snapshots * len(nodes)}")
         cpu0 = [node.cpu_s() for node in nodes]
         commands0 = asyncio.run(command_stats(seeds)) if seeds else Counter()
         fleet.control.publish.set()
         published = fleet.collect("done", ["publisher"], timeout=duration_s + 60)["publisher"]
-        _wait_drained(fleet, slots, published["published"] * per_node * len(nodes))
+        _wait_drained(fleet, slots, (published["published"] + retained_topics) * per_node * len(nodes))
         cpu1 = [node.cpu_s() for node in nodes]
         commands = asyncio.run(command_stats(seeds)) - commands0 if seeds else Counter()
         fleet.control.stop.set()
@@ -210,7 +221,7 @@ def fanout_over(
         result["redis_top_commands"] = dict(commands.most_common(6))
     for index, name in enumerate(names):
         got = done[name]
-        received = got["received"]
+        received = got["received"] - before[index]
         span = got["last_mono"] - published["start_mono"]
         samples: array[int] = array("q")
         samples.frombytes(got["samples"])
@@ -248,12 +259,22 @@ def cluster_fanout(seeds: Sequence[str], *, quick: bool = False, subscribers: in
             [single], subscribers=subscribers, rate=PACED_RATE, duration_s=duration, seeds=None
         )
         one_saturated = fanout_over(
-            [single], subscribers=subscribers, rate=None, duration_s=saturated_s, seeds=None
+            [single],
+            subscribers=subscribers,
+            rate=None,
+            duration_s=saturated_s,
+            seeds=None,
+            retained_topics=TOPICS_PER_RUN,
         )
     with cluster_nodes(seeds, 2, auth=auth) as nodes:
         paced = fanout_over(nodes, subscribers=subscribers, rate=PACED_RATE, duration_s=duration, seeds=seeds)
         saturated = fanout_over(
-            nodes, subscribers=subscribers, rate=None, duration_s=saturated_s, seeds=seeds
+            nodes,
+            subscribers=subscribers,
+            rate=None,
+            duration_s=saturated_s,
+            seeds=seeds,
+            retained_topics=TOPICS_PER_RUN,
         )
     single_paced, single_saturated = one_paced["node1"], one_saturated["node1"]
 
