@@ -35,6 +35,7 @@ import collections
 import contextlib
 import itertools
 import json
+import shutil
 import statistics
 import struct
 import tempfile
@@ -254,7 +255,8 @@ async def main() -> None:
     args = parser.parse_args()
     duration = 2.0 if args.quick else 6.0
     chosen = args.scenarios.split(",")
-    cluster = ClusterProcesses(Path(tempfile.mkdtemp(prefix="bench-cluster-")))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    cluster = ClusterProcesses(workdir)
     cluster.start()
     try:
         nodes = cluster.startup_nodes
@@ -281,6 +283,7 @@ async def main() -> None:
             print(json.dumps({"scenario": "node_death", **line}), flush=True)
     finally:
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the Redis nodes' data and logs
 
 
 if __name__ == "__main__":
