@@ -106,10 +106,11 @@ def fetch(url: str, timeout_s: float = 60.0) -> bytes:
     return response.content
 
 
-def install(dest: Path = VENDOR_DIR, url: str | None = None) -> list[Path]:
-    """Download, verify and extract the pinned release into ``dest``."""
+def install(dest: Path = VENDOR_DIR, url: str | None = None, integrity: str = MQTT_INTEGRITY) -> list[Path]:
+    """Download, verify and extract the pinned release into ``dest`` (nothing is written
+    unless the whole tarball verifies)."""
     data = fetch(url or tarball_url())
-    verify(data)
+    verify(data, integrity)
     return extract(data, dest)
 
 
