@@ -3,6 +3,8 @@ policy, config.json, the fixed file list, and a clear answer when MQTT.js was ne
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -26,10 +28,27 @@ def _vendor(tmp_path: Path, *, bundle: bool = True) -> Path:
     return vendor
 
 
-def _client(vendor: Path, ws: WsEndpoint | None = WS) -> httpx.AsyncClient:
+class _Http:
+    """GETs against the app on a loop in another thread: the package's Playwright browser
+    holds this thread's event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._app = app
+
+    def get(self, path: str) -> httpx.Response:
+        async def fetch() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self._app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8081") as client:
+                return await client.get(path)
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, fetch()).result(timeout=5)
+
+
+def _client(vendor: Path, ws: WsEndpoint | None = WS) -> _Http:
     app = FastAPI()
     app.include_router(router(lambda: ws, vendor_dir=vendor))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8081")
+    return _Http(app)
 
 
 @pytest.mark.parametrize(
@@ -60,9 +79,9 @@ def test_the_policy_allows_self_and_exactly_the_mqtt_websocket(
     assert "frame-ancestors 'none'" in policy
 
 
-async def test_the_page_comes_with_its_policy(tmp_path: Path) -> None:
-    async with _client(_vendor(tmp_path)) as http:
-        page = await http.get("/")
+def test_the_page_comes_with_its_policy(tmp_path: Path) -> None:
+    http = _client(_vendor(tmp_path))
+    page = http.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert page.text == (STATIC_DIR / "index.html").read_text()
@@ -71,10 +90,10 @@ async def test_the_page_comes_with_its_policy(tmp_path: Path) -> None:
     assert page.headers["referrer-policy"] == "no-referrer"
 
 
-async def test_without_the_bundle_the_page_says_how_to_fetch_it(tmp_path: Path) -> None:
-    async with _client(_vendor(tmp_path, bundle=False)) as http:
-        page = await http.get("/")
-        missing = await http.get(f"/dashboard/{BUNDLE}")
+def test_without_the_bundle_the_page_says_how_to_fetch_it(tmp_path: Path) -> None:
+    http = _client(_vendor(tmp_path, bundle=False))
+    page = http.get("/")
+    missing = http.get(f"/dashboard/{BUNDLE}")
     assert page.status_code == 503
     assert page.text.count("\n") == 1
     assert "the MQTT.js bundle (npm mqtt 5.16.0) is missing" in page.text
@@ -92,9 +111,9 @@ async def test_without_the_bundle_the_page_says_how_to_fetch_it(tmp_path: Path) 
         ("LICENSE.md", "text/markdown"),
     ],
 )
-async def test_the_page_files_are_served(tmp_path: Path, name: str, media: str) -> None:
-    async with _client(_vendor(tmp_path)) as http:
-        response = await http.get(f"/dashboard/{name}")
+def test_the_page_files_are_served(tmp_path: Path, name: str, media: str) -> None:
+    http = _client(_vendor(tmp_path))
+    response = http.get(f"/dashboard/{name}")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith(media)
     assert response.content
@@ -110,21 +129,21 @@ async def test_the_page_files_are_served(tmp_path: Path, name: str, media: str) 
         "/dashboard/",
     ],
 )
-async def test_nothing_outside_the_list_is_served(tmp_path: Path, path: str) -> None:
-    async with _client(_vendor(tmp_path)) as http:
-        response = await http.get(path)
+def test_nothing_outside_the_list_is_served(tmp_path: Path, path: str) -> None:
+    http = _client(_vendor(tmp_path))
+    response = http.get(path)
     assert response.status_code == 404
 
 
-async def test_config_names_the_websocket_listener(tmp_path: Path) -> None:
-    async with _client(_vendor(tmp_path)) as http:
-        on = (await http.get("/dashboard/config.json")).json()
-    async with _client(_vendor(tmp_path / "off"), ws=None) as http:
-        off = (await http.get("/dashboard/config.json")).json()
+def test_config_names_the_websocket_listener(tmp_path: Path) -> None:
+    http = _client(_vendor(tmp_path))
+    on = http.get("/dashboard/config.json").json()
+    http = _client(_vendor(tmp_path / "off"), ws=None)
+    off = http.get("/dashboard/config.json").json()
     assert on == {"ws": {"port": 8083, "path": "/mqtt", "tls": False}}
     assert off == {"ws": None}
 
 
-async def test_no_favicon_is_a_quiet_204(tmp_path: Path) -> None:
-    async with _client(_vendor(tmp_path)) as http:
-        assert (await http.get("/favicon.ico")).status_code == 204
+def test_no_favicon_is_a_quiet_204(tmp_path: Path) -> None:
+    http = _client(_vendor(tmp_path))
+    assert http.get("/favicon.ico").status_code == 204

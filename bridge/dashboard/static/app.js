@@ -29,6 +29,8 @@
   let attempt = 0;
   let connectedOnce = false;
   let reconnects = 0;
+  const dirty = new Set(); // rows with a tick not yet on screen
+  let frameRequested = false;
 
   function setState(state, detail) {
     stateEl.dataset.state = state;
@@ -182,10 +184,10 @@
     const before = Number(cell.textContent);
     const after = Number(text);
     cell.textContent = text;
-    cell.classList.remove("up", "down");
     if (cell.dataset.seen && Number.isFinite(before) && Number.isFinite(after) && before !== after) {
-      void cell.offsetWidth; // restart the flash animation
-      cell.classList.add(after > before ? "up" : "down");
+      // Two animation names taking turns restart the flash without forcing a layout.
+      cell.dataset.flash = after > before ? "up" : "down";
+      cell.dataset.turn = cell.dataset.turn === "a" ? "b" : "a";
     }
     cell.dataset.seen = "1";
   }
@@ -218,9 +220,29 @@
       entry.resyncs += 1;
       client?.unsubscribe(topic);
     }
-    entry.row.dataset.seq = String(entry.seq);
-    render(entry, tick);
-    showGaps(entry);
+    const last = Number(tick.last);
+    if (Number.isFinite(last)) {
+      entry.values.push(last);
+      if (entry.values.length > SPARK_POINTS) entry.values.shift();
+    }
+    entry.tick = tick;
+    dirty.add(entry);
+    if (!frameRequested) {
+      frameRequested = true;
+      requestAnimationFrame(paint);
+    }
+  }
+
+  // The DOM is written once per frame with each row's latest tick: a burst of ticks costs
+  // one update per row, not one per tick (the seq check above still sees every tick).
+  function paint() {
+    frameRequested = false;
+    for (const entry of dirty) {
+      render(entry, entry.tick);
+      entry.row.dataset.seq = String(entry.seq);
+      showGaps(entry);
+    }
+    dirty.clear();
   }
 
   function render(entry, tick) {
@@ -232,12 +254,7 @@
       const zone = typeof tick.tz === "string" ? `${L.clip(tick.tz)} ` : "";
       zoneEl.textContent = `${zone}(UTC${ts.offset})`;
     }
-    const last = Number(tick.last);
-    if (Number.isFinite(last)) {
-      entry.values.push(last);
-      if (entry.values.length > SPARK_POINTS) entry.values.shift();
-      entry.line.setAttribute("points", L.sparkPoints(entry.values, 90, 22));
-    }
+    entry.line.setAttribute("points", L.sparkPoints(entry.values, 90, 22));
   }
 
   start();
