@@ -29,6 +29,7 @@
   let attempt = 0;
   let connectedOnce = false;
   let reconnects = 0;
+  const decoder = new TextDecoder();
   const dirty = new Set(); // rows with a tick not yet on screen
   let frameRequested = false;
 
@@ -197,7 +198,7 @@
     if (where === null) return;
     let tick;
     try {
-      tick = JSON.parse(new TextDecoder().decode(payload));
+      tick = JSON.parse(decoder.decode(payload));
     } catch {
       return;
     }
