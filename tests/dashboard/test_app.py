@@ -10,7 +10,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +74,25 @@ class Node:
         return mint_token(self._key, sub=sub, role="subscriber", now=time.time(), ttl_s=600, tz=tz)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node for the tests that neither restart it nor change its config: each start costs
+    seconds on a loaded machine. Tests on it use their own topics' state, never counts
+    that another test could have moved."""
+    cwd = tmp_path_factory.mktemp("shared-node")
+    started: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        started.append(Proc(*args, cwd=cwd, env=env))
+        return started[-1]
+
+    try:
+        yield Node(start, cwd)
+    finally:
+        for proc in started:
+            proc.stop()
+
+
 def wait_connected(page: Page) -> None:
     page.wait_for_selector('#state[data-state="connected"]', timeout=WAIT_MS)
 
@@ -93,9 +112,9 @@ def row_seqs(page: Page) -> dict[str, int]:
 
 
 def test_every_simulated_pair_appears_with_times_in_the_token_zone(
-    page: Page, procs: Callable[..., Proc], tmp_path: Path
+    page: Page, shared: Node, tmp_path: Path
 ) -> None:
-    node = Node(procs, tmp_path)
+    node = shared
     token = node.token("lagos-viewer", tz="Africa/Lagos")
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
@@ -167,10 +186,8 @@ def _drop_one_publish(data: bytes, topic: bytes) -> bytes | None:
     return None
 
 
-def test_a_dropped_tick_is_counted_and_the_row_resyncs_from_the_snapshot(
-    page: Page, procs: Callable[..., Proc], tmp_path: Path
-) -> None:
-    node = Node(procs, tmp_path)
+def test_a_dropped_tick_is_counted_and_the_row_resyncs_from_the_snapshot(page: Page, shared: Node) -> None:
+    node = shared
     target = "market/valr/BTC-ZAR"
     drop = threading.Event()
     dropped: list[bytes] = []
@@ -270,10 +287,8 @@ def test_without_a_token_the_page_connects_with_no_credentials(
     assert all(re.fullmatch(r"\d\d:\d\d:\d\d \+00:00", t) for t in times), times
 
 
-def test_a_refused_token_shows_the_refusal_and_backs_off(
-    page: Page, procs: Callable[..., Proc], tmp_path: Path
-) -> None:
-    node = Node(procs, tmp_path)
+def test_a_refused_token_shows_the_refusal_and_backs_off(page: Page, shared: Node) -> None:
+    node = shared
     forged = node.token("mallory")[:-4] + "AAAA"
     page.goto(node.url(forged))
     page.wait_for_selector('#state[data-state="refused"]', timeout=WAIT_MS)
