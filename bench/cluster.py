@@ -5,9 +5,9 @@ line per scenario.
     python -m bench.cluster --quick         # short runs
     python -m bench.cluster --scenarios burst,failover
 
-Two :class:`~bridge.cluster.bus.TickBus` instances in one process play node 1 (feeds) and
-node 2 (receives); the broker is not involved (the wiring comes later), so these are the
-costs the cluster adds per tick, not delivery rates.
+In the first five, two :class:`~bridge.cluster.bus.TickBus` instances in one process play
+node 1 (feeds) and node 2 (receives) without a broker: the costs the cluster adds per tick,
+not delivery rates.
 
 - ``trickle``: one tick per loop step, 1,000/s: the worst case for batching.
 - ``burst``: 100 ticks (different topics) every 10 ms, like a poller's all-tickers answer.
@@ -15,6 +15,10 @@ costs the cluster adds per tick, not delivery rates.
   ahead of their seqs, as a feed does not wait for them): what the bus passes at most.
 - ``failover``: ticks at 200/s while the shard of their partition fails over
   (``CLUSTER FAILOVER``, and then ``kill -9`` of a master): the longest gap on node 2.
+- ``nodes`` and ``death``: real broker processes (bench/cluster_nodes.py): the feed on node 1
+  and 50 WebSocket subscribers over nodes 1 and 2 (``cluster_fanout``: per-node latency and
+  CPU per delivery, Redis operations per tick); ``kill -9`` of a node holding 1,000 clients
+  (``node_death``: time to all reconnected elsewhere, leases freed, registry).
 
 Figures per scenario: ticks/s through, Redis round trips per tick (scripts sent by node 1),
 Redis commands per tick executed on the masters (INFO commandstats, including the commands
@@ -31,6 +35,7 @@ import collections
 import contextlib
 import itertools
 import json
+import shutil
 import statistics
 import struct
 import tempfile
@@ -39,9 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import RedisCluster
-from redis.asyncio.cluster import ClusterNode
-
+from bench.cluster_nodes import cluster_fanout, master_commands, node_death
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.bus import Batch, TickBus
@@ -92,21 +95,6 @@ def _payload() -> bytes:
     return struct.pack("!d", time.perf_counter()) + b'{"bid":"1234567.00","ask":"1234568.00"}' * 5
 
 
-async def _commands(nodes: list[str]) -> int:
-    """Commands executed on every master so far (INFO commandstats summed)."""
-    client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", int(n.rpartition(":")[2])) for n in nodes])
-    try:
-        stats = await client.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
-    finally:
-        await client.aclose()
-    total = 0
-    for per_node in stats.values():
-        for name, fields in per_node.items():
-            if name.startswith("cmdstat_") and isinstance(fields, dict):
-                total += int(fields["calls"])
-    return total
-
-
 def _ignore(_batch: Batch) -> None:
     pass
 
@@ -146,7 +134,7 @@ async def _run_load(
     seq_ms: list[float] = []
     outstanding: collections.deque[list[asyncio.Future[int]]] = collections.deque()
     try:
-        before = await _commands(nodes)
+        before = await master_commands(nodes)
         trips = one.ledger.round_trips
         start = time.perf_counter()
         sent = 0
@@ -172,7 +160,7 @@ async def _run_load(
         await receiver.wait_for(sent, deadline_s=10)
         elapsed = time.perf_counter() - start
         round_trips = one.ledger.round_trips - trips
-        commands = await _commands(nodes) - before
+        commands = await master_commands(nodes) - before
     finally:
         await pair.stop()
     return {
@@ -262,11 +250,13 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--scenarios", default="trickle,burst,saturate,failover,kill")
+    parser.add_argument("--scenarios", default="trickle,burst,saturate,failover,kill,nodes,death")
+    parser.add_argument("--death-clients", type=int, help="clients on the killed node (1000; quick 200)")
     args = parser.parse_args()
     duration = 2.0 if args.quick else 6.0
     chosen = args.scenarios.split(",")
-    cluster = ClusterProcesses(Path(tempfile.mkdtemp(prefix="bench-cluster-")))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    cluster = ClusterProcesses(workdir)
     cluster.start()
     try:
         nodes = cluster.startup_nodes
@@ -281,8 +271,19 @@ async def main() -> None:
             if kind in chosen:
                 live = [f"127.0.0.1:{n.port}" for n in cluster.nodes if n.alive]
                 print(json.dumps(await _fault(live, cluster, kind)), flush=True)
+        cluster.wait_ok()  # after the kill scenario's restart
+        live = [f"127.0.0.1:{n.port}" for n in cluster.nodes if n.alive]
+        # Real broker processes; their own event loops (asyncio.run) run in a worker thread.
+        if "nodes" in chosen:
+            line = await asyncio.to_thread(cluster_fanout, live, quick=args.quick)
+            print(json.dumps({"scenario": "cluster_fanout", **line}), flush=True)
+        if "death" in chosen:
+            clients = args.death_clients or (200 if args.quick else 1000)
+            line = await asyncio.to_thread(node_death, live, clients=clients)
+            print(json.dumps({"scenario": "node_death", **line}), flush=True)
     finally:
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the Redis nodes' data and logs
 
 
 if __name__ == "__main__":

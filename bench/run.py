@@ -32,6 +32,11 @@ Scenarios (``--scenarios``; brokers in brackets run them when selected and avail
 - ``workers`` [market-bridge]: ``run --workers 1`` vs ``--workers 2`` (cluster on, one Redis):
   WebSocket admission with HS256 tokens (3,000 connections x 2 rounds; quick 1,000 x 1) and
   fan-out, then ``workers_summary`` with the ratios (bench/workers.py).
+- ``cluster`` [market-bridge, when redis-server is installed]: a local Redis Cluster and
+  broker processes with ``cluster.enabled`` (bench/cluster_nodes.py): ``cluster_fanout`` (feed
+  on node 1, 50 WebSocket subscribers over nodes 1 and 2: per-node latency and CPU per
+  delivery, Redis operations per tick) and ``node_death`` (kill -9 of a node holding 1,000
+  clients, quick 200: time to all reconnected to the others, leases freed).
 
 Then one ``ratio`` line per other broker (ours / theirs; > 1 means more of it for us) and a
 ``summary`` line (wall time, failed scenarios). A scenario that fails prints its error as
@@ -51,7 +56,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from bench import connect, mailbox_drain, offline
+from bench import cluster_nodes, connect, mailbox_drain, offline
 from bench import workers as workers_bench
 from bench.brokers import BrokerKind, RunningBroker, mosquitto_available, running
 from bench.loadgen import raise_nofile_limit
@@ -71,6 +76,7 @@ SCENARIOS = (
     "offline",
     "drain",
     "workers",
+    "cluster",
 )
 BROKERS: tuple[BrokerKind, ...] = ("market-bridge", "amqtt", "mosquitto")
 
@@ -199,6 +205,19 @@ def _phone(
             report.run("phone", "market-bridge", measure, max_connections=subscribers + 100, extra=extra)
     if "mosquitto" in brokers:
         report.run("phone", "mosquitto", lambda b: fanout(b, phone))
+
+
+def _cluster(report: Report, quick: bool) -> None:
+    if not cluster_nodes.available():
+        print(json.dumps({"scenario": "note", "cluster": "redis-server not on PATH: skipped"}), flush=True)
+        return
+    try:
+        for result in cluster_nodes.run_all(quick=quick):
+            report.emit(result.pop("scenario"), result)
+    except Exception as exc:
+        report.emit(
+            "cluster_fanout", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        )
 
 
 def main() -> None:
@@ -368,6 +387,9 @@ def main() -> None:
                 report.emit(
                     "workers_admission", {"broker": "market-bridge", "error": f"{type(exc).__name__}: {exc}"}
                 )
+
+        if "cluster" in chosen:
+            _cluster(report, quick)
 
     for other in brokers:
         if other != "market-bridge" and (line := ratios(report, other)) is not None:

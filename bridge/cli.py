@@ -95,7 +95,7 @@ def connect_banner(broker: MarketBroker, config: BridgeConfig, http: HttpServer 
     """How to connect, with commands that work as printed (and a token when auth is on)."""
     lines = ["market-bridge is serving market/<exchange>/<pair> (e.g. market/luno/BTC-ZAR)", ""]
     listeners = config.listeners
-    cred_paho, cred_sub = "", ""
+    cred_paho, cred_sub, token = "", "", ""
     if config.auth.enabled:
         token = mint(config, sub="demo", role="subscriber", ttl_s=86400, tz="Africa/Lagos")
         lines += [
@@ -129,6 +129,9 @@ def connect_banner(broker: MarketBroker, config: BridgeConfig, http: HttpServer 
         ]
     if http is not None:
         base = f"http://{config.http.host}:{http.port}"
+        # The token goes in the fragment: the browser never sends it to the server in a URL.
+        fragment = f"#token={token}" if config.auth.enabled else ""
+        lines += [f"  Dashboard  {base}/{fragment}"]
         lines += [
             f"  HTTP       {base}   (/healthz, /readyz, /metrics, /admin/..., docs at /docs)",
             f"    curl {base}/readyz",

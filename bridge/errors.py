@@ -15,9 +15,10 @@ Tree::
     │   ├── ClusterUnavailable   it cannot be reached or is overloaded right now (retry later)
     │   └── ClusterMessageError  a message on a cluster channel is malformed (another writer
     │                            or a version skew: dropped and counted)
-    └── FeedError            a feed cannot produce ticks
-        ├── ExchangeError    the exchange answered with an error body or status (remote)
-        └── AdapterError     the exchange's body is not in the documented shape (remote)
+    ├── FeedError            a feed cannot produce ticks
+    │   ├── ExchangeError    the exchange answered with an error body or status (remote)
+    │   └── AdapterError     the exchange's body is not in the documented shape (remote)
+    └── VendorError          the dashboard's MQTT.js bundle cannot be fetched or verified
 
 Errors carry structured fields so callers (logs, metrics, tests) need not parse messages.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "MessageError",
     "ProtocolError",
     "TickError",
+    "VendorError",
 ]
 
 
@@ -146,3 +148,13 @@ class ClusterUnavailable(ClusterError):
 
 class ClusterMessageError(ClusterError):
     """A message on a cluster channel (tick batch, control command) is not well formed."""
+
+
+class VendorError(MarketBridgeError):
+    """A vendored browser bundle (the dashboard's MQTT.js) cannot be fetched or fails its
+    integrity check; ``what`` names the bundle."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        self.detail = detail
+        super().__init__(f"{what}: {detail}")

@@ -1,5 +1,6 @@
 """The HTTP surface: health, readiness, Prometheus metrics and the admin API (FastAPI).
 
+- ``GET /``: the live dashboard (bridge/dashboard/), served with its files and config.
 - ``GET /healthz``: the process is alive (200).
 - ``GET /readyz``: 200 when listeners are up and the store answers; 503 with the reason
   otherwise: the store does not answer within ``store.quick_timeout_s``, or refused a call
@@ -33,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.config import redacted
 from bridge.core.store import Priority, StoreError
+from bridge.dashboard.routes import WsEndpoint
+from bridge.dashboard.routes import router as dashboard_router
 from bridge.edge.broker import MarketBroker
 from bridge.errors import ClusterUnavailable, ListenerError, MessageError
 from bridge.metrics import MetricsRegistry
@@ -231,7 +234,17 @@ def build_app(broker: MarketBroker) -> FastAPI:
         # The same redaction as `market-bridge config`: secrets never leave the process.
         return redacted(config)
 
+    app.include_router(dashboard_router(lambda: _ws_endpoint(broker)))
     return app
+
+
+def _ws_endpoint(broker: MarketBroker) -> WsEndpoint | None:
+    ws = broker.bridge_config.listeners.ws
+    try:
+        port = broker.bound_port("ws")
+    except KeyError:
+        return None  # disabled, or not up (yet, or any more)
+    return WsEndpoint(port=port, path=ws.path, tls=ws.tls is not None)
 
 
 _ERRORS = {

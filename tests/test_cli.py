@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bridge.auth import Claims, KeyRing, SigningKey, TokenPolicy, VerificationKey, decide_auth, mint_token
@@ -36,6 +37,12 @@ def test_demo_serves_simulated_ticks_over_tcp_and_websocket(
     demo.wait_for_line(
         rf"mosquitto_sub -h 127\.0\.0\.1 -p \d+ -t 'market/#' -v -u demo -P {re.escape(token)}"
     )
+    # The dashboard's URL carries the same token, in the fragment (never sent to the server).
+    http_port, fragment = demo.wait_for_line(r"Dashboard\s+http://127\.0\.0\.1:(\d+)/#token=(\S+)").groups()
+    assert fragment == token
+    page = httpx.get(f"http://127.0.0.1:{http_port}/")
+    assert page.status_code == 200
+    assert "<title>market-bridge" in page.text
 
     for port, transport in ((ws_port, "websockets"), (tcp_port, "tcp")):
         sub = clients(port, transport=transport, username="demo", password=token)

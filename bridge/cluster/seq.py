@@ -6,8 +6,8 @@ and channel share one hash tag (``{mb:p7}``), so they live on one shard and the 
 one slot. Two nodes publishing the same topic therefore get distinct, strictly increasing
 numbers, and because the number is taken and the batch published in one atomic step, every
 subscriber receives a topic's ticks in ``seq`` order (a shard's pub/sub keeps publish order).
-Cost: one round trip per partition per batch (not per tick); inside it, per tick one HINCRBY,
-and per topic in the batch one HGET + one HSET for the snapshot.
+Cost: one round trip per partition per batch (not per tick); inside it, per topic in the
+batch one HINCRBY (by its number of ticks), one HGET and one HSET for the snapshot.
 
 Snapshots (latest tick per topic, ``b"<seq>:" + payload``) are written with their seq and never
 replaced by an older one (:data:`PUT_SNAPSHOTS` compares; :data:`STAMP` only ever writes the
@@ -53,36 +53,47 @@ __all__ = ["PUT_SNAPSHOTS", "STAMP", "SeqLedger", "decode_snapshot", "encode_sna
 STAMP = """
 local seqkey, snapkey = KEYS[1], KEYS[2]
 local function ns(s) return #s .. ':' .. s end
-local out = {'MB1', ns(ARGV[2])}
-local seqs = {}
-local last = {}
-local order = {}
+-- Ticks per topic first: one HINCRBY per topic in the batch, not one per tick.
+local count, order = {}, {}
 for i = 3, #ARGV, 2 do
-  local topic, payload = ARGV[i], ARGV[i + 1]
-  local seq = redis.call('HINCRBY', seqkey, topic, 1)
-  if last[topic] == nil then
-    -- First tick of this topic in the batch: never below what the snapshot holds (its
-    -- counter may have been lost in a failover while the snapshot survived, or vice versa).
-    local cur = redis.call('HGET', snapkey, topic)
-    if cur then
-      local held = tonumber(string.match(cur, '^(%d+):'))
-      if held and held >= seq then
-        seq = held + 1
-        redis.call('HSET', seqkey, topic, string.format('%d', seq))
-      end
-    end
+  local topic = ARGV[i]
+  if count[topic] == nil then
+    count[topic] = 0
     order[#order + 1] = topic
   end
+  count[topic] = count[topic] + 1
+end
+local nextseq = {}
+for _, topic in ipairs(order) do
+  local n = count[topic]
+  local first = redis.call('HINCRBY', seqkey, topic, n) - n + 1
+  -- Never below what the snapshot holds (its counter may have been lost in a failover
+  -- while the snapshot survived, or vice versa).
+  local cur = redis.call('HGET', snapkey, topic)
+  if cur then
+    local held = tonumber(string.match(cur, '^(%d+):'))
+    if held and held >= first then
+      first = held + 1
+      redis.call('HSET', seqkey, topic, string.format('%d', first + n - 1))
+    end
+  end
+  nextseq[topic] = first
+end
+local out = {'MB1', ns(ARGV[2])}
+local seqs, last = {}, {}
+for i = 3, #ARGV, 2 do
+  local topic, payload = ARGV[i], ARGV[i + 1]
+  local seq = nextseq[topic]
+  nextseq[topic] = seq + 1
   local text = string.format('%d', seq)
-  last[topic] = {text, payload}
+  last[topic] = text .. ':' .. payload
   seqs[#seqs + 1] = seq
   out[#out + 1] = ns(topic)
   out[#out + 1] = ns(text)
   out[#out + 1] = ns(payload)
 end
 for _, topic in ipairs(order) do
-  local entry = last[topic]
-  redis.call('HSET', snapkey, topic, entry[1] .. ':' .. entry[2])
+  redis.call('HSET', snapkey, topic, last[topic])
 end
 redis.call('SPUBLISH', ARGV[1], table.concat(out))
 return seqs
