@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -131,17 +132,31 @@ def test_restart_delay_backs_off_to_a_cap(failures: int, delay: float) -> None:
 # ------------------------------------------------------------------ real processes
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_ports(count: int, *, consecutive: bool = False) -> list[int]:
-    """Free loopback ports (``consecutive``: a run of them, for worker i's HTTP on base + i)."""
+    """Free fixed loopback ports (``consecutive``: a run of them, for worker i's HTTP on base + i).
+
+    Below the ephemeral range: the kernel never hands these out to other processes' outgoing
+    connections between our probe and the workers' bind (it did, on a busy machine).
+    """
+    rng = random.Random()
+    top = _ephemeral_low() - count
     for _ in range(200):
+        base = rng.randrange(20000, top)
+        wanted = list(range(base, base + count)) if consecutive else rng.sample(range(20000, top), count)
         held: list[socket.socket] = []
         try:
-            for n in range(count):
+            for port in wanted:
                 sock = socket.socket()
                 held.append(sock)
-                port = 0 if n == 0 or not consecutive else int(held[0].getsockname()[1]) + n
                 sock.bind(("127.0.0.1", port))
-            return [int(sock.getsockname()[1]) for sock in held]
+            return wanted
         except OSError:
             continue
         finally:
