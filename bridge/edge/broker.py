@@ -34,19 +34,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import ssl
 import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, RetainedApplicationMessage, Server
+from amqtt.broker import RetainedApplicationMessage, Server
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
@@ -64,7 +62,7 @@ from bridge.auth import Claims, TokenPolicy
 from bridge.cluster import tickwire
 from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
 from bridge.cluster.link import ClusterLink
-from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
+from bridge.config import BridgeConfig
 from bridge.core.connect import (
     CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
@@ -108,16 +106,16 @@ from bridge.core.wire import connack, publish_qos0, suback, ws_binary_frame
 from bridge.edge.client_loop import client_message_loop
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
+from bridge.edge.listeners import ListenersMixin
 from bridge.edge.mailbox_link import HandlerLink
 from bridge.edge.outbox import Batcher, Outbox
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
-from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
+from bridge.edge.state import BrokerState, LiveConnection
+from bridge.edge.streams import ChunkReader, StreamConnection
 from bridge.edge.user_inbound import UserInbound
-from bridge.edge.ws_connection import WsListener
 from bridge.errors import (
     ClusterUnavailable,
-    ListenerError,
     MarketBridgeError,
     MessageError,
     ProtocolError,
@@ -137,6 +135,8 @@ from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
+_Connection = LiveConnection  # the name the user-message and cluster code use
+
 log = logging.getLogger(__name__)
 
 install_light_sessions()
@@ -154,26 +154,6 @@ _SNAPSHOT_BYTES = 32 << 20
 MAX_TTL_S = 30 * 86400.0
 
 
-@dataclass(eq=False, slots=True)
-class _Connection:
-    """One live network connection bound to a session and its owner's connection lease."""
-
-    client_id: str
-    user: str
-    session: Session
-    handler: MarketProtocolHandler
-    lease: object  # from the on_lease hook, given back by on_release
-    replay: asyncio.Task[None] | None = None
-    task: asyncio.Task[Any] | None = None  # the one serving this connection
-    wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
-    outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
-    # Where it is in its life (bridge/core/connection.py). LIVE, and so in fan-out plans, only
-    # once CONNACK and the resends of unacknowledged messages are out, so no new tick
-    # overtakes them ([MQTT-4.6.0-1]).
-    state: State = State.ADMITTED
-    done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
-
-
 @dataclass(frozen=True)
 class SendResult:
     """What became of a user-addressed message."""
@@ -183,7 +163,7 @@ class SendResult:
     evicted: tuple[OfflineMessage, ...] = ()  # what the queue dropped to make room (maybe this one)
 
 
-class MarketBroker(Broker):
+class MarketBroker(ListenersMixin, BrokerState):
     """Embedded amqtt broker serving ``market/<exchange>/<pair>`` (see module docstring)."""
 
     def __init__(
@@ -422,26 +402,6 @@ class MarketBroker(Broker):
         ``auth.enabled: false`` persistent sessions vanished ([MQTT-3.1.2-4/5]). Clean
         sessions go in ``_release`` and persistent ones expire by ``broker.session_expiry_s``."""
 
-    async def _close_servers(self) -> None:
-        for server in self._servers.values():
-            with suppress(Exception):
-                await server.close_instance()
-        self._servers.clear()
-
-    def bound_port(self, listener: str) -> int:
-        """The port a listener actually bound (useful with ``port: 0``)."""
-        instance = self._servers[listener].instance
-        sock = next(iter(instance.sockets), None) if instance is not None else None
-        if sock is None:
-            raise KeyError(listener)
-        return int(sock.getsockname()[1])
-
-    def listener_names(self) -> list[str]:
-        return list(self._servers)
-
-    def listener_connections(self) -> dict[str, int]:
-        return {name: server.conn_count for name, server in self._servers.items()}
-
     def connection_list(self) -> list[dict[str, Any]]:
         """Live connections for the admin API (no credentials)."""
         return [
@@ -581,38 +541,6 @@ class MarketBroker(Broker):
     def _seq_due(self) -> None:
         if self._reserver is not None:
             self._reserver.wake()
-
-    async def _bind(self, name: str, listener: ListenerConfig) -> Any:
-        try:
-            ssl_context = _ssl_context(listener.tls) if listener.tls else None
-        except (OSError, ValueError) as exc:
-            raise ListenerError(name, listener.host, listener.port, f"TLS certificate or key: {exc}") from exc
-        serve = partial(self._client_connected, name)
-        try:
-            # Our own protocols, one object per socket (bridge/edge/streams.py, ws_connection.py).
-            if isinstance(listener, WsListenerConfig):
-                ws = WsListener(
-                    name,
-                    serve,
-                    path=listener.path,
-                    connect_budget=self._connect_budget,
-                    max_size=listener.max_message_bytes,
-                    compression=listener.compression,
-                    ping_interval=listener.ping_interval_s,
-                    log=log,
-                )
-                ws.server = await asyncio.get_running_loop().create_server(
-                    ws.connection, listener.host, listener.port, ssl=ssl_context, reuse_address=True
-                )
-                return ws
-            tcp = Listener(name, serve)
-            return await asyncio.get_running_loop().create_server(
-                partial(TcpConnection, tcp), listener.host, listener.port, ssl=ssl_context, reuse_address=True
-            )
-        except OSError as exc:
-            # asyncio's strerror repeats the address: "error while attempting to bind on ...".
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenerError(name, listener.host, listener.port, reason) from exc
 
     # ------------------------------------------------------------------ connections
 
@@ -2352,11 +2280,3 @@ def _writer_closed(writer: WriterAdapter) -> bool:
 async def _close_quietly(writer: WriterAdapter) -> None:
     with suppress(Exception):
         await writer.close()
-
-
-def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(
-        ssl.Purpose.CLIENT_AUTH, cafile=str(tls.cafile) if tls.cafile else None
-    )
-    context.load_cert_chain(str(tls.certfile), str(tls.keyfile))
-    return context

@@ -1,0 +1,121 @@
+"""What :class:`~bridge.edge.broker.MarketBroker` holds, declared once for its concept mixins.
+
+The broker is amqtt's ``Broker`` subclass put together from one mixin per concept
+(admission, listeners, sessions, subscriptions, snapshots, ticks, fan-out, zones, inbound
+publishes; the user messages and the cluster glue are still in broker.py). Each mixin
+derives from :class:`BrokerState`, so mypy sees the state every concept shares and the
+methods one concept calls on another; the values are set by ``MarketBroker.__init__`` and
+the methods are the mixins' own (the stubs exist for the type checker only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from amqtt.broker import Broker
+from amqtt.session import Session
+
+from bridge.cluster.limits import AsyncConnectionLimits
+from bridge.cluster.link import ClusterLink
+from bridge.config import BridgeConfig
+from bridge.core.connection import State
+from bridge.core.delivery import Pipeline
+from bridge.core.hooks import Hooks
+from bridge.core.mailbox import Mailbox
+from bridge.core.sequencer import ReservedSequencer
+from bridge.core.tick import TickParts
+from bridge.core.timezones import LocalClock
+from bridge.core.topics import TopicIndex
+from bridge.edge.handler import MarketProtocolHandler
+from bridge.edge.lean import LeanEvent
+from bridge.edge.outbox import Batcher, Outbox
+from bridge.offline import SeqReserver, SnapshotWriter
+from bridge.stats import BrokerStats
+from bridge.store_guard import GuardedStore
+from bridge.token_cache import TokenCache
+from broker_plugins.timezone import TimezonePlugin
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["SUBACK_FAILURE", "BrokerState", "LiveConnection"]
+
+SUBACK_FAILURE = 0x80
+
+
+@dataclass(eq=False, slots=True)
+class LiveConnection:
+    """One live network connection bound to a session and its owner's connection lease."""
+
+    client_id: str
+    user: str
+    session: Session
+    handler: MarketProtocolHandler
+    lease: object  # from the on_lease hook, given back by on_release
+    replay: asyncio.Task[None] | None = None
+    task: asyncio.Task[Any] | None = None  # the one serving this connection
+    wake: asyncio.Event | None = None  # set when a message reaches the mailbox mid-replay
+    outbox: Outbox | None = None  # direct market writes (None: amqtt's path)
+    # Where it is in its life (bridge/core/connection.py). LIVE, and so in fan-out plans, only
+    # once CONNACK and the resends of unacknowledged messages are out, so no new tick
+    # overtakes them ([MQTT-4.6.0-1]).
+    state: State = State.ADMITTED
+    done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
+
+
+class BrokerState(Broker):
+    """The broker's state, by the concept that owns it (see ``MarketBroker.__init__``)."""
+
+    # construction and lifecycle (broker.py)
+    bridge_config: BridgeConfig
+    store: GuardedStore | None
+    mailbox: Mailbox | None
+    cluster: ClusterLink | None
+    limits: AsyncConnectionLimits
+    tokens: TokenCache | None
+    hooks: Hooks
+    stats: BrokerStats
+    draining: bool
+    _clock: Callable[[], float]
+    _deliveries: set[asyncio.Task[Any]]
+    _batcher: Batcher
+    # admission
+    _connections: dict[str, LiveConnection]
+    _client_locks: weakref.WeakValueDictionary[str, asyncio.Lock]
+    _client_tasks: set[asyncio.Task[Any]]
+    _connect_budget: int
+    _max_topic: int
+    # zones
+    _user_zones: dict[str, tuple[str, float]]
+    _zone_writes: int
+    _tz_enabled: bool
+    _timezone: TimezonePlugin
+    # sessions
+    _user_sessions: dict[str, set[str]]
+    # subscriptions and fan-out
+    _index: TopicIndex
+    _session_filters: dict[str, set[str]]
+    _slots: dict[str, dict[str, int]]
+    _fanout: Pipeline
+    # ticks and snapshots
+    _sequencer: ReservedSequencer
+    _reserver: SeqReserver | None
+    _snapshots: SnapshotWriter | None
+    _clock_tz: LocalClock
+    _tick_parts: dict[str, TickParts]
+    _retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]]
+    _retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]]
+    _retained_version: int
+    _snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]]
+    _snapshot_bytes: int
+    _retained_topics: int
+    _snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]]
+
+    if TYPE_CHECKING:
+        # What one concept calls on another (each defined once, in its own module).
+        # STUBS
+        pass
