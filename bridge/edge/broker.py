@@ -90,7 +90,7 @@ from bridge.core.store import (
     StoreError,
 )
 from bridge.core.tick import Tick, TickParts
-from bridge.core.timezones import LocalClock, is_valid_zone
+from bridge.core.timezones import LocalClock
 from bridge.core.topics import (
     MARKET_PREFIX,
     SERVICE_PREFIX,
@@ -114,6 +114,7 @@ from bridge.edge.session import install as install_light_sessions
 from bridge.edge.state import BrokerState, LiveConnection
 from bridge.edge.streams import ChunkReader, StreamConnection
 from bridge.edge.user_inbound import UserInbound
+from bridge.edge.zones import ZonesMixin
 from bridge.errors import (
     ClusterUnavailable,
     MarketBridgeError,
@@ -142,8 +143,6 @@ log = logging.getLogger(__name__)
 install_light_sessions()
 
 _SUBACK_FAILURE = 0x80
-# How long a user's zone override is taken from memory before the store is asked again.
-_ZONE_TTL_S = 600.0
 # How long a replay the store stopped waits before it tries again.
 REPLAY_RETRY_S = 1.0
 # Snapshot caches (per filter set; frames also per zone and transport): few entries in
@@ -163,7 +162,7 @@ class SendResult:
     evicted: tuple[OfflineMessage, ...] = ()  # what the queue dropped to make room (maybe this one)
 
 
-class MarketBroker(ListenersMixin, BrokerState):
+class MarketBroker(ListenersMixin, ZonesMixin, BrokerState):
     """Embedded amqtt broker serving ``market/<exchange>/<pair>`` (see module docstring)."""
 
     def __init__(
@@ -787,78 +786,6 @@ class MarketBroker(ListenersMixin, BrokerState):
         with suppress(Exception):
             writer.write(connack(code))
             await writer.drain()
-
-    async def _zone_for(self, user: str, claims: Claims | None, claimed: str | None) -> str | None:
-        """The user's zone, decided once per connection: store override, token claim, default."""
-        if not self._tz_enabled:
-            return None
-        override = None
-        if self.store is not None and claims is not None:
-            override = await self._zone_override(user)
-        return override or claimed or self.bridge_config.auth.default_tz
-
-    async def _zone_override(self, user: str) -> str | None:
-        """The store's zone for ``user``, from memory for ``_ZONE_TTL_S`` after a look (a storm
-        of reconnects does not queue on the store); set_user_tz here is seen at once."""
-        cached = self._user_zones.get(user)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0] or None
-        assert self.store is not None
-        writes = self._zone_writes
-        try:
-            override = await self.store.get_user_tz(user)
-        except StoreError as exc:
-            log.warning(
-                "time zone override for %s unavailable (%s): using the token's",
-                clip(user),
-                exc,
-                extra=STORE,
-            )
-            return None  # not remembered: asked again at the next CONNECT
-        if writes != self._zone_writes:
-            return override  # may predate the write: used once, not remembered
-        self._user_zones.pop(user, None)  # re-inserted last: the dict's order is its age
-        if len(self._user_zones) >= self.bridge_config.limits.max_connections:
-            del self._user_zones[next(iter(self._user_zones))]  # bounded: the oldest goes
-        self._user_zones[user] = (override or "", now + _ZONE_TTL_S)
-        return override
-
-    async def set_user_tz(self, user: str, tz: str | None) -> None:
-        """Override (None: clear) a user's zone in the store and for their live connections."""
-        if tz is not None and not is_valid_zone(tz):
-            raise MessageError("bad_tz", f"{tz!r} is not an IANA time zone")
-        assert self.store is not None
-        self._zone_writes += 1
-        self._user_zones.pop(user, None)
-        try:
-            await self.store.set_user_tz(user, tz)
-        finally:
-            # A lookup that overlapped the write is not remembered, nor one kept meanwhile.
-            self._zone_writes += 1
-            self._user_zones.pop(user, None)
-        for connection in self._connections.values():
-            if connection.user == user:
-                context = context_of(connection.session)
-                claims = context.claims if isinstance(context.claims, Claims) else None
-                context.zone = await self._zone_for(user, claims, claims.tz if claims is not None else None)
-        self._fanout.invalidate()
-
-    def _localized(self, topic: str, data: bytes, zone: str | None, memo: dict[str | None, bytes]) -> bytes:
-        """``data`` as subscribers in ``zone`` get it: the on_deliver hook (the timezone
-        plugin) called once per zone, its result shared via ``memo``."""
-        if zone is None:
-            return data
-        variant = memo.get(zone)
-        if variant is None:
-            variant = memo[zone] = self.hooks.on_deliver(data, zone, topic)
-        return variant
-
-    def _count_tz(self, rewritten: bool) -> None:
-        if rewritten:
-            self.stats.tz_rewrites += 1
-        else:
-            self.stats.tz_passthrough += 1
 
     def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
         """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""
@@ -1767,11 +1694,6 @@ class MarketBroker(ListenersMixin, BrokerState):
         """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""
         self._cluster_seq[topic] = seq
         self._deliver_stamped(topic, seq, parts.head, parts.second, parts.ms, parts.qos, time.perf_counter())
-
-    def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes:
-        """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from
-        its parts instead of re-parsing JSON (tests hold it byte-for-byte equal to rewrite())."""
-        return self.hooks.on_deliver_tick(parts, zone, topic)
 
     def _ingest(self, session: Session, topic: str, payload: bytes, qos: int) -> bool:
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
