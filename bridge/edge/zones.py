@@ -107,7 +107,3 @@ class ZonesMixin(BrokerState):
         """A tick's wire form with ``ts`` in ``zone``: the timezone plugin's fast path, from
         its parts instead of re-parsing JSON (tests hold it byte-for-byte equal to rewrite())."""
         return self.hooks.on_deliver_tick(parts, zone, topic)
-
-
-# How long a user's zone override is taken from memory before the store is asked again.
-_ZONE_TTL_S = 600.0
