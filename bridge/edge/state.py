@@ -118,4 +118,7 @@ class BrokerState(Broker):
     if TYPE_CHECKING:
         # What one concept calls on another (each defined once, in its own module).
         # STUBS
-        pass
+        def _localized(
+            self, topic: str, data: bytes, zone: str | None, memo: dict[str | None, bytes]
+        ) -> bytes: ...
+        def _tick_variant(self, topic: str, parts: TickParts, zone: str | None) -> bytes: ...
