@@ -11,7 +11,6 @@ Every cache is bounded (the filters are the clients' choice).
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 from amqtt.mqtt.constants import QOS_2
@@ -27,11 +26,11 @@ from bridge.edge.state import BrokerState
 
 __all__ = ["SnapshotsMixin"]
 
-log = logging.getLogger(__name__)
 
 # Snapshot caches (per filter set; frames also per zone and transport): few entries in
 # practice, but filter sets are the clients' choice, so entries and bytes are bounded.
 _SNAPSHOT_ENTRIES = 256
+_SNAPSHOT_BYTES = 32 << 20
 
 
 class SnapshotsMixin(BrokerState):
@@ -215,6 +214,3 @@ class SnapshotsMixin(BrokerState):
         await super().retain_message(source_session, topic_name, data, qos)
         self._retained_version += 1  # cached snapshot frames are stale
         self._retained_topics += 1  # and maybe which topics there are
-
-
-_SNAPSHOT_BYTES = 32 << 20
