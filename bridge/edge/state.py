@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from bridge.cluster.limits import AsyncConnectionLimits
@@ -38,9 +39,6 @@ from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
 from broker_plugins.timezone import TimezonePlugin
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["SUBACK_FAILURE", "BrokerState", "LiveConnection"]
 
@@ -118,6 +116,10 @@ class BrokerState(Broker):
     if TYPE_CHECKING:
         # What one concept calls on another (each defined once, in its own module).
         # STUBS
+        async def _persist_session(self, session: Session) -> None: ...
+        async def _send_retained(
+            self, session: Session, handler: BrokerProtocolHandler, granted: list[tuple[str, int]]
+        ) -> None: ...
         def _localized(
             self, topic: str, data: bytes, zone: str | None, memo: dict[str | None, bytes]
         ) -> bytes: ...
