@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from amqtt.adapters import WriterAdapter
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
@@ -28,6 +29,7 @@ from bridge.core.delivery import Pipeline
 from bridge.core.hooks import Hooks
 from bridge.core.mailbox import Mailbox
 from bridge.core.sequencer import ReservedSequencer
+from bridge.core.store import OfflineStore
 from bridge.core.tick import TickParts
 from bridge.core.timezones import LocalClock
 from bridge.core.topics import TopicIndex
@@ -116,6 +118,9 @@ class BrokerState(Broker):
     if TYPE_CHECKING:
         # What one concept calls on another (each defined once, in its own module).
         # STUBS
+        async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None: ...
+        async def _store_call(self, what: str, call: Awaitable[None]) -> None: ...
+        async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None: ...
         async def _persist_session(self, session: Session) -> None: ...
         async def _send_retained(
             self, session: Session, handler: BrokerProtocolHandler, granted: list[tuple[str, int]]
