@@ -30,7 +30,7 @@ from bridge.core.hooks import Hooks
 from bridge.core.mailbox import Mailbox
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.store import OfflineStore
-from bridge.core.tick import TickParts
+from bridge.core.tick import Tick, TickParts
 from bridge.core.timezones import LocalClock
 from bridge.core.topics import TopicIndex
 from bridge.edge.handler import MarketProtocolHandler
@@ -118,6 +118,7 @@ class BrokerState(Broker):
     if TYPE_CHECKING:
         # What one concept calls on another (each defined once, in its own module).
         # STUBS
+        def _to_cluster(self, cluster: ClusterLink, tick: Tick, qos: int) -> asyncio.Future[int]: ...
         async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None: ...
         async def _store_call(self, what: str, call: Awaitable[None]) -> None: ...
         async def _refuse(self, writer: WriterAdapter, code: int, reason: str, detail: str) -> None: ...
