@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from amqtt.adapters import WriterAdapter
 from amqtt.broker import Broker
+from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import ApplicationMessage, Session
 
 from bridge.cluster.limits import AsyncConnectionLimits
 from bridge.cluster.link import ClusterLink
@@ -118,6 +119,12 @@ class BrokerState(Broker):
     if TYPE_CHECKING:
         # What one concept calls on another (each defined once, in its own module).
         # STUBS
+        def _take_user_publish(
+            self, sender: Session, handler: MarketProtocolHandler, message: ApplicationMessage, topic: str
+        ) -> bool: ...
+        async def _route_user_publish(self, sender: Session, topic: str, data: bytes, qos: int) -> None: ...
+        async def publish_tick(self, tick: Tick, *, qos: int = QOS_0) -> Tick: ...
+        def _publish_tick_now(self, tick: Tick, qos: int) -> int: ...
         def _may_receive(self, session: Session) -> Callable[[str], bool]: ...
         def _to_cluster(self, cluster: ClusterLink, tick: Tick, qos: int) -> asyncio.Future[int]: ...
         async def _reserve_seq(self, store: OfflineStore, snapshots: dict[str, int]) -> None: ...
