@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import Coroutine
 from contextlib import suppress
 from typing import Any
@@ -28,13 +29,9 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
-from bridge.auth import Claims
-from bridge.core.connect import (
-    CONNACK_NOT_AUTHORIZED,
-    Connect,
-    ConnectRefused,
-    read_connect,
-)
+from bridge.auth import Claims, TokenPolicy
+from bridge.config import BridgeConfig
+from bridge.core.connect import CONNACK_NOT_AUTHORIZED, Connect, ConnectRefused, read_connect
 from bridge.core.connection import Event, advance
 from bridge.core.context import ConnectionContext
 from bridge.core.hooks import ConnectRequest, Refused
@@ -44,15 +41,16 @@ from bridge.edge.client_loop import client_message_loop
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.outbox import Outbox
 from bridge.edge.session import MarketSession, context_of
-from bridge.edge.state import SUBACK_FAILURE, BrokerState, LiveConnection
+from bridge.edge.state import SUBACK_FAILURE, BrokerState, LiveConnection, log
 from bridge.edge.streams import ChunkReader, StreamConnection
 from bridge.errors import ProtocolError
+from bridge.keys import load_keyring
 from bridge.limits import Lease
 from bridge.logs import CLIENT, clip
+from bridge.token_cache import TokenCache
+from broker_plugins.auth import AllowAll, JwtAuth
 
 __all__ = ["AdmissionMixin"]
-
-log = logging.getLogger(__name__)
 
 # How a connection ended, from its handler: what the broker ended itself owes no will.
 _BROKER_ENDS = frozenset({"token_expired", "taken_over", "shutdown"})
@@ -60,6 +58,41 @@ _BROKER_ENDS = frozenset({"token_expired", "taken_over", "shutdown"})
 
 class AdmissionMixin(BrokerState):
     """The amqtt overrides for accepting and serving a client connection."""
+
+    def _init_admission(self, config: BridgeConfig) -> None:
+        self._connections: dict[str, LiveConnection] = {}
+        self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._client_tasks: set[asyncio.Task[Any]] = set()  # one per open socket
+        # What a client may send before its CONNECT is accepted: the CONNECT, whose size is
+        # a few KB of fixed fields and will plus the largest token and topic.
+        self._max_topic = config.limits.max_topic_bytes
+        self._connect_budget = 4096 + config.auth.max_token_bytes + config.limits.max_topic_bytes
+
+    def _admission_plugin(self, config: BridgeConfig) -> JwtAuth | AllowAll:
+        """The plugin deciding CONNECT, SUBSCRIBE and PUBLISH (and the connection limits)."""
+        auth = config.auth
+        # One per broker, bound to its keys and policy: a reconnect verifies a token once.
+        # The admin API reads its keys and policy from here (one policy for every door).
+        self.tokens = None
+        if not auth.enabled:
+            log.warning("auth is disabled: any client may connect and do anything")
+            return AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+        self.tokens = TokenCache(
+            load_keyring(auth), TokenPolicy.from_config(auth), max_entries=auth.token_cache_size
+        )
+        return JwtAuth(self.tokens, self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+
+    async def _end_client_tasks(self, live: set[asyncio.Task[None]]) -> None:
+        """Every connection's task ends before the store closes and the loop stops: a task
+        left pending is destroyed mid-``finally`` (its session never saved)."""
+        for task in self._client_tasks - live:
+            task.cancel()  # still waiting for a CONNECT: nothing to finish
+        if live:
+            # amqtt's shutdown has ended their handlers; each is releasing its session.
+            _, stuck = await asyncio.wait(live, timeout=self.bridge_config.broker.takeover_timeout_s)
+            for task in stuck:
+                task.cancel()
+        await asyncio.gather(*self._client_tasks, return_exceptions=True)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter

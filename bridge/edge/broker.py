@@ -1,32 +1,14 @@
 """The market-bridge broker: amqtt 0.12.1's ``Broker`` with the paths it gets wrong owned here.
 
-What this subclass changes (see ../shared/notes/amqtt-0.12.1.md for the defects):
-
-- Listeners are built from :class:`~bridge.config.BridgeConfig`, each on its own (no field
-  inherited from a 'default' listener), WebSocket only on its configured path, no semaphore
-  that leaves clients hanging, and a taken port fails startup naming the listener.
-- A connection is authenticated *before* any session is touched; a failed CONNECT wipes,
-  takes over or leaves nothing. A client id belongs to the user (``sub``) whose session it
-  holds. Connection limits (per user, global) refuse with CONNACK 3 at once. Takeover waits
-  for the old connection to finish. A token's ``exp`` ends its connection.
-- Admission, topic permissions and connection limits are the plugins' on the named hooks
-  (:mod:`bridge.core.hooks`, ``broker_plugins/auth.py``), never amqtt's plugin manager: the
-  ACL is decided once at CONNECT, kept in the session's context (``context_of``) and checked
-  at SUBSCRIBE, PUBLISH and offline replay.
-- Whatever way a connection ends, its session is left disconnected (clean ones deleted).
-- Persistent sessions are bounded: at most ``limits.max_sessions_per_user`` per user (a new
-  one replaces the longest-disconnected, or is refused with CONNACK 3 if all are in use), and
-  one disconnected longer than ``broker.session_expiry_s`` is deleted, with its user's
-  offline queue once they have none left (bridge/session_limits.py has the rules).
-- Keep-alive is enforced (1.5 x keep-alive, then the will is published) and a socket that
-  sends no CONNECT is closed after ``connect_timeout_s``.
-- Retained messages go only to the subscriber's own new subscriptions, once per topic.
-- Publishes to ``market/...`` are validated ticks; the broker stamps ``seq`` per topic and
-  keeps the last valid tick per topic as the retained snapshot. ``seq`` never goes backwards
-  or repeats across restarts, even ``kill -9``: it stays within reservations the store holds
-  (bridge/core/sequencer.py), written before listeners start and kept ahead in the background.
-- Fan-out looks filters up in a :class:`~bridge.core.topics.TopicIndex`, delivers at
-  min(publish QoS, subscription QoS), and bounds amqtt's in-memory offline queue.
+``MarketBroker`` is its construction, lifecycle (start, drain, shutdown) and one mixin per
+concept, each in its own module with what it changes in its docstring (see
+../shared/notes/amqtt-0.12.1.md for amqtt's defects): admission.py (CONNECT to LIVE),
+listeners.py, sessions.py (the registry, caps, expiry, restore), subscriptions.py,
+snapshots.py (retained), ticks.py (seq, the hot path), fanout.py, inbound.py (client
+publishes and wills), zones.py; state.py declares what they share. Admission, topic
+permissions and connection limits are the plugins' on the named hooks
+(:mod:`bridge.core.hooks`, ``broker_plugins/auth.py``), never amqtt's plugin manager. The
+user messages (mailbox glue) and the cluster glue (issue 15) are still here.
 """
 
 from __future__ import annotations
@@ -34,22 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from amqtt.broker import RetainedApplicationMessage, Server
+from amqtt.broker import RetainedApplicationMessage
 from amqtt.errors import BrokerError
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.session import (
-    ApplicationMessage,
-    Session,
-)
+from amqtt.session import ApplicationMessage, Session
 
-from bridge.auth import TokenPolicy
 from bridge.cluster import tickwire
 from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
 from bridge.cluster.link import ClusterLink
@@ -59,7 +36,6 @@ from bridge.core.delivery import Pipeline
 from bridge.core.envelope import open_envelope
 from bridge.core.hooks import Hooks
 from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
-from bridge.core.sequencer import ReservedSequencer
 from bridge.core.store import (
     EnqueueResult,
     NewMessage,
@@ -70,13 +46,7 @@ from bridge.core.store import (
     StoreError,
 )
 from bridge.core.tick import Tick, TickParts
-from bridge.core.timezones import LocalClock
-from bridge.core.topics import (
-    SERVICE_PREFIX,
-    TopicIndex,
-    matches,
-    topic_class,
-)
+from bridge.core.topics import SERVICE_PREFIX, matches, topic_class
 from bridge.edge.admission import AdmissionMixin
 from bridge.edge.fanout import FanoutMixin
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
@@ -94,21 +64,14 @@ from bridge.edge.subscriptions import SubscriptionsMixin
 from bridge.edge.ticks import TicksMixin
 from bridge.edge.user_inbound import UserInbound
 from bridge.edge.zones import ZonesMixin
-from bridge.errors import (
-    MarketBridgeError,
-    MessageError,
-)
-from bridge.keys import load_keyring
+from bridge.errors import MarketBridgeError, MessageError
 from bridge.limits import ConnectionLimits, Lease, LocalConnectionLimits
 from bridge.logs import CLIENT, STORE, clip
 from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
-from bridge.token_cache import TokenCache
-from broker_plugins.auth import AllowAll, JwtAuth
 from broker_plugins.offline_store import OfflineStorePlugin
-from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
 
@@ -118,7 +81,6 @@ log = logging.getLogger(__name__)
 
 install_light_sessions()
 
-_SUBACK_FAILURE = 0x80
 # How long a replay the store stopped waits before it tries again.
 REPLAY_RETRY_S = 1.0
 # Longest a user-addressed message may wait (an envelope may ask for less).
@@ -163,7 +125,6 @@ class MarketBroker(
         self._owns_store = store is None
         self.mailbox: Mailbox | None = None  # on the store, once it is open
         self._clock = clock
-        auth = config.auth
         # One node of several (issue 15): ticks go through the cluster's bus, which stamps the
         # seq and hands every tick back (own ones too) to _cluster_tick; connections are
         # counted and client ids owned cluster-wide.
@@ -179,27 +140,12 @@ class MarketBroker(
             )
             self.limits = self.cluster.limits
         else:
-            self.limits = LocalAsyncLimits(
-                limits
-                or LocalConnectionLimits(
-                    config.limits.max_connections_per_user, config.limits.max_connections
-                )
-            )
-        # One per broker, bound to its keys and policy: a reconnect verifies a token once.
-        # The admin API reads its keys and policy from here (one policy for every door).
-        self.tokens: TokenCache | None = None
-        auth_plugin: JwtAuth | AllowAll
-        if auth.enabled:
-            self.tokens = TokenCache(
-                load_keyring(auth), TokenPolicy.from_config(auth), max_entries=auth.token_cache_size
-            )
-            auth_plugin = JwtAuth(self.tokens, self.limits, max_topic_bytes=config.limits.max_topic_bytes)
-        else:
-            log.warning("auth is disabled: any client may connect and do anything")
-            auth_plugin = AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+            caps = config.limits
+            local = limits or LocalConnectionLimits(caps.max_connections_per_user, caps.max_connections)
+            self.limits = LocalAsyncLimits(local)
         # Admission and permissions are decided by the plugins on the named hooks, never by
         # amqtt's plugin manager (its auth and topic plugins are not called).
-        self.hooks = Hooks([auth_plugin])
+        self.hooks = Hooks([self._admission_plugin(config)])
         amqtt_config: dict[str, Any] = {
             # amqtt insists on a 'default' listener; ours are started by _start_listeners.
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
@@ -208,60 +154,20 @@ class MarketBroker(
         }
         super().__init__(amqtt_config)
         self.stats = BrokerStats()
-        # user -> (their zone override from the store, "" for none; when to ask again), so a
-        # reconnect does not wait on the store: bounded, oldest dropped first; set_user_tz
-        # keeps it right, and a change made elsewhere (the CLI) is seen within the TTL.
-        self._user_zones: dict[str, tuple[str, float]] = {}
-        self._zone_writes = 0  # set_user_tz calls: a lookup that overlapped one is not kept
-        # Connects since the last summary line (one INFO line per interval, not per connect).
-        self._connects_logged = 0
-        self._index = TopicIndex()
-        self._session_filters: dict[str, set[str]] = {}
-        # filter -> client id -> its place in amqtt's ``_subscriptions[filter]`` list.
-        self._slots: dict[str, dict[str, int]] = {}
-        self._connections: dict[str, _Connection] = {}
-        self._client_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # user -> client ids of their persistent sessions, and of new ones being connected.
-        self._user_sessions: dict[str, set[str]] = {}
-        self._expiry_task: asyncio.Task[None] | None = None
+        self._init_admission(config)
+        self._init_zones(config)
+        self._init_subscriptions()
+        self._init_sessions()
         self._deliveries: set[asyncio.Task[Any]] = set()
-        self._client_tasks: set[asyncio.Task[Any]] = set()  # one per open socket
-        self._sequencer = ReservedSequencer(clock=clock, on_due=self._seq_due)
-        self._reserver: SeqReserver | None = None
+        self._init_ticks(clock)
         self._reserver_task: asyncio.Task[None] | None = None
         self.draining = False
-        # What a client may send before its CONNECT is accepted: the CONNECT, whose size is
-        # a few KB of fixed fields and will plus the largest token and topic.
-        self._max_topic = config.limits.max_topic_bytes
-        self._connect_budget = 4096 + auth.max_token_bytes + config.limits.max_topic_bytes
-        tz = config.timezones
-        self._tz_enabled = tz.enabled
-        self._timezone = TimezonePlugin(
-            fields=tz.fields, rules=[(rule.filter, rule.enabled) for rule in tz.rules], counted=self._count_tz
-        )
-        self.hooks.register(self._timezone)  # on_deliver: once per (message, zone)
-        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant);
-        # a tick's are the ones its live fan-out built, so a snapshot in a zone that had
-        # subscribers costs nothing more.
-        self._retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
-        self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
-        # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
-        self._tick_parts: dict[str, TickParts] = {}
+        self._init_snapshots()
         self._snapshots: SnapshotWriter | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._batcher = Batcher(config.broker.flush_interval_ms / 1000)
         self._fanout = Pipeline(self._matching, self._resolve_target)
-        # Retained snapshot frames per (granted filters, zone, transport): valid while
-        # _retained_version is what it was when they were built (bumped on every change).
-        self._retained_version = 0
-        self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
-        self._snapshot_bytes = 0  # held by _snapshot_frames
-        # Which retained topics each set of granted filters selects, at which QoS: valid
-        # while _retained_topics (bumped when a topic appears or goes) is unchanged.
-        self._retained_topics = 0
-        self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
-        self._clock_tz = LocalClock()
         self._cluster_seq: dict[str, int] = {}  # topic -> last seq delivered from the bus
 
     def _guarded(self, store: OfflineStore) -> GuardedStore:
@@ -323,18 +229,6 @@ class MarketBroker(
         await self._close_store()
         flush_logs(force=True)  # what the rate limit suppressed so far, before the process ends
 
-    async def _end_client_tasks(self, live: set[asyncio.Task[None]]) -> None:
-        """Every connection's task ends before the store closes and the loop stops: a task
-        left pending is destroyed mid-``finally`` (its session never saved)."""
-        for task in self._client_tasks - live:
-            task.cancel()  # still waiting for a CONNECT: nothing to finish
-        if live:
-            # amqtt's shutdown has ended their handlers; each is releasing its session.
-            _, stuck = await asyncio.wait(live, timeout=self.bridge_config.broker.takeover_timeout_s)
-            for task in stuck:
-                task.cancel()
-        await asyncio.gather(*self._client_tasks, return_exceptions=True)
-
     async def drain(self, timeout_s: float) -> None:
         """First half of a graceful stop: refuse new clients, let in-flight deliveries finish.
 
@@ -354,35 +248,19 @@ class MarketBroker(
     async def _close_store(self) -> None:
         """Stop the background tasks, flush snapshots a last time, save the exact last seq
         per topic (so a clean restart continues without a gap), close a store we opened."""
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            await asyncio.gather(self._expiry_task, return_exceptions=True)
-            self._expiry_task = None
-        if self._flush_task is not None:
-            self._flush_task.cancel()
-            await asyncio.gather(self._flush_task, return_exceptions=True)
-            self._flush_task = None
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
-            await asyncio.gather(self._snapshot_task, return_exceptions=True)
-            self._snapshot_task = None
+        for task in (self._expiry_task, self._flush_task, self._snapshot_task):
+            await _stopped(task)
+        self._expiry_task = self._flush_task = self._snapshot_task = None
         if self._snapshots is not None:
             await self._snapshots.flush()
             self._snapshots = None
-        if self._reserver_task is not None:
-            self._reserver_task.cancel()
-            await asyncio.gather(self._reserver_task, return_exceptions=True)
-            self._reserver_task = None
+        await _stopped(self._reserver_task)
+        self._reserver_task = None
         if self.store is not None:
             await self._release_seq(self.store)
         if self.store is not None and self._owns_store:
             store, self.store = self.store, None
             await self._store_call("close the store", store.close())
-
-    async def _session_monitor(self) -> None:
-        """amqtt's monitor deletes every disconnected anonymous session after ~1 s: with
-        ``auth.enabled: false`` persistent sessions vanished ([MQTT-3.1.2-4/5]). Clean
-        sessions go in ``_release`` and persistent ones expire by ``broker.session_expiry_s``."""
 
     async def _start_listeners(self) -> None:
         # amqtt's start() has just cleared its state: restore ours before anyone can connect.
@@ -400,27 +278,9 @@ class MarketBroker(
         self._reserver_task = asyncio.create_task(self._reserver.run(), name="seq-reserver")
         self._flush_task = asyncio.create_task(self._flush_outboxes(), name="outbox-flusher")
         self._expiry_task = asyncio.create_task(self._expire_sessions_periodically(), name="session-expiry")
-        listeners = self.bridge_config.listeners
-        for name, listener in (("ws", listeners.ws), ("tcp", listeners.tcp)):
-            if not listener.enabled:
-                continue
-            instance = await self._bind(name, listener)
-            # max_connections=0: no semaphore (amqtt's makes extra clients hang without CONNACK).
-            self._servers[name] = Server(name, instance, 0)
-            log.info("listener %s bound to %s:%s", name, listener.host, self.bound_port(name))
+        await self._open_listeners()
 
-    async def _flush_outboxes(self) -> None:
-        """Conflated messages go out as soon as a slow client's buffer drains."""
-        while True:
-            await asyncio.sleep(0.05)
-            self._batcher.drain_backlog()
-            flush_logs()  # rate-limit summaries come out when a flood stops (cheap: 1/s)
-
-    # ------------------------------------------------------------------ connections
-
-    # ------------------------------------------------------------------ session cap and expiry
-
-    # ------------------------------------------------------------------ inbound publishes
+    # ------------------------------------------------------------------ user messages
 
     def _take_user_publish(
         self, sender: Session, handler: MarketProtocolHandler, message: ApplicationMessage, topic: str
@@ -743,11 +603,6 @@ class MarketBroker(
             self.stats.store_errors += 1
             log.error("store: could not %s: %s", what, exc, extra=STORE)
 
-    async def user_subscriptions(self, user: str) -> dict[str, dict[str, int]]:
-        """client id -> {filter: QoS} for ``user``'s persistent sessions (from the store)."""
-        assert self.store is not None
-        return {record.client_id: record.subscriptions for record in await self.store.user_sessions(user)}
-
     # ------------------------------------------------------------------ cluster (issue 15)
 
     async def _join_cluster(self, cluster: ClusterLink) -> None:
@@ -823,13 +678,16 @@ class MarketBroker(
         self._cluster_seq[topic] = seq
         self._deliver_stamped(topic, seq, parts.head, parts.second, parts.ms, parts.qos, time.perf_counter())
 
-    # ------------------------------------------------------------------ subscriptions
-
-    # ------------------------------------------------------------------ fan-out
-
 
 def _succeeded(done: asyncio.Future[Any]) -> bool:
     return not done.cancelled() and done.exception() is None
+
+
+async def _stopped(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait for it to end (None: there was none)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _expected_startup_failure(record: logging.LogRecord) -> bool:

@@ -10,7 +10,7 @@ sent right after the session's next CONNACK. amqtt's broadcast queue is not used
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -21,18 +21,14 @@ from amqtt.session import Session
 
 from bridge.core.connection import State
 from bridge.core.delivery import Encoded, Plan, Target, group, push_all
-from bridge.core.topics import (
-    MARKET_PREFIX,
-    topic_class,
-)
+from bridge.core.topics import MARKET_PREFIX, topic_class
 from bridge.edge.outbox import Outbox
 from bridge.edge.session import context_of
-from bridge.edge.state import BrokerState
+from bridge.edge.state import BrokerState, log
 from bridge.logs import CLIENT, clip
+from bridge.logs import flush as flush_logs
 
 __all__ = ["FanoutMixin"]
-
-log = logging.getLogger(__name__)
 
 
 class FanoutMixin(BrokerState):
@@ -131,3 +127,10 @@ class FanoutMixin(BrokerState):
             )
         if limit > 0:
             queue.put_nowait(RetainedApplicationMessage(None, topic, data, qos))
+
+    async def _flush_outboxes(self) -> None:
+        """Conflated messages go out as soon as a slow client's buffer drains."""
+        while True:
+            await asyncio.sleep(0.05)
+            self._batcher.drain_backlog()
+            flush_logs()  # rate-limit summaries come out when a flood stops (cheap: 1/s)

@@ -11,38 +11,24 @@ without DISCONNECT.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import (
-    ApplicationMessage,
-    Session,
-)
+from amqtt.session import ApplicationMessage, Session
 
 from bridge.core.store import StoreError
 from bridge.core.tick import Tick
-from bridge.core.topics import (
-    MARKET_PREFIX,
-    USER_PREFIX,
-    is_valid_topic,
-    topic_class,
-)
+from bridge.core.topics import MARKET_PREFIX, USER_PREFIX, is_valid_topic, topic_class
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.session import context_of
-from bridge.edge.state import SUBACK_FAILURE, BrokerState
-from bridge.errors import (
-    MessageError,
-    TickError,
-)
+from bridge.edge.state import SUBACK_FAILURE, BrokerState, log
+from bridge.errors import MessageError, TickError
 from bridge.logs import CLIENT, STORE, clip
 
 __all__ = ["InboundMixin"]
-
-log = logging.getLogger(__name__)
 
 
 class InboundMixin(BrokerState):

@@ -10,22 +10,21 @@ ws_connection.py); each accepted connection goes to admission (bridge/edge/admis
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import ssl
 from contextlib import suppress
 from functools import partial
 from typing import Any
 
+from amqtt.broker import Server
+
 from bridge.config import ListenerConfig, TlsConfig, WsListenerConfig
-from bridge.edge.state import BrokerState
+from bridge.edge.state import BrokerState, log
 from bridge.edge.streams import Listener, TcpConnection
 from bridge.edge.ws_connection import WsListener
 from bridge.errors import ListenerError
 
 __all__ = ["ListenersMixin"]
-
-log = logging.getLogger(__name__)
 
 
 class ListenersMixin(BrokerState):
@@ -50,6 +49,16 @@ class ListenersMixin(BrokerState):
 
     def listener_connections(self) -> dict[str, int]:
         return {name: server.conn_count for name, server in self._servers.items()}
+
+    async def _open_listeners(self) -> None:
+        listeners = self.bridge_config.listeners
+        for name, listener in (("ws", listeners.ws), ("tcp", listeners.tcp)):
+            if not listener.enabled:
+                continue
+            instance = await self._bind(name, listener)
+            # max_connections=0: no semaphore (amqtt's makes extra clients hang without CONNACK).
+            self._servers[name] = Server(name, instance, 0)
+            log.info("listener %s bound to %s:%s", name, listener.host, self.bound_port(name))
 
     async def _bind(self, name: str, listener: ListenerConfig) -> Any:
         try:

@@ -13,7 +13,6 @@ snapshots are restored before any listener opens.
 from __future__ import annotations
 
 import asyncio
-import logging
 from contextlib import suppress
 from typing import Any
 
@@ -26,23 +25,23 @@ from amqtt.session import Session
 from bridge.core.connect import CONNACK_SERVER_UNAVAILABLE
 from bridge.core.connection import Event, State, advance
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
-from bridge.core.store import (
-    SessionRecord,
-    StoreError,
-)
+from bridge.core.store import SessionRecord, StoreError
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.session import MarketSession, context_of
-from bridge.edge.state import BrokerState, LiveConnection
+from bridge.edge.state import BrokerState, LiveConnection, log
 from bridge.limits import Lease
 from bridge.logs import STORE, clip
 
 __all__ = ["SessionsMixin"]
 
-log = logging.getLogger(__name__)
-
 
 class SessionsMixin(BrokerState):
     """Sessions in memory and in the store, by client id and by user."""
+
+    def _init_sessions(self) -> None:
+        # user -> client ids of their persistent sessions, and of new ones being connected.
+        self._user_sessions: dict[str, set[str]] = {}
+        self._expiry_task: asyncio.Task[None] | None = None
 
     def connection_list(self) -> list[dict[str, Any]]:
         """Live connections for the admin API (no credentials)."""
@@ -375,3 +374,13 @@ class SessionsMixin(BrokerState):
                 await self.expire_sessions()
             except Exception:
                 log.exception("session expiry sweep failed")
+
+    async def _session_monitor(self) -> None:
+        """amqtt's monitor deletes every disconnected anonymous session after ~1 s: with
+        ``auth.enabled: false`` persistent sessions vanished ([MQTT-3.1.2-4/5]). Clean
+        sessions go in ``_release`` and persistent ones expire by ``broker.session_expiry_s``."""
+
+    async def user_subscriptions(self, user: str) -> dict[str, dict[str, int]]:
+        """client id -> {filter: QoS} for ``user``'s persistent sessions (from the store)."""
+        assert self.store is not None
+        return {record.client_id: record.subscriptions for record in await self.store.user_sessions(user)}

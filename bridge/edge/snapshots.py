@@ -12,6 +12,7 @@ Every cache is bounded (the filters are the clients' choice).
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -35,6 +36,24 @@ _SNAPSHOT_BYTES = 32 << 20
 
 class SnapshotsMixin(BrokerState):
     """Snapshot frames, packets and topic selection for new subscriptions."""
+
+    def _init_snapshots(self) -> None:
+        # Retained snapshots per zone: topic -> (the payload they came from, zone -> variant);
+        # a tick's are the ones its live fan-out built, so a snapshot in a zone that had
+        # subscribers costs nothing more.
+        self._retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
+        self._retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]] = {}
+        # The last tick per topic in parts, so its snapshot is localised without parsing JSON.
+        self._tick_parts: dict[str, TickParts] = {}
+        # Retained snapshot frames per (granted filters, zone, transport): valid while
+        # _retained_version is what it was when they were built (bumped on every change).
+        self._retained_version = 0
+        self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        self._snapshot_bytes = 0  # held by _snapshot_frames
+        # Which retained topics each set of granted filters selects, at which QoS: valid
+        # while _retained_topics (bumped when a topic appears or goes) is unchanged.
+        self._retained_topics = 0
+        self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
 
     def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
         """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""

@@ -11,6 +11,7 @@ the methods are the mixins' own (the stubs exist for the type checker only).
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,11 @@ from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
 from broker_plugins.timezone import TimezonePlugin
 
-__all__ = ["SUBACK_FAILURE", "BrokerState", "LiveConnection"]
+__all__ = ["SUBACK_FAILURE", "BrokerState", "LiveConnection", "log"]
+
+# The broker's one logger, whichever concept module logs: the rate limit (bridge/logs.py)
+# and operators' levels are per logger name.
+log = logging.getLogger("bridge.edge.broker")
 
 SUBACK_FAILURE = 0x80
 

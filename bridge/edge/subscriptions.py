@@ -12,7 +12,6 @@ so adding or removing one costs the same however many share the filter.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
 from typing import Any
 
@@ -22,20 +21,24 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
-from bridge.core.topics import is_valid_filter
+from bridge.core.topics import TopicIndex, is_valid_filter
 from bridge.core.wire import suback
 from bridge.edge.session import context_of
-from bridge.edge.state import SUBACK_FAILURE, BrokerState
+from bridge.edge.state import SUBACK_FAILURE, BrokerState, log
 from bridge.limits import SubscribeRefusal, subscribe_refusal
 from bridge.logs import CLIENT, clip
 
 __all__ = ["SubscriptionsMixin"]
 
-log = logging.getLogger(__name__)
-
 
 class SubscriptionsMixin(BrokerState):
     """The subscription table: adding, replacing and removing filters, and the SUBSCRIBE/UNSUBSCRIBE answers."""
+
+    def _init_subscriptions(self) -> None:
+        self._index = TopicIndex()
+        self._session_filters: dict[str, set[str]] = {}
+        # filter -> client id -> its place in amqtt's ``_subscriptions[filter]`` list.
+        self._slots: dict[str, dict[str, int]] = {}
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         # Sessions restored from the store and amqtt's plugin API come this way: capped the

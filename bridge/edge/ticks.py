@@ -9,30 +9,31 @@ background. On a cluster node the bus stamps the seq instead and hands every tic
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Callable
 
 from amqtt.broker import RetainedApplicationMessage
 from amqtt.mqtt.constants import QOS_0
 
 from bridge.cluster import tickwire
-from bridge.core.store import (
-    OfflineStore,
-    Snapshot,
-    StoreError,
-)
+from bridge.core.sequencer import ReservedSequencer
+from bridge.core.store import OfflineStore, Snapshot, StoreError
 from bridge.core.tick import Tick, TickParts
 from bridge.core.timezones import LocalClock
-from bridge.edge.state import BrokerState
+from bridge.edge.state import BrokerState, log
 from bridge.errors import ClusterUnavailable
+from bridge.offline import SeqReserver
 
 __all__ = ["TicksMixin"]
-
-log = logging.getLogger(__name__)
 
 
 class TicksMixin(BrokerState):
     """Stamping, snapshotting and fanning out ticks; the seq reservations in the store."""
+
+    def _init_ticks(self, clock: Callable[[], float]) -> None:
+        self._sequencer = ReservedSequencer(clock=clock, on_due=self._seq_due)
+        self._reserver: SeqReserver | None = None
+        self._clock_tz = LocalClock()
 
     async def publish(self, tick: Tick) -> None:
         """TickSink: in-process feeds publish straight into the broker, skipping the network."""

@@ -8,21 +8,20 @@ timezone plugin) once per zone, a tick from its parts without re-parsing JSON.
 
 from __future__ import annotations
 
-import logging
 import time
 
 from bridge.auth import Claims
+from bridge.config import BridgeConfig
 from bridge.core.store import StoreError
 from bridge.core.tick import TickParts
 from bridge.core.timezones import is_valid_zone
 from bridge.edge.session import context_of
-from bridge.edge.state import BrokerState
+from bridge.edge.state import BrokerState, log
 from bridge.errors import MessageError
 from bridge.logs import STORE, clip
+from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["ZonesMixin"]
-
-log = logging.getLogger(__name__)
 
 # How long a user's zone override is taken from memory before the store is asked again.
 _ZONE_TTL_S = 600.0
@@ -30,6 +29,19 @@ _ZONE_TTL_S = 600.0
 
 class ZonesMixin(BrokerState):
     """Zone lookup per connection and localisation per zone."""
+
+    def _init_zones(self, config: BridgeConfig) -> None:
+        # user -> (their zone override from the store, "" for none; when to ask again), so a
+        # reconnect does not wait on the store: bounded, oldest dropped first; set_user_tz
+        # keeps it right, and a change made elsewhere (the CLI) is seen within the TTL.
+        self._user_zones: dict[str, tuple[str, float]] = {}
+        self._zone_writes = 0  # set_user_tz calls: a lookup that overlapped one is not kept
+        tz = config.timezones
+        self._tz_enabled = tz.enabled
+        self._timezone = TimezonePlugin(
+            fields=tz.fields, rules=[(rule.filter, rule.enabled) for rule in tz.rules], counted=self._count_tz
+        )
+        self.hooks.register(self._timezone)  # on_deliver: once per (message, zone)
 
     async def _zone_for(self, user: str, claims: Claims | None, claimed: str | None) -> str | None:
         """The user's zone, decided once per connection: store override, token claim, default."""

@@ -50,7 +50,7 @@ def _market(exchange: str) -> str:
 def test_filters_past_the_cap_are_refused_and_held_ones_replaced(
     clients: ClientFactory, transport: Transport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bridge.edge.subscriptions")
+    caplog.set_level(logging.INFO, logger="bridge.edge.broker")
     with _capped_broker(max_subscriptions_per_connection=5) as running:
         topics = [_market(f"x{i}") for i in range(8)]
         sub = clients(running.port(transport), transport=transport)
@@ -109,7 +109,7 @@ def test_a_flood_of_filters_holds_only_the_cap_and_others_keep_their_ticks(
     broker: BrokerThread, clients: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The attack in #11: one connection subscribing tens of thousands of filters."""
-    caplog.set_level(logging.INFO, logger="bridge.edge.subscriptions")
+    caplog.set_level(logging.INFO, logger="bridge.edge.broker")
     victim = clients(broker.ws_port, transport="websockets")
     victim.connect()
     victim.subscribe("market/luno/BTC-ZAR")
