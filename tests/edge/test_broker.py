@@ -6,20 +6,16 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import pytest
-import websockets.sync.client
 from amqtt.broker import Broker
-from websockets.exceptions import InvalidStatus
 
 from bench.mqttws import masked_frame
 from bridge.auth import Role
 from bridge.edge.broker import MarketBroker
-from bridge.errors import ListenerError
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -32,7 +28,6 @@ from tests.conftest import (
     subscribe_packet,
     token_for,
     unique,
-    varint,
     wait_until,
 )
 from tests.edge.test_streams import raw_ws
@@ -78,137 +73,6 @@ def test_seq_is_per_topic_and_stamped_by_the_broker(broker: BrokerThread, client
         ("market/luno/ETH-ZAR", 1),
         ("market/luno/BTC-ZAR", 2),
     ]
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_late_subscriber_gets_one_snapshot_per_topic_then_live(
-    broker: BrokerThread, clients: ClientFactory, transport: Transport
-) -> None:
-    pub = clients(broker.tcp_port)
-    pub.connect()
-    pub.publish("market/luno/BTC-ZAR", make_tick(last="1").encode())
-    pub.publish("market/luno/BTC-ZAR", make_tick(last="2").encode())
-    pub.publish("market/quidax/BTC-NGN", make_tick("quidax", "BTC-NGN", last="9").encode())
-    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 2, what="snapshots")
-
-    sub = clients(broker.port(transport), transport=transport)
-    sub.connect()
-    sub.subscribe("market/#")
-    snapshots = sorted(sub.expect(2), key=lambda m: m.topic)
-    assert [(m.topic, m.retain, json.loads(m.payload)["last"]) for m in snapshots] == [
-        ("market/luno/BTC-ZAR", True, "2"),
-        ("market/quidax/BTC-NGN", True, "9"),
-    ]
-    # The next message is the live one: no duplicate snapshots were queued before it.
-    pub.publish("market/luno/BTC-ZAR", make_tick(last="3").encode())
-    (live,) = sub.expect(1)
-    assert (live.retain, json.loads(live.payload)["last"], json.loads(live.payload)["seq"]) == (False, "3", 3)
-
-
-def test_cached_snapshot_frames_follow_every_change(broker: BrokerThread, clients: ClientFactory) -> None:
-    # Subscribers with the same filters and zone share one cached snapshot frame; a tick, a
-    # new topic, a retained non-market message or its removal each make the next one current.
-    pub = clients(broker.tcp_port)
-    pub.connect()
-    other = unique("other")
-
-    def snapshots(expected: int) -> list[tuple[str, str]]:
-        sub = clients(broker.tcp_port)
-        sub.connect()
-        sub.subscribe("#")
-        got = sub.expect(expected)
-        assert all(m.retain for m in got)
-        sub.close()
-        return sorted((m.topic, m.payload.decode()) for m in got)
-
-    def retained_count() -> int:
-        return len(broker.call(lambda: dict(broker.broker.retained_messages)))
-
-    pub.publish("market/luno/BTC-ZAR", make_tick(last="1").encode())
-    wait_until(lambda: retained_count() == 1, what="snapshot")
-    first = snapshots(1)
-    assert snapshots(1) == first  # from the cache
-    assert json.loads(first[0][1])["last"] == "1"
-    pub.publish("market/luno/BTC-ZAR", make_tick(last="2").encode())
-    wait_until(
-        lambda: (
-            b'"last":"2"'
-            in broker.call(lambda: bytes(broker.broker.retained_messages["market/luno/BTC-ZAR"].data))
-        ),
-        what="new snapshot",
-    )
-    assert json.loads(snapshots(1)[0][1])["last"] == "2"
-    pub.publish("market/valr/BTC-ZAR", make_tick("valr", last="7").encode())
-    wait_until(lambda: retained_count() == 2, what="second topic")
-    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
-    pub.publish(f"{other}/status", b"up", retain=True)
-    wait_until(lambda: retained_count() == 3, what="retained status")
-    assert (f"{other}/status", "up") in snapshots(3)
-    pub.publish(f"{other}/status", b"", retain=True)  # an empty retained message removes it
-    wait_until(lambda: retained_count() == 2, what="status removed")
-    assert [t for t, _ in snapshots(2)] == ["market/luno/BTC-ZAR", "market/valr/BTC-ZAR"]
-
-
-def test_snapshot_caches_stay_bounded_whatever_filters_clients_choose(clients: ClientFactory) -> None:
-    config = bridge_config(limits={"max_subscriptions_per_connection": 1000})
-    with BrokerThread(config) as broker:
-        pub = clients(broker.tcp_port)
-        pub.connect()
-        pub.publish("market/luno/BTC-ZAR", make_tick().encode())
-        wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
-        sub = clients(broker.tcp_port)
-        sub.connect()
-        for n in range(300):  # a new filter set each time: a new cache key
-            assert sub.subscribe([("market/#", 0), (f"x/{n}", 0)]) == [0, 0]
-        assert len(sub.expect(300)) == 300
-
-        def sizes() -> tuple[int, int]:
-            return len(broker.broker._snapshot_frames), len(broker.broker._snapshot_members)
-
-        frames, members = broker.call(sizes)
-        assert 0 < frames <= 256
-        assert 0 < members <= 256
-
-
-def test_overlapping_filters_in_one_subscribe_get_each_snapshot_once(
-    broker: BrokerThread, clients: ClientFactory
-) -> None:
-    pub = clients(broker.tcp_port)
-    pub.connect()
-    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
-    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 1, what="snapshot")
-    sub = clients(broker.tcp_port)
-    sub.connect()
-    assert sub.subscribe([("market/#", 0), ("market/luno/+", 0)]) == [0, 0]
-    (snapshot,) = sub.expect(1)
-    assert snapshot.retain
-    pub.publish("market/valr/BTC-ZAR", make_tick("valr").encode())
-    (live,) = sub.expect(1)
-    assert live.topic == "market/valr/BTC-ZAR"
-
-
-def test_other_clients_subscriptions_do_not_leak_snapshots(
-    broker: BrokerThread, clients: ClientFactory
-) -> None:
-    pub = clients(broker.tcp_port)
-    pub.connect()
-    pub.publish("market/luno/BTC-ZAR", make_tick().encode())
-    pub.publish("market/valr/BTC-ZAR", make_tick("valr").encode())
-    wait_until(lambda: broker.call(lambda: len(broker.broker.retained_messages)) == 2, what="snapshots")
-    wide = clients(broker.tcp_port)
-    wide.connect()
-    wide.subscribe("market/#")
-    assert len(wide.expect(2)) == 2
-
-    # amqtt pushes retained messages for *every* client's filters on CONNECT; we must not.
-    narrow = clients(broker.ws_port, transport="websockets")
-    narrow.connect()
-    narrow.subscribe("market/valr/BTC-ZAR")
-    (snapshot,) = narrow.expect(1)
-    assert snapshot.topic == "market/valr/BTC-ZAR"
-    pub.publish("market/valr/BTC-ZAR", make_tick("valr", last="5").encode())
-    (live,) = narrow.expect(1)
-    assert (live.topic, live.retain) == ("market/valr/BTC-ZAR", False)
 
 
 @pytest.mark.parametrize(
@@ -407,73 +271,6 @@ def test_persistent_session_keeps_subscriptions_across_reconnect(
     assert again.expect(1)[0].topic == "market/luno/BTC-ZAR"
 
 
-def test_websocket_other_paths_are_not_served(broker: BrokerThread) -> None:
-    with pytest.raises(InvalidStatus) as info:
-        websockets.sync.client.connect(f"ws://127.0.0.1:{broker.ws_port}/other", subprotocols=["mqtt"])  # type: ignore[list-item]
-    assert info.value.response.status_code == 404
-
-
-def test_websocket_without_mqtt_subprotocol_is_refused(broker: BrokerThread) -> None:
-    with pytest.raises(InvalidStatus) as info:
-        websockets.sync.client.connect(f"ws://127.0.0.1:{broker.ws_port}/mqtt")
-    assert info.value.response.status_code == 400
-
-
-@pytest.mark.parametrize(("configured", "expected"), [({}, None), ({"ping_interval_s": 15}, 15)])
-def test_websocket_pings_are_off_unless_configured(
-    clients: ClientFactory, configured: dict[str, Any], expected: float | None
-) -> None:
-    # paho answers WebSocket pings with unmasked pongs and gets dropped: pings must be opt-in.
-    config = bridge_config(listeners={"ws": {"port": 0, **configured}, "tcp": {"port": 0}})
-    with BrokerThread(config) as running:
-        client = clients(running.ws_port, transport="websockets")
-        client.connect()
-
-        def ping_interval() -> Any:
-            (connection,) = running.broker._connections.values()
-            return connection.handler.writer._listener.ping_interval  # type: ignore[union-attr]
-
-        assert running.call(ping_interval) == expected
-
-
-def test_port_in_use_fails_startup_naming_the_listener() -> None:
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    taken = holder.getsockname()[1]
-    try:
-        config = bridge_config(listeners={"ws": {"port": 0}, "tcp": {"port": taken}})
-        thread = BrokerThread(config)
-        with pytest.raises(ListenerError) as info:
-            thread.__enter__()
-        thread.stop()
-        assert (info.value.listener, info.value.port) == ("tcp", taken)
-        assert f"127.0.0.1:{taken}" in str(info.value)
-    finally:
-        holder.close()
-
-
-def test_an_unusable_tls_certificate_fails_startup_naming_the_listener(tmp_path: Path) -> None:
-    junk = tmp_path / "cert.pem"
-    junk.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
-    tls = {"certfile": str(junk), "keyfile": str(junk)}
-    config = bridge_config(listeners={"ws": {"port": 0}, "tcp": {"port": 0, "tls": tls}})
-    thread = BrokerThread(config)
-    with pytest.raises(ListenerError) as info:
-        thread.__enter__()
-    thread.stop()
-    assert info.value.listener == "tcp"
-    assert info.value.reason.startswith("TLS certificate or key: ")
-
-
-def test_listeners_are_independent(clients: ClientFactory) -> None:
-    config = bridge_config(listeners={"ws": {"enabled": False}, "tcp": {"port": 0}})
-    with BrokerThread(config) as running:
-        assert running.call(running.broker.listener_names) == ["tcp"]
-        sub = clients(running.tcp_port)
-        sub.connect()
-
-
 def test_broker_class_is_the_pinned_amqtt_subclass() -> None:
     # We override private methods of amqtt 0.12.1: an upgrade must fail here first.
     assert version("amqtt") == "0.12.1"
@@ -619,132 +416,6 @@ def test_a_service_will_reaches_the_user_it_is_addressed_to(
     )
     (message,) = bob.expect(1)
     assert (message.topic, message.payload) == (topic, b"gone")
-
-
-# --- protocol laxness: what MQTT 3.1.1 says closes the connection, closes it at once -------
-
-
-@pytest.fixture
-def patient_broker() -> Iterator[BrokerThread]:
-    # A long connect timeout: a close seen within the deadline came from the check under test.
-    with BrokerThread(bridge_config(broker={"connect_timeout_s": 120})) as running:
-        yield running
-
-
-def _mqtt5_connect(user: str) -> bytes:
-    """An MQTT 5 CONNECT with credentials and properties (what MQTT.js sends with protocolVersion 5)."""
-    token = token_for(user, "subscriber").encode()
-    body = (
-        b"\x00\x04MQTT\x05\xc2\x00\x3c"
-        + b"\x05\x11\x00\x00\x0e\x10"  # properties: session expiry 3600
-        + len(user).to_bytes(2, "big")
-        + user.encode()
-        + b"\x00"  # will properties: none (no will), then user name and password
-        + len(user).to_bytes(2, "big")
-        + user.encode()
-        + len(token).to_bytes(2, "big")
-        + token
-    )
-    return b"\x10" + varint(len(body)) + body
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_mqtt5_connect_gets_connack_1_at_once(patient_broker: BrokerThread, transport: Transport) -> None:
-    received, closed = _exchange(patient_broker.port(transport), transport, _mqtt5_connect(unique("v5")))
-    assert (received, closed) == (b"\x20\x02\x00\x01", True)  # [MQTT-3.1.2-2]
-
-
-BAD_CONNECTS = [
-    ("PUBLISH first", b"\x30\x05\x00\x01ax", "not_connect"),
-    ("SUBSCRIBE first", subscribe_packet(1, "market/#"), "not_connect"),
-    ("PINGREQ first", b"\xc0\x00", "not_connect"),
-    ("reserved flag", authed_connect("r1").replace(b"MQTT\x04\xc2", b"MQTT\x04\xc3"), "malformed_connect"),
-    ("will QoS 3", connect_packet("w3", will=("status/x", b"x"), will_qos=3), "malformed_connect"),
-    ("NUL in client id", connect_packet("a\x00b"), "bad_utf8"),
-    ("newline and ANSI in client id are fine, NUL is not", connect_packet("x\n\x1b[31m\x00"), "bad_utf8"),
-]
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize(("what", "data", "reason"), BAD_CONNECTS, ids=[b[0] for b in BAD_CONNECTS])
-def test_bad_first_packets_close_at_once_without_connack(
-    patient_broker: BrokerThread, transport: Transport, what: str, data: bytes, reason: str
-) -> None:
-    received, closed = _exchange(patient_broker.port(transport), transport, data)
-    assert (received, closed) == (b"", True), what
-    wait_until(
-        lambda: patient_broker.call(lambda: patient_broker.broker.stats.refusals[reason]) == 1, what=reason
-    )
-
-
-BAD_SUBSCRIBES = [
-    ("packet id 0", subscribe_packet(0, "market/#"), "malformed_packet"),
-    ("NUL in a filter outside the ACL", subscribe_packet(1, "user/bob/\x00"), "bad_utf8"),
-    ("NUL in an allowed filter", subscribe_packet(1, "market/\x00"), "bad_utf8"),
-    ("UNSUBSCRIBE with packet id 0", b"\xa2\x05\x00\x00\x00\x01a", "malformed_packet"),
-]
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize(("what", "data", "reason"), BAD_SUBSCRIBES, ids=[b[0] for b in BAD_SUBSCRIBES])
-def test_malformed_subscribes_close_the_connection(
-    broker: BrokerThread, transport: Transport, what: str, data: bytes, reason: str
-) -> None:
-    user = unique("alice")
-    received, closed = _exchange(
-        broker.port(transport), transport, authed_connect(user, role="subscriber") + data
-    )
-    assert (received, closed) == (b"\x20\x02\x00\x00", True), what  # a CONNACK, no SUBACK
-    wait_until(lambda: broker.call(lambda: broker.broker.stats.protocol_errors[reason]) == 1, what=reason)
-
-
-# --- a client that vanishes at any point of its connect leaves nothing behind ----------------
-
-
-def _cut_and_close(port: int, transport: Transport, data: bytes) -> None:
-    if transport == "tcp":
-        sock = _raw(port)
-        sock.sendall(data)
-    else:
-        sock = raw_ws(port)
-        sock.sendall(masked_frame(data))
-    sock.close()
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_client_closing_at_any_point_of_its_connect_leaves_no_connection(
-    broker: BrokerThread, clients: ClientFactory, transport: Transport
-) -> None:
-    """Was: ten phones that sent CONNECT and vanished held the user's ten slots for good."""
-    user = unique("ghost")
-    connect = connect_packet(
-        user, clean=False, username=user.encode(), password=token_for(user, "subscriber").encode()
-    )
-    subscribe = subscribe_packet(1, f"user/{user}/#", 1)
-    stream = connect + subscribe
-    # Every prefix of the connect sequence (CONNECT, then a SUBSCRIBE), on its own socket.
-    for cut in range(1, len(stream) + 1):
-        _cut_and_close(broker.port(transport), transport, stream[:cut])
-    running = broker.broker
-
-    def settled() -> bool:
-        return (running.stats.connections, running.limits.total, len(running._connections)) == (
-            0,
-            0,
-            0,
-        ) and not any(session.transitions.is_connected() for session, _ in running.sessions.values())
-
-    wait_until(lambda: broker.call(settled), what="every connection released")
-    # Not locked out: the user's next CONNECT is accepted, on the same persistent session.
-    back = clients(
-        broker.port(transport),
-        transport=transport,
-        client_id=user,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
-    back.connect()
 
 
 # --- anonymous persistent sessions and QoS 2 to users ----------------------------------------

@@ -1,23 +1,13 @@
-"""Owed inbound PUBACKs (bridge/edge/inbound_acks.py): each after its message was handed off, in arrival order."""
+"""Owed inbound PUBACKs (bridge/edge/inbound_acks.py): each after its message was handed off, in
+arrival order."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 
-from tests.conftest import (
-    BrokerThread,
-    Client,
-    make_tick,
-    unique,
-)
-from tests.edge.test_handler import (
-    TOPICS,
-    RawClient,
-    assert_in_order_per_topic,
-    publish_packet,
-    tick_stream,
-)
+from tests.conftest import BrokerThread, Client, make_tick, unique
+from tests.edge.test_handler import TOPICS, RawClient, assert_in_order_per_topic, publish_packet, tick_stream
 
 ClientFactory = Callable[..., Client]
 

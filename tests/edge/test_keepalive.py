@@ -6,13 +6,7 @@ import select
 import time
 from collections.abc import Callable
 
-from tests.conftest import (
-    DEADLINE_S,
-    BrokerThread,
-    Client,
-    unique,
-    wait_until,
-)
+from tests.conftest import DEADLINE_S, BrokerThread, Client, unique, wait_until
 from tests.edge.test_handler import RawClient, stat
 
 ClientFactory = Callable[..., Client]

@@ -1,19 +1,12 @@
-"""Outbound QoS 1/2 (bridge/edge/outbound.py): in flight until acknowledged, re-sent as they were on reconnect."""
+"""Outbound QoS 1/2 (bridge/edge/outbound.py): in flight until acknowledged, re-sent as they were
+on reconnect."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.conftest import (
-    BrokerThread,
-    Client,
-    subscribe_packet,
-    unique,
-)
-from tests.edge.test_handler import (
-    RawClient,
-    puback_packet,
-)
+from tests.conftest import BrokerThread, Client, subscribe_packet, unique
+from tests.edge.test_handler import RawClient, puback_packet
 
 ClientFactory = Callable[..., Client]
 

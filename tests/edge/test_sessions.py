@@ -14,15 +14,7 @@ import pytest
 from bridge.core.store import QueueLimits, SessionRecord
 from bridge.edge.session import context_of
 from bridge.sqlite_store import SqliteStore
-from tests.conftest import (
-    BrokerThread,
-    Client,
-    Transport,
-    bridge_config,
-    token_for,
-    unique,
-    wait_until,
-)
+from tests.conftest import BrokerThread, Client, Transport, bridge_config, token_for, unique, wait_until
 
 TRANSPORTS: list[Transport] = ["tcp", "websockets"]
 ClientFactory = Callable[..., Client]
