@@ -32,7 +32,7 @@ __all__ = ["FanoutMixin"]
 
 
 class FanoutMixin(BrokerState):
-    """Matching subscribers, live targets, and delivering non-tick messages or queueing them offline."""
+    """Matching subscribers and live targets; non-tick messages delivered or queued offline."""
 
     def _matching(self, topic: str) -> Iterator[tuple[Session, int]]:
         subscriptions = self._subscriptions

@@ -32,7 +32,7 @@ __all__ = ["SubscriptionsMixin"]
 
 
 class SubscriptionsMixin(BrokerState):
-    """The subscription table: adding, replacing and removing filters, and the SUBSCRIBE/UNSUBSCRIBE answers."""
+    """The subscription table (add, replace, remove filters) and the SUBSCRIBE/UNSUBSCRIBE answers."""
 
     def _init_subscriptions(self) -> None:
         self._index = TopicIndex()
