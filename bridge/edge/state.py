@@ -36,6 +36,7 @@ from bridge.core.store import OfflineStore
 from bridge.core.tick import Tick, TickParts
 from bridge.core.timezones import LocalClock
 from bridge.core.topics import TopicIndex
+from bridge.core.zone_memo import ZoneMemo
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
 from bridge.edge.outbox import Batcher, Outbox
@@ -97,8 +98,7 @@ class BrokerState(Broker):
     _connect_budget: int
     _max_topic: int
     # zones
-    _user_zones: dict[str, tuple[str, float]]
-    _zone_writes: int
+    _zone_memo: ZoneMemo
     _tz_enabled: bool
     _timezone: TimezonePlugin
     # sessions

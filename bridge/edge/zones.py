@@ -15,6 +15,7 @@ from bridge.config import BridgeConfig
 from bridge.core.store import StoreError
 from bridge.core.tick import TickParts
 from bridge.core.timezones import is_valid_zone
+from bridge.core.zone_memo import ZoneMemo
 from bridge.edge.session import context_of
 from bridge.edge.state import BrokerState, log
 from bridge.errors import MessageError
@@ -31,11 +32,9 @@ class ZonesMixin(BrokerState):
     """Zone lookup per connection and localisation per zone."""
 
     def _init_zones(self, config: BridgeConfig) -> None:
-        # user -> (their zone override from the store, "" for none; when to ask again), so a
-        # reconnect does not wait on the store: bounded, oldest dropped first; set_user_tz
-        # keeps it right, and a change made elsewhere (the CLI) is seen within the TTL.
-        self._user_zones: dict[str, tuple[str, float]] = {}
-        self._zone_writes = 0  # set_user_tz calls: a lookup that overlapped one is not kept
+        # The store's overrides, so a reconnect does not wait on the store; set_user_tz keeps
+        # it right, and a change made elsewhere (the CLI) is seen within the TTL.
+        self._zone_memo = ZoneMemo(max_entries=config.limits.max_connections, ttl_s=_ZONE_TTL_S)
         tz = config.timezones
         self._tz_enabled = tz.enabled
         self._timezone = TimezonePlugin(
@@ -55,12 +54,12 @@ class ZonesMixin(BrokerState):
     async def _zone_override(self, user: str) -> str | None:
         """The store's zone for ``user``, from memory for ``_ZONE_TTL_S`` after a look (a storm
         of reconnects does not queue on the store); set_user_tz here is seen at once."""
-        cached = self._user_zones.get(user)
         now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0] or None
+        cached = self._zone_memo.known(user, now)
+        if cached is not None:
+            return cached or None
         assert self.store is not None
-        writes = self._zone_writes
+        ticket = self._zone_memo.ticket()
         try:
             override = await self.store.get_user_tz(user)
         except StoreError as exc:
@@ -71,12 +70,8 @@ class ZonesMixin(BrokerState):
                 extra=STORE,
             )
             return None  # not remembered: asked again at the next CONNECT
-        if writes != self._zone_writes:
-            return override  # may predate the write: used once, not remembered
-        self._user_zones.pop(user, None)  # re-inserted last: the dict's order is its age
-        if len(self._user_zones) >= self.bridge_config.limits.max_connections:
-            del self._user_zones[next(iter(self._user_zones))]  # bounded: the oldest goes
-        self._user_zones[user] = (override or "", now + _ZONE_TTL_S)
+        # Not remembered if it overlapped a change (it may predate it): used this once.
+        self._zone_memo.remember(user, override, now, ticket)
         return override
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
@@ -84,14 +79,12 @@ class ZonesMixin(BrokerState):
         if tz is not None and not is_valid_zone(tz):
             raise MessageError("bad_tz", f"{tz!r} is not an IANA time zone")
         assert self.store is not None
-        self._zone_writes += 1
-        self._user_zones.pop(user, None)
+        self._zone_memo.changed(user)
         try:
             await self.store.set_user_tz(user, tz)
         finally:
             # A lookup that overlapped the write is not remembered, nor one kept meanwhile.
-            self._zone_writes += 1
-            self._user_zones.pop(user, None)
+            self._zone_memo.changed(user)
         for connection in self._connections.values():
             if connection.user == user:
                 context = context_of(connection.session)
