@@ -21,6 +21,7 @@ from amqtt.session import Session
 from bridge.core.delivery import Encoded, Plan, push_all
 from bridge.core.tick import TickParts
 from bridge.core.topics import matcher
+from bridge.core.versioned_cache import VersionedCache
 from bridge.core.wire import publish_qos0, ws_binary_frame
 from bridge.edge.session import context_of
 from bridge.edge.state import BrokerState
@@ -48,12 +49,15 @@ class SnapshotsMixin(BrokerState):
         # Retained snapshot frames per (granted filters, zone, transport): valid while
         # _retained_version is what it was when they were built (bumped on every change).
         self._retained_version = 0
-        self._snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]] = {}
-        self._snapshot_bytes = 0  # held by _snapshot_frames
+        self._snapshot_frames: VersionedCache[tuple[Any, ...], bytes] = VersionedCache(
+            max_entries=_SNAPSHOT_ENTRIES, max_bytes=_SNAPSHOT_BYTES
+        )
         # Which retained topics each set of granted filters selects, at which QoS: valid
         # while _retained_topics (bumped when a topic appears or goes) is unchanged.
         self._retained_topics = 0
-        self._snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]] = {}
+        self._snapshot_members: VersionedCache[tuple[tuple[str, int], ...], list[tuple[str, int]]] = (
+            VersionedCache(max_entries=_SNAPSHOT_ENTRIES)
+        )
 
     def _retained_packet(self, topic: str, data: bytes, zone: str | None) -> bytes:
         """The QoS 0 retained PUBLISH of ``topic``'s snapshot in ``zone``, built once per zone."""
@@ -96,22 +100,16 @@ class SnapshotsMixin(BrokerState):
         zone = context_of(session).zone
         filters = tuple(granted)
         key = (filters, zone, outbox.websocket)
-        cached = self._snapshot_frames.get(key)
-        if cached is not None and cached[0] == self._retained_version:
-            outbox.push_message(cached[1])
+        cached = self._snapshot_frames.get(key, self._retained_version)
+        if cached is not None:
+            outbox.push_message(cached)
             return
         packets, acked = self._snapshot_packets(self._snapshot_topics(filters), zone)
         frame = b"".join(packets)
         if frame and outbox.websocket:
             frame = ws_binary_frame(frame)
         if not acked:
-            stale = self._snapshot_frames.get(key)
-            held = self._snapshot_bytes + len(frame) - (len(stale[1]) if stale is not None else 0)
-            if len(self._snapshot_frames) >= _SNAPSHOT_ENTRIES or held > _SNAPSHOT_BYTES:
-                self._snapshot_frames.clear()  # rebuilt on the next SUBSCRIBE
-                held = len(frame)
-            self._snapshot_bytes = held
-            self._snapshot_frames[key] = (self._retained_version, frame)
+            self._snapshot_frames.put(key, self._retained_version, frame, len(frame))
         if frame:
             outbox.push_message(frame)
         target = Plan([((zone, outbox.websocket, QOS_2), [outbox])], 1)
@@ -204,9 +202,9 @@ class SnapshotsMixin(BrokerState):
 
     def _snapshot_topics(self, filters: tuple[tuple[str, int], ...]) -> list[tuple[str, int]]:
         """The retained topics ``filters`` select, each once at the best granted QoS."""
-        known = self._snapshot_members.get(filters)
-        if known is not None and known[0] == self._retained_topics:
-            return known[1]
+        known = self._snapshot_members.get(filters, self._retained_topics)
+        if known is not None:
+            return known
         chosen = []
         if len(filters) == 1:  # the usual SUBSCRIBE: one filter, compared as a string
             ((topic_filter, qos),) = filters
@@ -218,9 +216,7 @@ class SnapshotsMixin(BrokerState):
                 best = max((q for selects, q in tests if selects(topic)), default=None)
                 if best is not None:
                     chosen.append((topic, best))
-        if len(self._snapshot_members) >= _SNAPSHOT_ENTRIES:
-            self._snapshot_members.clear()  # bounded; rebuilt on the next SUBSCRIBE
-        self._snapshot_members[filters] = (self._retained_topics, chosen)
+        self._snapshot_members.put(filters, self._retained_topics, chosen)
         return chosen
 
     async def retain_message(

@@ -36,6 +36,7 @@ from bridge.core.store import OfflineStore
 from bridge.core.tick import Tick, TickParts
 from bridge.core.timezones import LocalClock
 from bridge.core.topics import TopicIndex
+from bridge.core.versioned_cache import VersionedCache
 from bridge.core.zone_memo import ZoneMemo
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
@@ -117,10 +118,9 @@ class BrokerState(Broker):
     _retained_variants: dict[str, tuple[bytes, dict[str | None, bytes]]]
     _retained_packets: dict[str, tuple[bytes, dict[str | None, bytes]]]
     _retained_version: int
-    _snapshot_frames: dict[tuple[Any, ...], tuple[int, bytes]]
-    _snapshot_bytes: int
+    _snapshot_frames: VersionedCache[tuple[Any, ...], bytes]
     _retained_topics: int
-    _snapshot_members: dict[tuple[tuple[str, int], ...], tuple[int, list[tuple[str, int]]]]
+    _snapshot_members: VersionedCache[tuple[tuple[str, int], ...], list[tuple[str, int]]]
 
     if TYPE_CHECKING:
         # What one concept calls on another, by the module that defines it (for mypy only).
