@@ -131,7 +131,7 @@ from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
-from broker_plugins.auth import AllowAll, JwtAuth
+from broker_plugins.auth import AllowAll, AnonymousAccess, JwtAuth
 from broker_plugins.offline_store import OfflineStorePlugin
 from broker_plugins.timezone import TimezonePlugin
 
@@ -235,9 +235,19 @@ class MarketBroker(Broker):
         else:
             log.warning("auth is disabled: any client may connect and do anything")
             auth_plugin = AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+        # Public read-only access (bridge/anonymous.py), before the JWT plugin: its own cap,
+        # counted on this node only.
+        self.anonymous: AnonymousAccess | None = None
+        if auth.enabled and auth.anonymous.enabled:
+            cap = LocalAsyncLimits(
+                LocalConnectionLimits(auth.anonymous.max_connections, auth.anonymous.max_connections)
+            )
+            self.anonymous = AnonymousAccess.from_config(
+                auth.anonymous, cap, max_topic_bytes=config.limits.max_topic_bytes
+            )
         # Admission and permissions are decided by the plugins on the named hooks, never by
         # amqtt's plugin manager (its auth and topic plugins are not called).
-        self.hooks = Hooks([auth_plugin])
+        self.hooks = Hooks([plugin for plugin in (self.anonymous, auth_plugin) if plugin is not None])
         amqtt_config: dict[str, Any] = {
             # amqtt insists on a 'default' listener; ours are started by _start_listeners.
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
@@ -722,6 +732,8 @@ class MarketBroker(Broker):
             return
         user = admitted.user
         claims = admitted.claims if isinstance(admitted.claims, Claims) else None
+        if admitted.client_id is not None:  # e.g. anonymous clients' own namespace
+            client_id = incoming.client_id = admitted.client_id
 
         lock = self._client_locks.get(client_id) or self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:
