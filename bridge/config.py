@@ -32,6 +32,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from bridge.anonymous import sub_acl_problem
+from bridge.core.forwarded import parse_networks
+from bridge.core.origin import OriginPolicy
 from bridge.core.ratelimit import MAX_RATE, MIN_RATE
 from bridge.core.topics import is_valid_filter
 from bridge.errors import ConfigError
@@ -107,6 +109,21 @@ class WsListenerConfig(ListenerConfig):
     # dead clients, and paho-mqtt 2.x answers a ping with an *unmasked* pong, which is a
     # protocol error that makes the server drop the client (websockets' default: every 20 s).
     ping_interval_s: PositiveSeconds | None = None
+    # Pages (scheme://host[:port]) whose browsers may connect; None: any. Others get HTTP
+    # 403; a handshake without Origin (not a browser) is allowed. bridge/core/origin.py.
+    allowed_origins: Annotated[list[str], Field(max_length=1000)] | None = None
+    # Proxies (CIDR) whose X-Forwarded-For names the client; bridge/core/forwarded.py.
+    trusted_proxies: Annotated[list[str], Field(max_length=1000)] = []
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(OriginPolicy(value).allowed)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(network) for network in parse_networks(value)]
 
     @field_validator("path")
     @classmethod

@@ -76,6 +76,7 @@ from bridge.core.connection import Event, State, advance
 from bridge.core.context import ConnectionContext
 from bridge.core.delivery import Encoded, Pipeline, Plan, Target, group, push_all
 from bridge.core.envelope import open_envelope
+from bridge.core.forwarded import parse_networks
 from bridge.core.hooks import ConnectRequest, Hooks, Refused
 from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
 from bridge.core.ratelimit import subscriber_gate
@@ -114,7 +115,7 @@ from bridge.edge.session import MarketSession, context_of
 from bridge.edge.session import install as install_light_sessions
 from bridge.edge.streams import ChunkReader, Listener, StreamConnection, TcpConnection
 from bridge.edge.user_inbound import UserInbound
-from bridge.edge.ws_connection import WsListener
+from bridge.edge.ws_connection import WsListener, origin_policy
 from bridge.errors import (
     ClusterUnavailable,
     ListenerError,
@@ -245,6 +246,8 @@ class MarketBroker(Broker):
             self.anonymous = AnonymousAccess.from_config(
                 auth.anonymous, cap, max_topic_bytes=config.limits.max_topic_bytes
             )
+        # The WebSocket listener's Origin allowlist (None: any), the dashboard's origins in it.
+        self.ws_origins = origin_policy(config.listeners.ws, config.http)
         # Admission and permissions are decided by the plugins on the named hooks, never by
         # amqtt's plugin manager (its auth and topic plugins are not called).
         self.hooks = Hooks([plugin for plugin in (self.anonymous, auth_plugin) if plugin is not None])
@@ -609,6 +612,8 @@ class MarketBroker(Broker):
                     max_size=listener.max_message_bytes,
                     compression=listener.compression,
                     ping_interval=listener.ping_interval_s,
+                    origins=self.ws_origins,
+                    trusted_proxies=parse_networks(listener.trusted_proxies),
                     log=log,
                 )
                 ws.server = await asyncio.get_running_loop().create_server(
