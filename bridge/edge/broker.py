@@ -215,6 +215,7 @@ class MarketBroker(Broker):
                 on_takeover=self._cluster_takeover,
                 max_per_user=config.limits.max_connections_per_user,
                 max_total=config.limits.max_connections,
+                anonymous_max=auth.anonymous.max_connections if auth.anonymous.enabled else None,
             )
             self.limits = self.cluster.limits
         else:
@@ -237,12 +238,12 @@ class MarketBroker(Broker):
             log.warning("auth is disabled: any client may connect and do anything")
             auth_plugin = AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
         # Public read-only access (bridge/anonymous.py), before the JWT plugin: its own cap,
-        # counted on this node only.
+        # counted cluster-wide in a cluster.
         self.anonymous: AnonymousAccess | None = None
         if auth.enabled and auth.anonymous.enabled:
-            cap = LocalAsyncLimits(
-                LocalConnectionLimits(auth.anonymous.max_connections, auth.anonymous.max_connections)
-            )
+            most = auth.anonymous.max_connections
+            shared = self.cluster.anonymous_limits if self.cluster is not None else None
+            cap: AsyncConnectionLimits = shared or LocalAsyncLimits(LocalConnectionLimits(most, most))
             self.anonymous = AnonymousAccess.from_config(
                 auth.anonymous, cap, max_topic_bytes=config.limits.max_topic_bytes
             )
