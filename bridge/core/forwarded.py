@@ -24,7 +24,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["MAX_HOPS", "MAX_XFF_CHARS", "Network", "client_address", "parse_address", "parse_networks"]
+__all__ = [
+    "MAX_HOPS",
+    "MAX_XFF_CHARS",
+    "Network",
+    "TrustedProxies",
+    "client_address",
+    "parse_address",
+    "parse_networks",
+]
 
 MAX_XFF_CHARS = 2048
 MAX_HOPS = 16
@@ -73,17 +81,31 @@ def parse_address(entry: str) -> Address | None:
         return None
 
 
-def _trusted(address: Address, trusted: Sequence[Network]) -> bool:
-    return any(address.version == network.version and address in network for network in trusted)
+class TrustedProxies:
+    """The trusted networks, as integers: ``address in networks`` is a few integer operations
+    per network instead of ipaddress's object comparisons (16 hops cost 170 µs that way)."""
+
+    __slots__ = ("_masks", "networks")
+
+    def __init__(self, networks: Iterable[Network] = ()) -> None:
+        self.networks = tuple(networks)
+        self._masks = tuple((n.version, int(n.network_address), int(n.netmask)) for n in self.networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: Address) -> bool:
+        value, version = int(address), address.version
+        return any(version == v and value & mask == network for v, network, mask in self._masks)
 
 
-def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str:
+def client_address(peer: str, forwarded_for: Sequence[str], trusted: TrustedProxies) -> str:
     """The address to use for the connection from ``peer`` (see the module docstring):
     ``peer`` itself unless it is a trusted proxy. Never raises."""
     if not trusted or not forwarded_for:
         return peer
     current = parse_address(peer)
-    if current is None or not _trusted(current, trusted):
+    if current is None or current not in trusted:
         return peer
     header = ",".join(forwarded_for)[-MAX_XFF_CHARS:]
     # Cut from the right: a cut-off left-most entry is garbage, which ends the walk anyway.
@@ -93,6 +115,6 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[Ne
         if address is None:
             break
         current = address
-        if not _trusted(address, trusted):
+        if address not in trusted:
             break
     return str(current)

@@ -76,7 +76,7 @@ from bridge.core.connection import Event, State, advance
 from bridge.core.context import ConnectionContext
 from bridge.core.delivery import Encoded, Pipeline, Plan, Target, group, push_all
 from bridge.core.envelope import open_envelope
-from bridge.core.forwarded import parse_networks
+from bridge.core.forwarded import TrustedProxies, parse_networks
 from bridge.core.hooks import ConnectRequest, Hooks, Refused
 from bridge.core.mailbox import Mailbox, eviction_notice, user_topic
 from bridge.core.ratelimit import subscriber_gate
@@ -614,7 +614,7 @@ class MarketBroker(Broker):
                     compression=listener.compression,
                     ping_interval=listener.ping_interval_s,
                     origins=self.ws_origins,
-                    trusted_proxies=parse_networks(listener.trusted_proxies),
+                    trusted_proxies=TrustedProxies(parse_networks(listener.trusted_proxies)),
                     log=log,
                 )
                 ws.server = await asyncio.get_running_loop().create_server(

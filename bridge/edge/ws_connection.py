@@ -55,7 +55,7 @@ from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 
 from bridge.config import HttpConfig, WsListenerConfig
-from bridge.core.forwarded import Network, client_address
+from bridge.core.forwarded import TrustedProxies, client_address
 from bridge.core.origin import OriginPolicy, dashboard_origins
 from bridge.core.wire import ws_binary_frame
 from bridge.core.wsframes import BINARY, CLOSE, CONT, PING, PONG, FrameError, FrameReader, close_echo
@@ -127,13 +127,13 @@ class WsListener(Listener):
         compression: bool = False,
         ping_interval: float | None = None,
         origins: OriginPolicy | None = None,
-        trusted_proxies: Sequence[Network] = (),
+        trusted_proxies: TrustedProxies | None = None,
         log: logging.Logger,
     ) -> None:
         super().__init__(name, serve)
         self.path = path
         self.origins = origins  # None: any page may connect
-        self.trusted_proxies = tuple(trusted_proxies)
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.refused_origins = 0
         self.connect_budget = connect_budget
         self.max_size = max_size

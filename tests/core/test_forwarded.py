@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.core.forwarded import MAX_HOPS, MAX_XFF_CHARS, client_address, parse_address, parse_networks
+from bridge.core.forwarded import (
+    MAX_HOPS,
+    MAX_XFF_CHARS,
+    TrustedProxies,
+    client_address,
+    parse_address,
+    parse_networks,
+)
 
-TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.1", "2001:db8:1::/48"])
+TRUSTED = TrustedProxies(parse_networks(["10.0.0.0/8", "127.0.0.1", "2001:db8:1::/48"]))
 
 
 @pytest.mark.parametrize(
@@ -75,7 +82,7 @@ def test_client_address(peer: str, xff: list[str], client: str) -> None:
 
 
 def test_nothing_trusted_ignores_the_header() -> None:
-    assert client_address("10.0.0.5", ["203.0.113.9"], ()) == "10.0.0.5"
+    assert client_address("10.0.0.5", ["203.0.113.9"], TrustedProxies()) == "10.0.0.5"
 
 
 def test_many_hops_are_read_only_up_to_the_bound() -> None:
