@@ -615,6 +615,7 @@ class MarketBroker(Broker):
                     ping_interval=listener.ping_interval_s,
                     origins=self.ws_origins,
                     trusted_proxies=TrustedProxies(parse_networks(listener.trusted_proxies)),
+                    refusals=self.stats.refusals,
                     log=log,
                 )
                 ws.server = await asyncio.get_running_loop().create_server(

@@ -42,6 +42,7 @@ import http
 import logging
 import os
 import struct
+from collections import Counter
 from collections.abc import Sequence
 
 from websockets.exceptions import InvalidHandshake
@@ -111,6 +112,7 @@ class WsListener(Listener):
         "origins",
         "path",
         "ping_interval",
+        "refusals",
         "refused_origins",
         "server",
         "trusted_proxies",
@@ -128,6 +130,7 @@ class WsListener(Listener):
         ping_interval: float | None = None,
         origins: OriginPolicy | None = None,
         trusted_proxies: TrustedProxies | None = None,
+        refusals: Counter[str] | None = None,
         log: logging.Logger,
     ) -> None:
         super().__init__(name, serve)
@@ -135,6 +138,7 @@ class WsListener(Listener):
         self.origins = origins  # None: any page may connect
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.refused_origins = 0
+        self.refusals = refusals  # the broker's, by reason (mb_refusals): "ws_origin" counted there
         self.connect_budget = connect_budget
         self.max_size = max_size
         self.ping_interval = ping_interval
@@ -307,6 +311,8 @@ class WsConnection(StreamConnection):
             response = ws.reject(http.HTTPStatus.NOT_FOUND, f"MQTT is served on {listener.path}\n")
         elif refusal is not None:
             listener.refused_origins += 1
+            if listener.refusals is not None:
+                listener.refusals["ws_origin"] += 1
             listener.log.info(
                 "WebSocket handshake from %s on %s refused (403): %s: %s",
                 self.get_peer_info(),

@@ -290,6 +290,7 @@ def test_a_page_from_another_origin_gets_403_before_the_upgrade(guarded: BrokerT
     listener = guarded.broker._servers["ws"].instance
     assert isinstance(listener, WsListener)
     assert guarded.call(lambda: listener.refused_origins) == 1
+    assert guarded.call(lambda: guarded.broker.stats.refusals["ws_origin"]) == 1
 
 
 def test_two_origin_headers_get_403(guarded: BrokerThread) -> None:
