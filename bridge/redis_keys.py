@@ -32,6 +32,8 @@ Key                             Type        Holds
                                             user's live connections on every node
 ``mb:lease:all``                sorted set  cluster: ``<lease id>|<user>`` -> expiry (epoch
                                             ms): every live connection
+``mb:lease:anonymous``          sorted set  cluster: the same for anonymous connections only
+                                            (``auth.anonymous``: a cap of their own)
 ``mb:cid:{<client_id>}``        hash        cluster: ``user``, ``node``, ``lease``: who owns
                                             the client id and which node holds it live
 ``mb:nodes``                    sorted set  cluster: node id -> heartbeat expiry (epoch ms)
@@ -58,6 +60,7 @@ __all__ = [
     "client_owner",
     "hash_tag",
     "lease_all",
+    "lease_anonymous",
     "lease_user",
     "message_seq",
     "node_control",
@@ -171,6 +174,10 @@ def lease_user(user: str) -> str:
 
 def lease_all() -> str:
     return f"{PREFIX}lease:all"
+
+
+def lease_anonymous() -> str:
+    return f"{PREFIX}lease:anonymous"
 
 
 def client_owner(client_id: str) -> str:

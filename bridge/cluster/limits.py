@@ -190,8 +190,12 @@ class ClusterConnectionLimits:
         max_total: int,
         lease_ttl_s: float,
         clock: Clock = time.time,
+        global_key: str | None = None,
     ) -> None:
         self.max_per_user = max_per_user
+        # The set max_total counts; another key gives a class of connections (anonymous ones,
+        # keys.lease_anonymous) a cap of its own, apart from everyone else's.
+        self._global_key = global_key or keys.lease_all()
         self.max_total = max_total
         self.node_id = node_id
         self.lease_ttl_s = lease_ttl_s
@@ -249,7 +253,7 @@ class ClusterConnectionLimits:
         lease = Lease(id=f"{self._instance}:{next(self._ids)}", user=user)
         old = replacing if replacing is not None and replacing.user == user else None
         status, held = await self._acquire_in(
-            keys.lease_all(), _global_member(lease), self.max_total, _global_member(old) if old else ""
+            self._global_key, _global_member(lease), self.max_total, _global_member(old) if old else ""
         )
         if status == 0:
             return LimitRefusal("global_limit", f"cluster has {held} of {self.max_total} connections")
@@ -277,10 +281,10 @@ class ClusterConnectionLimits:
         # it). A member a transfer retired is put back: the old node's heartbeat (ZADD XX)
         # would not re-add it.
         with contextlib.suppress(RedisError, OSError):
-            await self._backbone.redis.zrem(keys.lease_all(), _global_member(lease))
+            await self._backbone.redis.zrem(self._global_key, _global_member(lease))
             if restore is not None:
                 _, expiry, _ = self._times()
-                await self._backbone.redis.zadd(keys.lease_all(), {_global_member(restore): expiry})
+                await self._backbone.redis.zadd(self._global_key, {_global_member(restore): expiry})
 
     async def release(self, lease: Lease) -> None:
         """Give the slot back: the user's set first, then the global one (see the docstring).
@@ -290,7 +294,7 @@ class ClusterConnectionLimits:
         redis = self._backbone.redis
         try:
             await redis.zrem(keys.lease_user(lease.user), lease.id)
-            await redis.zrem(keys.lease_all(), _global_member(lease))
+            await redis.zrem(self._global_key, _global_member(lease))
         except (RedisError, OSError) as exc:
             # It expires by itself within lease_ttl_s: no heartbeat refreshes it any more.
             log.warning("cluster limits: release of %s failed (%s); it expires with its lease", lease.id, exc)
@@ -343,9 +347,9 @@ class ClusterConnectionLimits:
         async with self._backbone.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(members), HEARTBEAT_CHUNK):
                 pipe.zadd(
-                    keys.lease_all(), dict.fromkeys(members[start : start + HEARTBEAT_CHUNK], expiry), xx=True
+                    self._global_key, dict.fromkeys(members[start : start + HEARTBEAT_CHUNK], expiry), xx=True
                 )
-            pipe.pexpire(keys.lease_all(), lifetime)
+            pipe.pexpire(self._global_key, lifetime)
             for user, ids in by_user.items():
                 pipe.zadd(keys.lease_user(user), dict.fromkeys(ids, expiry), xx=True)
                 pipe.pexpire(keys.lease_user(user), lifetime)
@@ -357,7 +361,7 @@ class ClusterConnectionLimits:
         now, _, _ = self._times()
         with unavailable_as("refresh"):
             members = cast(
-                "list[bytes]", await self._backbone.redis.zrangebyscore(keys.lease_all(), now + 1, "+inf")
+                "list[bytes]", await self._backbone.redis.zrangebyscore(self._global_key, now + 1, "+inf")
             )
         counts = Counter(member.decode(errors="replace").partition("|")[2] for member in members)
         self._per_user = dict(counts)

@@ -11,6 +11,7 @@ keeps a snapshot only when nothing newer came on the bus meanwhile)::
     snapshots = await link.start()   # [(topic, seq, BusTick)]: the cluster's retained ticks
     link.publish(tick, qos)          # -> Future[int]: the cluster-wide seq
     link.limits                      # AsyncConnectionLimits counted in Redis (the auth plugin's)
+    link.anonymous_limits            # the same for anonymous connections (anonymous_max given)
     await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
     await link.unclaim(client_id, lease)
     link.ready                       # Redis reachable and every channel subscribed
@@ -27,6 +28,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from bridge import redis_keys as keys
+from bridge.anonymous import ANONYMOUS_USER
 from bridge.cluster import tickwire
 from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import Batch, TickBus
@@ -59,6 +62,7 @@ class ClusterLink:
         on_takeover: Callable[[TakeoverNotice], None],
         max_per_user: int,
         max_total: int,
+        anonymous_max: int | None = None,
         backbone: Backbone | None = None,
     ) -> None:
         self.config = config
@@ -71,6 +75,19 @@ class ClusterLink:
             max_per_user=max_per_user,
             max_total=max_total,
             lease_ttl_s=config.lease_ttl_s,
+        )
+        # Anonymous connections (bridge.anonymous): their own cluster-wide cap.
+        self.anonymous_limits = (
+            None
+            if anonymous_max is None
+            else ClusterConnectionLimits(
+                self.backbone,
+                node_id=self.node_id,
+                max_per_user=anonymous_max,
+                max_total=anonymous_max,
+                lease_ttl_s=config.lease_ttl_s,
+                global_key=keys.lease_anonymous(),
+            )
         )
         self.owners = ClientOwnership(self.backbone, node_id=self.node_id)
         self.control = ControlListener(self.backbone, node_id=self.node_id, on_close=on_takeover)
@@ -102,6 +119,8 @@ class ClusterLink:
                 await self.backbone.connect()
                 await self.registry.start()
                 await self.limits.start()
+                if self.anonymous_limits is not None:
+                    await self.anonymous_limits.start()
             await self.control.start()
             await self.bus.start()
             stored = await self.bus.ledger.snapshots(range(self.config.partitions))
@@ -127,7 +146,14 @@ class ClusterLink:
         # Each part stops whatever the others did, each within STOP_STEP_S: a node must stop
         # even when Redis is gone (a subscriber stuck closing a dead shard's connection is
         # left behind rather than holding the whole shutdown).
-        steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
+        limits = [self.limits] if self.anonymous_limits is None else [self.limits, self.anonymous_limits]
+        steps = (
+            self.bus.stop,
+            self.control.stop,
+            *(limit.stop for limit in limits),
+            self.registry.stop,
+            self.backbone.aclose,
+        )
         for step in steps:
             task = asyncio.ensure_future(step())
             done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
@@ -147,7 +173,11 @@ class ClusterLink:
     async def claim(self, client_id: str, user: str, lease: Lease) -> Refused | None:
         """Make this connection the client id's holder cluster-wide; another node holding it
         is told to close its connection. The Refused to send when the id is another user's
-        or Redis cannot be reached (fail closed)."""
+        or Redis cannot be reached (fail closed). Anonymous client ids are not recorded: each
+        would be remembered for a week, a Redis key per anonymous CONNECT; the same id on two
+        nodes is two connections."""
+        if user == ANONYMOUS_USER:
+            return None
         try:
             claim = await self.owners.claim(client_id, user, lease.id)
             if claim.action == "notify" and claim.previous is not None:
@@ -167,6 +197,8 @@ class ClusterLink:
 
     async def unclaim(self, client_id: str, lease: Lease) -> None:
         """The connection holding ``lease`` ended (a no-op when another took the id over)."""
+        if lease.user == ANONYMOUS_USER:
+            return
         try:
             await self.owners.release(client_id, lease.id)
         except ClusterUnavailable as exc:

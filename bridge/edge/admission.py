@@ -30,6 +30,7 @@ from amqtt.utils import gen_client_id
 from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import Claims, TokenPolicy
+from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits
 from bridge.config import BridgeConfig
 from bridge.core.connect import CONNACK_NOT_AUTHORIZED, Connect, ConnectRefused, read_connect
 from bridge.core.connection import Event, advance
@@ -45,10 +46,10 @@ from bridge.edge.state import SUBACK_FAILURE, BrokerState, LiveConnection, log
 from bridge.edge.streams import ChunkReader, StreamConnection
 from bridge.errors import ProtocolError
 from bridge.keys import load_keyring
-from bridge.limits import Lease
+from bridge.limits import Lease, LocalConnectionLimits
 from bridge.logs import CLIENT, clip
 from bridge.token_cache import TokenCache
-from broker_plugins.auth import AllowAll, JwtAuth
+from broker_plugins.auth import AllowAll, AnonymousAccess, JwtAuth
 
 __all__ = ["AdmissionMixin"]
 
@@ -68,19 +69,31 @@ class AdmissionMixin(BrokerState):
         self._max_topic = config.limits.max_topic_bytes
         self._connect_budget = 4096 + config.auth.max_token_bytes + config.limits.max_topic_bytes
 
-    def _admission_plugin(self, config: BridgeConfig) -> JwtAuth | AllowAll:
-        """The plugin deciding CONNECT, SUBSCRIBE and PUBLISH (and the connection limits)."""
+    def _admission_plugins(self, config: BridgeConfig) -> list[AnonymousAccess | JwtAuth | AllowAll]:
+        """The plugins deciding CONNECT, SUBSCRIBE and PUBLISH (and the connection limits), in
+        the order they are asked: public read-only access first, when configured."""
         auth = config.auth
         # One per broker, bound to its keys and policy: a reconnect verifies a token once.
         # The admin API reads its keys and policy from here (one policy for every door).
         self.tokens = None
+        self.anonymous = None
         if not auth.enabled:
             log.warning("auth is disabled: any client may connect and do anything")
-            return AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+            return [AllowAll(self.limits, max_topic_bytes=config.limits.max_topic_bytes)]
         self.tokens = TokenCache(
             load_keyring(auth), TokenPolicy.from_config(auth), max_entries=auth.token_cache_size
         )
-        return JwtAuth(self.tokens, self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+        jwt = JwtAuth(self.tokens, self.limits, max_topic_bytes=config.limits.max_topic_bytes)
+        if not auth.anonymous.enabled:
+            return [jwt]
+        # Public read-only access (bridge/anonymous.py): its own cap, cluster-wide in a cluster.
+        most = auth.anonymous.max_connections
+        shared = self.cluster.anonymous_limits if self.cluster is not None else None
+        cap: AsyncConnectionLimits = shared or LocalAsyncLimits(LocalConnectionLimits(most, most))
+        self.anonymous = AnonymousAccess.from_config(
+            auth.anonymous, cap, max_topic_bytes=config.limits.max_topic_bytes
+        )
+        return [self.anonymous, jwt]
 
     async def _end_client_tasks(self, live: set[asyncio.Task[None]]) -> None:
         """Every connection's task ends before the store closes and the loop stops: a task
@@ -158,6 +171,8 @@ class AdmissionMixin(BrokerState):
             return
         user = admitted.user
         claims = admitted.claims if isinstance(admitted.claims, Claims) else None
+        if admitted.client_id is not None:  # e.g. anonymous clients' own namespace
+            client_id = incoming.client_id = admitted.client_id
 
         lock = self._client_locks.get(client_id) or self._client_locks.setdefault(client_id, asyncio.Lock())
         async with lock:

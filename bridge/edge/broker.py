@@ -63,6 +63,7 @@ from bridge.edge.state import BrokerState, LiveConnection
 from bridge.edge.subscriptions import SubscriptionsMixin
 from bridge.edge.ticks import TicksMixin
 from bridge.edge.user_inbound import UserInbound
+from bridge.edge.ws_connection import origin_policy
 from bridge.edge.zones import ZonesMixin
 from bridge.errors import MarketBridgeError, MessageError
 from bridge.limits import ConnectionLimits, Lease, LocalConnectionLimits
@@ -137,6 +138,9 @@ class MarketBroker(
                 on_takeover=self._cluster_takeover,
                 max_per_user=config.limits.max_connections_per_user,
                 max_total=config.limits.max_connections,
+                anonymous_max=(
+                    config.auth.anonymous.max_connections if config.auth.anonymous.enabled else None
+                ),
             )
             self.limits = self.cluster.limits
         else:
@@ -145,7 +149,9 @@ class MarketBroker(
             self.limits = LocalAsyncLimits(local)
         # Admission and permissions are decided by the plugins on the named hooks, never by
         # amqtt's plugin manager (its auth and topic plugins are not called).
-        self.hooks = Hooks([self._admission_plugin(config)])
+        # The WebSocket listener's Origin allowlist (None: any), the dashboard's origins in it.
+        self.ws_origins = origin_policy(config.listeners.ws, config.http)
+        self.hooks = Hooks(self._admission_plugins(config))
         amqtt_config: dict[str, Any] = {
             # amqtt insists on a 'default' listener; ours are started by _start_listeners.
             "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},

@@ -19,6 +19,7 @@ from typing import Any
 from amqtt.broker import Server
 
 from bridge.config import ListenerConfig, TlsConfig, WsListenerConfig
+from bridge.core.forwarded import TrustedProxies, parse_networks
 from bridge.edge.state import BrokerState, log
 from bridge.edge.streams import Listener, TcpConnection
 from bridge.edge.ws_connection import WsListener
@@ -77,6 +78,9 @@ class ListenersMixin(BrokerState):
                     max_size=listener.max_message_bytes,
                     compression=listener.compression,
                     ping_interval=listener.ping_interval_s,
+                    origins=self.ws_origins,
+                    trusted_proxies=TrustedProxies(parse_networks(listener.trusted_proxies)),
+                    refusals=self.stats.refusals,
                     log=log,
                 )
                 ws.server = await asyncio.get_running_loop().create_server(

@@ -31,6 +31,7 @@ from bridge.core.connection import State
 from bridge.core.delivery import Pipeline
 from bridge.core.hooks import Hooks
 from bridge.core.mailbox import Mailbox
+from bridge.core.origin import OriginPolicy
 from bridge.core.sequencer import ReservedSequencer
 from bridge.core.store import OfflineStore
 from bridge.core.tick import Tick, TickParts
@@ -45,6 +46,7 @@ from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
 from bridge.token_cache import TokenCache
+from broker_plugins.auth import AnonymousAccess
 from broker_plugins.timezone import TimezonePlugin
 
 __all__ = ["SUBACK_FAILURE", "BrokerState", "LiveConnection", "log"]
@@ -86,6 +88,8 @@ class BrokerState(Broker):
     cluster: ClusterLink | None
     limits: AsyncConnectionLimits
     tokens: TokenCache | None
+    anonymous: AnonymousAccess | None
+    ws_origins: OriginPolicy | None
     hooks: Hooks
     stats: BrokerStats
     draining: bool

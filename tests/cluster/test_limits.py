@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from bridge import redis_keys as keys
+from bridge.anonymous import ANONYMOUS_USER
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.limits import (
     ClientOwnership,
@@ -262,3 +263,28 @@ async def test_a_refused_takeover_leaves_the_old_lease_counted(
     assert refused.reason == "user_limit"
     members = await raw.redis.zrange(keys.lease_all(), 0, -1)
     assert members == [f"{old.id}|alice".encode()]
+
+
+async def test_anonymous_connections_have_their_own_cluster_wide_cap(
+    make_limits: Callable[..., ClusterConnectionLimits],
+) -> None:
+    """auth.anonymous.max_connections across nodes, apart from the JWT users' global set."""
+    user = ANONYMOUS_USER
+    a = make_limits("a", max_per_user=3, max_total=3, global_key=keys.lease_anonymous())
+    b = make_limits("b", max_per_user=3, max_total=3, global_key=keys.lease_anonymous())
+    jwt = make_limits("a", max_per_user=1, max_total=1)
+    for limits in (a, b, jwt):
+        await limits.start()
+    results = await asyncio.gather(*((a, b)[i % 2].acquire(user) for i in range(5)))
+    leases = [r for r in results if isinstance(r, Lease)]
+    assert len(leases) == 3
+    # The JWT users' global limit (1 here) is untouched by the three anonymous connections.
+    assert isinstance(await jwt.acquire("alice"), Lease)
+    await a.refresh()
+    await jwt.refresh()
+    assert (a.total, jwt.total) == (3, 1)
+    # A release on one node frees a slot for the other.
+    mine = next(lease for lease in leases if lease.id.startswith("a:"))
+    await a.release(mine)
+    assert isinstance(await b.acquire(user), Lease)
+    assert isinstance(await b.acquire(user), LimitRefusal)

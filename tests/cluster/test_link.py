@@ -17,6 +17,7 @@ from bridge.core.tick import Tick
 from bridge.errors import ClusterUnavailable
 from tests.conftest import (
     DEADLINE_S,
+    TEST_SECRET,
     BrokerThread,
     Client,
     bridge_config,
@@ -44,9 +45,17 @@ def nodes(seeds: list[str]) -> Iterator[Callable[..., BrokerThread]]:
     with ExitStack() as stack:
 
         def start(
-            node_id: str, *, limits: dict[str, Any] | None = None, store: str | None = None, **cluster: Any
+            node_id: str,
+            *,
+            limits: dict[str, Any] | None = None,
+            store: str | None = None,
+            anonymous: dict[str, Any] | None = None,
+            **cluster: Any,
         ) -> BrokerThread:
             extra: dict[str, Any] = {}
+            if anonymous:
+                keys = [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]
+                extra["auth"] = {"keys": keys, "anonymous": anonymous}
             if limits:
                 extra["limits"] = limits
             if store:
@@ -310,3 +319,26 @@ def test_a_takeover_across_nodes_keeps_the_session(
     wait_until(lambda: a.call(lambda: cid in a.broker._sessions) is False, what="a forgot the session")
     assert b.run(b.broker.send_to_user(user, "alerts", b"after takeover")).delivered == 1
     assert second.expect(1)[0].payload == b"after takeover"
+
+
+def test_anonymous_connections_count_against_their_own_cap_cluster_wide(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_cluster: RedisClusterProcesses
+) -> None:
+    public = {"enabled": True, "max_connections": 2}
+    limits = {"max_connections": 1}
+    a, b = nodes("a", limits=limits, anonymous=public), nodes("b", limits=limits, anonymous=public)
+    clients(a.tcp_port, anonymous=True).connect()
+    clients(b.ws_port, transport="websockets", anonymous=True).connect()
+    clients(a.ws_port, transport="websockets", anonymous=True).connect(expect=3)  # one on each node
+    assert a.call(lambda: a.broker.stats.refusals["anonymous_limit"]) == 1
+    # The JWT users' limit (1 in the cluster) is apart from the two anonymous connections.
+    user = unique("alice")
+    clients(b.tcp_port, username=user, password=token_for(user, "subscriber")).connect()
+    # Anonymous client ids are not recorded in Redis (a key per CONNECT, kept for a week).
+    recorded: list[str] = []
+    for master in redis_cluster.masters():
+        found = master.call("KEYS", "mb:cid:*")
+        assert isinstance(found, list)
+        recorded += [str(key) for key in found]
+    assert recorded  # alice's
+    assert not [key for key in recorded if "anonymous" in key]
