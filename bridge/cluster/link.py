@@ -7,12 +7,13 @@ subscribed before the shared snapshots are read, so no tick falls between the tw
 keeps a snapshot only when nothing newer came on the bus meanwhile)::
 
     link = ClusterLink(config.cluster, on_tick=deliver, on_takeover=close,  # deliver(topic, seq, BusTick)
-                       max_per_user=10, max_total=10_000)
+                       max_per_user=10, max_total=10_000, on_mail=deliver_here, max_mail_bytes=...)
     snapshots = await link.start()   # [(topic, seq, BusTick)]: the cluster's retained ticks
     link.publish(tick, qos)          # -> Future[int]: the cluster-wide seq
     link.limits                      # AsyncConnectionLimits counted in Redis (the auth plugin's)
     await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
     await link.unclaim(client_id, lease)
+    await link.forward(user, topic, payload, qos, stored=...)  # to the user's other nodes
     link.ready                       # Redis reachable and every channel subscribed
     await link.stop()
 
@@ -30,7 +31,8 @@ from collections.abc import Callable
 from bridge.cluster import tickwire
 from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import Batch, TickBus
-from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits, ControlListener, TakeoverNotice
+from bridge.cluster.control import ControlListener, TakeoverNotice, UserMail, encode_control, send_control
+from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits
 from bridge.cluster.node import NodeRegistry, default_node_id
 from bridge.config import ClusterConfig
 from bridge.core.connect import CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
@@ -59,6 +61,8 @@ class ClusterLink:
         on_takeover: Callable[[TakeoverNotice], None],
         max_per_user: int,
         max_total: int,
+        on_mail: Callable[[UserMail], None] | None = None,
+        max_mail_bytes: int = 0,
         backbone: Backbone | None = None,
     ) -> None:
         self.config = config
@@ -73,13 +77,20 @@ class ClusterLink:
             lease_ttl_s=config.lease_ttl_s,
         )
         self.owners = ClientOwnership(self.backbone, node_id=self.node_id)
-        self.control = ControlListener(self.backbone, node_id=self.node_id, on_close=on_takeover)
+        self.control = ControlListener(
+            self.backbone,
+            node_id=self.node_id,
+            on_close=on_takeover,
+            on_mail=on_mail,
+            max_payload=max_mail_bytes,
+        )
         self.bus = TickBus(
             self.backbone, node_id=self.node_id, partitions=config.partitions, on_batch=self._batch
         )
         self._on_tick = on_tick
         self.bad_ticks = 0
         self.takeovers_sent = 0
+        self.mail_forwarded = 0  # user messages sent to other nodes (one per node)
         self._started = False
 
     @property
@@ -172,6 +183,22 @@ class ClusterLink:
         except ClusterUnavailable as exc:
             # The id stays recorded on this node; the next CONNECT with it claims it anyway.
             log.warning("cluster: could not release client id %s: %s", clip(client_id), exc)
+
+    async def forward(self, user: str, topic: str, payload: bytes, qos: int, *, stored: bool) -> int:
+        """Hand a user message accepted here to the other nodes holding ``user``'s live
+        connections; how many nodes got it. Raises :class:`ClusterUnavailable` when Redis
+        cannot be reached (a stored message still reaches persistent sessions at their next
+        replay)."""
+        nodes = await self.limits.nodes_of(user)
+        nodes.discard(self.node_id)
+        if not nodes:
+            return 0
+        message = encode_control(UserMail(user, topic, payload, qos, stored, self.node_id))
+        reached = 0
+        for node in sorted(nodes):
+            reached += await send_control(self.backbone, node, message) > 0
+        self.mail_forwarded += reached
+        return reached
 
     def publish(self, tick: Tick, qos: int) -> asyncio.Future[int]:
         return self.bus.publish(tick.topic, tickwire.encode(tick, qos))

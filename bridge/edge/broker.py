@@ -62,7 +62,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bridge.auth import Claims, TokenPolicy
 from bridge.cluster import tickwire
-from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
+from bridge.cluster.control import TakeoverNotice, UserMail
+from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits
 from bridge.cluster.link import ClusterLink
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import (
@@ -214,6 +215,8 @@ class MarketBroker(Broker):
                 on_takeover=self._cluster_takeover,
                 max_per_user=config.limits.max_connections_per_user,
                 max_total=config.limits.max_connections,
+                on_mail=self._cluster_mail,
+                max_mail_bytes=config.broker.max_packet_bytes,
             )
             self.limits = self.cluster.limits
         else:
@@ -263,6 +266,7 @@ class MarketBroker(Broker):
         self._user_sessions: dict[str, set[str]] = {}
         self._expiry_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._send_order: dict[str, asyncio.Lock] = {}  # cluster: a user's sends in order
         self._client_tasks: set[asyncio.Task[Any]] = set()  # one per open socket
         self._sequencer = ReservedSequencer(clock=clock, on_due=self._seq_due)
         self._reserver: SeqReserver | None = None
@@ -1566,6 +1570,14 @@ class MarketBroker(Broker):
         """Deliver or store: the result at once when nothing has to be stored, else None and
         ``then`` is called once the group commit holding the message returns."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
+        if self.cluster is not None:
+            message = NewMessage(full, payload, priority, ttl, min(qos, QOS_2))
+            task = asyncio.create_task(
+                self._send_clustered(self.cluster, user, message, qos, then), name="cluster-send"
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+            return None
         live, mailboxes = self._user_targets(user, full)
         if not mailboxes:
             if not live:
@@ -1592,6 +1604,86 @@ class MarketBroker(Broker):
 
         self.mailbox.submit_then(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)), committed)
         return None
+
+    async def _send_clustered(
+        self,
+        cluster: ClusterLink,
+        user: str,
+        message: NewMessage,
+        qos: int,
+        then: Callable[[SendResult | None, BaseException | None], None],
+    ) -> None:
+        """:meth:`_send` on a node of a cluster: the user's persistent sessions are known to
+        the shared store (not only to this node's memory) and their connections may be on
+        other nodes, which get the message over their control channel."""
+        try:
+            # One user's sends keep their order: the lookups below wait for Redis.
+            async with self._send_order.setdefault(user, asyncio.Lock()):
+                stored: asyncio.Future[EnqueueResult] | None = None
+                reached = 0
+                _, mailboxes = self._user_targets(user, message.topic)
+                if not mailboxes and self.store is not None:
+                    records = await self.store.user_sessions(user)
+                    mailboxes = any(
+                        matches(message.topic, f) for record in records for f in record.subscriptions
+                    )
+                if mailboxes:
+                    assert self.mailbox is not None
+                    stored = self.mailbox.submit(user, message)
+                else:
+                    reached = await self._forward(cluster, user, message, qos, stored=False)
+            if stored is None:
+                # Clean sessions only, anywhere: delivered now or nowhere.
+                here = self._deliver_here(user, message.topic, message.payload, qos, stored=False)
+                if not here and not reached:
+                    self.stats.publishes_dropped["no_subscriber"] += 1
+                then(SendResult(here + reached, None), None)
+                return
+            result = await stored
+            here = self._deliver_here(user, message.topic, message.payload, qos, stored=True)
+            reached = await self._forward(cluster, user, message, qos, stored=True)
+            then(SendResult(here + reached, result.stored, result.evicted), None)
+        except BaseException as exc:
+            then(None, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            lock = self._send_order.get(user)
+            if lock is not None and not lock.locked():
+                del self._send_order[user]
+
+    async def _forward(
+        self, cluster: ClusterLink, user: str, message: NewMessage, qos: int, *, stored: bool
+    ) -> int:
+        """To the user's other nodes; how many got it (0 when Redis cannot be reached: a
+        stored message waits for the sessions' next replay there)."""
+        try:
+            return await cluster.forward(user, message.topic, message.payload, qos, stored=stored)
+        except ClusterUnavailable as exc:
+            self.stats.publishes_dropped["cluster_unavailable"] += not stored
+            log.warning("cluster: could not hand %s's message to their other nodes: %s", clip(user), exc)
+            return 0
+
+    def _deliver_here(self, user: str, topic: str, payload: bytes, qos: int, *, stored: bool) -> int:
+        """This node's part of a user message: the connected sessions; a stored message goes
+        to the user's mailbox sessions through their replay (it leaves the store on PUBACK)."""
+        live, _ = self._user_targets(user, topic)
+        if not stored:
+            self._deliver_live(live, topic, payload, qos)
+            return len(live)
+        self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], topic, payload, qos)
+        for session, _ in live:
+            if self._is_mailbox(session, user):
+                self._pump(session)
+        return len(live)
+
+    def _cluster_mail(self, mail: UserMail) -> None:
+        """A user message another node accepted, for the user's connections here."""
+        if not mail.topic.startswith(f"{USER_PREFIX}{mail.user}/") or not is_valid_topic(mail.topic):
+            self.stats.publishes_dropped["bad_cluster_mail"] += 1
+            log.warning("cluster: dropped mail from %s for %r", clip(mail.by), clip(mail.topic))
+            return
+        self._deliver_here(mail.user, mail.topic, mail.payload, mail.qos, stored=mail.stored)
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
