@@ -14,6 +14,7 @@ keeps a snapshot only when nothing newer came on the bus meanwhile)::
     await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
     await link.unclaim(client_id, lease)
     await link.forward(user, topic, payload, qos, stored=...)  # to the user's other nodes
+    link.directory                   # every node's live connections (the admin API's list)
     link.ready                       # Redis reachable and every channel subscribed
     await link.stop()
 
@@ -32,6 +33,7 @@ from bridge.cluster import tickwire
 from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import Batch, TickBus
 from bridge.cluster.control import ControlListener, TakeoverNotice, UserMail, encode_control, send_control
+from bridge.cluster.directory import ConnectionDirectory
 from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits
 from bridge.cluster.node import NodeRegistry, default_node_id
 from bridge.config import ClusterConfig
@@ -77,6 +79,9 @@ class ClusterLink:
             lease_ttl_s=config.lease_ttl_s,
         )
         self.owners = ClientOwnership(self.backbone, node_id=self.node_id)
+        self.directory = ConnectionDirectory(
+            self.backbone, node_id=self.node_id, lease_ttl_s=config.lease_ttl_s
+        )
         self.control = ControlListener(
             self.backbone,
             node_id=self.node_id,
@@ -113,6 +118,7 @@ class ClusterLink:
                 await self.backbone.connect()
                 await self.registry.start()
                 await self.limits.start()
+                await self.directory.start()
             await self.control.start()
             await self.bus.start()
             stored = await self.bus.ledger.snapshots(range(self.config.partitions))
@@ -138,7 +144,14 @@ class ClusterLink:
         # Each part stops whatever the others did, each within STOP_STEP_S: a node must stop
         # even when Redis is gone (a subscriber stuck closing a dead shard's connection is
         # left behind rather than holding the whole shutdown).
-        steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
+        steps = (
+            self.bus.stop,
+            self.control.stop,
+            self.directory.stop,
+            self.limits.stop,
+            self.registry.stop,
+            self.backbone.aclose,
+        )
         for step in steps:
             task = asyncio.ensure_future(step())
             done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)

@@ -447,17 +447,15 @@ class MarketBroker(Broker):
         return {name: server.conn_count for name, server in self._servers.items()}
 
     def connection_list(self) -> list[dict[str, Any]]:
-        """Live connections for the admin API (no credentials)."""
-        return [
-            {
-                "client_id": c.client_id,
-                "user": c.user,
-                "remote": f"{c.session.remote_address}:{c.session.remote_port}",
-                "clean_session": bool(c.session.clean_session),
-                "tz": context_of(c.session).zone,
-            }
-            for c in self._connections.values()
-        ]
+        """This node's live connections for the admin API (no credentials)."""
+        return [_entry(c) for c in self._connections.values()]
+
+    async def cluster_connections(self) -> dict[str, list[dict[str, Any]]] | None:
+        """Every node's live connections (node -> list), or None without a cluster; raises
+        :class:`ClusterUnavailable` when Redis cannot be reached."""
+        if self.cluster is None:
+            return None
+        return await self.cluster.directory.listing(await self.cluster.registry.live_nodes())
 
     async def _start_listeners(self) -> None:
         # amqtt's start() has just cleared its state: restore ours before anyone can connect.
@@ -793,6 +791,8 @@ class MarketBroker(Broker):
         self.stats.connections += 1
         self.stats.connects += 1
         _log_connected(client_id, user, peer, listener_name)
+        if self.cluster is not None:
+            self.cluster.directory.add(client_id, _entry(connection))
         connected_at = time.monotonic()
         try:
             try:
@@ -1044,6 +1044,8 @@ class MarketBroker(Broker):
         client_id = connection.client_id
         if self._connections.get(client_id) is connection:
             del self._connections[client_id]
+            if self.cluster is not None:
+                self.cluster.directory.remove(client_id)
         if connection.outbox is not None:
             connection.outbox.close()
         self._fanout.invalidate()
@@ -2423,6 +2425,17 @@ def _expected_startup_failure(record: logging.LogRecord) -> bool:
     """Filter for amqtt's broker logger: drop its "Broker startup failed" traceback when the
     cause is one of ours, which says in one line what failed (the CLI prints it)."""
     return not (record.exc_info and isinstance(record.exc_info[1], MarketBridgeError))
+
+
+def _entry(connection: _Connection) -> dict[str, Any]:
+    session = connection.session
+    return {
+        "client_id": connection.client_id,
+        "user": connection.user,
+        "remote": f"{session.remote_address}:{session.remote_port}",
+        "clean_session": bool(session.clean_session),
+        "tz": context_of(session).zone,
+    }
 
 
 def _log_connected(client_id: str, user: str, peer: object, listener_name: str) -> None:

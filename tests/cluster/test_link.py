@@ -441,3 +441,31 @@ def test_evictions_notify_the_service_on_its_own_node(
     body = json.loads(notice.payload)
     assert notice.topic == f"service/{service_user}/evictions"
     assert (body["user"], body["reason"], len(body["evicted"])) == (user, "queue_full", 1)
+
+
+def test_the_connection_list_is_cluster_wide_on_every_node(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    a, b = nodes("a"), nodes("b")
+    user = unique("ivan")
+    on_a = clients(a.tcp_port, client_id=unique("ca"), username=user, password=token_for(user, "subscriber"))
+    on_b = clients(
+        b.ws_port,
+        transport="websockets",
+        client_id=unique("cb"),
+        username=user,
+        password=token_for(user, "subscriber", tz="Africa/Nairobi"),
+    )
+    on_a.connect()
+    on_b.connect()
+
+    def listed(node: BrokerThread) -> set[tuple[str, str, str | None]]:
+        listing = node.run(node.broker.cluster_connections())
+        assert listing is not None
+        return {(name, c["client_id"], c["tz"]) for name, entries in listing.items() for c in entries}
+
+    both = {("a", on_a.client_id, "UTC"), ("b", on_b.client_id, "Africa/Nairobi")}
+    wait_until(lambda: listed(a) == both, what="both connections listed on a")
+    wait_until(lambda: listed(b) == both, what="both connections listed on b")
+    on_b.close()
+    wait_until(lambda: listed(a) == {("a", on_a.client_id, "UTC")}, what="b's connection left the list")
