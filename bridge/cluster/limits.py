@@ -434,6 +434,15 @@ class ClientOwnership:
             raise RuntimeError(f"claim script wrote={written} but the rule says {action}")
         return Claim(action, previous)
 
+    async def holder(self, client_id: str) -> Holder | None:
+        """Who holds ``client_id`` now (None: nobody ever used it, or it expired)."""
+        with unavailable_as("read a client id's holder"):
+            fields = await self._backbone.redis.hmget(keys.client_owner(client_id), "user", "node", "lease")
+        user, node, lease = cast("list[bytes | None]", fields)
+        if not user:
+            return None
+        return Holder(user.decode(), node.decode() if node else None, lease.decode() if lease else None)
+
     async def release(self, client_id: str, lease: str) -> bool:
         """The connection holding ``lease`` ended: forget it as the holder if it still is."""
         with unavailable_as("unclaim"):

@@ -11,6 +11,7 @@ keeps a snapshot only when nothing newer came on the bus meanwhile)::
     snapshots = await link.start()   # [(topic, seq, BusTick)]: the cluster's retained ticks
     link.publish(tick, qos)          # -> Future[int]: the cluster-wide seq
     link.limits                      # AsyncConnectionLimits counted in Redis (the auth plugin's)
+    await link.held_lease(client_id, user)    # the id's lease on another node (a takeover's slot)
     await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
     await link.unclaim(client_id, lease)
     await link.forward(user, topic, payload, qos, stored=...)  # to the user's other nodes
@@ -188,6 +189,17 @@ class ClusterLink:
                 f"{clip(user)} may not use client id {clip(client_id)} (another user's, cluster-wide)",
             )
         return None
+
+    async def held_lease(self, client_id: str, user: str) -> Lease | None:
+        """The lease of ``client_id``'s live connection on another node, when it is
+        ``user``'s: a takeover transfers that slot instead of needing a free one."""
+        try:
+            holder = await self.owners.holder(client_id)
+        except ClusterUnavailable:
+            return None
+        if holder is None or holder.user != user or holder.lease is None or holder.node == self.node_id:
+            return None
+        return Lease(holder.lease, user)
 
     async def unclaim(self, client_id: str, lease: Lease) -> None:
         """The connection holding ``lease`` ended (a no-op when another took the id over)."""

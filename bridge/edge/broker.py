@@ -740,6 +740,11 @@ class MarketBroker(Broker):
                 await self._load_shared_session(user, client_id)
             live = self._connections.get(client_id)
             lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
+            if live is None and self.cluster is not None and isinstance(lease, Refused):
+                # At a limit, a takeover from another node moves that connection's slot here.
+                held = await self.cluster.held_lease(client_id, user)
+                if held is not None:
+                    lease = await self.hooks.on_lease(user, held)
             if self.cluster is not None and isinstance(lease, Lease):
                 refused = await self.cluster.claim(client_id, user, lease)
                 if refused is not None:

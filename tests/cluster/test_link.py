@@ -469,3 +469,22 @@ def test_the_connection_list_is_cluster_wide_on_every_node(
     wait_until(lambda: listed(b) == both, what="both connections listed on b")
     on_b.close()
     wait_until(lambda: listed(a) == {("a", on_a.client_id, "UTC")}, what="b's connection left the list")
+
+
+def test_a_takeover_from_another_node_at_the_user_limit_moves_the_slot(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    limits = {"max_connections_per_user": 2}
+    a, b = nodes("a", limits=limits), nodes("b", limits=limits)
+    user, cid = unique("judy"), unique("phone")
+    token = token_for(user, "subscriber")
+    first = clients(a.tcp_port, client_id=cid, username=user, password=token)
+    first.connect()
+    clients(a.ws_port, transport="websockets", username=user, password=token).connect()
+    # At the limit: a new client id is refused, the same client id on B takes A's slot over.
+    clients(b.tcp_port, username=user, password=token).connect(expect=3)
+    moved = clients(b.tcp_port, client_id=cid, username=user, password=token)
+    moved.connect()
+    assert first.disconnected.wait(DEADLINE_S)
+    wait_until(lambda: leases(b, user) == 2, what="still two leases counted")
+    clients(a.tcp_port, username=user, password=token).connect(expect=3)
