@@ -201,6 +201,14 @@ class ClusterLink:
             return None
         return Lease(holder.lease, user)
 
+    async def held_alive(self, client_id: str) -> bool:
+        """Whether a live node holds a connection of ``client_id`` (raises
+        :class:`ClusterUnavailable` when Redis cannot be reached)."""
+        holder = await self.owners.holder(client_id)
+        if holder is None or holder.node is None:
+            return False
+        return holder.node in await self.registry.live_nodes()
+
     async def unclaim(self, client_id: str, lease: Lease) -> None:
         """The connection holding ``lease`` ended (a no-op when another took the id over)."""
         try:

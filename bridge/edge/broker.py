@@ -65,6 +65,7 @@ from bridge.cluster import tickwire
 from bridge.cluster.control import TakeoverNotice, UserMail
 from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits
 from bridge.cluster.link import ClusterLink
+from bridge.cluster.sessions import shared_verdict
 from bridge.config import BridgeConfig, ListenerConfig, TlsConfig, WsListenerConfig
 from bridge.core.connect import (
     CONNACK_NOT_AUTHORIZED,
@@ -523,7 +524,8 @@ class MarketBroker(Broker):
         unknown = [
             r.client_id for r in records if r.disconnected_at is None and r.client_id in self._sessions
         ]
-        if unknown:
+        if unknown and self.cluster is None:
+            # (In a cluster another node may hold them: the expiry sweep asks first.)
             await self.store.set_disconnected(unknown, now)
         self.stats.sessions_expired += len(gone)
         self.stats.sessions_evicted += len(over)
@@ -736,7 +738,7 @@ class MarketBroker(Broker):
                     f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
-            if self.cluster is not None and not incoming.clean_session and client_id not in self._sessions:
+            if self.cluster is not None and not incoming.clean_session and client_id not in self._connections:
                 await self._load_shared_session(user, client_id)
             live = self._connections.get(client_id)
             lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
@@ -1202,6 +1204,10 @@ class MarketBroker(Broker):
         count = 0
         for client_id in expired(times, now=now, expiry_s=expiry_s):
             user = owners[client_id]
+            if self.cluster is not None and not await self._expired_cluster_wide(
+                self.cluster, user, client_id, now
+            ):
+                continue
             # Looked at again: a CONNECT may have resumed it while earlier ones were deleted.
             if not self._holds(user, client_id) or not expired(
                 self._session_times({client_id}), now=now, expiry_s=expiry_s
@@ -1219,6 +1225,41 @@ class MarketBroker(Broker):
                 del self._user_sessions[user]
                 await self._purge_queue(user)
         return count
+
+    async def _expired_cluster_wide(
+        self, cluster: ClusterLink, user: str, client_id: str, now: float
+    ) -> bool:
+        """Whether the shared store agrees that a session this node's copy calls expired is
+        (bridge/cluster/sessions.py); this node's copy is brought in line otherwise."""
+        assert self.store is not None
+        try:
+            record = next((r for r in await self.store.user_sessions(user) if r.client_id == client_id), None)
+            alive = (
+                record is not None and record.disconnected_at is None and await cluster.held_alive(client_id)
+            )
+        except (StoreError, ClusterUnavailable) as exc:
+            log.warning("session expiry: could not check %s cluster-wide (kept): %s", clip(client_id), exc)
+            return False
+        verdict = shared_verdict(
+            record, holder_alive=alive, now=now, expiry_s=self.bridge_config.broker.session_expiry_s
+        )
+        if verdict == "expire":
+            return True
+        async with self._client_locks.setdefault(client_id, asyncio.Lock()):
+            held = self._sessions.get(client_id)
+            if held is None or client_id in self._connections:
+                return False
+            if verdict == "gone":  # deleted on another node
+                self._forget_session(user, client_id)
+                await self._delete_session(client_id)
+                return False
+            if verdict == "orphaned":  # its node died before saying it disconnected
+                await self._store_call(
+                    "mark a session disconnected", self.store.set_disconnected([client_id], now)
+                )
+            at = None if record is None else record.disconnected_at
+            context_of(held[0]).disconnected_at = now if at is None else at
+        return False
 
     async def _purge_queue(self, user: str) -> None:
         """``user`` has no persistent session left: nothing will replay their queue."""
@@ -1921,8 +1962,10 @@ class MarketBroker(Broker):
             await self._delete_session(connection.client_id)
 
     async def _load_shared_session(self, user: str, client_id: str) -> None:
-        """A persistent session another node held (the store is shared): resumed here with its
-        subscriptions, its offline queue being the shared store's already."""
+        """A persistent session another node may have held (the store is shared): resumed here
+        with its subscriptions as the store has them, its offline queue being the shared
+        store's already. This node's own copy stays when the store has nothing newer (it
+        holds what the store does not: messages in flight)."""
         assert self.store is not None
         try:
             records = await self.store.user_sessions(user)
@@ -1930,9 +1973,16 @@ class MarketBroker(Broker):
             self.stats.store_errors += 1
             log.error("store: could not load the sessions of %s: %s", clip(user), exc, extra=STORE)
             return
-        for record in records:
-            if record.client_id == client_id and client_id not in self._sessions:
-                await self._materialise(record, record.disconnected_at or self._clock())
+        record = next((r for r in records if r.client_id == client_id), None)
+        held = self._sessions.get(client_id)
+        if held is not None and (
+            record is None or record.disconnected_at != context_of(held[0]).disconnected_at
+        ):
+            # Resumed, changed or deleted on another node since this copy was saved.
+            await self._delete_session(client_id)
+            held = None
+        if record is not None and held is None:
+            await self._materialise(record, record.disconnected_at or self._clock())
 
     def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
         """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""
