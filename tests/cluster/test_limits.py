@@ -182,6 +182,7 @@ async def test_nodes_of_a_user_are_the_nodes_holding_their_live_leases(
     await c.stop(release=False)
     assert await a.nodes_of("alice") == {"node-b", "c.3"}
     later = make_limits("d", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S + 0.05)
+    await later.start()
     assert await later.nodes_of("alice") == {"node-b"}
 
 
