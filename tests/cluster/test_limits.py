@@ -149,13 +149,15 @@ async def test_leases_of_a_dead_node_expire(make_limits: Callable[..., ClusterCo
             await survivor.next_heartbeat()
     print(f"\nleases of a dead node freed after {time.monotonic() - died:.2f} s (lease_ttl_s={TTL_S:g})")
 
-    a2 = make_limits("a2", lease_ttl_s=TTL_S)
+    # Frozen clocks: the boundary holds however long the steps take on a loaded machine.
+    t0, ttl = time.time(), 10.0  # (Redis drops the key itself 2 * ttl later, in real time)
+    a2 = make_limits("a2", lease_ttl_s=ttl, clock=lambda: t0)
     await a2.start()
     for _ in range(10):
         assert isinstance(await a2.acquire("alice"), Lease)
     await a2.stop(release=False)
-    early = make_limits("b", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S * 0.5)
-    late = make_limits("c", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S + 0.05)
+    early = make_limits("b", lease_ttl_s=ttl, clock=lambda: t0 + ttl * 0.5)
+    late = make_limits("c", lease_ttl_s=ttl, clock=lambda: t0 + ttl + 0.05)
     await early.start()
     await late.start()
     assert isinstance(await early.acquire("alice"), LimitRefusal)
