@@ -38,7 +38,10 @@ Key                             Type        Holds
                                             the client id and which node holds it live
 ``mb:nodes``                    sorted set  cluster: node id -> heartbeat expiry (epoch ms)
 ``{mb:node:<id>}:control``      channel     cluster: sharded pub/sub, commands to node ``id``
-                                            (close a taken-over connection)
+                                            (close a taken-over connection, user mail)
+``{mb:node:<id>}:conns``        hash        cluster: client id -> JSON of a live connection
+                                            on node ``id`` (the admin API's list); expires
+                                            with the node
 ==============================  ==========  ================================================
 
 A cluster partition's counter, snapshots and channel share the tag ``{mb:p7}``, so they
@@ -63,6 +66,7 @@ __all__ = [
     "lease_anonymous",
     "lease_user",
     "message_seq",
+    "node_connections",
     "node_control",
     "nodes",
     "partition_channel",
@@ -190,3 +194,7 @@ def nodes() -> str:
 
 def node_control(node_id: str) -> str:
     return f"{{{PREFIX}node:{node_id}}}:control"
+
+
+def node_connections(node_id: str) -> str:
+    return f"{{{PREFIX}node:{node_id}}}:conns"

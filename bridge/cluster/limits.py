@@ -26,7 +26,9 @@ user who first used it, cluster-wide. A CONNECT claims it (:meth:`ClientOwnershi
 node records itself as the holder and learns who held it before; :func:`decide_claim` says
 what to do: nothing, a local takeover, or tell the old node (over its control channel,
 ``{mb:node:<id>}:control``) to close its connection (:meth:`ClientOwnership.notify_takeover`,
-received by :class:`ControlListener`).
+received by :class:`bridge.cluster.control.ControlListener`). Where a user is connected
+(:meth:`ClusterConnectionLimits.nodes_of`) is read off the user's lease set, so routing a
+message to their nodes needs no second record to keep in step.
 
 Interface (what the broker calls)::
 
@@ -39,7 +41,7 @@ Interface (what the broker calls)::
     claim = await owners.claim(client_id, user, lease.id)       # Claim: see decide_claim
     if claim.action == "notify": await owners.notify_takeover(claim.previous, client_id)
     await owners.release(client_id, lease.id)
-    listener = ControlListener(backbone, node_id=..., on_close=close_connection)
+    await limits.nodes_of(user)                # nodes holding a live connection of user
 """
 
 from __future__ import annotations
@@ -47,21 +49,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Literal, Protocol, cast
 
 from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
-from bridge.cluster.bus import ShardedSubscriber
-from bridge.errors import ClusterMessageError, ClusterUnavailable
+from bridge.cluster.control import TakeoverNotice, encode_control, send_control
+from bridge.errors import ClusterUnavailable
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal
 from bridge.logs import clip
 
@@ -71,14 +72,9 @@ __all__ = [
     "Claim",
     "ClientOwnership",
     "ClusterConnectionLimits",
-    "ControlError",
-    "ControlListener",
     "Holder",
     "LocalAsyncLimits",
-    "TakeoverNotice",
     "decide_claim",
-    "decode_control",
-    "encode_control",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,6 +223,18 @@ class ClusterConnectionLimits:
     @property
     def local_leases(self) -> int:
         return len(self._live)
+
+    async def nodes_of(self, user: str) -> set[str]:
+        """The nodes holding a live (unexpired) lease of ``user``: where their connections are.
+        Raises :class:`~bridge.errors.ClusterUnavailable` when Redis cannot be reached."""
+        now, _, _ = self._times()
+        with unavailable_as("find the user's nodes"):
+            members = cast(
+                "list[bytes]",
+                await self._backbone.redis.zrangebyscore(keys.lease_user(user), now + 1, "+inf"),
+            )
+        # Lease ids are "<node>:<instance>:<n>" and node ids hold no ":".
+        return {member.decode(errors="replace").partition(":")[0] for member in members}
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -407,45 +415,6 @@ def decide_claim(previous: Holder | None, user: str, node: str) -> Action:
     return "takeover_local" if previous.node == node else "notify"
 
 
-@dataclass(frozen=True, slots=True)
-class TakeoverNotice:
-    """Sent to the old node: close ``client_id``'s connection holding ``lease``."""
-
-    client_id: str
-    lease: str
-    by: str
-
-
-class ControlError(ClusterMessageError):
-    """A control message that is not a takeover notice."""
-
-
-MAX_CONTROL_BYTES = 4096
-
-
-def encode_control(notice: TakeoverNotice) -> bytes:
-    return json.dumps(
-        {"op": "close", "client_id": notice.client_id, "lease": notice.lease, "by": notice.by},
-        separators=(",", ":"),
-    ).encode()
-
-
-def decode_control(raw: bytes) -> TakeoverNotice:
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise ControlError(f"{len(raw)} bytes, above {MAX_CONTROL_BYTES}")
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ControlError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("op") != "close":
-        raise ControlError("not a close command")
-    fields = [data.get(name) for name in ("client_id", "lease", "by")]
-    if not all(isinstance(value, str) for value in fields):
-        raise ControlError("client_id, lease and by must be strings")
-    client_id, lease, by = cast("list[str]", fields)
-    return TakeoverNotice(client_id, lease, by)
-
-
 class ClientOwnership:
     """Client id -> (user, node, lease), cluster-wide. See the module docstring."""
 
@@ -469,6 +438,15 @@ class ClientOwnership:
             raise RuntimeError(f"claim script wrote={written} but the rule says {action}")
         return Claim(action, previous)
 
+    async def holder(self, client_id: str) -> Holder | None:
+        """Who holds ``client_id`` now (None: nobody ever used it, or it expired)."""
+        with unavailable_as("read a client id's holder"):
+            fields = await self._backbone.redis.hmget(keys.client_owner(client_id), "user", "node", "lease")
+        user, node, lease = cast("list[bytes | None]", fields)
+        if not user:
+            return None
+        return Holder(user.decode(), node.decode() if node else None, lease.decode() if lease else None)
+
     async def release(self, client_id: str, lease: str) -> bool:
         """The connection holding ``lease`` ended: forget it as the holder if it still is."""
         with unavailable_as("unclaim"):
@@ -483,42 +461,4 @@ class ClientOwnership:
         if previous.node is None or previous.lease is None:
             raise ValueError("the previous holder has no live connection to close")
         notice = TakeoverNotice(client_id, previous.lease, self.node_id)
-        with unavailable_as("notify_takeover"):
-            return int(
-                await self._backbone.redis.spublish(keys.node_control(previous.node), encode_control(notice))
-            )
-
-
-class ControlListener:
-    """Receives this node's control channel and calls ``on_close(notice)`` for each takeover
-    notice; resubscribes like the tick bus."""
-
-    def __init__(
-        self, backbone: Backbone, *, node_id: str, on_close: Callable[[TakeoverNotice], None]
-    ) -> None:
-        self._on_close = on_close
-        self.bad_messages = 0
-        self._subscriber = ShardedSubscriber(backbone, [keys.node_control(node_id)], self._received)
-
-    @property
-    def ready(self) -> bool:
-        return self._subscriber.ready
-
-    async def start(self) -> None:
-        self._subscriber.start()
-        await self._subscriber.wait_ready()
-
-    async def stop(self) -> None:
-        await self._subscriber.stop()
-
-    def _received(self, channel: str, data: bytes) -> None:
-        try:
-            notice = decode_control(data)
-        except ControlError as exc:
-            self.bad_messages += 1
-            log.warning("cluster control: dropped a message on %s: %s", channel, exc)
-            return
-        try:
-            self._on_close(notice)
-        except Exception:
-            log.exception("cluster control: on_close failed")
+        return await send_control(self._backbone, previous.node, encode_control(notice))

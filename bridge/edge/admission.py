@@ -185,10 +185,15 @@ class AdmissionMixin(BrokerState):
                     f"{clip(user)} may not use client id {clip(client_id)}",
                 )
                 return
-            if self.cluster is not None and not incoming.clean_session and client_id not in self._sessions:
+            if self.cluster is not None and not incoming.clean_session and client_id not in self._connections:
                 await self._load_shared_session(user, client_id)
             live = self._connections.get(client_id)
             lease = await self.hooks.on_lease(user, live.lease if live is not None else None)
+            if live is None and self.cluster is not None and isinstance(lease, Refused):
+                # At a limit, a takeover from another node moves that connection's slot here.
+                held = await self.cluster.held_lease(client_id, user)
+                if held is not None:
+                    lease = await self.hooks.on_lease(user, held)
             if self.cluster is not None and isinstance(lease, Lease):
                 refused = await self.cluster.claim(client_id, user, lease)
                 if refused is not None:
@@ -240,6 +245,8 @@ class AdmissionMixin(BrokerState):
         self.stats.connections += 1
         self.stats.connects += 1
         _log_connected(client_id, user, peer, listener_name)
+        if self.cluster is not None:
+            self.cluster.directory.add(client_id, connection.describe())
         connected_at = time.monotonic()
         try:
             try:

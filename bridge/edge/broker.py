@@ -28,7 +28,8 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.session import ApplicationMessage, Session
 
 from bridge.cluster import tickwire
-from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits, TakeoverNotice
+from bridge.cluster.control import TakeoverNotice, UserMail
+from bridge.cluster.limits import AsyncConnectionLimits, LocalAsyncLimits
 from bridge.cluster.link import ClusterLink
 from bridge.config import BridgeConfig
 from bridge.core.connection import State
@@ -46,7 +47,7 @@ from bridge.core.store import (
     StoreError,
 )
 from bridge.core.tick import Tick, TickParts
-from bridge.core.topics import SERVICE_PREFIX, matches, topic_class
+from bridge.core.topics import SERVICE_PREFIX, USER_PREFIX, is_valid_topic, matches, topic_class
 from bridge.edge.admission import AdmissionMixin
 from bridge.edge.fanout import FanoutMixin
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
@@ -65,7 +66,7 @@ from bridge.edge.ticks import TicksMixin
 from bridge.edge.user_inbound import UserInbound
 from bridge.edge.ws_connection import origin_policy
 from bridge.edge.zones import ZonesMixin
-from bridge.errors import MarketBridgeError, MessageError
+from bridge.errors import ClusterUnavailable, MarketBridgeError, MessageError
 from bridge.limits import ConnectionLimits, Lease, LocalConnectionLimits
 from bridge.logs import CLIENT, STORE, clip
 from bridge.logs import flush as flush_logs
@@ -141,6 +142,8 @@ class MarketBroker(
                 anonymous_max=(
                     config.auth.anonymous.max_connections if config.auth.anonymous.enabled else None
                 ),
+                on_mail=self._cluster_mail,
+                max_mail_bytes=config.broker.max_packet_bytes,
             )
             self.limits = self.cluster.limits
         else:
@@ -165,6 +168,7 @@ class MarketBroker(
         self._init_subscriptions()
         self._init_sessions()
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._send_order: dict[str, asyncio.Lock] = {}  # cluster: a user's sends in order
         self._init_ticks(clock)
         self._reserver_task: asyncio.Task[None] | None = None
         self.draining = False
@@ -484,6 +488,14 @@ class MarketBroker(
         """Deliver or store: the result at once when nothing has to be stored, else None and
         ``then`` is called once the group commit holding the message returns."""
         ttl = self.bridge_config.store.default_ttl_s if ttl_s is None else ttl_s
+        if self.cluster is not None:
+            message = NewMessage(full, payload, priority, ttl, min(qos, QOS_2))
+            task = asyncio.create_task(
+                self._send_clustered(self.cluster, user, message, qos, then), name="cluster-send"
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+            return None
         live, mailboxes = self._user_targets(user, full)
         if not mailboxes:
             if not live:
@@ -510,6 +522,86 @@ class MarketBroker(
 
         self.mailbox.submit_then(user, NewMessage(full, payload, priority, ttl, min(qos, QOS_2)), committed)
         return None
+
+    async def _send_clustered(
+        self,
+        cluster: ClusterLink,
+        user: str,
+        message: NewMessage,
+        qos: int,
+        then: Callable[[SendResult | None, BaseException | None], None],
+    ) -> None:
+        """:meth:`_send` on a node of a cluster: the user's persistent sessions are known to
+        the shared store (not only to this node's memory) and their connections may be on
+        other nodes, which get the message over their control channel."""
+        try:
+            # One user's sends keep their order: the lookups below wait for Redis.
+            async with self._send_order.setdefault(user, asyncio.Lock()):
+                stored: asyncio.Future[EnqueueResult] | None = None
+                reached = 0
+                _, mailboxes = self._user_targets(user, message.topic)
+                if not mailboxes and self.store is not None:
+                    records = await self.store.user_sessions(user)
+                    mailboxes = any(
+                        matches(message.topic, f) for record in records for f in record.subscriptions
+                    )
+                if mailboxes:
+                    assert self.mailbox is not None
+                    stored = self.mailbox.submit(user, message)
+                else:
+                    reached = await self._forward(cluster, user, message, qos, stored=False)
+            if stored is None:
+                # Clean sessions only, anywhere: delivered now or nowhere.
+                here = self._deliver_here(user, message.topic, message.payload, qos, stored=False)
+                if not here and not reached:
+                    self.stats.publishes_dropped["no_subscriber"] += 1
+                then(SendResult(here + reached, None), None)
+                return
+            result = await stored
+            here = self._deliver_here(user, message.topic, message.payload, qos, stored=True)
+            reached = await self._forward(cluster, user, message, qos, stored=True)
+            then(SendResult(here + reached, result.stored, result.evicted), None)
+        except BaseException as exc:
+            then(None, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            lock = self._send_order.get(user)
+            if lock is not None and not lock.locked():
+                del self._send_order[user]
+
+    async def _forward(
+        self, cluster: ClusterLink, user: str, message: NewMessage, qos: int, *, stored: bool
+    ) -> int:
+        """To the user's other nodes; how many got it (0 when Redis cannot be reached: a
+        stored message waits for the sessions' next replay there)."""
+        try:
+            return await cluster.forward(user, message.topic, message.payload, qos, stored=stored)
+        except ClusterUnavailable as exc:
+            self.stats.publishes_dropped["cluster_unavailable"] += not stored
+            log.warning("cluster: could not hand %s's message to their other nodes: %s", clip(user), exc)
+            return 0
+
+    def _deliver_here(self, user: str, topic: str, payload: bytes, qos: int, *, stored: bool) -> int:
+        """This node's part of a user message: the connected sessions; a stored message goes
+        to the user's mailbox sessions through their replay (it leaves the store on PUBACK)."""
+        live, _ = self._user_targets(user, topic)
+        if not stored:
+            self._deliver_live(live, topic, payload, qos)
+            return len(live)
+        self._deliver_live([t for t in live if not self._is_mailbox(t[0], user)], topic, payload, qos)
+        for session, _ in live:
+            if self._is_mailbox(session, user):
+                self._pump(session)
+        return len(live)
+
+    def _cluster_mail(self, mail: UserMail) -> None:
+        """A user message another node accepted, for the user's connections here."""
+        if not mail.topic.startswith(f"{USER_PREFIX}{mail.user}/") or not is_valid_topic(mail.topic):
+            self.stats.publishes_dropped["bad_cluster_mail"] += 1
+            log.warning("cluster: dropped mail from %s for %r", clip(mail.by), clip(mail.topic))
+            return
+        self._deliver_here(mail.user, mail.topic, mail.payload, mail.qos, stored=mail.stored)
 
     @staticmethod
     def _is_mailbox(session: Session, user: str) -> bool:
@@ -666,8 +758,10 @@ class MarketBroker(
             await self._delete_session(connection.client_id)
 
     async def _load_shared_session(self, user: str, client_id: str) -> None:
-        """A persistent session another node held (the store is shared): resumed here with its
-        subscriptions, its offline queue being the shared store's already."""
+        """A persistent session another node may have held (the store is shared): resumed here
+        with its subscriptions as the store has them, its offline queue being the shared
+        store's already. This node's own copy stays when the store has nothing newer (it
+        holds what the store does not: messages in flight)."""
         assert self.store is not None
         try:
             records = await self.store.user_sessions(user)
@@ -675,9 +769,16 @@ class MarketBroker(
             self.stats.store_errors += 1
             log.error("store: could not load the sessions of %s: %s", clip(user), exc, extra=STORE)
             return
-        for record in records:
-            if record.client_id == client_id and client_id not in self._sessions:
-                await self._materialise(record, record.disconnected_at or self._clock())
+        record = next((r for r in records if r.client_id == client_id), None)
+        held = self._sessions.get(client_id)
+        if held is not None and (
+            record is None or record.disconnected_at != context_of(held[0]).disconnected_at
+        ):
+            # Resumed, changed or deleted on another node since this copy was saved.
+            await self._delete_session(client_id)
+            held = None
+        if record is not None and held is None:
+            await self._materialise(record, record.disconnected_at or self._clock())
 
     def _cluster_tick(self, topic: str, seq: int, parts: tickwire.BusTick) -> None:
         """Every tick of the cluster to deliver here, in seq order per topic (bridge.cluster.bus)."""

@@ -22,6 +22,8 @@ from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
+from bridge.cluster.link import ClusterLink
+from bridge.cluster.sessions import shared_verdict
 from bridge.core.connect import CONNACK_SERVER_UNAVAILABLE
 from bridge.core.connection import Event, State, advance
 from bridge.core.session_limits import SessionRefusal, expired, make_room, trim
@@ -29,6 +31,7 @@ from bridge.core.store import SessionRecord, StoreError
 from bridge.edge.handler import MarketProtocolHandler
 from bridge.edge.session import MarketSession, context_of
 from bridge.edge.state import BrokerState, LiveConnection, log
+from bridge.errors import ClusterUnavailable
 from bridge.limits import Lease
 from bridge.logs import STORE, clip
 
@@ -44,17 +47,15 @@ class SessionsMixin(BrokerState):
         self._expiry_task: asyncio.Task[None] | None = None
 
     def connection_list(self) -> list[dict[str, Any]]:
-        """Live connections for the admin API (no credentials)."""
-        return [
-            {
-                "client_id": c.client_id,
-                "user": c.user,
-                "remote": f"{c.session.remote_address}:{c.session.remote_port}",
-                "clean_session": bool(c.session.clean_session),
-                "tz": context_of(c.session).zone,
-            }
-            for c in self._connections.values()
-        ]
+        """This node's live connections for the admin API (no credentials)."""
+        return [c.describe() for c in self._connections.values()]
+
+    async def cluster_connections(self) -> dict[str, list[dict[str, Any]]] | None:
+        """Every node's live connections (node -> list), or None without a cluster; raises
+        :class:`ClusterUnavailable` when Redis cannot be reached."""
+        if self.cluster is None:
+            return None
+        return await self.cluster.directory.listing(await self.cluster.registry.live_nodes())
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         session = MarketSession()
@@ -90,7 +91,8 @@ class SessionsMixin(BrokerState):
         unknown = [
             r.client_id for r in records if r.disconnected_at is None and r.client_id in self._sessions
         ]
-        if unknown:
+        if unknown and self.cluster is None:
+            # (In a cluster another node may hold them: the expiry sweep asks first.)
             await self.store.set_disconnected(unknown, now)
         self.stats.sessions_expired += len(gone)
         self.stats.sessions_evicted += len(over)
@@ -185,6 +187,8 @@ class SessionsMixin(BrokerState):
         client_id = connection.client_id
         if self._connections.get(client_id) is connection:
             del self._connections[client_id]
+            if self.cluster is not None:
+                self.cluster.directory.remove(client_id)
         if connection.outbox is not None:
             connection.outbox.close()
         self._fanout.invalidate()
@@ -334,6 +338,10 @@ class SessionsMixin(BrokerState):
         count = 0
         for client_id in expired(times, now=now, expiry_s=expiry_s):
             user = owners[client_id]
+            if self.cluster is not None and not await self._expired_cluster_wide(
+                self.cluster, user, client_id, now
+            ):
+                continue
             # Looked at again: a CONNECT may have resumed it while earlier ones were deleted.
             if not self._holds(user, client_id) or not expired(
                 self._session_times({client_id}), now=now, expiry_s=expiry_s
@@ -351,6 +359,41 @@ class SessionsMixin(BrokerState):
                 del self._user_sessions[user]
                 await self._purge_queue(user)
         return count
+
+    async def _expired_cluster_wide(
+        self, cluster: ClusterLink, user: str, client_id: str, now: float
+    ) -> bool:
+        """Whether the shared store agrees that a session this node's copy calls expired is
+        (bridge/cluster/sessions.py); this node's copy is brought in line otherwise."""
+        assert self.store is not None
+        try:
+            record = next((r for r in await self.store.user_sessions(user) if r.client_id == client_id), None)
+            alive = (
+                record is not None and record.disconnected_at is None and await cluster.held_alive(client_id)
+            )
+        except (StoreError, ClusterUnavailable) as exc:
+            log.warning("session expiry: could not check %s cluster-wide (kept): %s", clip(client_id), exc)
+            return False
+        verdict = shared_verdict(
+            record, holder_alive=alive, now=now, expiry_s=self.bridge_config.broker.session_expiry_s
+        )
+        if verdict == "expire":
+            return True
+        async with self._client_locks.setdefault(client_id, asyncio.Lock()):
+            held = self._sessions.get(client_id)
+            if held is None or client_id in self._connections:
+                return False
+            if verdict == "gone":  # deleted on another node
+                self._forget_session(user, client_id)
+                await self._delete_session(client_id)
+                return False
+            if verdict == "orphaned":  # its node died before saying it disconnected
+                await self._store_call(
+                    "mark a session disconnected", self.store.set_disconnected([client_id], now)
+                )
+            at = None if record is None else record.disconnected_at
+            context_of(held[0]).disconnected_at = now if at is None else at
+        return False
 
     async def _purge_queue(self, user: str) -> None:
         """``user`` has no persistent session left: nothing will replay their queue."""

@@ -42,6 +42,7 @@ from bridge.core.zone_memo import ZoneMemo
 from bridge.edge.handler import MarketProtocolHandler, TakeUser
 from bridge.edge.lean import LeanEvent
 from bridge.edge.outbox import Batcher, Outbox
+from bridge.edge.session import context_of
 from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
@@ -76,6 +77,17 @@ class LiveConnection:
     # overtakes them ([MQTT-4.6.0-1]).
     state: State = State.ADMITTED
     done: asyncio.Event = field(default_factory=LeanEvent)  # an asyncio.Event holds a 760-byte deque
+
+    def describe(self) -> dict[str, Any]:
+        """For the admin API's connection list (no credentials)."""
+        session = self.session
+        return {
+            "client_id": self.client_id,
+            "user": self.user,
+            "remote": f"{session.remote_address}:{session.remote_port}",
+            "clean_session": bool(session.clean_session),
+            "tz": context_of(session).zone,
+        }
 
 
 class BrokerState(Broker):
