@@ -31,6 +31,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from bridge.anonymous import sub_acl_problem
+from bridge.core.forwarded import parse_networks
+from bridge.core.origin import OriginPolicy
 from bridge.core.ratelimit import MAX_RATE, MIN_RATE
 from bridge.core.topics import is_valid_filter
 from bridge.errors import ConfigError
@@ -41,6 +44,7 @@ __all__ = [
     "DEV_SECRET_PATH",
     "ENV_PREFIX",
     "HMAC_ALGORITHMS",
+    "AnonymousConfig",
     "AuthConfig",
     "BridgeConfig",
     "BrokerSettings",
@@ -105,6 +109,21 @@ class WsListenerConfig(ListenerConfig):
     # dead clients, and paho-mqtt 2.x answers a ping with an *unmasked* pong, which is a
     # protocol error that makes the server drop the client (websockets' default: every 20 s).
     ping_interval_s: PositiveSeconds | None = None
+    # Pages (scheme://host[:port]) whose browsers may connect; None: any. Others get HTTP
+    # 403; a handshake without Origin (not a browser) is allowed. bridge/core/origin.py.
+    allowed_origins: Annotated[list[str], Field(max_length=1000)] | None = None
+    # Proxies (CIDR) whose X-Forwarded-For names the client; bridge/core/forwarded.py.
+    trusted_proxies: Annotated[list[str], Field(max_length=1000)] = []
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(OriginPolicy(value).allowed)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(network) for network in parse_networks(value)]
 
     @field_validator("path")
     @classmethod
@@ -252,6 +271,33 @@ class KeyConfig(_Strict):
         return self
 
 
+def _iana_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone") from None
+    return value
+
+
+class AnonymousConfig(_Strict):
+    """Public read-only access for CONNECTs without a password (bridge/anonymous.py)."""
+
+    enabled: bool = False
+    # Never user/, service/ or $ topics, nor a leading wildcard that reaches them.
+    sub_acl: Annotated[list[str], Field(min_length=1, max_length=100)] = ["market/#"]
+    tz: Annotated[str, AfterValidator(_iana_zone)] = "UTC"
+    # Anonymous connections in total (per node, or cluster-wide), apart from the JWT users'.
+    max_connections: Annotated[int, Field(ge=0, le=10_000_000)] = 1000
+
+    @field_validator("sub_acl")
+    @classmethod
+    def _public_filters(cls, value: list[str]) -> list[str]:
+        for topic_filter in value:
+            if (problem := sub_acl_problem(topic_filter)) is not None:
+                raise ValueError(problem)
+        return value
+
+
 class AuthConfig(_Strict):
     enabled: bool = True
     keys: list[KeyConfig] = []
@@ -264,21 +310,15 @@ class AuthConfig(_Strict):
     # Verified tokens remembered (bridge/token_cache.py), least recently used evicted; 0: none.
     token_cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
     # Zone for users whose token has no tz claim.
-    default_tz: str = "UTC"
-
-    @field_validator("default_tz")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone") from None
-        return value
+    default_tz: Annotated[str, AfterValidator(_iana_zone)] = "UTC"
+    anonymous: AnonymousConfig = AnonymousConfig()
 
     @model_validator(mode="after")
     def _has_keys(self) -> Self:
         if self.enabled and not self.keys and self.jwks_file is None:
             raise ValueError("auth is enabled but no keys or jwks_file are configured")
+        if self.anonymous.enabled and not self.enabled:
+            raise ValueError("anonymous.enabled needs auth enabled (without auth every client is admitted)")
         kids = [k.kid for k in self.keys]
         if len(kids) != len(set(kids)):
             raise ValueError("key ids (kid) must be unique")

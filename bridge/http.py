@@ -326,13 +326,18 @@ class HttpServer:
 
 async def _cluster_view(broker: MarketBroker) -> dict[str, Any]:
     """In a cluster, ``total`` and ``per_user`` are cluster-wide (the limits' view, at most
-    ``lease_ttl_s / 3`` old) and ``connections`` this node's; which node answered, and the
-    live nodes, say where to look for the others."""
+    ``lease_ttl_s / 3`` old), and so is ``connections``, each with its ``node`` (the nodes'
+    directory: a connection appears within one directory write). Which node answered is
+    ``node``; ``cluster_nodes`` is None when Redis could not be reached, and ``connections``
+    then only this node's."""
     cluster = broker.cluster
     if cluster is None:
         return {}
     try:
-        nodes: list[str] | None = await cluster.registry.live_nodes()
+        listing = await broker.cluster_connections()
     except ClusterUnavailable:
-        nodes = None
-    return {"node": cluster.node_id, "cluster_nodes": nodes}
+        # This node's own list stands, and says it is only that.
+        return {"node": cluster.node_id, "cluster_nodes": None}
+    assert listing is not None
+    connections = [entry | {"node": node} for node, entries in listing.items() for entry in entries]
+    return {"node": cluster.node_id, "cluster_nodes": sorted(listing), "connections": connections}

@@ -70,6 +70,17 @@ class _BrokerCollector(Collector):
         for reason, count in sorted(stats.refusals.items()):
             refusals.add_metric([reason], count)
         yield refusals
+        anonymous = self._broker.anonymous
+        yield GaugeMetricFamily(
+            "mb_anonymous_connections",
+            "Open anonymous (public, read-only) connections",
+            value=anonymous.connections if anonymous is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "mb_anonymous_connects",
+            "Accepted anonymous CONNECTs",
+            value=anonymous.admitted if anonymous is not None else 0,
+        )
         yield CounterMetricFamily(
             "mb_token_expiries", "Connections closed at token exp", value=stats.token_expiries
         )

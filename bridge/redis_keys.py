@@ -32,11 +32,16 @@ Key                             Type        Holds
                                             user's live connections on every node
 ``mb:lease:all``                sorted set  cluster: ``<lease id>|<user>`` -> expiry (epoch
                                             ms): every live connection
+``mb:lease:anonymous``          sorted set  cluster: the same for anonymous connections only
+                                            (``auth.anonymous``: a cap of their own)
 ``mb:cid:{<client_id>}``        hash        cluster: ``user``, ``node``, ``lease``: who owns
                                             the client id and which node holds it live
 ``mb:nodes``                    sorted set  cluster: node id -> heartbeat expiry (epoch ms)
 ``{mb:node:<id>}:control``      channel     cluster: sharded pub/sub, commands to node ``id``
-                                            (close a taken-over connection)
+                                            (close a taken-over connection, user mail)
+``{mb:node:<id>}:conns``        hash        cluster: client id -> JSON of a live connection
+                                            on node ``id`` (the admin API's list); expires
+                                            with the node
 ==============================  ==========  ================================================
 
 A cluster partition's counter, snapshots and channel share the tag ``{mb:p7}``, so they
@@ -58,8 +63,10 @@ __all__ = [
     "client_owner",
     "hash_tag",
     "lease_all",
+    "lease_anonymous",
     "lease_user",
     "message_seq",
+    "node_connections",
     "node_control",
     "nodes",
     "partition_channel",
@@ -173,6 +180,10 @@ def lease_all() -> str:
     return f"{PREFIX}lease:all"
 
 
+def lease_anonymous() -> str:
+    return f"{PREFIX}lease:anonymous"
+
+
 def client_owner(client_id: str) -> str:
     return f"{PREFIX}cid:{hash_tag(client_id)}"
 
@@ -183,3 +194,7 @@ def nodes() -> str:
 
 def node_control(node_id: str) -> str:
     return f"{{{PREFIX}node:{node_id}}}:control"
+
+
+def node_connections(node_id: str) -> str:
+    return f"{{{PREFIX}node:{node_id}}}:conns"

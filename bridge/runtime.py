@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 from bridge.config import BridgeConfig, FeedConfig, PollerFeedConfig, ReplayFeedConfig, SimulatorFeedConfig
+from bridge.core.origin import dashboard_origins
 from bridge.edge.broker import MarketBroker
 from bridge.errors import ConfigError, FeedError
 from bridge.http import HttpServer
@@ -161,6 +162,8 @@ async def serve(
         http = None
         if config.http.enabled:
             http = await stack.enter_async_context(HttpServer(broker, config.http.host, config.http.port))
+            if broker.ws_origins is not None:  # the dashboard's page may use the WebSocket
+                broker.ws_origins.allow(dashboard_origins(config.http.host, http.port))
         tune_gc()
         if on_ready is not None:
             on_ready(broker, http)

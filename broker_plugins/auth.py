@@ -13,6 +13,10 @@ the request), no amqtt.
   authorized); the ACL decided at CONNECT is the connection's ``policy``.
 - :class:`AllowAll` (``auth.enabled: false``): anyone may connect and do anything; the will
   and the connection limits are held to the same rules.
+- :class:`AnonymousAccess` (``auth.anonymous.enabled``, registered before :class:`JwtAuth`):
+  a CONNECT without a password gets a read-only session (:func:`bridge.anonymous.decide_anonymous`),
+  counted against its own cap, never the JWT users' limits. Its ACL is an :class:`Acl`, so
+  :class:`JwtAuth`'s subscribe and publish hooks judge it like any other connection.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
+from bridge.anonymous import ANONYMOUS_USER, AnonymousPolicy, decide_anonymous
 from bridge.core.connect import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
 from bridge.core.hooks import Admitted, ConnectRequest, Principal, Refused
 from bridge.errors import AuthError, ClusterUnavailable
@@ -29,8 +34,9 @@ from bridge.token_cache import TokenCache
 
 if TYPE_CHECKING:  # the protocol only: the plugins load no Redis client
     from bridge.cluster.limits import AsyncConnectionLimits
+    from bridge.config import AnonymousConfig
 
-__all__ = ["AllowAll", "JwtAuth"]
+__all__ = ["AllowAll", "AnonymousAccess", "JwtAuth"]
 
 _REFUSE = 0x80  # SUBACK failure
 
@@ -109,3 +115,49 @@ class AllowAll(_Limits):
 
     def on_publish(self, admitted: Principal, topic: str) -> bool:
         return True
+
+
+class AnonymousAccess:
+    """Public read-only access: CONNECTs without a password; the others go on to the next
+    plugin. ``limits`` counts :data:`~bridge.anonymous.ANONYMOUS_USER` only (its cap is
+    ``auth.anonymous.max_connections``); a lease of anyone else is the next plugin's."""
+
+    def __init__(
+        self, policy: AnonymousPolicy, limits: AsyncConnectionLimits, *, max_topic_bytes: int
+    ) -> None:
+        self.policy = policy
+        self._limits = _Limits(limits, max_topic_bytes=max_topic_bytes)
+        self.admitted = 0  # anonymous connections leased since start (a counter for metrics)
+
+    @classmethod
+    def from_config(
+        cls, config: AnonymousConfig, limits: AsyncConnectionLimits, *, max_topic_bytes: int
+    ) -> AnonymousAccess:
+        return cls(AnonymousPolicy.of(config.sub_acl, config.tz), limits, max_topic_bytes=max_topic_bytes)
+
+    @property
+    def connections(self) -> int:
+        """Anonymous connections counted now (a gauge: this node's, or the cluster's view)."""
+        return self._limits.limits.total
+
+    def on_connect(self, request: ConnectRequest) -> Admitted | Refused | None:
+        decision = decide_anonymous(request, self.policy)
+        if not isinstance(decision, Admitted):
+            return decision
+        # No will: the anonymous ACL publishes nothing, so any will is refused (CONNACK 5).
+        return self._limits._will(request, self.policy.acl) or decision
+
+    async def on_lease(self, user: str, replacing: object | None) -> Lease | Refused | None:
+        if user != ANONYMOUS_USER:
+            return None
+        lease = await self._limits.on_lease(user, replacing)
+        if isinstance(lease, Refused):
+            if lease.reason in ("global_limit", "user_limit"):
+                # Its own reason: a full public cap is not the JWT users' global limit.
+                return Refused(lease.code, "anonymous_limit", lease.detail)
+            return lease
+        self.admitted += 1
+        return lease
+
+    async def on_release(self, lease: object) -> None:
+        await self._limits.on_release(lease)  # a lease its limiter never issued is ignored

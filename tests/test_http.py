@@ -98,6 +98,24 @@ def test_a_cluster_node_is_unready_while_its_redis_is_not_answering(tmp_path: Pa
             assert 'mb_connections{node="n7"}' in metrics  # every family labelled with the node
             admin = http.get("/admin/connections", headers=_admin()).json()
             assert (admin["node"], admin["cluster_nodes"]) == ("n7", ["n7"])
+            probe = Client(
+                running.tcp_port, client_id="probe-1", username="u2", password=token_for("u2", "subscriber")
+            )
+            probe.connect()
+            try:
+                # The cluster-wide list, each connection with its node.
+                wait_until(
+                    lambda: (
+                        [
+                            (c["client_id"], c["node"])
+                            for c in http.get("/admin/connections", headers=_admin()).json()["connections"]
+                        ]
+                        == [("probe-1", "n7")]
+                    ),
+                    what="the connection listed with its node",
+                )
+            finally:
+                probe.close()
             with redis.paused():
                 wait_until(lambda: http.get("/readyz").status_code == 503, what="unready", timeout=20)
                 assert http.get("/readyz").json()["reason"].startswith("cluster: ")

@@ -159,7 +159,7 @@ def test_a_reconnect_takes_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
     broker.run(broker.broker.publish_tick(make_tick()))
 
     def zones() -> dict[str, tuple[str, float]]:
-        return broker.call(lambda: dict(broker.broker._user_zones))
+        return broker.call(broker.broker._zone_memo.entries)
 
     def snapshot_zone() -> str:
         sub = _subscriber(broker, clients, "Africa/Lagos", username=user)

@@ -46,7 +46,8 @@ from tests.conftest import (
     unique,
     wait_until,
 )
-from tests.edge.test_handler import Packet, RawClient, _subscribe_raw, puback_packet, split_packets
+from tests.edge.test_handler import Packet, RawClient, puback_packet, split_packets
+from tests.edge.test_outbound import _subscribe_raw
 from tests.redis_server import RedisProcess
 from tests.store_faults import Fault, set_fault
 

@@ -22,6 +22,7 @@ from typing import Literal
 import httpx
 import pytest
 
+from bench.mqttws import handshake_request
 from bridge import runtime
 from bridge.auth import Role, SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH
@@ -442,3 +443,33 @@ def test_a_started_bridge_tunes_its_collector(procs: Callable[..., Proc], tmp_pa
     match = proc.wait_for_line(r"gc: (\d+) startup objects frozen, thresholds \((\d+),")
     assert int(match.group(1)) > 0
     assert int(match.group(2)) == runtime.GC_GEN0_THRESHOLD
+
+
+def _upgrade_status(port: int, origin: str) -> int:
+    request, _ = handshake_request("127.0.0.1", port, "/mqtt")
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+        sock.sendall(request[:-2] + f"Origin: {origin}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, f"closed during the handshake: {head!r}"
+            head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def test_the_dashboards_own_origin_is_allowed_next_to_the_list(
+    procs: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """With ``allowed_origins`` set, the page of the broker's own HTTP server (port 0 here:
+    known only once bound) may still open the WebSocket; other pages may not."""
+    bridge = Bridge(
+        procs,
+        tmp_path,
+        env={"MARKET_BRIDGE_LISTENERS__WS__ALLOWED_ORIGINS": '["https://dash.example.com"]'},
+    )
+    ws = int(bridge.proc.wait_for_line(r"listener ws bound to 127\.0\.0\.1:(\d+)").group(1))
+    assert _upgrade_status(ws, f"http://127.0.0.1:{bridge.http}") == 101
+    assert _upgrade_status(ws, f"http://localhost:{bridge.http}") == 101
+    assert _upgrade_status(ws, "https://dash.example.com") == 101
+    assert _upgrade_status(ws, f"http://127.0.0.1:{bridge.http + 1}") == 403
+    assert bridge.terminate()[0] == 0

@@ -181,13 +181,21 @@ class Workers:
         body: dict[str, Any] = self.get(index, "/admin/connections").json()
         return body
 
-    def node_of(self) -> dict[str, str]:
-        """Client id -> the node holding it, from each worker's own connection list."""
-        return {
-            c["client_id"]: self.node_ids[i]
-            for i in range(len(self.http))
-            for c in self.admin(i)["connections"]
-        }
+    def node_of(self, clients: list[Client]) -> dict[str, str]:
+        """Client id -> the node holding it, once every worker's cluster-wide list has them all
+        and agrees (a node publishes its connections to the others through Redis)."""
+        wanted = {c.client_id for c in clients}
+        seen: list[dict[str, str]] = []
+
+        def agreed() -> bool:
+            seen[:] = [
+                {c["client_id"]: c["node"] for c in self.admin(i)["connections"]}
+                for i in range(len(self.http))
+            ]
+            return all(wanted <= view.keys() and view == seen[0] for view in seen)
+
+        wait_until(agreed, what="every worker listing every connection alike")
+        return seen[0]
 
     def pids(self) -> dict[str, int]:
         """The latest pid of each worker, from the supervisor's log."""
@@ -264,7 +272,7 @@ def test_connections_spread_over_both_workers_and_ticks_cross_them(workers: Work
             subscribers.append(sub)
             sub.connect()
             assert sub.subscribe(topic) == [0]
-        where = workers.node_of()
+        where = workers.node_of(subscribers)
         per_node = {
             node: sum(1 for s in subscribers if where.get(s.client_id) == node) for node in workers.node_ids
         }
@@ -275,7 +283,7 @@ def test_connections_spread_over_both_workers_and_ticks_cross_them(workers: Work
         feed = Client(workers.tcp, username="feed-1", password=token_for("feed-1", "feed"))
         subscribers.append(feed)
         feed.connect()
-        feed_node = workers.node_of()[feed.client_id]
+        feed_node = workers.node_of([feed])[feed.client_id]
         feed.publish(topic, make_tick(last="4242").encode())
         others = [s for s in subscribers[:-1] if where[s.client_id] != feed_node]
         assert others
@@ -298,7 +306,7 @@ def test_the_per_user_limit_counts_both_workers(workers: Workers) -> None:
             made += pair
             for client in pair:
                 client.connect()
-            where = workers.node_of()
+            where = workers.node_of(pair)
             if where[pair[0].client_id] != where[pair[1].client_id]:
                 break
         else:

@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"MB1"
 # How often a subscriber re-reads the slot map and PINGs its shards: a failover that moved a
 # partition without telling us (no SUNSUBSCRIBE reached us) is noticed within this time.
+# The longest closing one shard's subscription may take.
+CLOSE_S = 1.0
 CHECK_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -243,12 +245,16 @@ class ShardedSubscriber:
                     task.cancel()
         finally:
             self._subscribed.clear()
+            # Closing a connection to a dead or hung shard can wait on its socket: bounded, so
+            # a resubscribe (or stop) is never held up by the shard it is leaving.
             for pubsub in pubsubs:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_S):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             for client in clients:
-                with contextlib.suppress(RedisError, OSError):
-                    await client.aclose()
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_S):
+                        await client.aclose()
 
     async def _read(
         self, pubsub: PubSub, changed: asyncio.Event, on_confirmed: Callable[[PubSub], None]

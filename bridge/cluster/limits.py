@@ -26,7 +26,9 @@ user who first used it, cluster-wide. A CONNECT claims it (:meth:`ClientOwnershi
 node records itself as the holder and learns who held it before; :func:`decide_claim` says
 what to do: nothing, a local takeover, or tell the old node (over its control channel,
 ``{mb:node:<id>}:control``) to close its connection (:meth:`ClientOwnership.notify_takeover`,
-received by :class:`ControlListener`).
+received by :class:`bridge.cluster.control.ControlListener`). Where a user is connected
+(:meth:`ClusterConnectionLimits.nodes_of`) is read off the user's lease set, so routing a
+message to their nodes needs no second record to keep in step.
 
 Interface (what the broker calls)::
 
@@ -39,7 +41,7 @@ Interface (what the broker calls)::
     claim = await owners.claim(client_id, user, lease.id)       # Claim: see decide_claim
     if claim.action == "notify": await owners.notify_takeover(claim.previous, client_id)
     await owners.release(client_id, lease.id)
-    listener = ControlListener(backbone, node_id=..., on_close=close_connection)
+    await limits.nodes_of(user)                # nodes holding a live connection of user
 """
 
 from __future__ import annotations
@@ -47,21 +49,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Literal, Protocol, cast
 
 from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
-from bridge.cluster.bus import ShardedSubscriber
-from bridge.errors import ClusterMessageError, ClusterUnavailable
+from bridge.cluster.control import TakeoverNotice, encode_control, send_control
+from bridge.errors import ClusterUnavailable
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal
 from bridge.logs import clip
 
@@ -71,14 +72,9 @@ __all__ = [
     "Claim",
     "ClientOwnership",
     "ClusterConnectionLimits",
-    "ControlError",
-    "ControlListener",
     "Holder",
     "LocalAsyncLimits",
-    "TakeoverNotice",
     "decide_claim",
-    "decode_control",
-    "encode_control",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,8 +186,12 @@ class ClusterConnectionLimits:
         max_total: int,
         lease_ttl_s: float,
         clock: Clock = time.time,
+        global_key: str | None = None,
     ) -> None:
         self.max_per_user = max_per_user
+        # The set max_total counts; another key gives a class of connections (anonymous ones,
+        # keys.lease_anonymous) a cap of its own, apart from everyone else's.
+        self._global_key = global_key or keys.lease_all()
         self.max_total = max_total
         self.node_id = node_id
         self.lease_ttl_s = lease_ttl_s
@@ -224,6 +224,18 @@ class ClusterConnectionLimits:
     def local_leases(self) -> int:
         return len(self._live)
 
+    async def nodes_of(self, user: str) -> set[str]:
+        """The nodes holding a live (unexpired) lease of ``user``: where their connections are.
+        Raises :class:`~bridge.errors.ClusterUnavailable` when Redis cannot be reached."""
+        now, _, _ = self._times()
+        with unavailable_as("find the user's nodes"):
+            members = cast(
+                "list[bytes]",
+                await self._backbone.redis.zrangebyscore(keys.lease_user(user), now + 1, "+inf"),
+            )
+        # Lease ids are "<node>:<instance>:<n>" and node ids hold no ":".
+        return {member.decode(errors="replace").partition(":")[0] for member in members}
+
     # -- decisions --------------------------------------------------------------------------
 
     def _times(self) -> tuple[int, int, int]:
@@ -249,7 +261,7 @@ class ClusterConnectionLimits:
         lease = Lease(id=f"{self._instance}:{next(self._ids)}", user=user)
         old = replacing if replacing is not None and replacing.user == user else None
         status, held = await self._acquire_in(
-            keys.lease_all(), _global_member(lease), self.max_total, _global_member(old) if old else ""
+            self._global_key, _global_member(lease), self.max_total, _global_member(old) if old else ""
         )
         if status == 0:
             return LimitRefusal("global_limit", f"cluster has {held} of {self.max_total} connections")
@@ -277,10 +289,10 @@ class ClusterConnectionLimits:
         # it). A member a transfer retired is put back: the old node's heartbeat (ZADD XX)
         # would not re-add it.
         with contextlib.suppress(RedisError, OSError):
-            await self._backbone.redis.zrem(keys.lease_all(), _global_member(lease))
+            await self._backbone.redis.zrem(self._global_key, _global_member(lease))
             if restore is not None:
                 _, expiry, _ = self._times()
-                await self._backbone.redis.zadd(keys.lease_all(), {_global_member(restore): expiry})
+                await self._backbone.redis.zadd(self._global_key, {_global_member(restore): expiry})
 
     async def release(self, lease: Lease) -> None:
         """Give the slot back: the user's set first, then the global one (see the docstring).
@@ -290,7 +302,7 @@ class ClusterConnectionLimits:
         redis = self._backbone.redis
         try:
             await redis.zrem(keys.lease_user(lease.user), lease.id)
-            await redis.zrem(keys.lease_all(), _global_member(lease))
+            await redis.zrem(self._global_key, _global_member(lease))
         except (RedisError, OSError) as exc:
             # It expires by itself within lease_ttl_s: no heartbeat refreshes it any more.
             log.warning("cluster limits: release of %s failed (%s); it expires with its lease", lease.id, exc)
@@ -343,9 +355,9 @@ class ClusterConnectionLimits:
         async with self._backbone.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(members), HEARTBEAT_CHUNK):
                 pipe.zadd(
-                    keys.lease_all(), dict.fromkeys(members[start : start + HEARTBEAT_CHUNK], expiry), xx=True
+                    self._global_key, dict.fromkeys(members[start : start + HEARTBEAT_CHUNK], expiry), xx=True
                 )
-            pipe.pexpire(keys.lease_all(), lifetime)
+            pipe.pexpire(self._global_key, lifetime)
             for user, ids in by_user.items():
                 pipe.zadd(keys.lease_user(user), dict.fromkeys(ids, expiry), xx=True)
                 pipe.pexpire(keys.lease_user(user), lifetime)
@@ -357,7 +369,7 @@ class ClusterConnectionLimits:
         now, _, _ = self._times()
         with unavailable_as("refresh"):
             members = cast(
-                "list[bytes]", await self._backbone.redis.zrangebyscore(keys.lease_all(), now + 1, "+inf")
+                "list[bytes]", await self._backbone.redis.zrangebyscore(self._global_key, now + 1, "+inf")
             )
         counts = Counter(member.decode(errors="replace").partition("|")[2] for member in members)
         self._per_user = dict(counts)
@@ -403,45 +415,6 @@ def decide_claim(previous: Holder | None, user: str, node: str) -> Action:
     return "takeover_local" if previous.node == node else "notify"
 
 
-@dataclass(frozen=True, slots=True)
-class TakeoverNotice:
-    """Sent to the old node: close ``client_id``'s connection holding ``lease``."""
-
-    client_id: str
-    lease: str
-    by: str
-
-
-class ControlError(ClusterMessageError):
-    """A control message that is not a takeover notice."""
-
-
-MAX_CONTROL_BYTES = 4096
-
-
-def encode_control(notice: TakeoverNotice) -> bytes:
-    return json.dumps(
-        {"op": "close", "client_id": notice.client_id, "lease": notice.lease, "by": notice.by},
-        separators=(",", ":"),
-    ).encode()
-
-
-def decode_control(raw: bytes) -> TakeoverNotice:
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise ControlError(f"{len(raw)} bytes, above {MAX_CONTROL_BYTES}")
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ControlError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("op") != "close":
-        raise ControlError("not a close command")
-    fields = [data.get(name) for name in ("client_id", "lease", "by")]
-    if not all(isinstance(value, str) for value in fields):
-        raise ControlError("client_id, lease and by must be strings")
-    client_id, lease, by = cast("list[str]", fields)
-    return TakeoverNotice(client_id, lease, by)
-
-
 class ClientOwnership:
     """Client id -> (user, node, lease), cluster-wide. See the module docstring."""
 
@@ -465,6 +438,15 @@ class ClientOwnership:
             raise RuntimeError(f"claim script wrote={written} but the rule says {action}")
         return Claim(action, previous)
 
+    async def holder(self, client_id: str) -> Holder | None:
+        """Who holds ``client_id`` now (None: nobody ever used it, or it expired)."""
+        with unavailable_as("read a client id's holder"):
+            fields = await self._backbone.redis.hmget(keys.client_owner(client_id), "user", "node", "lease")
+        user, node, lease = cast("list[bytes | None]", fields)
+        if not user:
+            return None
+        return Holder(user.decode(), node.decode() if node else None, lease.decode() if lease else None)
+
     async def release(self, client_id: str, lease: str) -> bool:
         """The connection holding ``lease`` ended: forget it as the holder if it still is."""
         with unavailable_as("unclaim"):
@@ -479,42 +461,4 @@ class ClientOwnership:
         if previous.node is None or previous.lease is None:
             raise ValueError("the previous holder has no live connection to close")
         notice = TakeoverNotice(client_id, previous.lease, self.node_id)
-        with unavailable_as("notify_takeover"):
-            return int(
-                await self._backbone.redis.spublish(keys.node_control(previous.node), encode_control(notice))
-            )
-
-
-class ControlListener:
-    """Receives this node's control channel and calls ``on_close(notice)`` for each takeover
-    notice; resubscribes like the tick bus."""
-
-    def __init__(
-        self, backbone: Backbone, *, node_id: str, on_close: Callable[[TakeoverNotice], None]
-    ) -> None:
-        self._on_close = on_close
-        self.bad_messages = 0
-        self._subscriber = ShardedSubscriber(backbone, [keys.node_control(node_id)], self._received)
-
-    @property
-    def ready(self) -> bool:
-        return self._subscriber.ready
-
-    async def start(self) -> None:
-        self._subscriber.start()
-        await self._subscriber.wait_ready()
-
-    async def stop(self) -> None:
-        await self._subscriber.stop()
-
-    def _received(self, channel: str, data: bytes) -> None:
-        try:
-            notice = decode_control(data)
-        except ControlError as exc:
-            self.bad_messages += 1
-            log.warning("cluster control: dropped a message on %s: %s", channel, exc)
-            return
-        try:
-            self._on_close(notice)
-        except Exception:
-            log.exception("cluster control: on_close failed")
+        return await send_control(self._backbone, previous.node, encode_control(notice))

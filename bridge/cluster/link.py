@@ -7,12 +7,16 @@ subscribed before the shared snapshots are read, so no tick falls between the tw
 keeps a snapshot only when nothing newer came on the bus meanwhile)::
 
     link = ClusterLink(config.cluster, on_tick=deliver, on_takeover=close,  # deliver(topic, seq, BusTick)
-                       max_per_user=10, max_total=10_000)
+                       max_per_user=10, max_total=10_000, on_mail=deliver_here, max_mail_bytes=...)
     snapshots = await link.start()   # [(topic, seq, BusTick)]: the cluster's retained ticks
     link.publish(tick, qos)          # -> Future[int]: the cluster-wide seq
     link.limits                      # AsyncConnectionLimits counted in Redis (the auth plugin's)
+    link.anonymous_limits            # the same for anonymous connections (anonymous_max given)
+    await link.held_lease(client_id, user)    # the id's lease on another node (a takeover's slot)
     await link.claim(client_id, user, lease)  # None, or the Refused to send (id owned elsewhere)
     await link.unclaim(client_id, lease)
+    await link.forward(user, topic, payload, qos, stored=...)  # to the user's other nodes
+    link.directory                   # every node's live connections (the admin API's list)
     link.ready                       # Redis reachable and every channel subscribed
     await link.stop()
 
@@ -27,10 +31,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from bridge import redis_keys as keys
+from bridge.anonymous import ANONYMOUS_USER
 from bridge.cluster import tickwire
 from bridge.cluster.backbone import Backbone, unavailable_as
 from bridge.cluster.bus import Batch, TickBus
-from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits, ControlListener, TakeoverNotice
+from bridge.cluster.control import ControlListener, TakeoverNotice, UserMail, encode_control, send_control
+from bridge.cluster.directory import ConnectionDirectory
+from bridge.cluster.limits import ClientOwnership, ClusterConnectionLimits
 from bridge.cluster.node import NodeRegistry, default_node_id
 from bridge.config import ClusterConfig
 from bridge.core.connect import CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
@@ -59,6 +67,9 @@ class ClusterLink:
         on_takeover: Callable[[TakeoverNotice], None],
         max_per_user: int,
         max_total: int,
+        anonymous_max: int | None = None,
+        on_mail: Callable[[UserMail], None] | None = None,
+        max_mail_bytes: int = 0,
         backbone: Backbone | None = None,
     ) -> None:
         self.config = config
@@ -72,14 +83,37 @@ class ClusterLink:
             max_total=max_total,
             lease_ttl_s=config.lease_ttl_s,
         )
+        # Anonymous connections (bridge.anonymous): their own cluster-wide cap.
+        self.anonymous_limits = (
+            None
+            if anonymous_max is None
+            else ClusterConnectionLimits(
+                self.backbone,
+                node_id=self.node_id,
+                max_per_user=anonymous_max,
+                max_total=anonymous_max,
+                lease_ttl_s=config.lease_ttl_s,
+                global_key=keys.lease_anonymous(),
+            )
+        )
         self.owners = ClientOwnership(self.backbone, node_id=self.node_id)
-        self.control = ControlListener(self.backbone, node_id=self.node_id, on_close=on_takeover)
+        self.directory = ConnectionDirectory(
+            self.backbone, node_id=self.node_id, lease_ttl_s=config.lease_ttl_s
+        )
+        self.control = ControlListener(
+            self.backbone,
+            node_id=self.node_id,
+            on_close=on_takeover,
+            on_mail=on_mail,
+            max_payload=max_mail_bytes,
+        )
         self.bus = TickBus(
             self.backbone, node_id=self.node_id, partitions=config.partitions, on_batch=self._batch
         )
         self._on_tick = on_tick
         self.bad_ticks = 0
         self.takeovers_sent = 0
+        self.mail_forwarded = 0  # user messages sent to other nodes (one per node)
         self._started = False
 
     @property
@@ -102,6 +136,9 @@ class ClusterLink:
                 await self.backbone.connect()
                 await self.registry.start()
                 await self.limits.start()
+                if self.anonymous_limits is not None:
+                    await self.anonymous_limits.start()
+                await self.directory.start()
             await self.control.start()
             await self.bus.start()
             stored = await self.bus.ledger.snapshots(range(self.config.partitions))
@@ -127,7 +164,15 @@ class ClusterLink:
         # Each part stops whatever the others did, each within STOP_STEP_S: a node must stop
         # even when Redis is gone (a subscriber stuck closing a dead shard's connection is
         # left behind rather than holding the whole shutdown).
-        steps = (self.bus.stop, self.control.stop, self.limits.stop, self.registry.stop, self.backbone.aclose)
+        limits = [self.limits] if self.anonymous_limits is None else [self.limits, self.anonymous_limits]
+        steps = (
+            self.bus.stop,
+            self.control.stop,
+            self.directory.stop,
+            *(limit.stop for limit in limits),
+            self.registry.stop,
+            self.backbone.aclose,
+        )
         for step in steps:
             task = asyncio.ensure_future(step())
             done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
@@ -147,7 +192,11 @@ class ClusterLink:
     async def claim(self, client_id: str, user: str, lease: Lease) -> Refused | None:
         """Make this connection the client id's holder cluster-wide; another node holding it
         is told to close its connection. The Refused to send when the id is another user's
-        or Redis cannot be reached (fail closed)."""
+        or Redis cannot be reached (fail closed). Anonymous client ids are not recorded: each
+        would be remembered for a week, a Redis key per anonymous CONNECT; the same id on two
+        nodes is two connections."""
+        if user == ANONYMOUS_USER:
+            return None
         try:
             claim = await self.owners.claim(client_id, user, lease.id)
             if claim.action == "notify" and claim.previous is not None:
@@ -165,13 +214,50 @@ class ClusterLink:
             )
         return None
 
+    async def held_lease(self, client_id: str, user: str) -> Lease | None:
+        """The lease of ``client_id``'s live connection on another node, when it is
+        ``user``'s: a takeover transfers that slot instead of needing a free one."""
+        try:
+            holder = await self.owners.holder(client_id)
+        except ClusterUnavailable:
+            return None
+        if holder is None or holder.user != user or holder.lease is None or holder.node == self.node_id:
+            return None
+        return Lease(holder.lease, user)
+
+    async def held_alive(self, client_id: str) -> bool:
+        """Whether a live node holds a connection of ``client_id`` (raises
+        :class:`ClusterUnavailable` when Redis cannot be reached)."""
+        holder = await self.owners.holder(client_id)
+        if holder is None or holder.node is None:
+            return False
+        return holder.node in await self.registry.live_nodes()
+
     async def unclaim(self, client_id: str, lease: Lease) -> None:
         """The connection holding ``lease`` ended (a no-op when another took the id over)."""
+        if lease.user == ANONYMOUS_USER:
+            return
         try:
             await self.owners.release(client_id, lease.id)
         except ClusterUnavailable as exc:
             # The id stays recorded on this node; the next CONNECT with it claims it anyway.
             log.warning("cluster: could not release client id %s: %s", clip(client_id), exc)
+
+    async def forward(self, user: str, topic: str, payload: bytes, qos: int, *, stored: bool) -> int:
+        """Hand a user message accepted here to the other nodes holding ``user``'s live
+        connections; how many nodes got it. Raises :class:`ClusterUnavailable` when Redis
+        cannot be reached (a stored message still reaches persistent sessions at their next
+        replay)."""
+        nodes = await self.limits.nodes_of(user)
+        nodes.discard(self.node_id)
+        if not nodes:
+            return 0
+        message = encode_control(UserMail(user, topic, payload, qos, stored, self.node_id))
+        reached = 0
+        for node in sorted(nodes):
+            reached += await send_control(self.backbone, node, message) > 0
+        self.mail_forwarded += reached
+        return reached
 
     def publish(self, tick: Tick, qos: int) -> asyncio.Future[int]:
         return self.bus.publish(tick.topic, tickwire.encode(tick, qos))

@@ -60,6 +60,9 @@ class Admitted:
     claims: Any = None  # the verified token's claims, or None without auth
     policy: Any = None  # the plugin's per-connection decision (an ACL), read by its other hooks
     zone: str | None = None  # IANA zone for on_deliver, None: as published (UTC)
+    # The client id the session is kept under, None: the one the CONNECT asked for. Lets a
+    # plugin put a class of clients in its own namespace (bridge.anonymous); never sent back.
+    client_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,13 @@ us, in one place:
 - the ``plugins_manager`` event bus (client connected/disconnected, subscribed); admission
   and permissions are the plugins on the named hooks (``bridge.core.hooks``), not amqtt's.
 
+The modules: ``broker.py`` (``MarketBroker``: construction, lifecycle, user messages and
+cluster glue) built from one mixin per concept, ``admission``, ``listeners``, ``sessions``,
+``subscriptions``, ``snapshots``, ``ticks``, ``fanout``, ``inbound`` and ``zones`` (their shared
+state declared in ``state``); ``handler`` (the read path) with its ``keepalive``, ``outbound``
+and ``inbound_acks`` mixins; sockets in ``streams`` and ``ws_connection``; ``outbox``,
+``client_loop``, ``session``, ``mailbox_link``, ``user_inbound``, ``lean``.
+
 Everything else on the connection path (sockets, the WebSocket handshake and frames,
 CONNECT, admission, CONNACK/SUBACK, reading packets, fan-out, QoS 0/1 user publishes,
 outbound QoS 1/2, keep-alive) is ours.

@@ -16,14 +16,16 @@ handler reads whatever the socket has, splits it into packets (:mod:`bridge.core
 
 It also enforces keep-alive (1.5 x, then the will is published) with one timer instead of a
 ``wait_for`` per read, gates inbound QoS 1 on the broker's hand-off for the queued path, and
-lets the broker end a connection (token expiry, takeover).
+lets the broker end a connection (token expiry, takeover). Those parts are mixins in their
+own modules: keepalive.py (the one timer), outbound.py (outbound QoS 1/2 in flight until
+acknowledged), inbound_acks.py (PUBACKs owed, released in order).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -37,26 +39,19 @@ from amqtt.mqtt.packet import CONNECT, DISCONNECT, PINGREQ, SUBSCRIBE, UNSUBSCRI
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
 from amqtt.mqtt.protocol.handler import ProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.pubcomp import PubcompPacket
-from amqtt.mqtt.pubrec import PubrecPacket
-from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
-from amqtt.session import (
-    INCOMING,
-    ApplicationMessage,
-    IncomingApplicationMessage,
-    OutgoingApplicationMessage,
-    Session,
-)
+from amqtt.session import Session
 from websockets.exceptions import ConnectionClosed
 
 from bridge.config import RateLimitConfig
 from bridge.core.framing import PUBACK, PUBLISH, PacketSplitter, check_header, parse_publish, puback
 from bridge.core.ratelimit import PublishBucket, publisher_bucket
 from bridge.core.topics import MARKET_PREFIX, USER_PREFIX
-from bridge.edge.lean import TIMER_CONTEXT, LeanEvent, LeanQueue
+from bridge.edge.inbound_acks import InboundAcksMixin, Owed
+from bridge.edge.keepalive import KeepAliveMixin
+from bridge.edge.lean import LeanEvent, LeanQueue
+from bridge.edge.outbound import OutboundQosMixin
 from bridge.edge.outbox import Outbox
 from bridge.edge.streams import ChunkReader
 from bridge.errors import ProtocolError
@@ -79,12 +74,13 @@ _DEFAULT_MAX_PACKET = 1024 * 1024
 _AMQTT_LOG = logging.LoggerAdapter(logging.getLogger("amqtt.mqtt.protocol.handler"), {"client_id": None})
 
 
-class MarketProtocolHandler(BrokerProtocolHandler):
+class MarketProtocolHandler(KeepAliveMixin, OutboundQosMixin, InboundAcksMixin, BrokerProtocolHandler):
     """amqtt's handler with an owned read path, keep-alive, and a way for the broker to end it."""
 
     # Slots, not instance-dict entries: amqtt's handler already has ~20 attributes, and the
     # broker setting these after __init__ made CPython give each idle connection's handler
-    # a full-size dict (~650 bytes more) instead of its compact shared-key values.
+    # a full-size dict (~650 bytes more) instead of its compact shared-key values. The
+    # mixins' attributes are here too (theirs are empty: one slot layout, no conflict).
     __slots__ = (
         "_bucket",
         "_expires_at",
@@ -246,7 +242,7 @@ class MarketProtocolHandler(BrokerProtocolHandler):
                             keep = False
                             break
                         continue
-                    entry = _Owed(publish.packet_id, None)
+                    entry = Owed(publish.packet_id, None)
                     verdict = take(
                         publish.topic, publish.payload, publish.qos, partial(self._settle_owed, entry)
                     )
@@ -370,277 +366,6 @@ class MarketProtocolHandler(BrokerProtocolHandler):
         if outbox.swamped:
             raise ProtocolError("control_flood", "PINGREQs faster than the client reads the answers")
 
-    # ------------------------------------------------------------------ outbound QoS 1 and 2
-    #
-    # amqtt gave up on an unacknowledged QoS 1/2 message after 5 s and forgot it when the
-    # connection closed, so nothing was ever re-sent. Here a message stays in the session's
-    # ``inflight_out`` until PUBACK (QoS 1) or PUBCOMP (QoS 2), however long that takes and
-    # across reconnects; a resumed session gets each again first, with its original packet
-    # id and DUP, or its PUBREL if PUBREC had come ([MQTT-4.4.0-1], [MQTT-3.3.1-1]).
-    # Acknowledgements settle the state in ``inflight_out`` whether or not a task waits.
-
-    def _settle_puback(self, packet_id: int) -> None:
-        session = self.session
-        message = session.inflight_out.pop(packet_id, None) if session is not None else None
-        waiter = self._puback_waiters.get(packet_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(PubackPacket.build(packet_id))  # the sending task takes it on
-        elif message is not None:
-            self._acknowledged(message)  # re-sent after a reconnect: no task waits for it
-        else:
-            log.debug("PUBACK for unknown packet id %d", packet_id)
-            return
-        if self.outbox is not None:
-            self.outbox.acked()
-
-    def _settle_pubrec(self, packet_id: int) -> bytes | None:
-        """Record a PUBREC; the PUBREL to send now, unless the waiting task sends it."""
-        session = self.session
-        message = session.inflight_out.get(packet_id) if session is not None else None
-        if message is None or message.qos != QOS_2:
-            return _pubrel(packet_id)  # [MQTT-4.3.3]: all the same, so the client can finish
-        message.pubrec_packet = PubrecPacket.build(packet_id)
-        waiter = self._pubrec_waiters.get(packet_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(message.pubrec_packet)
-            return None
-        return _pubrel(packet_id)  # a resent message: no task waits for it
-
-    def _settle_pubcomp(self, packet_id: int) -> None:
-        session = self.session
-        message = session.inflight_out.pop(packet_id, None) if session is not None else None
-        waiter = self._pubcomp_waiters.get(packet_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(PubcompPacket.build(packet_id))
-        elif message is not None:
-            self._acknowledged(message)
-        if message is not None and self.outbox is not None:
-            self.outbox.acked()  # a QoS 2 delivery's slot is free: held ones may go
-
-    def _acknowledged(self, message: OutgoingApplicationMessage) -> None:
-        if isinstance(message, StoredMessage):
-            # The mailbox's replay may be about to send it again: it checks this first.
-            self.settled_ids.add(message.store_id)
-            if message.on_ack is not None:
-                on_ack, message.on_ack = message.on_ack, None
-                on_ack()
-
-    @property
-    def settled_ids(self) -> set[str]:
-        """Mailbox messages acknowledged on this connection with no task waiting for them."""
-        settled: set[str] | None = self.__dict__.get("_settled_ids")
-        if settled is None:
-            settled = self.__dict__["_settled_ids"] = set()
-        return settled
-
-    async def _send_control(self, packet: bytes) -> None:
-        if self.outbox is not None:
-            self.outbox.push_control(packet)
-        elif self.writer is not None:
-            self.writer.write(packet)
-            await self.writer.drain()
-
-    async def _handle_qos1_message_flow(
-        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
-    ) -> None:
-        if app_message.direction == INCOMING:
-            await self._incoming_qos1(app_message)
-            return
-        await self._outgoing(app_message, self._puback_waiters)
-
-    async def _handle_qos2_message_flow(
-        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
-    ) -> None:
-        if app_message.direction == INCOMING:
-            await super()._handle_qos2_message_flow(app_message)
-            return
-        if app_message.pubrec_packet is None:
-            await self._outgoing(app_message, self._pubrec_waiters)
-        assert app_message.packet_id is not None
-        await self._send_packet(PubrelPacket.build(app_message.packet_id))
-        await self._await_ack(app_message.packet_id, self._pubcomp_waiters)
-
-    async def _outgoing(self, message: ApplicationMessage, waiters: dict[int, asyncio.Future[Any]]) -> None:
-        """Send a QoS 1/2 PUBLISH and wait for its first acknowledgement, keeping it in flight."""
-        session = self.session
-        packet_id = message.packet_id
-        if session is None or packet_id is None:
-            raise ProtocolError("no_session", "outbound QoS 1/2 without a session or packet id")
-        assert isinstance(message, OutgoingApplicationMessage)
-        session.inflight_out[packet_id] = message
-        packet = message.build_publish_packet(dup=message.publish_packet is not None)
-        message.publish_packet = packet
-        await self._send_packet(packet)
-        await self._await_ack(packet_id, waiters)
-
-    async def await_puback(self, packet_id: int) -> None:
-        """Until the PUBACK of a message already in flight (one re-sent after a reconnect)."""
-        await self._await_ack(packet_id, self._puback_waiters)
-
-    async def _await_ack(self, packet_id: int, waiters: dict[int, asyncio.Future[Any]]) -> None:
-        # No timeout: 3.1.1 re-sends only on reconnect. A closed connection cancels the
-        # waiter (amqtt's stop); the message stays in flight for the session's next one.
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiters[packet_id] = waiter
-        try:
-            await waiter
-        finally:
-            if waiters.get(packet_id) is waiter:
-                del waiters[packet_id]
-
-    async def _retry_deliveries(self) -> None:
-        """[MQTT-4.4.0-1]: every message still in flight, in order, before anything new:
-        a PUBLISH with its original packet id and DUP, or the PUBREL of one already received.
-
-        Written into this connection's batch synchronously, so no tick fanned out afterwards
-        can overtake them; acknowledgements settle them in ``_dispatch``.
-        """
-        session = self.session
-        if session is None:
-            return
-        packets = []
-        for packet_id, message in list(session.inflight_out.items()):
-            if message.qos == QOS_2 and message.pubrec_packet is not None:
-                packets.append(_pubrel(packet_id))
-            else:
-                message.publish_packet = message.build_publish_packet(dup=True)
-                packets.append(bytes(message.publish_packet.to_bytes()))
-        if packets:
-            await self._send_control(b"".join(packets))
-
-    # ------------------------------------------------------------------ keep-alive
-
-    # One timer per connection for both of its deadlines, keep-alive and token expiry (two
-    # TimerHandles, each with its own copied Context, cost an idle connection ~300 bytes).
-
-    def expire_at(self, deadline: float) -> None:
-        """End the connection as ``token_expired`` (no will) at ``deadline`` (loop time)."""
-        self._expires_at = deadline
-        self._rearm()
-
-    def _arm_watchdog(self) -> None:
-        keepalive = self.session.keep_alive if self.session is not None else 0
-        if keepalive and keepalive > 0:
-            self._keepalive = float(keepalive)
-            self._last_read = self._loop.time()
-            self._rearm()
-
-    def _rearm(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        due = self._expires_at
-        if self._keepalive:
-            keepalive_due = self._last_read + self._keepalive
-            due = keepalive_due if due is None else min(due, keepalive_due)
-        self._watchdog = None if due is None else self._loop.call_at(due, self._check, context=TIMER_CONTEXT)
-
-    def _check(self) -> None:
-        self._watchdog = None
-        now = self._loop.time()
-        if self._expires_at is not None and now >= self._expires_at:
-            self._expires_at = None
-            if self.session is not None:
-                self.session.will_flag = False  # the client did nothing wrong on the network
-            self.end("token_expired")
-        elif self._keepalive and now - self._last_read >= self._keepalive:
-            self.handle_read_timeout()
-        else:
-            self._rearm()
-
-    def stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        self._expires_at = None
-        self._keepalive = 0.0
-
-    # ------------------------------------------------------------------ inbound QoS 1
-    #
-    # Every inbound QoS 1 PUBLISH owes a PUBACK, and PUBACKs leave in the order the
-    # PUBLISHes came ([MQTT-4.6.0-2]) whichever path decided them: ``_owed`` holds them in
-    # arrival order and releases the decided ones at its head. A PUBACK is only written once
-    # the message is stored or delivered, so a publisher that disconnects never loses an
-    # acknowledged message (amqtt acknowledged on queueing). A failed hand-off (store down)
-    # gets no PUBACK and ends the connection: the publisher's library sends it again.
-
-    def _owe(self, packet_id: int, accepted: bool | None) -> _Owed:
-        entry = _Owed(packet_id, accepted)
-        self._append_owed(entry)
-        return entry
-
-    def _append_owed(self, entry: _Owed) -> None:
-        owed = self.__dict__.get("_owed_acks")
-        if owed is None:
-            owed = self.__dict__["_owed_acks"] = deque()
-        owed.append(entry)
-
-    @property
-    def _owed(self) -> deque[_Owed] | None:
-        """Inbound QoS 1 PUBLISHes not yet acknowledged, oldest first (None: never any)."""
-        owed: deque[_Owed] | None = self.__dict__.get("_owed_acks")
-        return owed
-
-    def _settle_owed(self, entry: _Owed, accepted: bool) -> None:
-        """Decided; the PUBACKs now due go out once per event-loop step, in one write."""
-        entry.accepted = accepted
-        if not self._release_due:
-            self._release_due = True
-            self._loop.call_soon(self._release_owed)
-
-    def _release_owed(self) -> None:
-        """Write the PUBACKs now due (with this step's batch); a refused hand-off ends the connection."""
-        self._release_due = False
-        owed = self._owed
-        if not owed:
-            return
-        due: list[int] = []
-        refused = False
-        while owed and owed[0].accepted is not None:
-            entry = owed.popleft()
-            if entry.accepted:
-                due.append(entry.packet_id)
-            else:
-                refused = True
-        if due:
-            self._push_acks(due)
-        if refused:
-            self.end("handoff_failed")
-
-    async def _incoming_qos1(
-        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
-    ) -> None:
-        """amqtt's inbound QoS 1 (topics other than ``market/`` and ``user/``): queued for the
-        broker's client loop, acknowledged on its :meth:`hand_off`, not on queueing."""
-        if app_message.packet_id is None or self.session is None:
-            await super()._handle_qos1_message_flow(app_message)
-            return
-        entry = self._owed_amqtt(app_message.packet_id, claimed=False)
-        if entry is None:  # read by amqtt's own reader: owed from now
-            entry = self._owe(app_message.packet_id, None)
-            entry.via_amqtt = True
-        entry.claimed = True
-        await self.session.delivered_message_queue.put(app_message)
-
-    def hand_off(self, message: ApplicationMessage, accepted: bool) -> None:
-        """The broker is done with an inbound message that came through amqtt's flow."""
-        if message.qos != QOS_1 or message.packet_id is None:
-            return
-        entry = self._owed_amqtt(message.packet_id, claimed=True)
-        if entry is not None:
-            self._settle_owed(entry, accepted)
-
-    def _owed_amqtt(self, packet_id: int, *, claimed: bool) -> _Owed | None:
-        """The oldest undecided entry of amqtt's flow for ``packet_id`` (few: its window)."""
-        for entry in self._owed or ():
-            if (
-                entry.via_amqtt
-                and entry.claimed is claimed
-                and entry.accepted is None
-                and entry.packet_id == packet_id
-            ):
-                return entry
-        return None
-
     async def stop(self) -> None:
         if self._owed:
             self._owed.clear()  # not acknowledged: the publisher sends them again
@@ -690,35 +415,8 @@ _PINGRESP = b"\xd0\x00"
 _PUBREC, _PUBCOMP = 5, 7
 
 
-def _pubrel(packet_id: int) -> bytes:
-    return b"\x62\x02" + packet_id.to_bytes(2, "big")
-
-
 def _ignore(_stored: bool) -> None:
     """QoS 0: nothing is owed to the publisher."""
-
-
-class _Owed:
-    """One inbound QoS 1 PUBLISH's PUBACK: ``accepted`` None until decided."""
-
-    __slots__ = ("accepted", "claimed", "packet_id", "via_amqtt")
-
-    def __init__(self, packet_id: int, accepted: bool | None) -> None:
-        self.packet_id = packet_id
-        self.accepted = accepted
-        self.via_amqtt = False  # decided by the broker's hand_off after amqtt's flow
-        self.claimed = False  # amqtt's flow has queued it (so hand_off may decide it)
-
-
-class StoredMessage(OutgoingApplicationMessage):
-    """An outbound message from the user mailbox: ``on_ack`` removes it from the store."""
-
-    __slots__ = ("on_ack", "store_id")
-
-    def __init__(self, *args: Any, store_id: str, on_ack: Callable[[], None] | None = None) -> None:
-        super().__init__(*args)
-        self.store_id = store_id
-        self.on_ack = on_ack
 
 
 def _check_filters(header: Any, filters: list[str]) -> None:

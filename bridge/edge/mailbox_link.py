@@ -14,7 +14,8 @@ from bridge.core import wire
 from bridge.core.mailbox import mailbox_packet_id
 from bridge.core.store import OfflineMessage
 from bridge.core.wire import publish_qos0
-from bridge.edge.handler import MarketProtocolHandler, StoredMessage
+from bridge.edge.handler import MarketProtocolHandler
+from bridge.edge.outbound import StoredMessage
 from bridge.errors import ProtocolError
 
 __all__ = ["HandlerLink"]

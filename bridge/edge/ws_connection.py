@@ -13,7 +13,10 @@ are answered and the closing handshake done here.
 The handshake: only :attr:`WsListener.path` is served (else 404), subprotocol ``mqtt``
 required (else 400, websockets' own checks give 400/426 for the rest), permessage-deflate
 only if the listener enables it, and a handshake not done within ``open_timeout`` is cut.
-A client's failed handshake is logged in one line (bridge/logs.py).
+A client's failed handshake is logged in one line (bridge/logs.py). With ``allowed_origins``
+a browser page from another origin gets 403 before the upgrade (bridge/core/origin.py); with
+``trusted_proxies`` the client's address is read from a trusted proxy's ``X-Forwarded-For``
+(bridge/core/forwarded.py) and is the peer the broker logs, counts and lists.
 
 MQTT's rules ([MQTT-6.0.0-1..4]): empty binary frames carry no bytes and are skipped; a text
 frame is a protocol error (the reader raises ``ProtocolError("text_frame")``); packets may
@@ -39,6 +42,7 @@ import http
 import logging
 import os
 import struct
+from collections import Counter
 from collections.abc import Sequence
 
 from websockets.exceptions import InvalidHandshake
@@ -51,13 +55,16 @@ from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 
+from bridge.config import HttpConfig, WsListenerConfig
+from bridge.core.forwarded import TrustedProxies, client_address
+from bridge.core.origin import OriginPolicy, dashboard_origins
 from bridge.core.wire import ws_binary_frame
 from bridge.core.wsframes import BINARY, CLOSE, CONT, PING, PONG, FrameError, FrameReader, close_echo
 from bridge.edge.streams import Listener, Serve, StreamConnection
 from bridge.errors import ProtocolError
-from bridge.logs import HandshakeLog, handshake_failed
+from bridge.logs import CLIENT, HandshakeLog, clip, handshake_failed
 
-__all__ = ["PREAUTH_PINGS", "PREAUTH_UNSENT", "WsConnection", "WsListener"]
+__all__ = ["PREAUTH_PINGS", "PREAUTH_UNSENT", "WsConnection", "WsListener", "origin_policy"]
 
 PREAUTH_PINGS = 16
 # Before login the broker sends nothing but pongs (and the handshake, already gone).
@@ -71,6 +78,18 @@ PING_TIMEOUT_S = 20.0
 _MQTT = [Subprotocol("mqtt")]
 _OPEN, _CLOSED = State.OPEN, State.CLOSED
 _BINARY, _CONT, _TEXT, _PING, _PONG = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.PING, Opcode.PONG
+
+
+def origin_policy(listener: WsListenerConfig, http: HttpConfig) -> OriginPolicy | None:
+    """The listener's Origin allowlist with the broker's own HTTP pages (the dashboard) in it;
+    None when any origin may connect. With ``http.port: 0`` the dashboard's origins are added
+    once the port is bound (``policy.allow(dashboard_origins(host, port))``, bridge.runtime)."""
+    if listener.allowed_origins is None:
+        return None
+    policy = OriginPolicy(listener.allowed_origins)
+    if http.enabled:
+        policy.allow(dashboard_origins(http.host, http.port))
+    return policy
 
 
 class WsListener(Listener):
@@ -90,9 +109,13 @@ class WsListener(Listener):
         "handshake_log",
         "log",
         "max_size",
+        "origins",
         "path",
         "ping_interval",
+        "refusals",
+        "refused_origins",
         "server",
+        "trusted_proxies",
     )
 
     def __init__(
@@ -105,10 +128,17 @@ class WsListener(Listener):
         max_size: int,
         compression: bool = False,
         ping_interval: float | None = None,
+        origins: OriginPolicy | None = None,
+        trusted_proxies: TrustedProxies | None = None,
+        refusals: Counter[str] | None = None,
         log: logging.Logger,
     ) -> None:
         super().__init__(name, serve)
         self.path = path
+        self.origins = origins  # None: any page may connect
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self.refused_origins = 0
+        self.refusals = refusals  # the broker's, by reason (mb_refusals): "ws_origin" counted there
         self.connect_budget = connect_budget
         self.max_size = max_size
         self.ping_interval = ping_interval
@@ -163,6 +193,7 @@ class WsConnection(StreamConnection):
         "_eof_sent",
         "_frames",
         "_max_unsent",
+        "_peer",
         "_ping",
         "_pings",
         "_sent_close",
@@ -178,6 +209,7 @@ class WsConnection(StreamConnection):
     def __init__(self, listener: WsListener) -> None:
         super().__init__(listener)
         self._ws: ServerProtocol | None = None
+        self._peer: tuple[str, int] | None = None  # the client behind a trusted proxy
         self._timer: asyncio.TimerHandle | None = None  # handshake, keep-alive or closing deadline
         self._pings = 0  # pings before login
         self._ping: bytes | None = None  # our unanswered ping, if any (its payload)
@@ -266,10 +298,30 @@ class WsConnection(StreamConnection):
 
     # ------------------------------------------------------------------ the opening handshake
 
+    def get_peer_info(self) -> tuple[str, int] | None:
+        return self._peer or super().get_peer_info()
+
     def _answer(self, ws: ServerProtocol, request: Request) -> None:
         listener = self._listener
+        if listener.trusted_proxies:
+            self._forwarded(request)
+        origins = listener.origins
+        refusal = origins.refusal(request.headers.get_all("Origin")) if origins is not None else None
         if request.path.split("?", 1)[0] != listener.path:
             response = ws.reject(http.HTTPStatus.NOT_FOUND, f"MQTT is served on {listener.path}\n")
+        elif refusal is not None:
+            listener.refused_origins += 1
+            if listener.refusals is not None:
+                listener.refusals["ws_origin"] += 1
+            listener.log.info(
+                "WebSocket handshake from %s on %s refused (403): %s: %s",
+                self.get_peer_info(),
+                listener.name,
+                refusal,
+                clip(",".join(request.headers.get_all("Origin")), 120),
+                extra=CLIENT,
+            )
+            response = ws.reject(http.HTTPStatus.FORBIDDEN, "Origin not allowed.\n")
         elif listener.closing:
             response = ws.reject(http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n")
         else:
@@ -286,6 +338,17 @@ class WsConnection(StreamConnection):
         if listener.ping_interval is not None:
             self._timer = asyncio.get_running_loop().call_later(listener.ping_interval, self._keepalive)
         listener.start(self)
+
+    def _forwarded(self, request: Request) -> None:
+        """Behind a trusted proxy: the client's address from ``X-Forwarded-For`` (no port)."""
+        peer = super().get_peer_info()
+        if peer is None:
+            return
+        address = client_address(
+            peer[0], request.headers.get_all("X-Forwarded-For"), self._listener.trusted_proxies
+        )
+        if address != peer[0]:
+            self._peer = (address, 0)
 
     def _handshake_failed(self, exc: BaseException | None) -> None:
         """Send the answer (if any), close, and read nothing more. Logged once: anything but

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from bridge.anonymous import ANONYMOUS_USER, AnonymousPolicy
 from bridge.auth import KeyRing, SigningKey, TokenPolicy, VerificationKey, mint_token
 from bridge.cluster.limits import LocalAsyncLimits
 from bridge.core.connect import Will
@@ -14,7 +15,7 @@ from bridge.core.hooks import Admitted, ConnectRequest, Hooks, Refused
 from bridge.errors import ClusterUnavailable
 from bridge.limits import Lease, LimitRefusal, LocalConnectionLimits
 from bridge.token_cache import TokenCache
-from broker_plugins.auth import AllowAll, JwtAuth
+from broker_plugins.auth import AllowAll, AnonymousAccess, JwtAuth
 from tests.conftest import make_tick
 
 NOW = 1_800_000_000.0
@@ -194,3 +195,66 @@ def test_the_plugins_attach_to_every_hook_they_serve() -> None:
     hooks = Hooks([jwt_plugin()])
     assert (len(hooks.connect), len(hooks.subscribe), len(hooks.publish), len(hooks.deliver)) == (1, 1, 1, 0)
     assert (len(hooks.lease), len(hooks.release)) == (1, 1)
+
+
+def public_hooks(cap: int = 1) -> tuple[Hooks, AnonymousAccess]:
+    anonymous = AnonymousAccess(
+        AnonymousPolicy.of(["market/#"], "Africa/Lagos"),
+        LocalAsyncLimits(LocalConnectionLimits(cap, cap)),
+        max_topic_bytes=256,
+    )
+    return Hooks([anonymous, jwt_plugin(max_per_user=1, max_total=1)]), anonymous
+
+
+@pytest.mark.parametrize(
+    ("req", "expected"),
+    [
+        (request(None), ANONYMOUS_USER),
+        (request(b"", username=None), ANONYMOUS_USER),
+        (request(token()), "alice"),  # a token goes on to the JWT plugin
+        (request(b"not-a-jwt"), "malformed"),  # and a bad one is refused there, not made anonymous
+        (request(None, will=Will("market/luno/BTC-ZAR", TICK, 0, False)), "will_refused"),
+    ],
+)
+def test_anonymous_access_before_the_jwt_plugin(req: ConnectRequest, expected: str) -> None:
+    hooks, _ = public_hooks()
+    decision = hooks.on_connect(req)
+    if isinstance(decision, Refused):
+        assert decision.reason == expected
+        assert decision.code == 5
+    else:
+        assert isinstance(decision, Admitted)
+        assert decision.user == expected
+
+
+async def test_anonymous_leases_are_counted_apart_from_the_jwt_users() -> None:
+    hooks, anonymous = public_hooks(cap=1)
+    viewer = hooks.on_connect(request(None))
+    assert isinstance(viewer, Admitted)
+    assert hooks.on_subscribe(viewer, "market/#", 1) == 1
+    assert hooks.on_subscribe(viewer, "user/#", 0) == 0x80
+    assert hooks.on_publish(viewer, "market/luno/BTC-ZAR") is False
+    public = await hooks.on_lease(ANONYMOUS_USER, None)
+    assert isinstance(public, Lease)
+    full = await hooks.on_lease(ANONYMOUS_USER, None)
+    assert isinstance(full, Refused)
+    assert (full.code, full.reason) == (3, "anonymous_limit")
+    # The JWT limit (1 in total) is untouched by the anonymous connection.
+    alice = await hooks.on_lease("alice", None)
+    assert isinstance(alice, Lease)
+    assert (anonymous.connections, anonymous.admitted) == (1, 1)
+    await hooks.on_release(alice)  # every release plugin sees it; only its limiter counts it
+    assert anonymous.connections == 1
+    await hooks.on_release(public)
+    assert anonymous.connections == 0
+    assert isinstance(await hooks.on_lease(ANONYMOUS_USER, None), Lease)
+
+
+async def test_anonymous_lease_fails_closed_when_uncountable() -> None:
+    anonymous = AnonymousAccess(
+        AnonymousPolicy.of(["market/#"], "UTC"), Unreachable(LocalConnectionLimits(1, 1)), max_topic_bytes=256
+    )
+    refused = await anonymous.on_lease(ANONYMOUS_USER, None)
+    assert isinstance(refused, Refused)
+    assert refused.reason == "cluster_unavailable"
+    assert await anonymous.on_lease("alice", None) is None

@@ -473,3 +473,17 @@ async def test_a_stalled_shard_does_not_hold_up_the_others(
     finally:
         await a.bus.stop()
         await b.bus.stop()
+
+
+async def test_stop_returns_while_a_shard_is_hung(
+    make_backbone: Callable[[], Backbone], redis_cluster: RedisClusterProcesses
+) -> None:
+    """A node stops even when the shard its subscription is on does not answer: closing that
+    connection is bounded (bus.CLOSE_S), so stop() cannot hang on it."""
+    b = Node(make_backbone(), "b", partitions=1)
+    await b.bus.start()
+    master = redis_cluster.master_of(keys.partition_channel(0))
+    with redis_cluster.paused(master):
+        async with asyncio.timeout(DEADLINE_S):
+            await b.bus.stop()
+    assert not b.bus.ready

@@ -10,18 +10,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from bridge import redis_keys as keys
+from bridge.anonymous import ANONYMOUS_USER
 from bridge.cluster.backbone import Backbone
+from bridge.cluster.control import ControlListener, TakeoverNotice
 from bridge.cluster.limits import (
     ClientOwnership,
     ClusterConnectionLimits,
-    ControlError,
-    ControlListener,
     Holder,
     LocalAsyncLimits,
-    TakeoverNotice,
     decide_claim,
-    decode_control,
-    encode_control,
 )
 from bridge.limits import Lease, LimitRefusal, LocalConnectionLimits
 
@@ -44,30 +41,6 @@ TTL_S = 1.0  # the shortest the config allows: expiry tests wait about this long
 )
 def test_decide_claim(previous: Holder | None, user: str, node: str, action: str) -> None:
     assert decide_claim(previous, user, node) == action
-
-
-@pytest.mark.parametrize(
-    "notice", [TakeoverNotice("c1", "a:1", "b"), TakeoverNotice('we"ird\n{}', "a:99", "node-2")]
-)
-def test_control_round_trip(notice: TakeoverNotice) -> None:
-    assert decode_control(encode_control(notice)) == notice
-
-
-@pytest.mark.parametrize(
-    ("raw", "mentions"),
-    [
-        (b"", "not JSON"),
-        (b"\xff", "not JSON"),
-        (b"[]", "close"),
-        (b'{"op": "open"}', "close"),
-        (b'{"op": "close", "client_id": 1, "lease": "x", "by": "b"}', "strings"),
-        (b'{"op": "close", "client_id": "c"}', "strings"),
-        (b'{"op":"close","client_id":"' + b"x" * 5000 + b'"}', "bytes"),
-    ],
-)
-def test_bad_control_messages(raw: bytes, mentions: str) -> None:
-    with pytest.raises(ControlError, match=mentions):
-        decode_control(raw)
 
 
 async def test_local_async_limits_is_the_local_limiter() -> None:
@@ -177,17 +150,43 @@ async def test_leases_of_a_dead_node_expire(make_limits: Callable[..., ClusterCo
             await survivor.next_heartbeat()
     print(f"\nleases of a dead node freed after {time.monotonic() - died:.2f} s (lease_ttl_s={TTL_S:g})")
 
-    a2 = make_limits("a2", lease_ttl_s=TTL_S)
+    # Frozen clocks: the boundary holds however long the steps take on a loaded machine.
+    t0, ttl = time.time(), 10.0  # (Redis drops the key itself 2 * ttl later, in real time)
+    a2 = make_limits("a2", lease_ttl_s=ttl, clock=lambda: t0)
     await a2.start()
     for _ in range(10):
         assert isinstance(await a2.acquire("alice"), Lease)
     await a2.stop(release=False)
-    early = make_limits("b", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S * 0.5)
-    late = make_limits("c", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S + 0.05)
+    early = make_limits("b", lease_ttl_s=ttl, clock=lambda: t0 + ttl * 0.5)
+    late = make_limits("c", lease_ttl_s=ttl, clock=lambda: t0 + ttl + 0.05)
     await early.start()
     await late.start()
     assert isinstance(await early.acquire("alice"), LimitRefusal)
     assert isinstance(await late.acquire("alice"), Lease)
+
+
+async def test_nodes_of_a_user_are_the_nodes_holding_their_live_leases(
+    make_limits: Callable[..., ClusterConnectionLimits],
+) -> None:
+    a, b, c = make_limits("a"), make_limits("node-b"), make_limits("c.3", lease_ttl_s=TTL_S)
+    for limits in (a, b, c):
+        await limits.start()
+    assert await a.nodes_of("alice") == set()
+    on_a, on_b = await a.acquire("alice"), await b.acquire("alice")
+    assert isinstance(on_a, Lease)
+    assert isinstance(on_b, Lease)
+    assert isinstance(await b.acquire("alice"), Lease)  # two on one node: the node once
+    assert isinstance(await c.acquire("bob"), Lease)
+    assert await c.nodes_of("alice") == {"a", "node-b"}
+    await a.release(on_a)
+    assert await c.nodes_of("alice") == {"node-b"}
+    # A node that dies holds no route once its leases expire.
+    assert isinstance(await c.acquire("alice"), Lease)
+    await c.stop(release=False)
+    assert await a.nodes_of("alice") == {"node-b", "c.3"}
+    later = make_limits("d", lease_ttl_s=TTL_S, clock=lambda: time.time() + TTL_S + 0.05)
+    await later.start()
+    assert await later.nodes_of("alice") == {"node-b"}
 
 
 async def test_heartbeats_keep_leases_alive(make_limits: Callable[..., ClusterConnectionLimits]) -> None:
@@ -262,3 +261,28 @@ async def test_a_refused_takeover_leaves_the_old_lease_counted(
     assert refused.reason == "user_limit"
     members = await raw.redis.zrange(keys.lease_all(), 0, -1)
     assert members == [f"{old.id}|alice".encode()]
+
+
+async def test_anonymous_connections_have_their_own_cluster_wide_cap(
+    make_limits: Callable[..., ClusterConnectionLimits],
+) -> None:
+    """auth.anonymous.max_connections across nodes, apart from the JWT users' global set."""
+    user = ANONYMOUS_USER
+    a = make_limits("a", max_per_user=3, max_total=3, global_key=keys.lease_anonymous())
+    b = make_limits("b", max_per_user=3, max_total=3, global_key=keys.lease_anonymous())
+    jwt = make_limits("a", max_per_user=1, max_total=1)
+    for limits in (a, b, jwt):
+        await limits.start()
+    results = await asyncio.gather(*((a, b)[i % 2].acquire(user) for i in range(5)))
+    leases = [r for r in results if isinstance(r, Lease)]
+    assert len(leases) == 3
+    # The JWT users' global limit (1 here) is untouched by the three anonymous connections.
+    assert isinstance(await jwt.acquire("alice"), Lease)
+    await a.refresh()
+    await jwt.refresh()
+    assert (a.total, jwt.total) == (3, 1)
+    # A release on one node frees a slot for the other.
+    mine = next(lease for lease in leases if lease.id.startswith("a:"))
+    await a.release(mine)
+    assert isinstance(await b.acquire(user), Lease)
+    assert isinstance(await b.acquire(user), LimitRefusal)

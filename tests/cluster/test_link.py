@@ -17,6 +17,7 @@ from bridge.core.tick import Tick
 from bridge.errors import ClusterUnavailable
 from tests.conftest import (
     DEADLINE_S,
+    TEST_SECRET,
     BrokerThread,
     Client,
     bridge_config,
@@ -44,13 +45,24 @@ def nodes(seeds: list[str]) -> Iterator[Callable[..., BrokerThread]]:
     with ExitStack() as stack:
 
         def start(
-            node_id: str, *, limits: dict[str, Any] | None = None, store: str | None = None, **cluster: Any
+            node_id: str,
+            *,
+            limits: dict[str, Any] | None = None,
+            store: str | None = None,
+            anonymous: dict[str, Any] | None = None,
+            queue_max_messages: int | None = None,
+            **cluster: Any,
         ) -> BrokerThread:
             extra: dict[str, Any] = {}
+            if anonymous:
+                keys = [{"kid": "test", "algorithms": ["HS256"], "secret": TEST_SECRET}]
+                extra["auth"] = {"keys": keys, "anonymous": anonymous}
             if limits:
                 extra["limits"] = limits
             if store:
                 extra["store"] = {"redis_url": store}
+                if queue_max_messages is not None:
+                    extra["store"]["queue_max_messages"] = queue_max_messages
             config = bridge_config(
                 cluster={"enabled": True, "node_id": node_id, "redis_cluster_nodes": seeds, **cluster},
                 **extra,
@@ -310,3 +322,197 @@ def test_a_takeover_across_nodes_keeps_the_session(
     wait_until(lambda: a.call(lambda: cid in a.broker._sessions) is False, what="a forgot the session")
     assert b.run(b.broker.send_to_user(user, "alerts", b"after takeover")).delivered == 1
     assert second.expect(1)[0].payload == b"after takeover"
+
+
+def test_anonymous_connections_count_against_their_own_cap_cluster_wide(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_cluster: RedisClusterProcesses
+) -> None:
+    public = {"enabled": True, "max_connections": 2}
+    limits = {"max_connections": 1}
+    a, b = nodes("a", limits=limits, anonymous=public), nodes("b", limits=limits, anonymous=public)
+    clients(a.tcp_port, anonymous=True).connect()
+    clients(b.ws_port, transport="websockets", anonymous=True).connect()
+    clients(a.ws_port, transport="websockets", anonymous=True).connect(expect=3)  # one on each node
+    assert a.call(lambda: a.broker.stats.refusals["anonymous_limit"]) == 1
+    # The JWT users' limit (1 in the cluster) is apart from the two anonymous connections.
+    user = unique("alice")
+    clients(b.tcp_port, username=user, password=token_for(user, "subscriber")).connect()
+    # Anonymous client ids are not recorded in Redis (a key per CONNECT, kept for a week).
+    recorded: list[str] = []
+    for master in redis_cluster.masters():
+        found = master.call("KEYS", "mb:cid:*")
+        assert isinstance(found, list)
+        recorded += [str(key) for key in found]
+    assert recorded  # alice's
+    assert not [key for key in recorded if "anonymous" in key]
+
+
+# -- user messages anywhere (issue 15, item 4) ------------------------------------------------
+
+
+def _envelope(payload: str, priority: str = "NORMAL") -> bytes:
+    return json.dumps({"mb_envelope": 1, "payload": payload, "priority": priority, "ttl_s": 600}).encode()
+
+
+def _queued(node: BrokerThread, user: str) -> int:
+    store = node.broker.store
+    assert store is not None
+    count, _ = node.run(store.queue_size(user))
+    return count
+
+
+def test_a_message_sent_on_one_node_reaches_a_persistent_session_live_on_another(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
+    user, cid = unique("erin"), unique("phone")
+    phone = clients(
+        b.ws_port,
+        transport="websockets",
+        client_id=cid,
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+    wait_until(lambda: leases(a, user) == 1, what="a sees the user's lease")
+    # Sent on A, where the user has no connection and never had a session.
+    result = a.run(a.broker.send_to_user(user, "alerts", b"from a"))
+    assert result.stored is not None  # the shared mailbox holds it until the phone's PUBACK
+    assert result.delivered == 1  # one node reached
+    (message,) = phone.expect(1)
+    assert (message.topic, message.payload, message.qos) == (f"user/{user}/alerts", b"from a", 1)
+    # Gone from the shared mailbox once acknowledged.
+    wait_until(lambda: _queued(a, user) == 0, what="the acknowledged message left the store")
+    assert a.call(lambda: a.broker.cluster and a.broker.cluster.mail_forwarded) == 1
+
+
+def test_a_service_publish_on_one_node_reaches_clean_and_persistent_sessions_on_others(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    a, b, c = nodes("a", store=redis_url), nodes("b", store=redis_url), nodes("c", store=redis_url)
+    user = unique("frank")
+    persistent = clients(
+        b.tcp_port,
+        client_id=unique("phone"),
+        clean_session=False,
+        username=user,
+        password=token_for(user, "subscriber"),
+    )
+    persistent.connect()
+    assert persistent.subscribe(f"user/{user}/fills", qos=1) == [1]
+    dashboard = clients(
+        c.ws_port, transport="websockets", username=user, password=token_for(user, "subscriber")
+    )
+    dashboard.connect()
+    assert dashboard.subscribe(f"user/{user}/#", qos=1) == [1]
+    wait_until(lambda: leases(a, user) == 2, what="a sees both leases")
+    service_user = unique("svc")
+    service = clients(a.tcp_port, username=service_user, password=token_for(service_user, "service"))
+    service.connect()
+    for index in range(5):
+        service.publish(f"user/{user}/fills", _envelope(f"fill{index}"), qos=1)
+    service.publish(f"user/{user}/news", _envelope("news"), qos=1)
+    # In order, once each: the persistent one from the shared mailbox, the clean one directly.
+    assert [m.payload for m in persistent.expect(5)] == [f"fill{i}".encode() for i in range(5)]
+    got = [m.payload for m in dashboard.expect(6)]
+    assert sorted(got) == sorted([f"fill{i}".encode() for i in range(5)] + [b"news"])
+    assert [p for p in got if p != b"news"] == [f"fill{i}".encode() for i in range(5)]
+    # The fills left the store on the persistent session's PUBACKs; news was never stored
+    # (no persistent session of the user takes it).
+    wait_until(lambda: _queued(a, user) == 0, what="the store emptied")
+
+
+def test_a_message_for_clean_sessions_on_another_node_only_is_delivered_not_stored(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
+    user = unique("gina")
+    tab = clients(b.tcp_port, username=user, password=token_for(user, "subscriber"))
+    tab.connect()
+    assert tab.subscribe(f"user/{user}/#", qos=1) == [1]
+    wait_until(lambda: leases(a, user) == 1, what="a sees the user's lease")
+    result = a.run(a.broker.send_to_user(user, "ping", b"now"))
+    assert (result.stored, result.delivered) == (None, 1)
+    assert tab.expect(1)[0].payload == b"now"
+    # Nobody anywhere: dropped and counted, not stored.
+    tab.close()
+    wait_until(lambda: leases(a, user) == 0, what="a sees the lease go")
+    result = a.run(a.broker.send_to_user(user, "ping", b"lost"))
+    assert (result.stored, result.delivered) == (None, 0)
+    assert a.call(lambda: a.broker.stats.publishes_dropped["no_subscriber"]) >= 1
+
+
+def test_evictions_notify_the_service_on_its_own_node(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client], redis_url: str
+) -> None:
+    """The queue is full: the service publishing on A hears of the eviction on A, though the
+    user's session was made on B."""
+    a = nodes("a", store=redis_url, queue_max_messages=3)
+    b = nodes("b", store=redis_url, queue_max_messages=3)
+    user, cid = unique("hank"), unique("phone")
+    phone = clients(
+        b.tcp_port, client_id=cid, clean_session=False, username=user, password=token_for(user, "subscriber")
+    )
+    phone.connect()
+    assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
+    phone.close()
+    service_user = unique("svc")
+    service = clients(a.tcp_port, username=service_user, password=token_for(service_user, "service"))
+    service.connect()
+    assert service.subscribe(f"service/{service_user}/#", qos=1) == [1]
+    for index in range(3):
+        service.publish(f"user/{user}/a", _envelope(f"low{index}", "LOW"), qos=1)
+    service.publish(f"user/{user}/a", _envelope("urgent", "URGENT"), qos=1)
+    (notice,) = service.expect(1)
+    body = json.loads(notice.payload)
+    assert notice.topic == f"service/{service_user}/evictions"
+    assert (body["user"], body["reason"], len(body["evicted"])) == (user, "queue_full", 1)
+
+
+def test_the_connection_list_is_cluster_wide_on_every_node(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    a, b = nodes("a"), nodes("b")
+    user = unique("ivan")
+    on_a = clients(a.tcp_port, client_id=unique("ca"), username=user, password=token_for(user, "subscriber"))
+    on_b = clients(
+        b.ws_port,
+        transport="websockets",
+        client_id=unique("cb"),
+        username=user,
+        password=token_for(user, "subscriber", tz="Africa/Nairobi"),
+    )
+    on_a.connect()
+    on_b.connect()
+
+    def listed(node: BrokerThread) -> set[tuple[str, str, str | None]]:
+        listing = node.run(node.broker.cluster_connections())
+        assert listing is not None
+        return {(name, c["client_id"], c["tz"]) for name, entries in listing.items() for c in entries}
+
+    both = {("a", on_a.client_id, "UTC"), ("b", on_b.client_id, "Africa/Nairobi")}
+    wait_until(lambda: listed(a) == both, what="both connections listed on a")
+    wait_until(lambda: listed(b) == both, what="both connections listed on b")
+    on_b.close()
+    wait_until(lambda: listed(a) == {("a", on_a.client_id, "UTC")}, what="b's connection left the list")
+
+
+def test_a_takeover_from_another_node_at_the_user_limit_moves_the_slot(
+    nodes: Callable[..., BrokerThread], clients: Callable[..., Client]
+) -> None:
+    limits = {"max_connections_per_user": 2}
+    a, b = nodes("a", limits=limits), nodes("b", limits=limits)
+    user, cid = unique("judy"), unique("phone")
+    token = token_for(user, "subscriber")
+    first = clients(a.tcp_port, client_id=cid, username=user, password=token)
+    first.connect()
+    clients(a.ws_port, transport="websockets", username=user, password=token).connect()
+    # At the limit: a new client id is refused, the same client id on B takes A's slot over.
+    clients(b.tcp_port, username=user, password=token).connect(expect=3)
+    moved = clients(b.tcp_port, client_id=cid, username=user, password=token)
+    moved.connect()
+    assert first.disconnected.wait(DEADLINE_S)
+    wait_until(lambda: leases(b, user) == 2, what="still two leases counted")
+    clients(a.tcp_port, username=user, password=token).connect(expect=3)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import select
 import socket
 import time
 from collections import Counter
@@ -224,20 +223,6 @@ class RawClient:
         self.sock.close()
 
 
-@pytest.fixture
-def raw_clients() -> Iterator[Callable[..., RawClient]]:
-    made: list[RawClient] = []
-
-    def factory(port: int, **kwargs: Any) -> RawClient:
-        client = RawClient(port, **kwargs)
-        made.append(client)
-        return client
-
-    yield factory
-    for client in made:
-        client.close()
-
-
 def stat(broker: BrokerThread, read: Callable[[Any], Any]) -> Any:
     """A value from the broker's stats, read on its loop."""
     return broker.call(lambda: read(broker.broker.stats))
@@ -317,39 +302,6 @@ def test_websocket_feed_packets_cut_across_messages_and_sent_with_connect(
         assert_in_order_per_topic([json.loads(m.payload) for m in sub.expect(100)], 20)
         connack = ws.recv(timeout=DEADLINE_S)
         assert connack == b"\x20\x02\x00\x00"
-
-
-# --- QoS 1 from a feed ------------------------------------------------------------------------
-
-
-def test_qos1_feed_gets_every_puback_after_its_tick_was_handed_off(
-    broker: BrokerThread, clients: ClientFactory, raw_clients: Callable[..., RawClient]
-) -> None:
-    watcher = clients(broker.ws_port, transport="websockets", role="subscriber")
-    watcher.connect()
-    watcher.subscribe("market/#")
-    # The feed also subscribes to what it publishes: its own connection then carries both the
-    # fanned-out tick and the PUBACK, and their order on that one stream is the broker's order.
-    feed = raw_clients(broker.tcp_port, role="feed")
-    feed.subscribe("market/#")
-    count = 200
-    data, ticks = tick_stream(count, qos=1)
-    feed.send(data)
-    seen_ticks: set[str] = set()  # "last" values delivered to the feed so far
-    acked: list[int] = []
-    while len(acked) < count:
-        packet = feed.read()
-        if packet.kind == 3:
-            seen_ticks.add(packet.tick()["last"])
-        else:
-            assert packet.kind == 4, f"unexpected packet {packet.first:#x}"
-            packet_id = packet.packet_id
-            assert packet_id is not None
-            # PUBACK k only once tick k has been fanned out (it is already on this stream).
-            assert ticks[packet_id - 1].last in seen_ticks, f"PUBACK {packet_id} before its tick"
-            acked.append(packet_id)
-    assert sorted(acked) == list(range(1, count + 1))
-    assert_in_order_per_topic([json.loads(m.payload) for m in watcher.expect(count)], count // len(TOPICS))
 
 
 # --- protocol violations ----------------------------------------------------------------------
@@ -444,41 +396,6 @@ def test_packet_over_max_packet_bytes_closes_before_its_body_arrives(
         watcher.paho.publish("x", b"still here")  # the broker itself is fine
         other = raw_clients(broker.tcp_port, role="feed")
         assert other.ping() == []
-
-
-# --- keep-alive -------------------------------------------------------------------------------
-
-
-def test_silent_client_is_dropped_after_one_and_a_half_keepalives_and_pinging_one_is_not(
-    broker: BrokerThread, clients: ClientFactory, raw_clients: Callable[..., RawClient]
-) -> None:
-    watcher = clients(broker.tcp_port)
-    watcher.connect()
-    will_topic = unique("status")
-    watcher.subscribe(will_topic)
-    started = time.monotonic()
-    silent = raw_clients(broker.tcp_port, keepalive=1, will=(will_topic, b"silent gone"))
-    talker = raw_clients(broker.tcp_port, keepalive=1, will=(will_topic, b"talker gone"))
-    # The talker pings every 0.4 s while we wait for the silent one's close.
-    closed_at = None
-    while closed_at is None and time.monotonic() - started < DEADLINE_S:
-        assert talker.ping() == []
-        readable, _, _ = select.select([silent.sock], [], [], 0.4)
-        if readable and silent.wait_closed(timeout=0.01):
-            closed_at = time.monotonic() - started
-    assert closed_at is not None, "silent client never dropped"
-    # 1 s keep-alive, x 1.5 rounded up to whole seconds: 2 s; never before 1.5 s.
-    assert 1.5 <= closed_at <= 3.0, closed_at
-    (will,) = watcher.expect(1)
-    assert (will.topic, will.payload) == (will_topic, b"silent gone")
-    # The talker outlives its own 2 s deadline by more than a keep-alive.
-    while time.monotonic() - started < closed_at + 1.2:
-        assert talker.ping() == []
-        readable, _, _ = select.select([talker.sock], [], [], 0.4)
-        assert not readable, "the broker wrote to (or closed) a client that keeps pinging"
-    assert talker.ping() == []
-    wait_until(lambda: stat(broker, lambda s: s.keepalive_timeouts) == 1, what="keep-alive counted")
-    assert watcher.messages.empty()
 
 
 # --- per-feed inbound rate limit --------------------------------------------------------------
@@ -598,81 +515,6 @@ def raw_clients_for(broker: BrokerThread, role: Role) -> RawClient:
     return RawClient(broker.tcp_port, role=role)
 
 
-# --- outbound QoS 1/2: in flight until acknowledged, re-sent as they were on reconnect ---------
-
-
-def _subscribe_raw(client: RawClient, topic_filter: str, qos: int) -> None:
-    client.send(subscribe_packet(1, topic_filter, qos))
-    suback = client.read()
-    assert (suback.first, suback.body) == (0x90, b"\x00\x01" + bytes([qos]))
-
-
-def _persistent_phone(broker: BrokerThread, clients: ClientFactory) -> tuple[str, RawClient, Client]:
-    """A raw persistent session on ``status/#`` at QoS 2, and a connected publisher."""
-    client_id = unique("phone")
-    phone = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
-    _subscribe_raw(phone, "status/#", 2)
-    publisher = clients(broker.tcp_port)
-    publisher.connect()
-    return client_id, phone, publisher
-
-
-def test_unacknowledged_qos1_and_qos2_are_resent_with_their_ids_and_dup_on_reconnect(
-    broker: BrokerThread, clients: ClientFactory
-) -> None:
-    client_id, phone, publisher = _persistent_phone(broker, clients)
-    publisher.publish("status/a", b"one", qos=1)
-    publisher.publish("status/b", b"two", qos=2)
-    one, two = phone.read(), phone.read()
-    assert [(p.topic, p.qos, p.dup) for p in (one, two)] == [("status/a", 1, False), ("status/b", 2, False)]
-    assert one.packet_id is not None
-    assert two.packet_id is not None
-    phone.send(b"\x50\x02" + two.packet_id.to_bytes(2, "big"))  # PUBREC: QoS 2 half done
-    pubrel = phone.read()
-    assert (pubrel.first, pubrel.packet_id) == (0x62, two.packet_id)
-    phone.close()  # no PUBACK for "one", no PUBCOMP for "two"
-
-    # Well past amqtt's 5 s give-up would not matter: nothing is timed here, only reconnects.
-    back = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
-    assert back.session_present
-    again, rel = back.read(), back.read()
-    assert (again.kind, again.topic, again.qos, again.dup, again.packet_id, again.payload) == (
-        3,
-        "status/a",
-        1,
-        True,  # [MQTT-3.3.1-1]
-        one.packet_id,  # [MQTT-4.4.0-1]
-        b"one",
-    )
-    assert (rel.first, rel.packet_id) == (0x62, two.packet_id)
-    back.send(puback_packet(one.packet_id) + b"\x70\x02" + two.packet_id.to_bytes(2, "big"))
-    assert back.ping() == []
-    back.close()
-    # Settled: a third connection gets nothing again.
-    third = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
-    assert third.ping() == []
-    third.close()
-
-
-def test_a_qos2_message_not_yet_received_is_resent_as_a_publish(
-    broker: BrokerThread, clients: ClientFactory
-) -> None:
-    client_id, phone, publisher = _persistent_phone(broker, clients)
-    publisher.publish("status/c", b"three", qos=2)
-    first = phone.read()
-    phone.close()  # neither PUBREC nor anything else
-    back = RawClient(broker.tcp_port, role="admin", client_id=client_id, clean=False)
-    again = back.read()
-    assert (again.topic, again.qos, again.dup, again.packet_id) == ("status/c", 2, True, first.packet_id)
-    assert again.packet_id is not None
-    back.send(b"\x50\x02" + again.packet_id.to_bytes(2, "big"))  # PUBREC
-    pubrel = back.read()
-    assert (pubrel.first, pubrel.packet_id) == (0x62, again.packet_id)
-    back.send(b"\x70\x02" + again.packet_id.to_bytes(2, "big"))  # PUBCOMP
-    assert back.ping() == []
-    back.close()
-
-
 def test_an_amqtt_packet_task_ending_with_its_connection_logs_no_traceback(
     broker: BrokerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -758,31 +600,3 @@ def test_refused_publishes_to_users_are_acknowledged_dropped_and_counted_each_ti
     service.send(_raw_publish(f"user/{user}/ok", 5, payload=b"ok"))
     assert service.read().body == b"\x00\x05"
     assert [m.payload for m in phone.expect(1)] == [b"ok"]
-
-
-def test_pubacks_keep_the_arrival_order_across_the_stored_amqtt_and_market_paths(
-    broker: BrokerThread, raw_clients: Callable[..., RawClient], clients: ClientFactory
-) -> None:
-    """[MQTT-4.6.0-2]: one write with a message for a user (PUBACK after its group commit), one
-    on another topic (amqtt's flow), a QoS 1 tick (handed off at once) and another for the user:
-    the PUBACKs come 1, 2, 3, 4, the tick's waiting for the user's message before it."""
-    user = unique("bob")
-    phone = clients(
-        broker.tcp_port, role="subscriber", username=user, client_id=unique("phone"), clean_session=False
-    )
-    phone.connect()
-    phone.subscribe(f"user/{user}/#", 1)
-    status = clients(broker.tcp_port)
-    status.connect()
-    status.subscribe("status/#", 1)
-    admin = raw_clients(broker.tcp_port, role="admin")
-    admin.send(
-        publish_packet(f"user/{user}/a", b"first", qos=1, packet_id=1)
-        + publish_packet("status/x", b"s", qos=1, packet_id=2)
-        + publish_packet("market/luno/BTC-ZAR", make_tick().encode(), qos=1, packet_id=3)
-        + publish_packet(f"user/{user}/b", b"second", qos=1, packet_id=4)
-    )
-    acks = admin.read_many(4)
-    assert [(p.first, p.packet_id) for p in acks] == [(0x40, 1), (0x40, 2), (0x40, 3), (0x40, 4)]
-    assert [m.payload for m in phone.expect(2)] == [b"first", b"second"]
-    assert status.expect(1)[0].payload == b"s"

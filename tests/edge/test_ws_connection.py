@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -24,11 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.sync.client import connect as ws_connect
 
-from bench.mqttws import masked_frame
+from bench.mqttws import handshake_request, masked_frame
 from bridge.auth import Role
+from bridge.config import load_config
 from bridge.core.wire import publish_qos0
 from bridge.core.wsframes import FrameReader
 from bridge.edge.ws_connection import PREAUTH_PINGS, WsConnection, WsListener
+from bridge.errors import ConfigError
 from tests.conftest import (
     DEADLINE_S,
     BrokerThread,
@@ -235,3 +238,159 @@ def test_tls_listeners_serve_websocket_and_tcp_clients(tmp_path: Path) -> None:
             sock.sendall(authed_connect(unique("tls"), role="subscriber"))
             assert _recv_exactly(sock, 4) == b"\x20\x02\x00\x00"
         wait_until(lambda: running.call(lambda: running.broker.stats.connections) == 0, what="both closed")
+
+
+# -- browser settings: the Origin allowlist and X-Forwarded-For from trusted proxies ----------
+
+
+def _upgrade(port: int, headers: dict[str, str] | list[tuple[str, str]]) -> tuple[int, socket.socket]:
+    """A WebSocket handshake with extra headers: the status code and the socket."""
+    request, _ = handshake_request("127.0.0.1", port, "/mqtt")
+    items = headers.items() if isinstance(headers, dict) else headers
+    extra = "".join(f"{name}: {value}\r\n" for name, value in items).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    sock.sendall(request[:-2] + extra + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed during the handshake: {head!r}"
+        head += chunk
+    return int(head.split(b" ", 2)[1]), sock
+
+
+@pytest.fixture
+def guarded() -> Iterator[BrokerThread]:
+    listeners = {
+        "ws": {
+            "port": 0,
+            "allowed_origins": ["https://dash.example.com"],
+            "trusted_proxies": ["127.0.0.1/32"],
+        },
+        "tcp": {"port": 0},
+    }
+    with BrokerThread(bridge_config(listeners=listeners, http={"port": 0})) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example.com",
+        "http://dash.example.com",
+        "https://dash.example.com.evil.com",
+        "null",
+        "https://dash.example.com/",
+    ],
+)
+def test_a_page_from_another_origin_gets_403_before_the_upgrade(guarded: BrokerThread, origin: str) -> None:
+    status, sock = _upgrade(guarded.ws_port, {"Origin": origin})
+    assert status == 403
+    assert closed_by_peer(sock)
+    sock.close()
+    listener = guarded.broker._servers["ws"].instance
+    assert isinstance(listener, WsListener)
+    assert guarded.call(lambda: listener.refused_origins) == 1
+    assert guarded.call(lambda: guarded.broker.stats.refusals["ws_origin"]) == 1
+
+
+def test_two_origin_headers_get_403(guarded: BrokerThread) -> None:
+    status, sock = _upgrade(
+        guarded.ws_port, [("Origin", "https://dash.example.com"), ("Origin", "https://evil.example.com")]
+    )
+    assert status == 403
+    sock.close()
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "https://DASH.example.com:443"}, {}])
+def test_an_allowed_origin_or_none_gets_101_and_logs_in(
+    guarded: BrokerThread, headers: dict[str, str]
+) -> None:
+    status, sock = _upgrade(guarded.ws_port, headers)
+    assert status == 101
+    sock.sendall(masked_frame(authed_connect(unique("page"))))
+    assert _recv_exactly(sock, 6) == CONNACK_FRAME
+    sock.close()
+
+
+def test_any_origin_is_allowed_without_a_list(broker: BrokerThread) -> None:
+    status, sock = _upgrade(broker.ws_port, {"Origin": "https://anywhere.example.com"})
+    assert status == 101
+    sock.close()
+
+
+def _remote_of(broker: BrokerThread, client_id: str) -> str:
+    rows = broker.call(broker.broker.connection_list)
+    return str(next(row["remote"] for row in rows if row["client_id"] == client_id))
+
+
+@pytest.mark.parametrize(
+    ("xff", "remote"),
+    [
+        ("203.0.113.9", "203.0.113.9:0"),
+        ("6.6.6.6, 203.0.113.9", "203.0.113.9:0"),  # what the client wrote itself is not read
+        ("[2001:db8::9]:443", "2001:db8::9:0"),
+        ("garbage", None),  # the proxy's own address (the peer)
+    ],
+)
+def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(
+    guarded: BrokerThread, xff: str, remote: str | None
+) -> None:
+    status, sock = _upgrade(guarded.ws_port, {"X-Forwarded-For": xff})
+    assert status == 101
+    client_id = unique("behind-proxy")
+    sock.sendall(masked_frame(authed_connect(client_id)))
+    assert _recv_exactly(sock, 6) == CONNACK_FRAME
+    local_port = sock.getsockname()[1]
+    assert _remote_of(guarded, client_id) == (remote or f"127.0.0.1:{local_port}")
+    sock.close()
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored() -> None:
+    listeners = {"ws": {"port": 0, "trusted_proxies": ["10.0.0.0/8"]}, "tcp": {"port": 0}}
+    with BrokerThread(bridge_config(listeners=listeners)) as running:
+        status, sock = _upgrade(running.ws_port, {"X-Forwarded-For": "203.0.113.9"})
+        assert status == 101
+        client_id = unique("spoofer")
+        sock.sendall(masked_frame(authed_connect(client_id)))
+        assert _recv_exactly(sock, 6) == CONNACK_FRAME
+        assert _remote_of(running, client_id) == f"127.0.0.1:{sock.getsockname()[1]}"
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("ws", "field"),
+    [
+        ({"allowed_origins": ["https://dash.example.com/app"]}, "listeners.ws.allowed_origins"),
+        ({"allowed_origins": ["*"]}, "listeners.ws.allowed_origins"),
+        ({"allowed_origins": ["null"]}, "listeners.ws.allowed_origins"),
+        ({"trusted_proxies": ["10.0.0.0/33"]}, "listeners.ws.trusted_proxies"),
+        ({"trusted_proxies": ["proxy.internal"]}, "listeners.ws.trusted_proxies"),
+        ({"trusted_proxies": "10.0.0.0/8"}, "listeners.ws.trusted_proxies"),
+        ({"trusted_proxies": ["10.0.0.0/8"], "forwarded": True}, "listeners.ws.forwarded"),
+    ],
+)
+def test_bad_browser_settings_fail_at_startup_naming_the_field(
+    tmp_path: Path, ws: dict[str, object], field: str
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    keys = [{"secret": "0123456789abcdef0123456789abcdef", "algorithms": ["HS256"]}]
+    path.write_text(json.dumps({"auth": {"keys": keys}, "listeners": {"ws": ws}}))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.field == field
+    assert "\n" not in str(raised.value)
+
+
+def test_browser_settings_are_normalised_and_off_by_default() -> None:
+    assert (bridge_config().listeners.ws.allowed_origins, bridge_config().listeners.ws.trusted_proxies) == (
+        None,
+        [],
+    )
+    ws = {
+        "port": 0,
+        "allowed_origins": ["HTTPS://Dash.Example.com:443"],
+        "trusted_proxies": ["10.0.0.0/8", "::1"],
+    }
+    config = bridge_config(listeners={"ws": ws})
+    assert config.listeners.ws.allowed_origins == ["https://dash.example.com"]
+    assert config.listeners.ws.trusted_proxies == ["10.0.0.0/8", "::1/128"]
