@@ -9,8 +9,9 @@ cluster's in Redis: the lease hooks await it). No I/O of its own, no clock (``no
 the request), no amqtt.
 
 - :class:`JwtAuth`: the token is the MQTT password and the username must be its ``sub``.
-  A missing token is CONNACK 4 (bad user name or password), any other refusal CONNACK 5 (not
-  authorized); the ACL decided at CONNECT is the connection's ``policy``.
+  Every refusal is CONNACK 5 (not authorized), a missing token included (public access is
+  a separate plugin, :class:`AnonymousAccess`); the ACL decided at CONNECT is the connection's
+  ``policy``.
 - :class:`AllowAll` (``auth.enabled: false``): anyone may connect and do anything; the will
   and the connection limits are held to the same rules.
 - :class:`AnonymousAccess` (``auth.anonymous.enabled``, registered before :class:`JwtAuth`):
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from bridge.acl import ALLOW_ALL, Acl, acl_for, will_refusal
 from bridge.anonymous import ANONYMOUS_USER, AnonymousPolicy, decide_anonymous
-from bridge.core.connect import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
+from bridge.core.connect import CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE
 from bridge.core.hooks import Admitted, ConnectRequest, Principal, Refused
 from bridge.errors import AuthError, ClusterUnavailable
 from bridge.limits import Lease, LimitRefusal
@@ -87,8 +88,9 @@ class JwtAuth(_Limits):
     def on_connect(self, request: ConnectRequest) -> Admitted | Refused:
         decision = self.tokens.decide(request.password, request.username, request.now)
         if isinstance(decision, AuthError):
-            code = CONNACK_BAD_CREDENTIALS if decision.reason == "missing_token" else CONNACK_NOT_AUTHORIZED
-            return Refused(code, decision.reason, decision.detail)
+            # No password included: public access is off (or this is not it), so not
+            # authorized, like any other refused token (issue 16).
+            return Refused(CONNACK_NOT_AUTHORIZED, decision.reason, decision.detail)
         acl = acl_for(decision)
         return self._will(request, acl) or Admitted(decision.sub, decision, acl, decision.tz)
 

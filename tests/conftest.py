@@ -466,7 +466,9 @@ class Proc:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
 
-    def wait_for_line(self, pattern: str) -> re.Match[str]:
+    def wait_for_line(self, pattern: str, *, silence_s: float = 3 * DEADLINE_S) -> re.Match[str]:
+        """The first line matching ``pattern``; fails when the process exits first or prints
+        nothing for ``silence_s`` (a cold start imports a lot: generous on a loaded machine)."""
         regex = re.compile(pattern)
         with self._changed:
             seen = 0
@@ -477,7 +479,7 @@ class Proc:
                 seen = len(self.lines)
                 if self.popen.poll() is not None and not self._reader.is_alive():
                     pytest.fail(f"process exited before {pattern!r}:\n" + "\n".join(self.lines))
-                if not self._changed.wait(DEADLINE_S):
+                if not self._changed.wait(silence_s):
                     pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
 
     def stop(self) -> int:

@@ -36,7 +36,7 @@ from tests.conftest import (
 
 ClientFactory = Callable[..., Client]
 TRANSPORTS: list[Transport] = ["tcp", "websockets"]
-ACCEPTED, SERVER_UNAVAILABLE, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 3, 4, 5
+ACCEPTED, SERVER_UNAVAILABLE, NOT_AUTHORIZED = 0, 3, 5
 REFUSED = 0x80
 POLICY = AnonymousPolicy.of(["market/#"], "Africa/Nairobi")
 
@@ -199,12 +199,12 @@ def private() -> Iterator[BrokerThread]:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("username", [None, "alice"])
-def test_without_anonymous_access_no_password_is_refused_as_today(
+def test_without_anonymous_access_no_password_is_not_authorized(
     private: BrokerThread, clients: ClientFactory, transport: Transport, username: str | None
 ) -> None:
-    """CONNACK 4 (bad user name or password, ``missing_token``), as before anonymous access."""
+    """CONNACK 5 (not authorized, ``missing_token``): public access is off."""
     client = clients(private.port(transport), transport=transport, anonymous=True, username=username)
-    client.connect(expect=BAD_CREDENTIALS)
+    client.connect(expect=NOT_AUTHORIZED)
     assert private.call(lambda: private.broker.stats.refusals["missing_token"]) == 1
     assert private.call(lambda: private.broker.limits.total) == 0
 

@@ -45,8 +45,8 @@ def jwt_plugin(max_per_user: int = 2, max_total: int = 3) -> JwtAuth:
 @pytest.mark.parametrize(
     ("req", "code", "reason"),
     [
-        (request(None), 4, "missing_token"),
-        (request(b""), 4, "missing_token"),
+        (request(None), 5, "missing_token"),
+        (request(b""), 5, "missing_token"),
         (request(b"not-a-jwt"), 5, "malformed"),
         (request(b"\xff\xfe"), 5, "malformed"),
         (request(token(), username="bob"), 5, "username_mismatch"),
