@@ -90,17 +90,8 @@ class InboundMixin(BrokerState):
         if not self._publish_allowed(client_session, topic):
             return True
         if topic.startswith(MARKET_PREFIX):
-            try:
-                tick = Tick.decode(data, topic=topic)
-            except TickError as exc:
-                self.stats.ticks_rejected[exc.reason] += 1
-                log.warning(
-                    "dropped tick from %s on %s: %s",
-                    clip(client_session.client_id),
-                    clip(topic),
-                    clip(exc, 200),
-                    extra=CLIENT,
-                )
+            tick = self._decoded_tick(client_session, topic, data)
+            if tick is None:
                 return True
             # Sequenced and snapshotted like any tick, whatever the retain flag said.
             await self.publish_tick(tick, qos=qos)
@@ -184,17 +175,22 @@ class InboundMixin(BrokerState):
             return False
         if not self._publish_allowed(session, topic):
             return True
+        tick = self._decoded_tick(session, topic, payload)
+        if tick is not None:
+            self._publish_tick_now(tick, qos)
+        return True
+
+    def _decoded_tick(self, sender: Session, topic: str, data: bytes) -> Tick | None:
+        """A client's tick, or None when it is not one (counted and logged, escaped)."""
         try:
-            tick = Tick.decode(payload, topic=topic)
+            return Tick.decode(data, topic=topic)
         except TickError as exc:
             self.stats.ticks_rejected[exc.reason] += 1
             log.warning(
                 "dropped tick from %s on %s: %s",
-                clip(session.client_id),
+                clip(sender.client_id),
                 clip(topic),
                 clip(exc, 200),
                 extra=CLIENT,
             )
-            return True
-        self._publish_tick_now(tick, qos)
-        return True
+            return None
