@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import paho.mqtt.client as mqtt
 import pytest
 import redis
+from hypothesis import settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -38,6 +39,11 @@ from bridge.edge.broker import MarketBroker
 from bridge.http import HttpServer
 from bridge.runtime import loop_factory
 from tests.redis_server import RedisProcess
+
+# Property tests: no per-example deadline (a loaded machine is slow, not wrong) and the same
+# examples on every run, so a failure reproduces instead of coming and going.
+settings.register_profile("market-bridge", deadline=None, derandomize=True)
+settings.load_profile("market-bridge")
 
 T = TypeVar("T")
 DEADLINE_S = 10.0
