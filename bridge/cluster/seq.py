@@ -6,8 +6,9 @@ and channel share one hash tag (``{mb:p7}``), so they live on one shard and the 
 one slot. Two nodes publishing the same topic therefore get distinct, strictly increasing
 numbers, and because the number is taken and the batch published in one atomic step, every
 subscriber receives a topic's ticks in ``seq`` order (a shard's pub/sub keeps publish order).
-Cost: one round trip per partition per batch (not per tick); inside it, per topic in the
-batch one HINCRBY (by its number of ticks), one HGET and one HSET for the snapshot.
+Cost: one round trip per partition per batch (not per tick); inside it five commands
+whatever the batch holds: one HMGET each for the topics' counters and snapshots, one HSET
+each to move them, and the SPUBLISH.
 
 Snapshots (latest tick per topic, ``b"<seq>:" + payload``) are written with their seq and never
 replaced by an older one (:data:`PUT_SNAPSHOTS` compares; :data:`STAMP` only ever writes the
@@ -53,7 +54,7 @@ __all__ = ["PUT_SNAPSHOTS", "STAMP", "SeqLedger", "decode_snapshot", "encode_sna
 STAMP = """
 local seqkey, snapkey = KEYS[1], KEYS[2]
 local function ns(s) return #s .. ':' .. s end
--- Ticks per topic first: one HINCRBY per topic in the batch, not one per tick.
+-- Ticks per topic first.
 local count, order = {}, {}
 for i = 3, #ARGV, 2 do
   local topic = ARGV[i]
@@ -63,22 +64,26 @@ for i = 3, #ARGV, 2 do
   end
   count[topic] = count[topic] + 1
 end
-local nextseq = {}
-for _, topic in ipairs(order) do
-  local n = count[topic]
-  local first = redis.call('HINCRBY', seqkey, topic, n) - n + 1
+-- Every counter and snapshot of the batch's topics read in one HMGET each, written in one
+-- HSET each: five commands per batch whatever it holds (Redis operations per tick stay low).
+if #order == 0 then
+  redis.call('SPUBLISH', ARGV[1], 'MB1' .. ns(ARGV[2]))
+  return {}
+end
+local counters = redis.call('HMGET', seqkey, unpack(order))
+local held = redis.call('HMGET', snapkey, unpack(order))
+local nextseq, moved = {}, {}
+for k, topic in ipairs(order) do
+  local base = counters[k] and tonumber(counters[k]) or 0
   -- Never below what the snapshot holds (its counter may have been lost in a failover
   -- while the snapshot survived, or vice versa).
-  local cur = redis.call('HGET', snapkey, topic)
-  if cur then
-    local held = tonumber(string.match(cur, '^(%d+):'))
-    if held and held >= first then
-      first = held + 1
-      redis.call('HSET', seqkey, topic, string.format('%d', first + n - 1))
-    end
-  end
-  nextseq[topic] = first
+  local snap = held[k] and tonumber(string.match(held[k], '^(%d+):'))
+  if snap and snap > base then base = snap end
+  nextseq[topic] = base + 1
+  moved[#moved + 1] = topic
+  moved[#moved + 1] = string.format('%d', base + count[topic])
 end
+redis.call('HSET', seqkey, unpack(moved))
 local out = {'MB1', ns(ARGV[2])}
 local seqs, last = {}, {}
 for i = 3, #ARGV, 2 do
@@ -92,9 +97,12 @@ for i = 3, #ARGV, 2 do
   out[#out + 1] = ns(text)
   out[#out + 1] = ns(payload)
 end
+local snaps = {}
 for _, topic in ipairs(order) do
-  redis.call('HSET', snapkey, topic, last[topic])
+  snaps[#snaps + 1] = topic
+  snaps[#snaps + 1] = last[topic]
 end
+redis.call('HSET', snapkey, unpack(snaps))
 redis.call('SPUBLISH', ARGV[1], table.concat(out))
 return seqs
 """
