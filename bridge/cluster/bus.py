@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -245,16 +245,7 @@ class ShardedSubscriber:
                     task.cancel()
         finally:
             self._subscribed.clear()
-            # Closing a connection to a dead or hung shard can wait on its socket: bounded, so
-            # a resubscribe (or stop) is never held up by the shard it is leaving.
-            for pubsub in pubsubs:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    async with asyncio.timeout(CLOSE_S):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
-            for client in clients:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    async with asyncio.timeout(CLOSE_S):
-                        await client.aclose()
+            await _close_all(pubsubs, clients)
 
     async def _read(
         self, pubsub: PubSub, changed: asyncio.Event, on_confirmed: Callable[[PubSub], None]
@@ -292,6 +283,27 @@ class ShardedSubscriber:
             if now != expected:
                 log.info("cluster subscriber: the slot map changed; resubscribing")
                 changed.set()
+
+
+async def _close_all(pubsubs: list[PubSub], clients: list[Redis]) -> None:
+    """Close every shard's subscription and connection, all at once and within CLOSE_S in
+    all: closing a connection to a dead or hung shard can wait on its socket, and a
+    resubscribe (or a stop) must not be held up by the shards it is leaving."""
+
+    async def close(closing: Awaitable[None]) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await closing
+
+    closes = [close(p.aclose()) for p in pubsubs] + [close(c.aclose()) for c in clients]  # type: ignore[no-untyped-call]
+    if not closes:
+        return
+    tasks = [asyncio.ensure_future(closing) for closing in closes]
+    _, stuck = await asyncio.wait(tasks, timeout=CLOSE_S)
+    for task in stuck:
+        task.cancel()
+    if stuck:
+        # Cancelled closes end at their next await; they are not waited for beyond that.
+        await asyncio.wait(stuck, timeout=CLOSE_S)
 
 
 @dataclass

@@ -178,6 +178,8 @@ class ClusterLink:
             done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
             if not done:
                 task.cancel()
+                # Given a moment to unwind, so no task is left pending when the loop closes.
+                await asyncio.wait({task}, timeout=STOP_STEP_S)
                 log.warning(
                     "cluster node %s: %s did not finish within %g s",
                     self.node_id,
