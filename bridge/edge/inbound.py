@@ -79,14 +79,7 @@ class InboundMixin(BrokerState):
         self.stats.messages_in[topic_class(topic)] += 1
         if not topic or not is_valid_topic(topic) or topic.startswith("$"):
             # [MQTT-3.3.2-2] / [MQTT-4.7.2-1]: a protocol violation ends the connection.
-            log.info(
-                "client %s published to invalid topic %s: closing",
-                clip(client_session.client_id),
-                clip(topic),
-                extra=CLIENT,
-            )
-            self.stats.publishes_dropped["invalid_topic"] += 1
-            return False
+            return self._invalid_topic(client_session, topic)
         if not self._publish_allowed(client_session, topic):
             return True
         if topic.startswith(MARKET_PREFIX):
@@ -165,20 +158,24 @@ class InboundMixin(BrokerState):
         """A market PUBLISH from a client's read chunk: validate and fan out now (False: close)."""
         self.stats.messages_in["market"] += 1
         if not is_valid_topic(topic):
-            log.info(
-                "client %s published to invalid topic %s: closing",
-                clip(session.client_id),
-                clip(topic),
-                extra=CLIENT,
-            )
-            self.stats.publishes_dropped["invalid_topic"] += 1
-            return False
+            return self._invalid_topic(session, topic)
         if not self._publish_allowed(session, topic):
             return True
         tick = self._decoded_tick(session, topic, payload)
         if tick is not None:
             self._publish_tick_now(tick, qos)
         return True
+
+    def _invalid_topic(self, sender: Session, topic: str) -> bool:
+        """A PUBLISH to a topic no PUBLISH may name: counted, logged (escaped); False: close."""
+        log.info(
+            "client %s published to invalid topic %s: closing",
+            clip(sender.client_id),
+            clip(topic),
+            extra=CLIENT,
+        )
+        self.stats.publishes_dropped["invalid_topic"] += 1
+        return False
 
     def _decoded_tick(self, sender: Session, topic: str, data: bytes) -> Tick | None:
         """A client's tick, or None when it is not one (counted and logged, escaped)."""

@@ -22,6 +22,7 @@ from tests.conftest import (
     Client,
     bridge_config,
     make_tick,
+    persistent_client,
     token_for,
     unique,
     wait_until,
@@ -268,9 +269,7 @@ def test_a_persistent_session_moves_to_another_node_with_its_backlog(
     """The store is the shared Redis: B resumes A's session (subscriptions, offline queue)."""
     a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
     user, cid = unique("carol"), unique("phone")
-    phone = clients(
-        a.tcp_port, client_id=cid, clean_session=False, username=user, password=token_for(user, "subscriber")
-    )
+    phone = persistent_client(clients, a.tcp_port, user, cid)
     phone.connect()
     assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
     phone.close()
@@ -278,14 +277,7 @@ def test_a_persistent_session_moves_to_another_node_with_its_backlog(
         lambda: cid not in [c["client_id"] for c in a.call(a.broker.connection_list)], what="a saw it go"
     )
     assert a.run(a.broker.send_to_user(user, "alerts", b"while away")).stored is not None
-    again = clients(
-        b.ws_port,
-        transport="websockets",
-        client_id=cid,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    again = persistent_client(clients, b.ws_port, user, cid, transport="websockets")
     again.connect()
     assert again.session_present
     (backlog,) = again.expect(1)
@@ -302,13 +294,7 @@ def test_a_takeover_across_nodes_keeps_the_session(
     user, cid = unique("dave"), unique("phone")
 
     def phone(node: BrokerThread) -> Client:
-        return clients(
-            node.tcp_port,
-            client_id=cid,
-            clean_session=False,
-            username=user,
-            password=token_for(user, "subscriber"),
-        )
+        return persistent_client(clients, node.tcp_port, user, cid)
 
     first = phone(a)
     first.connect()
@@ -366,14 +352,7 @@ def test_a_message_sent_on_one_node_reaches_a_persistent_session_live_on_another
 ) -> None:
     a, b = nodes("a", store=redis_url), nodes("b", store=redis_url)
     user, cid = unique("erin"), unique("phone")
-    phone = clients(
-        b.ws_port,
-        transport="websockets",
-        client_id=cid,
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    phone = persistent_client(clients, b.ws_port, user, cid, transport="websockets")
     phone.connect()
     assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
     wait_until(lambda: leases(a, user) == 1, what="a sees the user's lease")
@@ -393,13 +372,7 @@ def test_a_service_publish_on_one_node_reaches_clean_and_persistent_sessions_on_
 ) -> None:
     a, b, c = nodes("a", store=redis_url), nodes("b", store=redis_url), nodes("c", store=redis_url)
     user = unique("frank")
-    persistent = clients(
-        b.tcp_port,
-        client_id=unique("phone"),
-        clean_session=False,
-        username=user,
-        password=token_for(user, "subscriber"),
-    )
+    persistent = persistent_client(clients, b.tcp_port, user, unique("phone"))
     persistent.connect()
     assert persistent.subscribe(f"user/{user}/fills", qos=1) == [1]
     dashboard = clients(
@@ -452,9 +425,7 @@ def test_evictions_notify_the_service_on_its_own_node(
     a = nodes("a", store=redis_url, queue_max_messages=3)
     b = nodes("b", store=redis_url, queue_max_messages=3)
     user, cid = unique("hank"), unique("phone")
-    phone = clients(
-        b.tcp_port, client_id=cid, clean_session=False, username=user, password=token_for(user, "subscriber")
-    )
+    phone = persistent_client(clients, b.tcp_port, user, cid)
     phone.connect()
     assert phone.subscribe(f"user/{user}/#", qos=1) == [1]
     phone.close()
