@@ -179,6 +179,15 @@ def bridge_config(**overrides: Any) -> BridgeConfig:
     return BridgeConfig(**data)
 
 
+async def _settle_tasks(deadline_s: float = 5.0) -> int:
+    """Wait (with a deadline) for the loop's other tasks to end; how many did not."""
+    here = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not here]
+    if left:
+        await asyncio.wait(left, timeout=deadline_s)
+    return sum(not task.done() for task in left)
+
+
 class BrokerThread:
     """A MarketBroker on its own loop in a daemon thread; ``stop()`` shuts it down."""
 
@@ -263,6 +272,11 @@ class BrokerThread:
                 self.run(broker.shutdown(), timeout=30)
             except TimeoutError:
                 pytest.fail("broker shutdown hung; tasks:\n" + self._task_dump())
+            # A task the broker leaves running is destroyed pending when the loop closes
+            # (reported later, in whichever test the collector runs): fail the test that did.
+            left = self.run(_settle_tasks(), timeout=30)
+            if left:
+                pytest.fail("tasks left running after shutdown:\n" + self._task_dump())
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(DEADLINE_S)

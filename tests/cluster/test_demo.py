@@ -4,6 +4,7 @@ node 1) on the session's real Redis Cluster; a subscriber on node 3 sees node 1'
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 from pathlib import Path
@@ -37,9 +38,22 @@ def test_a_subscriber_on_node_3_sees_the_ticks_fed_on_node_1(
         if len(brokers) == NODES:
             all_ready.set()
 
-    async def main() -> None:
-        await run_nodes(configs, stop=stop, on_ready=ready)
+    failures: list[BaseException | str] = []
 
+    async def main() -> None:
+        try:
+            await run_nodes(configs, stop=stop, on_ready=ready)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            failures.append(exc)
+            return
+        # Every node stopped: nothing of theirs may still run when the loop closes.
+        here = asyncio.current_task()
+        left = [task for task in asyncio.all_tasks() if task is not here]
+        if left:
+            await asyncio.wait(left, timeout=5.0)
+        failures.extend(f"left running: {task!r}" for task in left if not task.done())
+
+    thresholds = gc.get_threshold()
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="demo-nodes")
     thread.start()
     try:
@@ -58,4 +72,8 @@ def test_a_subscriber_on_node_3_sees_the_ticks_fed_on_node_1(
         loop.call_soon_threadsafe(stop.set)
         thread.join(60)
         loop.close()
+        # serve() tunes the collector for a long-lived process: not for the rest of the tests.
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     assert not thread.is_alive()
+    assert failures == []
