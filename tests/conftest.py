@@ -179,13 +179,34 @@ def bridge_config(**overrides: Any) -> BridgeConfig:
     return BridgeConfig(**data)
 
 
-async def _settle_tasks(deadline_s: float = 5.0) -> int:
-    """Wait (with a deadline) for the loop's other tasks to end; how many did not."""
+def describe_task(task: asyncio.Task[Any]) -> str:
+    """The task's name and its await chain down to where it waits."""
+    chain: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f"{task.get_name()}: " + " -> ".join(chain)
+
+
+async def settle_tasks(deadline_s: float = 5.0) -> list[str]:
+    """Wait (with a deadline) for the loop's other tasks to end. Those that do not are
+    described, then cancelled and given the deadline again: a task left pending when its
+    loop closes is destroyed later and reported in whichever test the collector runs, so
+    the test that left it must fail instead (with the list this returns)."""
     here = asyncio.current_task()
     left = [task for task in asyncio.all_tasks() if task is not here]
     if left:
         await asyncio.wait(left, timeout=deadline_s)
-    return sum(not task.done() for task in left)
+    stuck = [task for task in left if not task.done()]
+    described = [describe_task(task) for task in stuck]
+    for task in stuck:
+        task.cancel()
+    if stuck:
+        await asyncio.wait(stuck, timeout=deadline_s)
+    return described
 
 
 class BrokerThread:
@@ -247,20 +268,7 @@ class BrokerThread:
         return self.tcp_port if transport == "tcp" else self.ws_port
 
     def _task_dump(self) -> str:
-        def dump() -> str:
-            lines: list[str] = []
-            for task in asyncio.all_tasks(self.loop):
-                chain: list[str] = []
-                coro: Any = task.get_coro()
-                while coro is not None:  # follow the await chain down to where it waits
-                    frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-                    if frame is not None:
-                        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-                    coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-                lines.append(f"{task.get_name()}: " + " -> ".join(chain))
-            return "\n".join(lines)
-
-        return self.call(dump)
+        return self.call(lambda: "\n".join(describe_task(task) for task in asyncio.all_tasks(self.loop)))
 
     def stop(self) -> None:
         if self.http is not None:
@@ -272,11 +280,13 @@ class BrokerThread:
                 self.run(broker.shutdown(), timeout=30)
             except TimeoutError:
                 pytest.fail("broker shutdown hung; tasks:\n" + self._task_dump())
-            # A task the broker leaves running is destroyed pending when the loop closes
-            # (reported later, in whichever test the collector runs): fail the test that did.
-            left = self.run(_settle_tasks(), timeout=30)
-            if left:
-                pytest.fail("tasks left running after shutdown:\n" + self._task_dump())
+            stuck = self.run(settle_tasks(), timeout=30)
+            if stuck:
+                self._close_loop()
+                pytest.fail("tasks left running after shutdown:\n" + "\n".join(stuck))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(DEADLINE_S)

@@ -158,6 +158,11 @@ class ShardedSubscriber:
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._failing = False
+        # stop() says so here too, not only by cancelling: a cancellation swallowed inside
+        # the Redis client (seen on Python 3.11 in the slot-map probe) must not keep the
+        # watcher, and so the whole subscription, running after stop().
+        self._stopping = False
+        self._changed: asyncio.Event | None = None  # the running _serve's
         self.resubscribes = 0  # times the subscriptions were rebuilt after the first
 
     @property
@@ -168,9 +173,13 @@ class ShardedSubscriber:
         await self._subscribed.wait()
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="cluster-subscriber")
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._changed is not None:
+            self._changed.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,7 +190,7 @@ class ShardedSubscriber:
     async def _run(self) -> None:
         backoff = BACKOFF_MIN_S
         first = True
-        while True:
+        while not self._stopping:
             failed: BaseException | None = None
             try:
                 if not first:
@@ -213,7 +222,7 @@ class ShardedSubscriber:
         """Subscribe per the layout and read until something changes; returns to resubscribe."""
         clients: list[Redis] = []
         pubsubs: list[PubSub] = []
-        changed = asyncio.Event()
+        changed = self._changed = asyncio.Event()
         confirmed: list[PubSub] = []
 
         def on_confirmed(pubsub: PubSub) -> None:
@@ -228,6 +237,8 @@ class ShardedSubscriber:
                 self._subscribed.set()
 
         try:
+            if self._stopping:
+                return
             for shard, groups in layout.items():
                 client = shard.open()
                 clients.append(client)
@@ -244,6 +255,7 @@ class ShardedSubscriber:
                 for task in children:  # the readers block on their sockets until cancelled
                     task.cancel()
         finally:
+            self._changed = None
             self._subscribed.clear()
             await _close_all(pubsubs, clients)
 

@@ -49,14 +49,17 @@ class ConnectionDirectory:
         self._pending: dict[str, bytes | None] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.write_errors = 0
 
     async def start(self) -> None:
         with unavailable_as("start the connection directory"):
             await self._backbone.redis.delete(self._key)
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="cluster-directory")
 
     async def stop(self) -> None:
+        self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -95,7 +98,7 @@ class ConnectionDirectory:
             raise
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._refresh_s):
                     await self._wake.wait()

@@ -205,6 +205,7 @@ class ClusterConnectionLimits:
         self._per_user: dict[str, int] = {}  # the cluster-wide view, from the last refresh
         self._total = 0
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
         self._beaten = asyncio.Event()
         self.heartbeats = 0
 
@@ -312,11 +313,13 @@ class ClusterConnectionLimits:
     async def start(self) -> None:
         await self._backbone.connect()
         await self.refresh()
+        self._stopping = False
         self._heartbeat = asyncio.create_task(self._beat(), name="cluster-limits-heartbeat")
 
     async def stop(self, *, release: bool = True) -> None:
         """Stop heartbeating; ``release`` gives every held lease back (a clean shutdown),
         otherwise they expire after ``lease_ttl_s`` (what a crash does)."""
+        self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -327,7 +330,7 @@ class ClusterConnectionLimits:
                 await self.release(lease)
 
     async def _beat(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.lease_ttl_s / 3)
             try:
                 await self.renew()

@@ -76,6 +76,7 @@ class NodeRegistry:
         self._backbone = backbone
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._ready = False
         self.unready_reason: str | None = "not started"
         self._changed = asyncio.Event()
@@ -100,9 +101,11 @@ class NodeRegistry:
         await self._backbone.connect()
         await self.heartbeat()
         self._set(True, None)
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="cluster-node-heartbeat")
 
     async def stop(self) -> None:
+        self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -120,7 +123,7 @@ class NodeRegistry:
             await pipe.execute()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._probe_s)
             try:
                 await self.heartbeat()

@@ -13,6 +13,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from bridge.cluster.backbone import Backbone
 from bridge.cluster.local import RedisCluster as RedisClusterProcesses
+from tests.conftest import settle_tasks
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +64,7 @@ async def eventually(condition: Callable[[], bool], deadline_s: float = 20.0) ->
 
 @pytest.fixture(autouse=True)
 async def no_task_left_behind() -> AsyncIterator[None]:
-    """A cluster part that does not stop its tasks leaves them pending when the test's loop
-    closes (destroyed later, in whichever test the collector runs): fail the test that did."""
+    """A cluster part that does not stop its tasks fails the test that started it."""
     yield
-    here = asyncio.current_task()
-    left = [task for task in asyncio.all_tasks() if task is not here and not task.done()]
-    if left:
-        await asyncio.wait(left, timeout=5.0)
-    stuck = [task for task in left if not task.done()]
-    assert not stuck, f"tasks still pending after the test: {stuck}"
-    assert not left, f"tasks left to finish after the test: {[t.get_name() for t in left]}"
+    stuck = await settle_tasks()
+    assert not stuck, "tasks left running after the test:\n" + "\n".join(stuck)

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from bridge.cluster.bus import (
     Batch,
     BatchError,
     Entry,
+    ShardedSubscriber,
     TickBus,
     decode_batch,
     encode_batch,
@@ -487,3 +489,39 @@ async def test_stop_returns_while_a_shard_is_hung(
         async with asyncio.timeout(DEADLINE_S):
             await b.bus.stop()
     assert not b.bus.ready
+
+
+class SwallowingBackbone(Backbone):
+    """A real backbone whose slot-map probe, once, swallows the cancellation that reaches it
+    and goes on: what a Redis client that catches too much does (the subscriber's watcher
+    then ran on after stop(), and its tasks were destroyed pending when the loop closed)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.probing = asyncio.Event()
+        self.swallowed = 0
+
+    async def probe(self) -> None:
+        await super().probe()
+        self.probing.set()
+        if self.swallowed == 0:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.swallowed += 1
+
+
+async def test_a_subscriber_stops_even_when_a_cancellation_is_swallowed(cluster_nodes: list[str]) -> None:
+    backbone = SwallowingBackbone(cluster_nodes=cluster_nodes)
+    try:
+        await backbone.connect()
+        subscriber = ShardedSubscriber(backbone, [keys.partition_channel(0)], lambda _c, _d: None)
+        subscriber.start()
+        async with asyncio.timeout(DEADLINE_S):
+            await subscriber.wait_ready()
+            await backbone.probing.wait()  # the watcher is in the probe
+            await subscriber.stop()
+        assert backbone.swallowed == 1
+        assert not subscriber.ready
+    finally:
+        await backbone.aclose()

@@ -15,7 +15,7 @@ from bridge.cluster.demo import NODES, node_configs, run_nodes
 from bridge.cluster.local import RedisCluster as RedisClusterProcesses
 from bridge.edge.broker import MarketBroker
 from bridge.http import HttpServer
-from tests.conftest import DEADLINE_S, Client, bridge_config, token_for
+from tests.conftest import DEADLINE_S, Client, bridge_config, settle_tasks, token_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,13 +45,8 @@ def test_a_subscriber_on_node_3_sees_the_ticks_fed_on_node_1(
             await run_nodes(configs, stop=stop, on_ready=ready)
         except BaseException as exc:  # reported by the test, not lost in the thread
             failures.append(exc)
-            return
         # Every node stopped: nothing of theirs may still run when the loop closes.
-        here = asyncio.current_task()
-        left = [task for task in asyncio.all_tasks() if task is not here]
-        if left:
-            await asyncio.wait(left, timeout=5.0)
-        failures.extend(f"left running: {task!r}" for task in left if not task.done())
+        failures.extend(f"left running: {task}" for task in await settle_tasks())
 
     thresholds = gc.get_threshold()
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="demo-nodes")
