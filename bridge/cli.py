@@ -196,7 +196,7 @@ async def _user_tz(config: BridgeConfig, user: str, zone: str | None, *, clear: 
     try:
         if zone is not None or clear:
             await store.set_user_tz(user, zone)
-        return await store.get_user_tz(user)
+        return (await store.get_user_tzs([user])).get(user)
     finally:
         await store.close()
 

@@ -635,7 +635,10 @@ class RedisStore:
             else:
                 await self._redis.hset(keys.user_tz(), user, tz)
 
-    async def get_user_tz(self, user: str) -> str | None:
-        with self._errors("get_user_tz"):
-            value = await self._redis.hget(keys.user_tz(), user)
-        return None if value is None else _text(value)
+    async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
+        if not users:
+            return {}
+        names = list(users)
+        with self._errors("get_user_tzs"):
+            values = await self._redis.hmget(keys.user_tz(), names)
+        return {user: _text(value) for user, value in zip(names, values, strict=True) if value is not None}

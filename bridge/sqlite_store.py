@@ -563,10 +563,15 @@ class SqliteStore:
                     (user, tz),
                 )
 
-    async def get_user_tz(self, user: str) -> str | None:
-        async with self._locked("get_user_tz") as db:
-            row = await _one(db, "SELECT tz FROM user_tz WHERE user = ?", (user,))
-        return None if row is None else str(row[0])
+    async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
+        if not users:
+            return {}
+        async with self._locked("get_user_tzs") as db:
+            rows = await db.execute_fetchall(
+                "SELECT user, tz FROM user_tz WHERE user IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(users)),),
+            )
+        return {str(row[0]): str(row[1]) for row in rows}
 
     async def close(self) -> None:
         """Close the connection (idempotent); later operations raise :class:`StoreError`."""

@@ -5,7 +5,7 @@ store it is given in one, so every store call the bridge makes goes through here
 
 - **A deadline on every call**: ``store.call_timeout_s`` (2 s), and ``store.quick_timeout_s``
   (0.5 s) for the two calls on a hot path, :meth:`GuardedStore.ping` (``/readyz``) and
-  :meth:`GuardedStore.get_user_tz` (every CONNECT, which then uses the token's zone). Past it
+  :meth:`GuardedStore.get_user_tzs` (every CONNECT, which then uses the token's zone). Past it
   the caller gets :class:`~bridge.core.store.StoreUnavailable`, the error it already handles for a
   store that is down, however the store is stuck: a SIGSTOPped or overloaded Redis, a
   stalled disk, an SQLite file locked by another process.
@@ -209,8 +209,8 @@ class GuardedStore:
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         await self._call("set_user_tz", self.inner.set_user_tz(user, tz), self.call_timeout_s)
 
-    async def get_user_tz(self, user: str) -> str | None:
-        return await self._call("get_user_tz", self.inner.get_user_tz(user), self.quick_timeout_s)
+    async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
+        return await self._call("get_user_tzs", self.inner.get_user_tzs(users), self.quick_timeout_s)
 
     async def close(self) -> None:
         """Let running calls end (each is bounded by the store's own timeouts), then close the

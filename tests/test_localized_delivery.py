@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -179,6 +180,29 @@ def test_a_reconnect_takes_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
     assert zones()[user][0] == "Africa/Nairobi"
     broker.run(broker.broker.set_user_tz(user, None))
     assert snapshot_zone() == "Africa/Lagos"
+
+
+def test_a_storm_of_first_connects_asks_the_store_once_per_loop_step(broker: BrokerThread) -> None:
+    """Users not yet in memory asking together (a reconnect storm after a restart) share one
+    store call, and each gets its own override."""
+    users = [unique("storm") for _ in range(30)]
+    zoned = {user: "Africa/Cairo" for user in users[::3]}
+    for user, zone in zoned.items():
+        broker.run(broker.broker.set_user_tz(user, zone))
+    lookups = broker.broker._zone_lookups
+
+    async def ask_together() -> tuple[list[str | None], int, int]:
+        before = (lookups.batches, lookups.keys)
+        answers = await asyncio.gather(*(broker.broker._zone_override(user) for user in users))
+        return answers, lookups.batches - before[0], lookups.keys - before[1]
+
+    answers, batches, keys = broker.run(ask_together())
+    assert answers == [zoned.get(user) for user in users]
+    assert (batches, keys) == (1, len(users))
+    # Asked again: from memory, no store call.
+    answers, batches, keys = broker.run(ask_together())
+    assert answers == [zoned.get(user) for user in users]
+    assert (batches, keys) == (0, 0)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])

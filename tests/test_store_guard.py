@@ -39,7 +39,7 @@ Call = Callable[[GuardedStore], Awaitable[object]]
 # Every call of the contract; True for the two on a hot path (the quick deadline).
 CALLS: dict[str, tuple[bool, Call]] = {
     "ping": (True, lambda s: s.ping()),
-    "get_user_tz": (True, lambda s: s.get_user_tz("kim")),
+    "get_user_tzs": (True, lambda s: s.get_user_tzs(["kim", "lee"])),
     "enqueue": (False, lambda s: s.enqueue("kim", NewMessage("user/kim/a", b"x"), now=NOW)),
     "pending": (False, lambda s: s.pending("kim", now=NOW, limit=10)),
     "mark_sent": (False, lambda s: s.mark_sent("kim", ["1"])),

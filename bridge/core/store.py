@@ -223,6 +223,7 @@ class OfflineStore(Protocol):
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         """Override (or with None, clear) the user's time zone."""
 
-    async def get_user_tz(self, user: str) -> str | None: ...
+    async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
+        """The overrides of those of ``users`` that have one (one round trip for all)."""
 
     async def close(self) -> None: ...

@@ -224,6 +224,7 @@ class MarketBroker(
     async def _close_store(self) -> None:
         """Stop the background tasks, flush snapshots a last time, save the exact last seq
         per topic (so a clean restart continues without a gap), close a store we opened."""
+        await self._zone_lookups.aclose()
         for task in (self._expiry_task, self._flush_task, self._snapshot_task):
             await _stopped(task)
         self._expiry_task = self._flush_task = self._snapshot_task = None

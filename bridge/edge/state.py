@@ -30,6 +30,7 @@ from bridge.config import BridgeConfig
 from bridge.core.connection import State
 from bridge.core.delivery import Pipeline
 from bridge.core.hooks import Hooks
+from bridge.core.lookup_batch import BatchedLookup
 from bridge.core.mailbox import Mailbox
 from bridge.core.origin import OriginPolicy
 from bridge.core.sequencer import ReservedSequencer
@@ -116,6 +117,7 @@ class BrokerState(Broker):
     _max_topic: int
     # zones
     _zone_memo: ZoneMemo
+    _zone_lookups: BatchedLookup[str, str]
     _tz_enabled: bool
     _timezone: TimezonePlugin
     # sessions

@@ -12,6 +12,7 @@ import time
 
 from bridge.auth import Claims
 from bridge.config import BridgeConfig
+from bridge.core.lookup_batch import BatchedLookup
 from bridge.core.store import StoreError
 from bridge.core.tick import TickParts
 from bridge.core.timezones import is_valid_zone
@@ -35,6 +36,8 @@ class ZonesMixin(BrokerState):
         # The store's overrides, so a reconnect does not wait on the store; set_user_tz keeps
         # it right, and a change made elsewhere (the CLI) is seen within the TTL.
         self._zone_memo = ZoneMemo(max_entries=config.limits.max_connections, ttl_s=_ZONE_TTL_S)
+        # The users asking in one loop step (a reconnect storm) cost one store call.
+        self._zone_lookups = BatchedLookup(self._fetch_zones, name="zone-lookups")
         tz = config.timezones
         self._tz_enabled = tz.enabled
         self._timezone = TimezonePlugin(
@@ -58,10 +61,9 @@ class ZonesMixin(BrokerState):
         cached = self._zone_memo.known(user, now)
         if cached is not None:
             return cached or None
-        assert self.store is not None
         ticket = self._zone_memo.ticket()
         try:
-            override = await self.store.get_user_tz(user)
+            override = await self._zone_lookups.get(user)
         except StoreError as exc:
             log.warning(
                 "time zone override for %s unavailable (%s): using the token's",
@@ -73,6 +75,10 @@ class ZonesMixin(BrokerState):
         # Not remembered if it overlapped a change (it may predate it): used this once.
         self._zone_memo.remember(user, override, now, ticket)
         return override
+
+    async def _fetch_zones(self, users: list[str]) -> dict[str, str]:
+        assert self.store is not None
+        return await self.store.get_user_tzs(users)
 
     async def set_user_tz(self, user: str, tz: str | None) -> None:
         """Override (None: clear) a user's zone in the store and for their live connections."""

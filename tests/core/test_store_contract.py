@@ -600,17 +600,27 @@ async def test_release_seq_writes_exactly_and_clean(store: OfflineStore) -> None
 
 
 async def test_user_tz_set_get_clear(store: OfflineStore) -> None:
-    user, other = unique(), unique()
-    assert await store.get_user_tz(user) is None
+    user, other, none = unique(), unique(), unique()
+
+    async def zone(who: str) -> str | None:
+        return (await store.get_user_tzs([who])).get(who)
+
+    assert await zone(user) is None
     await store.set_user_tz(user, "Africa/Lagos")
     await store.set_user_tz(other, "Africa/Nairobi")
-    assert await store.get_user_tz(user) == "Africa/Lagos"
+    assert await zone(user) == "Africa/Lagos"
     await store.set_user_tz(user, "Africa/Johannesburg")
-    assert await store.get_user_tz(user) == "Africa/Johannesburg"
+    assert await zone(user) == "Africa/Johannesburg"
+    # Several users in one call: only those with an override are in the answer.
+    assert await store.get_user_tzs([user, none, other, user]) == {
+        user: "Africa/Johannesburg",
+        other: "Africa/Nairobi",
+    }
+    assert await store.get_user_tzs([]) == {}
     await store.set_user_tz(user, None)
-    assert await store.get_user_tz(user) is None
+    assert await zone(user) is None
     await store.set_user_tz(user, None)
-    assert await store.get_user_tz(other) == "Africa/Nairobi"
+    assert await zone(other) == "Africa/Nairobi"
 
 
 async def test_ping(store: OfflineStore) -> None:
@@ -649,7 +659,7 @@ async def test_everything_survives_reopen(store: OfflineStore, backend: Backend)
         *reservations,
         SeqReservation("market/y/A-B", 7, 3.0, clean=True),
     ]
-    assert await reopened.get_user_tz(user) == "Africa/Cairo"
+    assert await reopened.get_user_tzs([user]) == {user: "Africa/Cairo"}
     # New ids after reopen do not collide with the old ones (nor with acked ones).
     fresh = await stored(reopened, user, msg("fresh"))
     assert fresh.id not in {urgent.id, low.id, acked.id}
