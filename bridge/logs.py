@@ -327,6 +327,33 @@ def flush(*, force: bool = False) -> None:
         limiter.flush(force=force)
 
 
+class OutageLog:
+    """A background job's repeating failure, logged when it starts and when it ends: a store
+    that stays down for an hour costs two lines, not one per retry (the retries in between
+    are DEBUG records, and counted by the job)."""
+
+    __slots__ = ("_failed", "_log", "_what")
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self._failed = 0  # tries failed since the last success
+
+    @property
+    def failing(self) -> bool:
+        return self._failed > 0
+
+    def failed(self, message: str, *args: object) -> None:
+        self._failed += 1
+        level = logging.WARNING if self._failed == 1 else logging.DEBUG
+        self._log.log(level, message, *args, extra=STORE)
+
+    def succeeded(self) -> None:
+        if self._failed:
+            self._log.warning("%s: working again after %d failed tries", self._what, self._failed)
+            self._failed = 0
+
+
 class HandshakeLog(logging.LoggerAdapter[logging.Logger]):
     """The ``logger`` for ``websockets.serve``.
 

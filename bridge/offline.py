@@ -15,7 +15,7 @@ from contextlib import suppress
 
 from bridge.core.sequencer import RENEW_S, ReservedSequencer
 from bridge.core.store import OfflineStore, Snapshot, StoreError
-from bridge.logs import STORE
+from bridge.logs import OutageLog
 
 __all__ = ["SeqReserver", "SnapshotWriter"]
 
@@ -34,6 +34,7 @@ class SnapshotWriter:
         self._interval_s = interval_s
         self._dirty: dict[str, Snapshot] = {}
         self.failures = 0
+        self._outage = OutageLog(log, "saving snapshots")
 
     def mark(self, snapshot: Snapshot) -> None:
         self._dirty[snapshot.topic] = snapshot
@@ -53,8 +54,9 @@ class SnapshotWriter:
             self.failures += 1
             # Keep what was not written, unless a newer tick for the topic came meanwhile.
             self._dirty = {**batch, **self._dirty}
-            log.warning("could not save %d snapshots (will retry): %s", len(batch), exc, extra=STORE)
+            self._outage.failed("could not save %d snapshots (will retry): %s", len(batch), exc)
             return False
+        self._outage.succeeded()
         return True
 
 
@@ -81,6 +83,7 @@ class SeqReserver:
         self._wake = asyncio.Event()
         self.writes = 0
         self.failures = 0
+        self._outage = OutageLog(log, "reserving seq numbers")
 
     def wake(self) -> None:
         """A topic needs a write (called from the hot path: cheap, no await)."""
@@ -110,7 +113,7 @@ class SeqReserver:
             await self._store.reserve_seq(batch)
         except StoreError as exc:
             self.failures += 1
-            log.warning(
+            self._outage.failed(
                 "could not reserve seq numbers for %d topics (will retry; %d past their reservation,"
                 " %d refused so far): %s",
                 len(batch),
@@ -120,5 +123,6 @@ class SeqReserver:
             )
             return False
         self.writes += 1
+        self._outage.succeeded()
         self._sequencer.confirmed(batch)
         return True

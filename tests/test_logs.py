@@ -34,6 +34,7 @@ from bridge.logs import (
     STORE,
     HandshakeLog,
     JsonFormatter,
+    OutageLog,
     PlainFormatter,
     RateLimitFilter,
     clip,
@@ -729,3 +730,54 @@ def test_a_real_websocket_client_still_connects(
     client.connect()
     assert client.subscribe("market/#") == [0]
     assert not output.lines("bad WebSocket handshake")
+
+
+@pytest.mark.parametrize(
+    ("events", "said"),
+    [
+        ("", []),
+        ("s", []),
+        ("f", [(logging.WARNING, "could not write: 1")]),
+        (
+            "fff",
+            [
+                (logging.WARNING, "could not write: 1"),
+                (logging.DEBUG, "could not write: 2"),
+                (logging.DEBUG, "could not write: 3"),
+            ],
+        ),
+        (
+            "ffs",
+            [
+                (logging.WARNING, "could not write: 1"),
+                (logging.DEBUG, "could not write: 2"),
+                (logging.WARNING, "writing: working again after 2 failed tries"),
+            ],
+        ),
+        (
+            "fsfs",
+            [
+                (logging.WARNING, "could not write: 1"),
+                (logging.WARNING, "writing: working again after 1 failed tries"),
+                (logging.WARNING, "could not write: 3"),
+                (logging.WARNING, "writing: working again after 1 failed tries"),
+            ],
+        ),
+        ("ss", []),
+    ],
+)
+def test_an_outage_is_logged_when_it_starts_and_when_it_ends(
+    events: str, said: list[tuple[int, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.outage")
+    outage = OutageLog(logging.getLogger("test.outage"), "writing")
+    for index, event in enumerate(events, 1):
+        if event == "f":
+            outage.failed("could not write: %d", index)
+            assert outage.failing
+        else:
+            outage.succeeded()
+            assert not outage.failing
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == said
+    # Store faults: the handler's rate limit applies to them as to every store record.
+    assert all(getattr(r, "store_fault", False) for r in caplog.records if "could not" in r.getMessage())

@@ -696,6 +696,7 @@ def test_a_store_that_cannot_write_still_replays_what_it_holds(
     summaries = re.findall(r"suppressed (\d+) similar messages in \d+s: .*could not take", out.getvalue())
     faulty = [line for line in lines if re.search(r"disk is full|readonly|maxmemory", line)]
     print(f"{kind} {fault}: {len(faulty)} log lines name the fault, {summaries} more summarised")
+    print("\n".join(faulty))
     assert len(refusals) == 10  # the rate limit's burst; one line per try before
     assert summaries == [str(attempts - 10)]
     # The 10 refusals, and one line per other thing that failed: marking the session
@@ -763,7 +764,12 @@ async def _renewed(store: OfflineStore, topic: str, after: float) -> bool:
     return held is not None and held.at > after
 
 
-async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_numbers(tmp_path: Path) -> None:
+async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Numbers go on while the store is down; the outage costs two log lines, however many
+    retries it took."""
+    caplog.set_level(logging.WARNING, logger="bridge.offline")
     redis = RedisProcess(tmp_path / "redis")
     redis.start()
     store = await RedisStore.open(redis.url)
@@ -780,7 +786,7 @@ async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_num
             eth = unique("market/valr/ETH-ZAR")
             # Within the new topics' reservation: numbered at once, the store down or not.
             assert [sequencer.next(eth) for _ in range(5)] == [1, 2, 3, 4, 5]
-            await _until(lambda: _failed(reserver), "a failed write")
+            await _until(lambda: _failed(reserver, 3), "three failed writes")
             redis.start()
             await _until(lambda: _has(store, eth), "the reservation once Redis is back", DEADLINE_S * 2)
         finally:
@@ -790,13 +796,18 @@ async def test_seq_reserver_retries_while_redis_is_down_and_ticks_keep_their_num
         assert held is not None
         assert held.reserved >= 5 + MIN_BLOCK
         assert (sequencer.refused, sequencer.overrun) == (0, 0)
+        said = [r.getMessage() for r in caplog.records if r.name == "bridge.offline"]
+        assert len(said) == 2, said
+        assert said[0].startswith("could not reserve seq numbers")
+        assert re.fullmatch(r"reserving seq numbers: working again after (\d+) failed tries", said[1])
+        assert int(said[1].split()[-3]) == reserver.failures
     finally:
         await store.close()
         redis.stop()
 
 
-async def _failed(reserver: SeqReserver) -> bool:
-    return reserver.failures > 0
+async def _failed(reserver: SeqReserver, times: int = 1) -> bool:
+    return reserver.failures >= times
 
 
 @pytest.mark.timeout(180)
