@@ -321,13 +321,15 @@ class Supervisor:
                 delay,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self.stop.wait()
 
     async def _stop(self, plan: WorkerPlan, proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            async with asyncio.timeout(self.stop_timeout_s):
+                await proc.wait()
         except TimeoutError:
             log.error(
                 "worker %s (pid %d) still running %.0f s after SIGTERM: killed",

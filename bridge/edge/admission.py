@@ -309,7 +309,10 @@ class AdmissionMixin(BrokerState):
         """The client's CONNECT, and as an amqtt session (not yet authenticated), or None: closed."""
         timeout = self.bridge_config.broker.connect_timeout_s
         try:
-            read = await asyncio.wait_for(read_connect(reader.read_chunk, self._connect_budget), timeout)
+            # asyncio.timeout, not wait_for: no task per CONNECT, and Python 3.11's wait_for
+            # can swallow a cancellation (a shutdown) that lands as the read completes.
+            async with asyncio.timeout(timeout):
+                read = await read_connect(reader.read_chunk, self._connect_budget)
         except TimeoutError:
             self.stats.connect_timeouts += 1
             log.info("no CONNECT from %s within %.1fs: closing", peer, timeout, extra=CLIENT)

@@ -75,7 +75,8 @@ class ClusterGlueMixin(BrokerState):
         connection.handler.end_reason = connection.handler.end_reason or "taken_over"
         await connection.handler.handle_connection_closed()
         try:
-            await asyncio.wait_for(connection.done.wait(), self.bridge_config.broker.takeover_timeout_s)
+            async with asyncio.timeout(self.bridge_config.broker.takeover_timeout_s):
+                await connection.done.wait()
         except TimeoutError:
             await self._release(connection)
         stored = self._sessions.get(connection.client_id)

@@ -141,7 +141,8 @@ class SessionsMixin(BrokerState):
             live.handler.end_reason = live.handler.end_reason or "taken_over"
             await live.handler.handle_connection_closed()
             try:
-                await asyncio.wait_for(live.done.wait(), self.bridge_config.broker.takeover_timeout_s)
+                async with asyncio.timeout(self.bridge_config.broker.takeover_timeout_s):
+                    await live.done.wait()
             except TimeoutError:
                 log.warning("old connection of %s did not finish in time", clip(client_id))
                 await self._release(live)
