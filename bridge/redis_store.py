@@ -635,6 +635,15 @@ class RedisStore:
             else:
                 await self._redis.hset(keys.user_tz(), user, tz)
 
+    async def list_user_tzs(self, limit: int) -> dict[str, str] | None:
+        with self._errors("list_user_tzs"):
+            if await self._redis.hlen(keys.user_tz()) > limit:
+                return None
+            listing = await self._redis.hgetall(keys.user_tz())
+        if len(listing) > limit:  # grew between the two commands
+            return None
+        return {_text(user): _text(tz) for user, tz in listing.items()}
+
     async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
         if not users:
             return {}

@@ -573,6 +573,13 @@ class SqliteStore:
             )
         return {str(row[0]): str(row[1]) for row in rows}
 
+    async def list_user_tzs(self, limit: int) -> dict[str, str] | None:
+        async with self._locked("list_user_tzs") as db:
+            rows = list(await db.execute_fetchall("SELECT user, tz FROM user_tz LIMIT ?", (limit + 1,)))
+        if len(rows) > limit:
+            return None
+        return {str(row[0]): str(row[1]) for row in rows}
+
     async def close(self) -> None:
         """Close the connection (idempotent); later operations raise :class:`StoreError`."""
         async with self._lock:

@@ -212,6 +212,9 @@ class GuardedStore:
     async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
         return await self._call("get_user_tzs", self.inner.get_user_tzs(users), self.quick_timeout_s)
 
+    async def list_user_tzs(self, limit: int) -> dict[str, str] | None:
+        return await self._call("list_user_tzs", self.inner.list_user_tzs(limit), self.call_timeout_s)
+
     async def close(self) -> None:
         """Let running calls end (each is bounded by the store's own timeouts), then close the
         store, within the call deadline each; a store that does not close in time is left."""

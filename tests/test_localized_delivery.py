@@ -151,13 +151,18 @@ def test_store_override_beats_the_token_claim(broker: BrokerThread, clients: Cli
     assert json.loads(sub.expect(1)[0].payload)["ts"] == LOCAL["Africa/Lagos"]
 
 
-def test_a_reconnect_takes_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
+def test_connections_take_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
     broker: BrokerThread, clients: ClientFactory
 ) -> None:
-    """The store is asked once per user (a reconnect storm does not queue on it); the admin
-    API's change reaches the next connection, and the live one, at once."""
+    """A first connection takes its user's zone from the listing read at start, a reconnect
+    from memory: neither waits on the store. The admin API's change reaches the next
+    connection, and the live one, at once; only the changed user is asked again, once."""
     user = unique("alice")
     broker.run(broker.broker.publish_tick(make_tick()))
+    lookups = broker.broker._zone_lookups
+
+    def asked() -> int:
+        return broker.call(lambda: lookups.keys)
 
     def zones() -> dict[str, tuple[str, float]]:
         return broker.call(broker.broker._zone_memo.entries)
@@ -169,22 +174,25 @@ def test_a_reconnect_takes_the_zone_from_memory_and_set_user_tz_is_seen_at_once(
         sub.close()
         return zone
 
+    before = asked()
+    assert snapshot_zone() == "Africa/Lagos"  # first connection: not in the listing, no override
     assert snapshot_zone() == "Africa/Lagos"
-    remembered = zones()[user]
-    assert remembered[0] == ""  # looked up: no override
-    assert snapshot_zone() == "Africa/Lagos"
-    assert zones()[user] == remembered  # the same entry: not looked up again
+    assert asked() == before
     broker.run(broker.broker.set_user_tz(user, "Africa/Nairobi"))
     assert user not in zones()
     assert snapshot_zone() == "Africa/Nairobi"
+    assert asked() == before + 1
     assert zones()[user][0] == "Africa/Nairobi"
+    assert snapshot_zone() == "Africa/Nairobi"
+    assert asked() == before + 1  # remembered
     broker.run(broker.broker.set_user_tz(user, None))
     assert snapshot_zone() == "Africa/Lagos"
 
 
 def test_a_storm_of_first_connects_asks_the_store_once_per_loop_step(broker: BrokerThread) -> None:
-    """Users not yet in memory asking together (a reconnect storm after a restart) share one
-    store call, and each gets its own override."""
+    """Users the memory cannot answer for (here: changed since the listing) asking together
+    share one store call, and each gets its own override; once a listing is read again, none
+    is asked."""
     users = [unique("storm") for _ in range(30)]
     zoned = {user: "Africa/Cairo" for user in users[::3]}
     for user, zone in zoned.items():
@@ -198,11 +206,41 @@ def test_a_storm_of_first_connects_asks_the_store_once_per_loop_step(broker: Bro
 
     answers, batches, keys = broker.run(ask_together())
     assert answers == [zoned.get(user) for user in users]
-    assert (batches, keys) == (1, len(users))
-    # Asked again: from memory, no store call.
-    answers, batches, keys = broker.run(ask_together())
+    assert (batches, keys) == (1, len(zoned))  # the others: not in the listing, no override
+    answers, batches, keys = broker.run(ask_together())  # again: all from memory
     assert answers == [zoned.get(user) for user in users]
     assert (batches, keys) == (0, 0)
+
+
+def test_a_change_made_elsewhere_is_seen_at_the_next_listing(broker: BrokerThread) -> None:
+    """Another process (the CLI, another node) writes the store: this broker's listing says
+    "no override" until it is read again (at most the memory's 10 minutes), then the new
+    zone is known without a lookup."""
+    user = unique("elsewhere")
+    store = broker.broker.store
+    assert store is not None
+    broker.run(store.set_user_tz(user, "Africa/Casablanca"))  # not through the broker
+    lookups = broker.broker._zone_lookups
+    asked = broker.call(lambda: lookups.keys)
+    assert broker.run(broker.broker._zone_override(user)) is None
+    broker.run(broker.broker._list_zones())
+    assert broker.run(broker.broker._zone_override(user)) == "Africa/Casablanca"
+    assert broker.call(lambda: lookups.keys) == asked
+
+
+def test_too_many_overrides_to_list_are_asked_per_user(broker: BrokerThread) -> None:
+    users = [unique("many") for _ in range(3)]
+    for user in users:
+        broker.run(broker.broker.set_user_tz(user, "Africa/Nairobi"))
+    memo = broker.broker._zone_memo
+    broker.call(lambda: setattr(memo, "_max_listing", 1))
+    broker.run(broker.broker._list_zones())
+    assert broker.call(lambda: memo.listing_due(time.monotonic()))  # no listing held
+    lookups = broker.broker._zone_lookups
+    asked = broker.call(lambda: lookups.keys)
+    fresh = unique("fresh")
+    assert broker.run(broker.broker._zone_override(fresh)) is None
+    assert broker.call(lambda: lookups.keys) == asked + 1  # asked the store
 
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])

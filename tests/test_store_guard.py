@@ -54,6 +54,7 @@ CALLS: dict[str, tuple[bool, Call]] = {
     "save_snapshots": (False, lambda s: s.save_snapshots([Snapshot("market/luno/BTC-ZAR", b"{}", 1)])),
     "load_snapshots": (False, lambda s: s.load_snapshots()),
     "set_user_tz": (False, lambda s: s.set_user_tz("kim", "Africa/Lagos")),
+    "list_user_tzs": (False, lambda s: s.list_user_tzs(100)),
 }
 
 

@@ -226,4 +226,7 @@ class OfflineStore(Protocol):
     async def get_user_tzs(self, users: Collection[str]) -> dict[str, str]:
         """The overrides of those of ``users`` that have one (one round trip for all)."""
 
+    async def list_user_tzs(self, limit: int) -> dict[str, str] | None:
+        """Every user's override, or None when there are more than ``limit``."""
+
     async def close(self) -> None: ...

@@ -225,6 +225,7 @@ class MarketBroker(
         """Stop the background tasks, flush snapshots a last time, save the exact last seq
         per topic (so a clean restart continues without a gap), close a store we opened."""
         await self._zone_lookups.aclose()
+        await _stopped(self._zone_listing)
         for task in (self._expiry_task, self._flush_task, self._snapshot_task):
             await _stopped(task)
         self._expiry_task = self._flush_task = self._snapshot_task = None
@@ -247,6 +248,8 @@ class MarketBroker(
             self.store, window=self.bridge_config.store.replay_window, clock=self._clock, stats=self.stats
         )
         await self._restore()
+        if self._tz_enabled:
+            await self._list_zones()  # before anyone connects: first CONNECTs need no lookup
         if self.cluster is not None:
             await self._join_cluster(self.cluster)
         self._snapshots = SnapshotWriter(self.store, self.bridge_config.store.snapshot_flush_s)

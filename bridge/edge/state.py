@@ -118,6 +118,7 @@ class BrokerState(Broker):
     # zones
     _zone_memo: ZoneMemo
     _zone_lookups: BatchedLookup[str, str]
+    _zone_listing: asyncio.Task[None] | None
     _tz_enabled: bool
     _timezone: TimezonePlugin
     # sessions

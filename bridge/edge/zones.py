@@ -8,6 +8,7 @@ timezone plugin) once per zone, a tick from its parts without re-parsing JSON.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from bridge.auth import Claims
@@ -38,6 +39,7 @@ class ZonesMixin(BrokerState):
         self._zone_memo = ZoneMemo(max_entries=config.limits.max_connections, ttl_s=_ZONE_TTL_S)
         # The users asking in one loop step (a reconnect storm) cost one store call.
         self._zone_lookups = BatchedLookup(self._fetch_zones, name="zone-lookups")
+        self._zone_listing: asyncio.Task[None] | None = None
         tz = config.timezones
         self._tz_enabled = tz.enabled
         self._timezone = TimezonePlugin(
@@ -61,6 +63,9 @@ class ZonesMixin(BrokerState):
         cached = self._zone_memo.known(user, now)
         if cached is not None:
             return cached or None
+        if self._zone_memo.listing_due(now) and self._zone_listing is None:
+            # The listing expired: renewed in the background, this CONNECT asks for itself.
+            self._zone_listing = asyncio.create_task(self._list_zones(), name="zone-listing")
         ticket = self._zone_memo.ticket()
         try:
             override = await self._zone_lookups.get(user)
@@ -75,6 +80,25 @@ class ZonesMixin(BrokerState):
         # Not remembered if it overlapped a change (it may predate it): used this once.
         self._zone_memo.remember(user, override, now, ticket)
         return override
+
+    async def _list_zones(self) -> None:
+        """Take the store's whole listing of overrides (when it is at most the memo's
+        ``max_listing``): until it expires, a first CONNECT does not ask the store."""
+        assert self.store is not None
+        try:
+            now = time.monotonic()
+            ticket = self._zone_memo.ticket()
+            try:
+                listing = await self.store.list_user_tzs(self._zone_memo.max_listing)
+            except StoreError as exc:
+                log.warning("time zone overrides not listed (%s): asked per user", exc, extra=STORE)
+                return
+            if listing is None:
+                self._zone_memo.drop_listing()  # too many to hold: asked per user
+            else:
+                self._zone_memo.load_all(listing, now, ticket)
+        finally:
+            self._zone_listing = None
 
     async def _fetch_zones(self, users: list[str]) -> dict[str, str]:
         assert self.store is not None

@@ -617,6 +617,11 @@ async def test_user_tz_set_get_clear(store: OfflineStore) -> None:
         other: "Africa/Nairobi",
     }
     assert await store.get_user_tzs([]) == {}
+    listing = await store.list_user_tzs(10_000)
+    assert listing is not None
+    assert {user: "Africa/Johannesburg", other: "Africa/Nairobi"}.items() <= listing.items()
+    assert none not in listing
+    assert await store.list_user_tzs(1) is None  # more than the limit
     await store.set_user_tz(user, None)
     assert await zone(user) is None
     await store.set_user_tz(user, None)

@@ -83,3 +83,68 @@ def test_entries_are_bounded_oldest_first(users: list[str], max_entries: int, le
     for index, user in enumerate(users):
         memo.remember(user, "UTC", float(index), memo.ticket())
     assert list(memo.entries()) == left
+
+
+def _list(overrides: dict[str, str], now: float) -> Step:
+    return lambda memo: memo.load_all(overrides, now, memo.ticket())
+
+
+LISTING = {"ann": "Africa/Lagos", "bob": "Africa/Cairo"}
+
+
+@pytest.mark.parametrize(
+    ("steps", "user", "now", "expected"),
+    [
+        pytest.param([_list(LISTING, 0.0)], "ann", 5.0, "Africa/Lagos", id="listed"),
+        pytest.param([_list(LISTING, 0.0)], "cat", 5.0, "", id="not-listed-means-none"),
+        pytest.param([_list(LISTING, 0.0)], "cat", 10.0, None, id="listing-expired"),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("ann")], "ann", 5.0, None, id="changed-listed"
+        ),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("cat")], "cat", 5.0, None, id="changed-unlisted"
+        ),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("cat")], "bob", 5.0, "Africa/Cairo", id="others-kept"
+        ),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("ann"), _remember("ann", "Europe/Paris", 1.0)],
+            "ann",
+            5.0,
+            "Europe/Paris",
+            id="asked-again-after-a-change",
+        ),
+        pytest.param([_list(LISTING, 0.0), lambda m: m.drop_listing()], "cat", 5.0, None, id="dropped"),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("cat"), lambda m: m.changed("dan")],
+            "bob",
+            5.0,
+            None,
+            id="changes-past-max-listing-drop-it",
+        ),
+        pytest.param(
+            [_list({"a": "UTC", "b": "UTC", "c": "UTC", "d": "UTC"}, 0.0)],
+            "zed",
+            5.0,
+            None,
+            id="too-long-to-keep",
+        ),
+    ],
+)
+def test_known_with_a_listing(steps: list[Step], user: str, now: float, expected: str | None) -> None:
+    memo = ZoneMemo(max_entries=10, ttl_s=10.0, max_listing=3)
+    for step in steps:
+        step(memo)
+    assert memo.known(user, now) == expected
+
+
+def test_a_listing_that_overlapped_a_change_is_not_kept() -> None:
+    memo = ZoneMemo(max_entries=10, ttl_s=10.0)
+    ticket = memo.ticket()
+    memo.changed("ann")  # while the listing was being read
+    assert not memo.load_all(LISTING, 0.0, ticket)
+    assert memo.known("cat", 5.0) is None
+    assert memo.listing_due(5.0)
+    assert memo.load_all(LISTING, 0.0, memo.ticket())
+    assert not memo.listing_due(5.0)
+    assert memo.listing_due(10.0)
