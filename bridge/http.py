@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bridge.auth import Claims, KeyRing, TokenPolicy, decide_auth
 from bridge.config import redacted
 from bridge.core.store import Priority, StoreError
-from bridge.dashboard.routes import WsEndpoint
+from bridge.dashboard.routes import ListenerUnavailable, WsEndpoint
 from bridge.dashboard.routes import router as dashboard_router
 from bridge.edge.broker import MarketBroker
 from bridge.errors import ClusterUnavailable, ListenerError, MessageError
@@ -240,10 +240,14 @@ def build_app(broker: MarketBroker) -> FastAPI:
 
 def _ws_endpoint(broker: MarketBroker) -> WsEndpoint | None:
     ws = broker.bridge_config.listeners.ws
+    if not ws.enabled:
+        return None
+    if broker.draining:
+        raise ListenerUnavailable("the broker is shutting down")
     try:
         port = broker.bound_port("ws")
     except KeyError:
-        return None  # disabled, or not up (yet, or any more)
+        raise ListenerUnavailable("the WebSocket listener is not up") from None
     return WsEndpoint(port=port, path=ws.path, tls=ws.tls is not None)
 
 

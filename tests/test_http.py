@@ -55,6 +55,20 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def test_the_dashboard_config_says_503_while_the_broker_drains(
+    broker: BrokerThread, http: httpx.Client
+) -> None:
+    """A graceful stop closes the WebSocket listener before the HTTP server: the page must be
+    told to retry, not that the listener is off."""
+    before = http.get("/dashboard/config.json")
+    assert before.status_code == 200
+    assert before.json()["ws"]["port"] == broker.ws_port
+    broker.run(broker.broker.drain(0.1))
+    during = http.get("/dashboard/config.json")
+    assert (during.status_code, during.json()["error"]) == (503, "unavailable")
+    assert "shutting down" in during.json()["detail"]
+
+
 def test_healthz_and_readyz(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")

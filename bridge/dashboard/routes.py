@@ -7,6 +7,8 @@
   from a fixed list (no path from the URL reaches the file system).
 - ``GET /dashboard/config.json``: ``{"ws": {"port", "path", "tls"} | null}``, the WebSocket
   listener as bound (``port: 0`` works); the page takes the host from its own address.
+  While the listener is configured but not serving (a graceful stop has closed it, or it
+  is not up yet) both answer 503: the page retries, instead of taking it for "off".
 
 The token never reaches the server: the page reads it from the URL fragment.
 """
@@ -24,9 +26,13 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 
 from bridge.dashboard.vendor import BUNDLE, MQTT_VERSION, VENDOR_DIR
 
-__all__ = ["STATIC_DIR", "WsEndpoint", "content_security_policy", "router"]
+__all__ = ["STATIC_DIR", "ListenerUnavailable", "WsEndpoint", "content_security_policy", "router"]
 
 STATIC_DIR: Final = Path(__file__).resolve().with_name("static")
+
+
+class ListenerUnavailable(Exception):
+    """The WebSocket listener is configured but not serving now; the text says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,8 @@ _HEADERS: Final = {
 
 
 def router(ws_endpoint: Callable[[], WsEndpoint | None], vendor_dir: Path = VENDOR_DIR) -> APIRouter:
-    """Routes for one HTTP server; ``ws_endpoint`` is asked per request (listeners may rebind)."""
+    """Routes for one HTTP server; ``ws_endpoint`` is asked per request (listeners may rebind):
+    None when the listener is off, :class:`ListenerUnavailable` while it is not serving."""
     routes = APIRouter(include_in_schema=False)
     files = {
         name: (vendor_dir if where == VENDOR_DIR else where, media) for name, (where, media) in _FILES.items()
@@ -91,7 +98,10 @@ def router(ws_endpoint: Callable[[], WsEndpoint | None], vendor_dir: Path = VEND
 
     @routes.get("/")
     async def page(request: Request) -> Response:
-        ws = ws_endpoint()
+        try:
+            ws = ws_endpoint()
+        except ListenerUnavailable as exc:
+            return PlainTextResponse(f"market-bridge dashboard: {exc}; reload in a moment.\n", status_code=503)
         headers = {**_HEADERS, "Content-Security-Policy": content_security_policy(request.url.hostname, ws)}
         if not (vendor_dir / BUNDLE).is_file():
             return PlainTextResponse(
@@ -109,7 +119,10 @@ def router(ws_endpoint: Callable[[], WsEndpoint | None], vendor_dir: Path = VEND
 
     @routes.get("/dashboard/config.json")
     async def config() -> JSONResponse:
-        ws = ws_endpoint()
+        try:
+            ws = ws_endpoint()
+        except ListenerUnavailable as exc:
+            return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503, headers=_HEADERS)
         body = None if ws is None else {"port": ws.port, "path": ws.path, "tls": ws.tls}
         return JSONResponse({"ws": body}, headers=_HEADERS)
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, WebSocketRoute
+from playwright.sync_api import Page, Route, WebSocketRoute
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from bridge.auth import SigningKey, mint_token
 from bridge.config import DEV_SECRET_PATH
@@ -251,7 +252,17 @@ def test_the_page_reconnects_after_the_broker_restarts_on_the_same_ports(
 
     node.proc.stop()  # SIGTERM: a graceful stop closes the WebSocket
     page.wait_for_selector('#state:not([data-state="connected"])', timeout=WAIT_MS)
-    assert re.search(r"\(retry \d+ in \d+\.\d s\)", page.text_content("#retry") or "")
+    # The retry line is empty while an attempt runs (it says the next one's delay): wait for
+    # it, polling on a timer (animation frames may be throttled on a loaded machine).
+    try:
+        page.wait_for_function(
+            "() => /\\(retry \\d+ in \\d+\\.\\d s\\)/.test(document.querySelector('#retry').textContent)",
+            polling=100,
+            timeout=WAIT_MS,
+        )
+    except PlaywrightTimeoutError:
+        state, retry = page.text_content("#state"), page.text_content("#retry")
+        raise AssertionError(f"no retry line: state {state!r}, retry {retry!r}") from None
     node.restart()
     assert node.ports == ports
 
@@ -303,3 +314,23 @@ def test_a_refused_token_shows_the_refusal_and_backs_off(page: Page, shared: Nod
         timeout=WAIT_MS,
     )
     assert page.locator("tr[data-topic]").count() == 0
+
+
+def test_a_node_that_is_not_serving_yet_is_retried_not_taken_for_off(page: Page, shared: Node) -> None:
+    """config.json answers 503 while a graceful stop has closed the WebSocket listener (or
+    before it is up): the page retries with its backoff and connects once it is served. It
+    took the 503 for "listener off" and stopped trying (a race of the restart test)."""
+    asked: list[int] = []
+
+    def unavailable(route: Route) -> None:
+        asked.append(1)
+        if len(asked) <= 2:
+            route.fulfill(status=503, content_type="application/json", body='{"error": "unavailable"}')
+        else:
+            route.continue_()
+
+    page.route("**/dashboard/config.json", unavailable)
+    page.goto(shared.url(shared.token("patient-viewer")))
+    wait_connected(page)
+    assert len(asked) == 3
+    wait_all_rows(page)

@@ -11,7 +11,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from bridge.dashboard.routes import STATIC_DIR, WsEndpoint, content_security_policy, router
+from bridge.dashboard.routes import (
+    STATIC_DIR,
+    ListenerUnavailable,
+    WsEndpoint,
+    content_security_policy,
+    router,
+)
 from bridge.dashboard.vendor import BUNDLE
 
 pytestmark = pytest.mark.timeout(10)
@@ -142,6 +148,23 @@ def test_config_names_the_websocket_listener(tmp_path: Path) -> None:
     off = http.get("/dashboard/config.json").json()
     assert on == {"ws": {"port": 8083, "path": "/mqtt", "tls": False}}
     assert off == {"ws": None}
+
+
+def test_a_listener_not_serving_is_503_not_off(tmp_path: Path) -> None:
+    def stopping() -> WsEndpoint | None:
+        raise ListenerUnavailable("the broker is shutting down")
+
+    app = FastAPI()
+    app.include_router(router(stopping, vendor_dir=_vendor(tmp_path)))
+    http = _Http(app)
+    config = http.get("/dashboard/config.json")
+    assert (config.status_code, config.json()) == (
+        503,
+        {"error": "unavailable", "detail": "the broker is shutting down"},
+    )
+    page = http.get("/")
+    assert page.status_code == 503
+    assert "shutting down" in page.text
 
 
 def test_no_favicon_is_a_quiet_204(tmp_path: Path) -> None:

@@ -56,14 +56,17 @@
     let config;
     try {
       const response = await fetch("/dashboard/config.json", { cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`); // 503: stopping or starting
       config = await response.json();
     } catch {
-      setState(connectedOnce ? "reconnecting" : "connecting", "the server does not answer");
+      setState(connectedOnce ? "reconnecting" : "connecting", "the server is not ready");
       scheduleReconnect();
       return;
     }
     if (!config.ws) {
+      // Off in this node's configuration; a restarted node may have it on.
       setState("error", "the broker's WebSocket listener is off");
+      scheduleReconnect();
       return;
     }
     const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
