@@ -101,7 +101,9 @@ def router(ws_endpoint: Callable[[], WsEndpoint | None], vendor_dir: Path = VEND
         try:
             ws = ws_endpoint()
         except ListenerUnavailable as exc:
-            return PlainTextResponse(f"market-bridge dashboard: {exc}; reload in a moment.\n", status_code=503)
+            return PlainTextResponse(
+                f"market-bridge dashboard: {exc}; reload in a moment.\n", status_code=503
+            )
         headers = {**_HEADERS, "Content-Security-Policy": content_security_policy(request.url.hostname, ws)}
         if not (vendor_dir / BUNDLE).is_file():
             return PlainTextResponse(
@@ -122,7 +124,9 @@ def router(ws_endpoint: Callable[[], WsEndpoint | None], vendor_dir: Path = VEND
         try:
             ws = ws_endpoint()
         except ListenerUnavailable as exc:
-            return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503, headers=_HEADERS)
+            return JSONResponse(
+                {"error": "unavailable", "detail": str(exc)}, status_code=503, headers=_HEADERS
+            )
         body = None if ws is None else {"port": ws.port, "path": ws.path, "tls": ws.tls}
         return JSONResponse({"ws": body}, headers=_HEADERS)
 
