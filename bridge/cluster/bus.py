@@ -50,6 +50,7 @@ from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, Shard
 from bridge.cluster.seq import SeqLedger
 from bridge.errors import ClusterMessageError, ClusterUnavailable
+from bridge.tasks import stop_task
 
 __all__ = [
     "MAX_BATCH_BYTES",
@@ -180,11 +181,8 @@ class ShardedSubscriber:
         self._stopping = True
         if self._changed is not None:
             self._changed.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         self._subscribed.clear()
 
     async def _run(self) -> None:
@@ -388,9 +386,7 @@ class TickBus:
     async def stop(self) -> None:
         self._running = False
         for task in list(self._flushing.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         self._flushing.clear()
         self._scheduled.clear()
         await self._subscriber.stop()

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
+from bridge.tasks import stop_task
 
 __all__ = ["ConnectionDirectory"]
 
@@ -60,11 +61,8 @@ class ConnectionDirectory:
 
     async def stop(self) -> None:
         self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         with contextlib.suppress(RedisError, OSError):
             await self._backbone.redis.delete(self._key)
 

@@ -65,6 +65,7 @@ from bridge.cluster.control import TakeoverNotice, encode_control, send_control
 from bridge.errors import ClusterUnavailable
 from bridge.limits import ConnectionLimits, Lease, LimitRefusal
 from bridge.logs import clip
+from bridge.tasks import stop_task
 
 __all__ = [
     "ACQUIRE",
@@ -320,11 +321,8 @@ class ClusterConnectionLimits:
         """Stop heartbeating; ``release`` gives every held lease back (a clean shutdown),
         otherwise they expire after ``lease_ttl_s`` (what a crash does)."""
         self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await stop_task(self._heartbeat)
+        self._heartbeat = None
         if release:
             for lease in list(self._live.values()):
                 await self.release(lease)

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from bridge import redis_keys as keys
 from bridge.cluster.backbone import Backbone, unavailable_as
+from bridge.tasks import stop_task
 
 __all__ = ["PROBE_S", "NodeRegistry", "default_node_id", "worker_node_id"]
 
@@ -106,11 +107,8 @@ class NodeRegistry:
 
     async def stop(self) -> None:
         self._stopping = True  # as well as the cancel: one swallowed in the client must not keep us
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         with contextlib.suppress(RedisError, OSError):
             await self._backbone.redis.zrem(keys.nodes(), self.node_id)
         self._set(False, "stopped")

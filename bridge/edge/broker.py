@@ -52,6 +52,7 @@ from bridge.logs import flush as flush_logs
 from bridge.offline import SeqReserver, SnapshotWriter
 from bridge.stats import BrokerStats
 from bridge.store_guard import GuardedStore
+from bridge.tasks import stop_task
 from broker_plugins.offline_store import OfflineStorePlugin
 
 __all__ = ["MarketBroker", "SendResult"]
@@ -225,14 +226,14 @@ class MarketBroker(
         """Stop the background tasks, flush snapshots a last time, save the exact last seq
         per topic (so a clean restart continues without a gap), close a store we opened."""
         await self._zone_lookups.aclose()
-        await _stopped(self._zone_listing)
+        await stop_task(self._zone_listing)
         for task in (self._expiry_task, self._flush_task, self._snapshot_task):
-            await _stopped(task)
+            await stop_task(task)
         self._expiry_task = self._flush_task = self._snapshot_task = None
         if self._snapshots is not None:
             await self._snapshots.flush()
             self._snapshots = None
-        await _stopped(self._reserver_task)
+        await stop_task(self._reserver_task)
         self._reserver_task = None
         if self.store is not None:
             await self._release_seq(self.store)
@@ -259,13 +260,6 @@ class MarketBroker(
         self._flush_task = asyncio.create_task(self._flush_outboxes(), name="outbox-flusher")
         self._expiry_task = asyncio.create_task(self._expire_sessions_periodically(), name="session-expiry")
         await self._open_listeners()
-
-
-async def _stopped(task: asyncio.Task[None] | None) -> None:
-    """Cancel a background task and wait for it to end (None: there was none)."""
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def _expected_startup_failure(record: logging.LogRecord) -> bool:

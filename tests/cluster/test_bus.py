@@ -506,7 +506,7 @@ class SwallowingBackbone(Backbone):
         self.probing.set()
         if self.swallowed == 0:
             try:
-                await asyncio.sleep(60)
+                await asyncio.Event().wait()  # hangs until cancelled
             except asyncio.CancelledError:
                 self.swallowed += 1
 
