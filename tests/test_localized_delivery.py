@@ -235,12 +235,15 @@ def test_too_many_overrides_to_list_are_asked_per_user(broker: BrokerThread) -> 
     memo = broker.broker._zone_memo
     broker.call(lambda: setattr(memo, "_max_listing", 1))
     broker.run(broker.broker._list_zones())
-    assert broker.call(lambda: memo.listing_due(time.monotonic()))  # no listing held
+    fresh = unique("fresh")
+    assert broker.call(lambda: memo.known(fresh, time.monotonic())) is None  # no listing held
+    # ... and none is tried again for a while: a listing reads up to 100,001 rows.
+    assert not broker.call(lambda: memo.listing_due(time.monotonic()))
     lookups = broker.broker._zone_lookups
     asked = broker.call(lambda: lookups.keys)
-    fresh = unique("fresh")
     assert broker.run(broker.broker._zone_override(fresh)) is None
     assert broker.call(lambda: lookups.keys) == asked + 1  # asked the store
+    assert broker.call(lambda: broker.broker._zone_listing) is None  # no listing started
 
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])

@@ -20,7 +20,16 @@ __all__ = ["ZoneMemo"]
 class ZoneMemo:
     """user -> (override or ``""``, remembered until); the caller passes ``now``."""
 
-    __slots__ = ("_all", "_all_until", "_entries", "_max_entries", "_max_listing", "_ttl_s", "_writes")
+    __slots__ = (
+        "_all",
+        "_all_until",
+        "_entries",
+        "_max_entries",
+        "_max_listing",
+        "_next_listing",
+        "_ttl_s",
+        "_writes",
+    )
 
     def __init__(self, *, max_entries: int, ttl_s: float, max_listing: int = 100_000) -> None:
         self._entries: dict[str, tuple[str, float]] = {}  # the dict's order is the entries' age
@@ -30,6 +39,7 @@ class ZoneMemo:
         # The store's whole listing: user -> override, None for a user changed since (ask).
         self._all: dict[str, str | None] = {}
         self._all_until = float("-inf")
+        self._next_listing = float("-inf")  # no listing is tried before this
         self._max_listing = max_listing  # lines of a listing, changed users included
 
     @property
@@ -46,22 +56,34 @@ class ZoneMemo:
         return None
 
     def listing_due(self, now: float) -> bool:
-        """Whether a listing taken now would be the one in use (none is, or it expired)."""
-        return now >= self._all_until
+        """Whether to take a listing now: none is in use (or it expired), and the last try
+        did not put the next one off (too many overrides, the store failing)."""
+        return now >= self._next_listing and now >= self._all_until
 
     def load_all(self, overrides: dict[str, str], now: float, ticket: int) -> bool:
         """The store's every override, listed after :meth:`ticket` gave ``ticket``: kept unless
-        a change overlapped the listing; whether it was kept."""
-        if ticket != self._writes or len(overrides) > self._max_listing:
+        a change overlapped the listing (asked again at the next miss) or it is longer than
+        ``max_listing`` (not tried again for ``ttl_s``); whether it was kept."""
+        if ticket != self._writes:
+            return False
+        if len(overrides) > self._max_listing:
+            self.drop_listing(now)
             return False
         self._all = dict(overrides)
-        self._all_until = now + self._ttl_s
+        self._all_until = self._next_listing = now + self._ttl_s
         return True
 
-    def drop_listing(self) -> None:
-        """Stop answering from the listing (the store has too many overrides to list)."""
+    def drop_listing(self, now: float | None = None) -> None:
+        """Stop answering from the listing; with ``now``, take no other for ``ttl_s`` (the
+        store has too many overrides to hold)."""
         self._all = {}
         self._all_until = float("-inf")
+        if now is not None:
+            self._next_listing = now + self._ttl_s
+
+    def listing_failed(self, now: float, retry_s: float) -> None:
+        """Taking a listing failed: the next try is no sooner than ``retry_s`` from now."""
+        self._next_listing = now + retry_s
 
     def ticket(self) -> int:
         """Taken before asking the store; given back to :meth:`remember` with its answer."""

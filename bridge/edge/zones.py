@@ -28,6 +28,8 @@ __all__ = ["ZonesMixin"]
 
 # How long a user's zone override is taken from memory before the store is asked again.
 _ZONE_TTL_S = 600.0
+# After a failed listing of every override, the next is tried no sooner than this.
+_LISTING_RETRY_S = 30.0
 
 
 class ZonesMixin(BrokerState):
@@ -92,9 +94,10 @@ class ZonesMixin(BrokerState):
                 listing = await self.store.list_user_tzs(self._zone_memo.max_listing)
             except StoreError as exc:
                 log.warning("time zone overrides not listed (%s): asked per user", exc, extra=STORE)
+                self._zone_memo.listing_failed(now, _LISTING_RETRY_S)
                 return
             if listing is None:
-                self._zone_memo.drop_listing()  # too many to hold: asked per user
+                self._zone_memo.drop_listing(now)  # too many to hold: asked per user
             else:
                 self._zone_memo.load_all(listing, now, ticket)
         finally:

@@ -148,3 +148,35 @@ def test_a_listing_that_overlapped_a_change_is_not_kept() -> None:
     assert memo.load_all(LISTING, 0.0, memo.ticket())
     assert not memo.listing_due(5.0)
     assert memo.listing_due(10.0)
+
+
+@pytest.mark.parametrize(
+    ("steps", "now", "due"),
+    [
+        pytest.param([], 0.0, True, id="never-listed"),
+        pytest.param([_list(LISTING, 0.0)], 5.0, False, id="listing-in-use"),
+        pytest.param([_list(LISTING, 0.0)], 10.0, True, id="listing-expired"),
+        pytest.param(
+            [_list({"a": "UTC", "b": "UTC", "c": "UTC", "d": "UTC"}, 0.0)], 5.0, False, id="too-long-put-off"
+        ),
+        pytest.param(
+            [_list({"a": "UTC", "b": "UTC", "c": "UTC", "d": "UTC"}, 0.0)],
+            10.0,
+            True,
+            id="tried-again-after-ttl",
+        ),
+        pytest.param([lambda m: m.listing_failed(0.0, 3.0)], 2.0, False, id="failed-put-off"),
+        pytest.param([lambda m: m.listing_failed(0.0, 3.0)], 3.0, True, id="failed-tried-again"),
+        pytest.param(
+            [_list(LISTING, 0.0), lambda m: m.changed("cat"), lambda m: m.changed("dan")],
+            5.0,
+            False,
+            id="overflow-keeps-the-schedule",
+        ),
+    ],
+)
+def test_listing_due(steps: list[Step], now: float, due: bool) -> None:
+    memo = ZoneMemo(max_entries=10, ttl_s=10.0, max_listing=3)
+    for step in steps:
+        step(memo)
+    assert memo.listing_due(now) is due
