@@ -72,13 +72,7 @@ class ClusterGlueMixin(BrokerState):
         session = connection.session
         # Marked as left already, so the release does not save it over the new holder's record.
         context_of(session).disconnected_at = self._clock()
-        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
-        await connection.handler.handle_connection_closed()
-        try:
-            async with asyncio.timeout(self.bridge_config.broker.takeover_timeout_s):
-                await connection.done.wait()
-        except TimeoutError:
-            await self._release(connection)
+        await self._close_taken_over(connection)
         stored = self._sessions.get(connection.client_id)
         if stored is not None and stored[0] is session and not session.clean_session:
             await self._delete_session(connection.client_id)

@@ -138,14 +138,7 @@ class SessionsMixin(BrokerState):
         live = self._connections.get(client_id)
         if live is not None:
             log.info("client %s connected again: taking over its connection", clip(client_id))
-            live.handler.end_reason = live.handler.end_reason or "taken_over"
-            await live.handler.handle_connection_closed()
-            try:
-                async with asyncio.timeout(self.bridge_config.broker.takeover_timeout_s):
-                    await live.done.wait()
-            except TimeoutError:
-                log.warning("old connection of %s did not finish in time", clip(client_id))
-                await self._release(live)
+            await self._close_taken_over(live)
         if incoming.clean_session:
             previous = self._sessions.get(client_id)
             await self._delete_session(client_id)
@@ -177,6 +170,18 @@ class SessionsMixin(BrokerState):
             # In use again: a broker that stops without saying must not expire it from then.
             await self._store_call("mark session connected", self.store.set_disconnected([client_id], None))
         return session
+
+    async def _close_taken_over(self, connection: LiveConnection) -> None:
+        """Close a connection whose client id connected again (here or on another node) and
+        wait for it to end, within ``broker.takeover_timeout_s``; past that it is released."""
+        connection.handler.end_reason = connection.handler.end_reason or "taken_over"
+        await connection.handler.handle_connection_closed()
+        try:
+            async with asyncio.timeout(self.bridge_config.broker.takeover_timeout_s):
+                await connection.done.wait()
+        except TimeoutError:
+            log.warning("old connection of %s did not finish in time", clip(connection.client_id))
+            await self._release(connection)
 
     async def _release(self, connection: LiveConnection) -> None:
         """Leave the session disconnected, whatever ended the connection (idempotent)."""
